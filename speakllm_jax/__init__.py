@@ -1,0 +1,12 @@
+"""SpeakLLM-JAX：中文優先的全雙工語音大模型研究程式庫。
+
+在 TPU／CPU 上以 JAX 與 Flax NNX 訓練，匯出至 PyTorch 於 GPU 上服務。
+"""
+
+from flax import nnx as _nnx
+
+# 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；
+# 分片一律由 `speakllm_jax.training.sharding` 依規則表對應到網格。
+_nnx.use_eager_sharding(False)
+
+__version__ = "0.1.0"

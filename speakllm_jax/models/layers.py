@@ -1,0 +1,145 @@
+"""所有模型共用的基本層與慣例。
+
+慣例：
+- 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `AXES`），
+  由 `speakllm_jax.training.sharding` 的規則表對應到網格軸。
+- `dtype` 是計算精度，`param_dtype` 是參數（主權重）精度。
+- 堆疊的層以 `nnx.vmap` 建立、以 `nnx.scan` 前向；其前綴軸名為 `"layers"`。
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# 專案使用的邏輯軸名稱。新增名稱時也要在 sharding 規則表中補上。
+AXES = (
+    "batch",
+    "length",
+    "vocab",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "layers",
+    "norm",
+    "conv_in",
+    "conv_out",
+    "kernel",
+    "codebook",
+)
+
+Initializer = Callable[..., jax.Array]
+
+
+def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+    """回傳帶有邏輯軸名稱中繼資料的初始化函式。"""
+    return nnx.with_partitioning(init, tuple(axes))
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    use_bias: bool = True,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+    kernel_init: Initializer = nnx.initializers.normal(0.02),
+) -> nnx.Linear:
+    """建立帶邏輯軸名稱的全連接層；偏置的軸名取輸出軸。"""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(kernel_init, axes),
+        bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """均方根正規化（Qwen2 形式：以 fp32 計算，乘上權重後轉回計算精度）。"""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ) -> None:
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(
+            jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",)
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (self.weight[...].astype(jnp.float32) * y).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """帶權重與偏置的層正規化（Whisper 使用），以 fp32 計算。"""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-5,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ) -> None:
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(
+            jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",)
+        )
+        self.bias = nnx.Param(
+            jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",)
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(
+            jnp.float32
+        )
+        return y.astype(self.dtype)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name: str) -> Any:
+    """依設定字串取得 `jax.checkpoint` 的保存策略；未知名稱明確報錯。"""
+    if name not in REMAT_POLICIES:
+        raise ValueError(
+            f"未知的 remat 策略 {name!r}；可用：{sorted(REMAT_POLICIES)}"
+        )
+    return REMAT_POLICIES[name]
+
+
+def maybe_remat(fn: Callable, policy_name: str) -> Callable:
+    """依策略包上 `nnx.remat`；策略為 "none" 時原樣回傳。"""
+    if policy_name == "none":
+        return fn
+    return nnx.remat(fn, policy=remat_policy(policy_name), prevent_cse=False)
