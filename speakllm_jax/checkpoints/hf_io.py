@@ -55,6 +55,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 # safetensors 型別字串 ↔ numpy 型別。
 _ST_TO_NP: dict[str, np.dtype] = {
@@ -381,7 +382,9 @@ def load_params(
 
     unknown_paths = sorted(set(maps) - set(variables))
     if unknown_paths:
-        raise ValueError(f"鍵對應中的 NNX 路徑 {unknown_paths} 不在模型中；模型有 {sorted(variables)}")
+        raise ValueError(
+            f"鍵對應中的 NNX 路徑 {unknown_paths} 不在模型中；模型有 {sorted(variables)}"
+        )
     unmapped = sorted(set(variables) - set(maps))
     if unmapped:
         raise ValueError(f"NNX 參數 {unmapped} 沒有對應的 HF 鍵")
@@ -538,9 +541,13 @@ def save_params(
     writer = jax.process_index() == 0
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
-            if stale.exists():
-                stale.unlink()
+        # 只刪除本格式的舊檔（單檔、`model-XXXXX-of-XXXXX` 分片、索引），
+        # 不動同資料夾中其他名稱以 model 開頭的 safetensors（例如語音頭）。
+        stale = [out / SINGLE_FILE, out / INDEX_FILE]
+        stale += [p for p in out.glob("model-*-of-*.safetensors") if _SHARD_RE.fullmatch(p.name)]
+        for old in stale:
+            if old.exists():
+                old.unlink()
     if len(groups) == 1:
         entries = [plan[i][:3] for i in groups[0]]
         if writer:
@@ -563,7 +570,10 @@ def save_params(
         if writer:
             with open(out / INDEX_FILE, "w", encoding="utf-8") as f:
                 json.dump(
-                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                    {
+                        "metadata": {"total_size": total},
+                        "weight_map": dict(sorted(weight_map.items())),
+                    },
                     f,
                     indent=2,
                 )

@@ -60,7 +60,9 @@ def make_mesh(
     total = int(np.prod(sizes))
     if total != len(devices):
         if total > len(devices):
-            raise ValueError(f"網格 {dict(zip(MESH_AXES, sizes))} 需要 {total} 個裝置，只有 {len(devices)} 個")
+            raise ValueError(
+                f"網格 {dict(zip(MESH_AXES, sizes))} 需要 {total} 個裝置，只有 {len(devices)} 個"
+            )
         devices = devices[:total]
     arr = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(arr, MESH_AXES)
@@ -137,7 +139,9 @@ def activation_spec(
     return NamedSharding(mesh, logical_to_spec(names, None, mesh, rules))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> nnx.Module:
+def shard_model(
+    model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> nnx.Module:
     """把已存在的模型參數依規則放到網格上（原地更新並回傳模型）。"""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)

@@ -1,0 +1,81 @@
+"""所有訓練階段共用的預設值；各階段設定檔在此之上修改。"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.models import model_config
+
+
+def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    """回傳完整的預設設定；每個欄位都可在命令列以 `--config.a.b=值` 覆寫。"""
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.phase = "base"
+    c.task = "asr_connector"
+    c.seed = 0
+    c.model = model_config(preset)
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            # 空字串表示使用內建示範語料（必要時自動以 espeak-ng 生成）。
+            train_manifests="",
+            eval_manifests="",
+            demo_dir="",
+            demo_corpora="aishell1,commonvoice_zh,commonvoice_en",
+            max_audio_seconds=8.0,
+            # 長度分桶的邊界（梅爾框，100 Hz，4 的倍數）；空的話由 max_audio_seconds 推得。
+            bucket_frames=(),
+            max_text_tokens=48,
+            n_mels=80,
+            codeswitch_prob=0.0,
+            workers=0,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=30,
+            batch_size=8,
+            grad_accum=1,
+            log_every=1,
+            eval_every=0,
+            max_bad_steps=10,
+            # 測試用：在這些步把批次換成 NaN，以驗證壞步處理。
+            inject_nan_steps=(),
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=3e-3 if preset == "tiny" else 1e-4,
+            warmup_steps=5 if preset == "tiny" else 500,
+            final_lr_ratio=0.1,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-8,
+            clip_norm=1.0,
+        )
+    )
+    # 可訓練參數：路徑（以 "/" 連接）符合任一正規表示式者；其餘凍結，且沒有優化器狀態。
+    c.trainable = ("connector/.*",)
+    c.lora = ml_collections.ConfigDict(
+        dict(enabled=False, rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    )
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=10,
+            max_to_keep=3,
+            keep_period=0,
+            async_save=True,
+            # 從前一階段的執行資料夾初始化（只取參數，依路徑與形狀對應）。
+            init_from="",
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.logging = ml_collections.ConfigDict(
+        dict(tensorboard=True, wandb_project="voice-duplex-zh", wandb=False, plot=True)
+    )
+    c.distributed = ml_collections.ConfigDict(
+        dict(coordinator_address="", num_processes=1, process_id=0, cpu_collectives="gloo")
+    )
+    return c

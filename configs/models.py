@@ -1,0 +1,102 @@
+"""模型預設：`tiny`（測試與示範用，CPU 上數秒即可訓練）與 `full`（Whisper-medium + Qwen2.5-7B-Instruct）。
+
+欄位名稱與 `speakllm_jax.models.whisper.WhisperConfig`、`speakllm_jax.models.qwen2.Qwen2Config`
+一致；`whisper_path` / `qwen_path` 指向官方 Hugging Face 資料夾時，訓練開始前會載入其權重。
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("tiny", "full")
+
+
+def whisper_preset(name: str) -> ml_collections.ConfigDict:
+    """Whisper 編碼器（及解碼器）的尺寸。"""
+    if name == "tiny":
+        return ml_collections.ConfigDict(
+            dict(
+                num_mel_bins=80,
+                d_model=64,
+                encoder_layers=2,
+                encoder_attention_heads=4,
+                encoder_ffn_dim=128,
+                decoder_layers=1,
+                decoder_attention_heads=4,
+                decoder_ffn_dim=128,
+                max_source_positions=1500,
+                max_target_positions=64,
+                vocab_size=512,
+            )
+        )
+    if name == "full":
+        return ml_collections.ConfigDict(
+            dict(
+                num_mel_bins=80,
+                d_model=1024,
+                encoder_layers=24,
+                encoder_attention_heads=16,
+                encoder_ffn_dim=4096,
+                decoder_layers=24,
+                decoder_attention_heads=16,
+                decoder_ffn_dim=4096,
+                max_source_positions=1500,
+                max_target_positions=448,
+                vocab_size=51865,
+            )
+        )
+    raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
+
+
+def qwen_preset(name: str) -> ml_collections.ConfigDict:
+    """Qwen2.5 語言模型的尺寸。tiny 的詞表容納真實 Qwen 詞表外加專案特殊符號。"""
+    if name == "tiny":
+        return ml_collections.ConfigDict(
+            dict(
+                vocab_size=151_936,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                rope_theta=1_000_000.0,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+                max_position_embeddings=4096,
+            )
+        )
+    if name == "full":
+        return ml_collections.ConfigDict(
+            dict(
+                vocab_size=152_064,
+                hidden_size=3584,
+                intermediate_size=18_944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                rope_theta=1_000_000.0,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+                max_position_embeddings=32_768,
+            )
+        )
+    raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """完整的模型設定區塊（`config.model`）。"""
+    return ml_collections.ConfigDict(
+        dict(
+            preset=preset,
+            whisper=whisper_preset(preset),
+            qwen=qwen_preset(preset),
+            whisper_path="",
+            qwen_path="",
+            tokenizer_path="",
+            dtype="float32" if preset == "tiny" else "bfloat16",
+            param_dtype="float32",
+            remat="none" if preset == "tiny" else "dots_no_batch",
+            scan_layers=True,
+            connector=dict(stack=2, hidden=0),
+        )
+    )

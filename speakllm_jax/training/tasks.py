@@ -1,0 +1,166 @@
+"""內建訓練任務。
+
+`asr_connector`（第 0 階段）：Whisper 編碼器 → 連接器 → Qwen2，以轉寫文字的交叉熵
+對齊語音與文字；預設只訓練連接器。
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from speakllm_jax.training.task import DataIterator, Task, register_task
+
+
+class GrainBatches(DataIterator):
+    """把 Grain 批次迭代器包成引擎用的迭代器：只留數值欄位，並累計略過數。"""
+
+    def __init__(self, iterator: Any, fields: tuple[str, ...]):
+        self.iterator = iterator
+        self.fields = fields
+        self.skipped: dict[str, int] = {}
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.iterator)
+        for k, v in batch.get("skipped", {}).items():
+            self.skipped[k] = self.skipped.get(k, 0) + int(v)
+        return {k: np.asarray(batch[k]) for k in self.fields}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"inner": self.iterator.get_state(), "skipped": self.skipped}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        d = json.loads(state.decode() if isinstance(state, bytes) else state)
+        self.iterator.set_state(d["inner"])
+        self.skipped = dict(d.get("skipped", {}))
+
+    def skip_report(self) -> dict[str, int]:
+        return dict(self.skipped)
+
+
+def _tokenizer(cfg: Any) -> Any:
+    from speakllm_jax.text.tokenizer import TextTokenizer
+
+    if cfg.model.tokenizer_path:
+        return TextTokenizer.from_dir(cfg.model.tokenizer_path)
+    if cfg.model.qwen_path:
+        return TextTokenizer.from_dir(cfg.model.qwen_path)
+    return TextTokenizer.default()
+
+
+def _manifests(cfg: Any, corpora: tuple[str, ...]) -> list[str]:
+    if cfg.data.train_manifests:
+        return [m for m in str(cfg.data.train_manifests).split(",") if m]
+    from speakllm_jax.data.demo_data import demo_manifest
+
+    return [str(demo_manifest(corpora, cfg.data.demo_dir or None, split="train", seed=cfg.seed))]
+
+
+@register_task("asr_connector")
+class AsrConnectorTask(Task):
+    """第 0 階段：語音 → 文字（ASR），只在文字位置計算交叉熵。"""
+
+    fields = ("mel", "mel_mask", "text_ids", "text_mask")
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        from speakllm_jax.models.speakllm import build_speakllm_config
+
+        self.model_cfg = build_speakllm_config(config.model)
+        self.tokenizer = _tokenizer(config)
+        if self.tokenizer.vocab_size > self.model_cfg.qwen.vocab_size:
+            raise ValueError(
+                f"分詞器詞表 {self.tokenizer.vocab_size} 大於模型詞表 {self.model_cfg.qwen.vocab_size}"
+            )
+        self.prefix = np.asarray(
+            [
+                self.tokenizer.special_id("<|task_asr|>"),
+                self.tokenizer.special_id("<|audio_start|>"),
+            ],
+            np.int32,
+        )
+        self.suffix = np.asarray([self.tokenizer.special_id("<|audio_end|>")], np.int32)
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        from speakllm_jax.models.speakllm import SpeakLLM
+
+        return SpeakLLM(self.model_cfg, rngs=rngs)
+
+    def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
+        from speakllm_jax.models.speakllm import cross_entropy_sum
+
+        del rng
+        logits = model.asr_logits(
+            batch["mel"],
+            batch["mel_mask"],
+            jnp.asarray(self.prefix),
+            jnp.asarray(self.suffix),
+            batch["text_ids"],
+            batch["text_mask"],
+        )
+        total, weight, correct = cross_entropy_sum(logits, batch["text_ids"], batch["text_mask"])
+        return total, weight, {"token_accuracy": correct}
+
+    def pipeline_config(self, process_count: int) -> dict[str, Any]:
+        c = self.config
+        if c.data.bucket_frames:
+            bounds = tuple(int(b) for b in c.data.bucket_frames)
+        else:
+            frames = int(round(float(c.data.max_audio_seconds) * 100))
+            frames -= frames % 4
+            bounds = tuple(b for b in (400, 800, 1200, 2000, 3000) if b < frames) + (frames,)
+        return dict(
+            batch_size=int(c.train.batch_size) // process_count,
+            bucket_boundaries=bounds,
+            seed=int(c.seed),
+            n_mels=int(c.data.n_mels),
+            max_seconds=float(c.data.max_audio_seconds),
+            max_text_tokens=int(c.data.max_text_tokens),
+            codeswitch_prob=float(c.data.codeswitch_prob),
+            workers=int(c.data.workers),
+        )
+
+    def make_data(self, process_index: int, process_count: int) -> DataIterator:
+        from speakllm_jax.data.pipeline import make_iterator
+
+        corpora = tuple(s for s in str(self.config.data.demo_corpora).split(",") if s)
+        it = make_iterator(
+            _manifests(self.config, corpora),
+            self.pipeline_config(process_count),
+            self.tokenizer,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        return GrainBatches(it, self.fields)
+
+    def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
+        return {
+            "mel": ("batch", None, None),
+            "mel_mask": ("batch", None),
+            "text_ids": ("batch", None),
+            "text_mask": ("batch", None),
+        }
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        return int(np.sum(batch["text_mask"]))
+
+    def load_pretrained(self, model: Any) -> Any:
+        c = self.config.model
+        if c.whisper_path:
+            from speakllm_jax.checkpoints.whisper_hf import load_whisper
+
+            src = load_whisper(
+                c.whisper_path, dtype=self.model_cfg.whisper.param_dtype, encoder_only=True
+            )
+            nnx.update(model.encoder, nnx.state(getattr(src, "encoder", src)))
+        if c.qwen_path:
+            from speakllm_jax.checkpoints.qwen2_hf import load_qwen2
+
+            src = load_qwen2(c.qwen_path, dtype=self.model_cfg.qwen.param_dtype)
+            nnx.update(model.llm, nnx.state(src))
+        return model
