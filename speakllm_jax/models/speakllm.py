@@ -60,7 +60,7 @@ class SpeakLLM(nnx.Module):
         b, _, f = features.shape
         if feature_mask is None:
             feature_mask = jnp.ones((b, f), jnp.bool_)
-        enc = self.encoder(features, chunk_frames=chunk_frames)
+        enc = self.encoder(features, attention_mask=feature_mask, chunk_frames=chunk_frames)
         enc_mask = feature_mask[:, ::2][:, : enc.shape[1]]
         emb = self.connector(enc)
         mask = Connector.mask(enc_mask, self.connector.stack)
