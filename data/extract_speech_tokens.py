@@ -1,0 +1,55 @@
+"""抽取語音符號（旗標沿用種子文件的 extract_voila_tokens.py）。
+
+python data/extract_speech_tokens.py --tokenizer voila --manifest M.jsonl --output OUT \
+    --checkpoint /path/to/Voila-Tokenizer [--batch_size 8] [--device cpu]
+
+OUT 為資料夾（每句一個 .npy）或單一 .npz；重跑時已完成的語句直接跳過。
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from speakllm_jax.data.speech_tokens import (  # noqa: E402
+    SUPPORTED_TOKENIZERS,
+    extract_speech_tokens,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tokenizer", default="voila", choices=SUPPORTED_TOKENIZERS, help="語音符號抽取器"
+    )
+    p.add_argument("--manifest", required=True, help="輸入 JSONL 清單")
+    p.add_argument("--output", required=True, help="輸出資料夾或 .npz 檔")
+    p.add_argument("--checkpoint", required=True, help="本機模型資料夾（例如 Voila-Tokenizer）")
+    p.add_argument("--batch_size", type=int, default=8, help="每批語句數")
+    p.add_argument("--device", default="cpu", help="PyTorch 裝置：cpu、cuda、cuda:0")
+    p.add_argument("--max_seconds", type=float, default=60.0, help="長於此秒數的語句略過")
+    a = p.parse_args(argv)
+    try:
+        report = extract_speech_tokens(
+            a.manifest,
+            a.output,
+            a.checkpoint,
+            tokenizer=a.tokenizer,
+            batch_size=a.batch_size,
+            device=a.device,
+            max_seconds=a.max_seconds,
+        )
+    except NotImplementedError as e:
+        print(f"錯誤：{e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
