@@ -30,7 +30,28 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             n_mels=80,
             codeswitch_prob=0.0,
             workers=0,
+            # 全雙工（第 1–3 階段）：補齊到的幀數（25 Hz）、示範資料集、語音碼資料夾（逗號分隔）。
+            max_frames=768,
+            duplex_sets="dialogue",
+            codes_dirs="",
         )
+    )
+    # 研究模組的開關與參數（消融時關掉對應的 bool）。
+    c.research = ml_collections.ConfigDict(
+        dict(
+            dual_scale=True,
+            lead_frames=2,
+            tone_aware=True,
+            overlap_aware=True,
+            reaction_frames=6,
+            barge_in_weight=2.0,
+            backchannel_weight=1.5,
+            emotion_condition=False,
+        )
+    )
+    # 全雙工損失各項的權重；pad_weight 是「無文字幀預測填充符號」的權重。
+    c.loss = ml_collections.ConfigDict(
+        dict(text=1.0, code=1.0, turn=1.0, tone=0.2, emotion=0.5, pad_weight=0.5)
     )
     c.train = ml_collections.ConfigDict(
         dict(

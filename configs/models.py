@@ -98,5 +98,39 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
             remat="none" if preset == "tiny" else "dots_no_batch",
             scan_layers=True,
             connector=dict(stack=2, hidden=0),
+            # 第 0 階段不需要語音頭；第 1–3 階段設為 "voila"（Voila-Tokenizer 4×2048 碼）。
+            speech_head="none",
+            speech=speech_preset(preset),
+            max_chars_per_token=4,
+            num_emotions=0,
         )
     )
+
+
+def speech_preset(name: str) -> ml_collections.ConfigDict:
+    """語音頭（Voila 深度 Transformer）的尺寸；full 為 Voila 的 4 層、寬 1024。"""
+    if name == "tiny":
+        return ml_collections.ConfigDict(
+            dict(
+                num_codebooks=4,
+                codebook_size=2048,
+                depth_layers=2,
+                depth_hidden=64,
+                depth_heads=4,
+                depth_kv_heads=2,
+                depth_intermediate=128,
+            )
+        )
+    if name == "full":
+        return ml_collections.ConfigDict(
+            dict(
+                num_codebooks=4,
+                codebook_size=2048,
+                depth_layers=4,
+                depth_hidden=1024,
+                depth_heads=16,
+                depth_kv_heads=16,
+                depth_intermediate=2816,
+            )
+        )
+    raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")

@@ -28,6 +28,7 @@ REASONS = (
     "too_long",
     "too_short",
     "silent",
+    "bad_channel",
 )
 
 CLIP_LEVEL = 0.999

@@ -70,3 +70,44 @@ def demo_manifest(
     normalize_manifest(raw, tmp, conversion="t2s")
     tmp.replace(final)
     return final
+
+
+def duplex_paths(demo_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """示範全雙工資料的位置：對話清單（雙聲道對話、語音指令排成的對話）與各自的語音碼資料夾。"""
+    root = Path(demo_dir) if demo_dir else default_demo_dir()
+    d = root / "duplex"
+    return {
+        "dialogue": d / "dialogue.jsonl",
+        "instructions": d / "instructions.jsonl",
+        "dialogue_codes": d / "codes_dialogue",
+        "instructions_codes": d / "codes_instructions",
+        "tokenizer": d / "voila_tokenizer_demo",
+    }
+
+
+def prepare_demo_speech(
+    demo_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """建立示範全雙工清單並抽助理聲道語音碼（會匯入 PyTorch；請在 data/ 的 CLI 或子程序中呼叫）。"""
+    from speakllm_jax.data.duplex_prep import instructions_to_dialogues
+    from speakllm_jax.data.speech_tokens import extract_speech_tokens, make_demo_voila_tokenizer
+
+    root = ensure_demo_corpus(demo_dir)
+    paths = duplex_paths(root)
+    paths["dialogue"].parent.mkdir(parents=True, exist_ok=True)
+    if not paths["dialogue"].exists():
+        build_manifests(
+            {"corpora": [{"name": "dialogue", "adapter": "dialogue", "root": str(root / "dialogues")}]},
+            paths["dialogue"],
+            log=lambda s: None,
+        )
+    if not paths["instructions"].exists():
+        instructions_to_dialogues(
+            root / "instructions" / "instructions.jsonl",
+            paths["instructions"].parent / "instructions_stereo",
+            paths["instructions"],
+        )
+    ckpt = Path(checkpoint) if checkpoint else make_demo_voila_tokenizer(paths["tokenizer"])
+    for name in ("dialogue", "instructions"):
+        extract_speech_tokens(paths[name], paths[f"{name}_codes"], ckpt, channel=1)
+    return paths

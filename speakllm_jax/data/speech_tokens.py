@@ -375,8 +375,12 @@ def extract_speech_tokens(
     device: str = "cpu",
     max_seconds: float | None = 60.0,
     speech_tokenizer: VoilaTokenizer | None = None,
+    channel: int | None = None,
 ) -> ExtractReport:
-    """讀清單、依長度分批抽碼並寫入輸出（見模組說明）；壞音訊略過並依原因計數。"""
+    """讀清單、依長度分批抽碼並寫入輸出（見模組說明）；壞音訊略過並依原因計數。
+
+    `channel` 給定時只取該聲道（例如雙聲道對話的助理聲道 1），否則混成單聲道。
+    """
     if batch_size <= 0:
         raise ValueError(f"batch_size 必須為正，收到 {batch_size}")
     tok = speech_tokenizer or load_speech_tokenizer(tokenizer, checkpoint, device=device)
@@ -408,9 +412,13 @@ def extract_speech_tokens(
                 target_sr=tok.sample_rate,
                 offset=float(row.get("offset") or 0.0),
                 duration=None if dur is None else float(dur),
-                mono=True,
+                mono=channel is None,
                 max_seconds=max_seconds,
             )
+            if channel is not None:
+                if wave.ndim != 2 or channel >= wave.shape[0]:
+                    raise AudioError("bad_channel", path, f"沒有聲道 {channel}（形狀 {wave.shape}）")
+                wave = np.ascontiguousarray(wave[channel])
         except AudioError as e:
             report.skips.add_error(rid, e)
             continue
@@ -442,3 +450,50 @@ def _flush(
         store.put_many({rid: c for (rid, _), c in zip(chunk, codes)})
         report.encoded += len(chunk)
         report.frames += int(sum(c.shape[-1] for c in codes))
+
+
+def make_demo_voila_tokenizer(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """寫出示範用的小型隨機 Voila-Tokenizer（與官方相同的 `EncodecModel` 資料夾格式）。
+
+    16 kHz、上取樣比 8·5·4·4 = 640（25 Hz）、4 碼本 × 2048（頻寬 1.1 kbps）。碼本以編碼器
+    對一段掃頻訊號的輸出殘差初始化（如 Encodec 的 k-means 初始化），讓不同語音得到不同的碼。
+    只供示範與測試管線；真實訓練請用 maitrix-org/Voila-Tokenizer。
+    """
+    import math
+
+    import torch
+    from transformers import EncodecConfig, EncodecModel
+
+    out = Path(output_dir)
+    if (out / "config.json").is_file():
+        return out
+    cfg = EncodecConfig(
+        sampling_rate=16000,
+        upsampling_ratios=[8, 5, 4, 4],
+        codebook_size=2048,
+        target_bandwidths=[1.1, 2.2],
+        hidden_size=16,
+        codebook_dim=16,
+        num_filters=4,
+        num_lstm_layers=1,
+        num_residual_layers=1,
+        use_causal_conv=True,
+        normalize=False,
+    )
+    torch.manual_seed(seed)
+    model = EncodecModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    t = torch.arange(16000 * 3) / 16000.0
+    x = 0.3 * torch.sin(2 * math.pi * 180 * t * (1 + t)) * torch.rand(t.shape, generator=g)
+    with torch.no_grad():
+        residual = model.encoder(x[None, None]).transpose(1, 2).reshape(-1, cfg.codebook_dim)
+        for layer in model.quantizer.layers:
+            pick = torch.randint(0, residual.shape[0], (cfg.codebook_size,), generator=g)
+            noise = torch.randn(cfg.codebook_size, cfg.codebook_dim, generator=g)
+            layer.codebook.embed.copy_(residual[pick] + 0.05 * residual.std() * noise)
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
+            residual = residual - layer.codebook.embed[layer.codebook.quantize(residual)]
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.replace(out)
+    return out

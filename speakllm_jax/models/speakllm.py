@@ -1,9 +1,15 @@
 """語音大模型的組合：Whisper 編碼器（聽）→ 連接器 → Qwen2.5（想）。
 
-本檔目前提供第 0 階段（連接器對齊，ASR）所需的前向：
-`[<|task_asr|>, <|audio_start|>] + 音訊嵌入 + [<|audio_end|>] + 轉寫文字`，
-只在文字位置計算交叉熵。音訊與文字之間的填充以注意力遮罩遮掉，位置編號由遮罩累加，
-所以填充不影響結果（與無填充的單筆計算相同）。
+兩種前向：
+
+- 第 0 階段（連接器對齊，ASR）：`[<|task_asr|>, <|audio_start|>] + 音訊嵌入 + [<|audio_end|>] +
+  轉寫文字`，只在文字位置計算交叉熵。音訊與文字之間的填充以注意力遮罩遮掉，位置編號由
+  遮罩累加，所以填充不影響結果（與無填充的單筆計算相同）。
+- 第 1–3 階段（全雙工幀模型）：時間以 40 ms 幀前進；第 t 幀的 LLM 輸入是
+  「使用者串流（連接器輸出，永遠開著）＋助理自己上一幀的輸出（文字符號嵌入＋聲調嵌入＋
+  語音碼嵌入平均）＋情緒條件」之和。每幀的隱狀態接四個頭：文字（LM 頭）、語音碼（深度
+  Transformer）、輪替（listen／speak／continue／yield／backchannel）、聲調（輔助）；
+  情緒頭則接在使用者串流的平均上。
 """
 
 from __future__ import annotations
@@ -16,8 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from speakllm_jax.models.connector import Connector
+from speakllm_jax.models.layers import dense, partitioned
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from speakllm_jax.models.speech_heads import AudioEmbedding, DepthTransformer, SpeechHeadConfig
 from speakllm_jax.models.whisper import WhisperConfig, WhisperEncoder
+
+NUM_TURN_ACTIONS = 5
+NUM_TONES = 6
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,11 @@ class SpeakLLMConfig:
     qwen: Qwen2Config
     connector_stack: int = 2
     connector_hidden: int = 0
+    # 語音頭："none"（只有第 0 階段）或 "voila"。
+    speech_head: str = "none"
+    speech: SpeechHeadConfig = SpeechHeadConfig()
+    max_chars_per_token: int = 4
+    num_emotions: int = 0
 
 
 class SpeakLLM(nnx.Module):
@@ -49,6 +65,28 @@ class SpeakLLM(nnx.Module):
             rngs=rngs,
         )
         self.llm = Qwen2ForCausalLM(cfg.qwen, rngs=rngs)
+        d = cfg.qwen.hidden_size
+        kw = dict(dtype=cfg.qwen.dtype, param_dtype=cfg.qwen.param_dtype)
+        if cfg.speech_head == "voila":
+            self.audio_embed = AudioEmbedding(cfg.speech, d, rngs=rngs, **kw)
+            self.speech_head = DepthTransformer(
+                cfg.speech, d, remat=cfg.qwen.remat, scan_layers=cfg.qwen.scan_layers,
+                rngs=rngs, **kw,
+            )
+            self.turn_head = dense(d, NUM_TURN_ACTIONS, ("embed", None), rngs=rngs, **kw)
+            self.tone_embed = nnx.Embed(
+                NUM_TONES, d, embedding_init=partitioned(nnx.initializers.normal(0.02), (None, "embed")),
+                rngs=rngs, **kw,
+            )
+            self.tone_head = dense(
+                d, cfg.max_chars_per_token * NUM_TONES, ("embed", None), rngs=rngs, **kw
+            )
+            if cfg.num_emotions:
+                self.emotion_head = dense(d, cfg.num_emotions, ("embed", None), rngs=rngs, **kw)
+            else:
+                self.emotion_head = None
+        elif cfg.speech_head != "none":
+            raise ValueError(f"未知的 speech_head {cfg.speech_head!r}；可用：none、voila")
 
     def encode_audio(
         self,
@@ -97,6 +135,86 @@ class SpeakLLM(nnx.Module):
         return self.llm.logits(hidden[:, -n - 1 : -1])
 
 
+    def frame_inputs(
+        self,
+        user: jax.Array,
+        text_in: jax.Array,
+        tones_in: jax.Array,
+        codes_in: jax.Array,
+        codes_in_valid: jax.Array,
+        cond: jax.Array | None = None,
+    ) -> jax.Array:
+        """組出每幀的 LLM 輸入 `[B, N, d]`（各項相加）。
+
+        `user [B, N, d]` 使用者串流；`text_in [B, N]` 助理上一幀的文字符號（無文字時為填充符號）；
+        `tones_in [B, N, K]`；`codes_in [B, N, Q]` 與 `codes_in_valid [B, N]` 助理上一幀的語音碼；
+        `cond [B, d]` 條件（例如情緒標籤的嵌入），加在每一幀上。
+        """
+        x = user.astype(self.llm.cfg.dtype) + self.llm.embed(text_in)
+        x = x + jnp.sum(self.tone_embed(tones_in), axis=-2).astype(x.dtype)
+        x = x + self.audio_embed(codes_in, codes_in_valid).astype(x.dtype)
+        if cond is not None:
+            x = x + cond[:, None].astype(x.dtype)
+        return x
+
+    def duplex_forward(
+        self,
+        features: jax.Array,
+        feature_mask: jax.Array,
+        text_in: jax.Array,
+        tones_in: jax.Array,
+        codes_in: jax.Array,
+        codes_in_valid: jax.Array,
+        codes_target: jax.Array,
+        frame_mask: jax.Array,
+        cond_ids: jax.Array | None = None,
+        chunk_frames: int | None = None,
+    ) -> dict[str, jax.Array]:
+        """全雙工幀模型的整段前向（訓練用，語音碼以教師強制）。
+
+        `features [B, n_mels, 4N]` 為使用者聲道的梅爾；回傳各頭的 logits：
+        `text [B, N, V]`、`codes [B, N, Q, C]`、`turn [B, N, 5]`、`tones [B, N, K, 6]`、
+        （有情緒頭時）`emotion [B, E]`，以及 `hidden [B, N, d]`。
+        """
+        if self.cfg.speech_head == "none":
+            raise ValueError("此模型沒有語音頭（speech_head='none'），不能做全雙工前向")
+        user, user_mask = self.encode_audio(features, feature_mask, chunk_frames)
+        n = text_in.shape[1]
+        if user.shape[1] < n:
+            raise ValueError(f"使用者串流只有 {user.shape[1]} 幀，少於文字／語音的 {n} 幀")
+        user = user[:, :n] * user_mask[:, :n, None].astype(user.dtype)
+        cond = None if cond_ids is None else self.llm.embed(cond_ids)
+        x = self.frame_inputs(user, text_in, tones_in, codes_in, codes_in_valid, cond)
+        hidden, _ = self.llm.forward_embeds(x, attention_mask=frame_mask)
+        return self.heads(hidden, codes_target, user, frame_mask)
+
+    def heads(
+        self,
+        hidden: jax.Array,
+        codes_target: jax.Array,
+        user: jax.Array | None = None,
+        frame_mask: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        """由每幀隱狀態計算各頭輸出。"""
+        b, n, _ = hidden.shape
+        out = {
+            "hidden": hidden,
+            "text": self.llm.logits(hidden),
+            "codes": self.speech_head(hidden, codes_target),
+            "turn": self.turn_head(hidden).astype(jnp.float32),
+            "tones": self.tone_head(hidden)
+            .astype(jnp.float32)
+            .reshape(b, n, self.cfg.max_chars_per_token, NUM_TONES),
+        }
+        if self.emotion_head is not None and user is not None:
+            m = jnp.ones((b, n), jnp.float32) if frame_mask is None else frame_mask.astype(jnp.float32)
+            pooled = jnp.sum(user.astype(jnp.float32) * m[..., None], axis=1) / jnp.maximum(
+                jnp.sum(m, axis=1, keepdims=True), 1.0
+            )
+            out["emotion"] = self.emotion_head(pooled.astype(hidden.dtype)).astype(jnp.float32)
+        return out
+
+
 def cross_entropy_sum(
     logits: jax.Array, targets: jax.Array, mask: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -118,9 +236,14 @@ def build_speakllm_config(model: Any) -> SpeakLLMConfig:
     )
     whisper = WhisperConfig(**dict(model.whisper), **common)
     qwen = Qwen2Config(**dict(model.qwen), **common)
+    speech = model.get("speech", None)
     return SpeakLLMConfig(
         whisper=whisper,
         qwen=qwen,
         connector_stack=int(model.connector.stack),
         connector_hidden=int(model.connector.hidden),
+        speech_head=str(model.get("speech_head", "none")),
+        speech=SpeechHeadConfig(**dict(speech)) if speech is not None else SpeechHeadConfig(),
+        max_chars_per_token=int(model.get("max_chars_per_token", 4)),
+        num_emotions=int(model.get("num_emotions", 0)),
     )

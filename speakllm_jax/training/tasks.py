@@ -164,3 +164,7 @@ class AsrConnectorTask(Task):
             src = load_qwen2(c.qwen_path, dtype=self.model_cfg.qwen.param_dtype)
             nnx.update(model.llm, nnx.state(src))
         return model
+
+
+# 登錄全雙工任務（第 1–3 階段）。
+from speakllm_jax.training import duplex_task  # noqa: E402,F401

@@ -1,0 +1,32 @@
+"""第 1 階段：語音指令 SFT。訓練連接器、Qwen 的 LoRA（或全部，依 `trainable`）、語音頭與聲調頭。
+
+語音指令配對排成「使用者說 → 停頓 → 助理答」的雙聲道對話，使用與第 2 階段相同的全雙工幀模型；
+損失為文字（語義尺度）＋語音碼（聲學尺度）＋聲調輔助（＋輪替）。
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.base import base_config
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = base_config(preset)
+    c.phase = "phase1_sft"
+    c.task = "duplex"
+    c.model.speech_head = "voila"
+    c.data.duplex_sets = "instructions"
+    c.data.max_frames = 384
+    c.train.batch_size = 4
+    c.trainable = (
+        "connector/.*",
+        "audio_embed/.*",
+        "speech_head/.*",
+        "tone_embed/.*",
+        "tone_head/.*",
+        "turn_head/.*",
+        "llm/layers/.*",
+        "llm/norm/.*",
+    )
+    return c

@@ -1,0 +1,259 @@
+"""第 1–3 階段的訓練任務：全雙工幀模型（SFT、雙工、情緒共用）。
+
+每筆資料是一列雙聲道對話（聲道 0 使用者、聲道 1 助理；語音指令配對先排成這種對話），
+由 `data.duplex.build_duplex_example` 放上 25 Hz 幀格，再補齊到 `data.max_frames` 幀。
+助理第 t 幀的輸入是它第 t-1 幀的輸出（文字符號、聲調、語音碼），目標是第 t 幀的輸出。
+
+損失（每項都是「加權總和」，引擎以有效幀數相除）：
+`w_text·CE(文字) + w_code·CE(語音碼) + w_turn·CE(輪替) + w_tone·CE(聲調) + w_emotion·CE(情緒)`。
+文字目標在無文字的幀為填充符號，權重 `pad_weight`；搶話後被遮掉的幀也以填充符號為目標
+（助理應該停下）。各研究模組的消融開關在 `config.research`。
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from speakllm_jax.training.losses import masked_cross_entropy
+from speakllm_jax.training.task import DataIterator, Task, register_task
+from speakllm_jax.training.tasks import _tokenizer
+
+EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised")
+
+
+class _Batches(DataIterator):
+    """Grain 迭代器的包裝：狀態以 JSON bytes 存入檢查點。"""
+
+    def __init__(self, iterator: Any, skips: dict[str, int]):
+        self.iterator = iterator
+        self.skips = skips
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    def get_state(self) -> bytes:
+        return json.dumps({"inner": self.iterator.get_state()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        d = json.loads(state.decode() if isinstance(state, bytes) else state)
+        self.iterator.set_state(d["inner"])
+
+    def skip_report(self) -> dict[str, int]:
+        return dict(self.skips)
+
+
+class DuplexTransform:
+    """一列對話 → 補齊到固定幀數的訓練陣列；失敗時回傳 None（由 filter 濾掉並計數）。"""
+
+    def __init__(self, config: Any, tokenizer: Any, codes: dict[str, np.ndarray], skips: dict):
+        from speakllm_jax.data.duplex import DuplexConfig
+        from speakllm_jax.training.losses import OverlapConfig
+
+        r = config.research
+        self.cfg = DuplexConfig(
+            lead_frames=int(r.lead_frames) if r.dual_scale else 0,
+            tone_aware=bool(r.tone_aware),
+            overlap=OverlapConfig(
+                reaction_frames=int(r.reaction_frames),
+                barge_in_weight=float(r.barge_in_weight),
+                backchannel_weight=float(r.backchannel_weight),
+                ablation=not bool(r.overlap_aware),
+            ),
+            max_chars_per_token=int(config.model.max_chars_per_token),
+        )
+        self.tokenizer = tokenizer
+        self.codes = codes
+        self.skips = skips
+        self.max_frames = int(config.data.max_frames)
+        self.n_mels = int(config.data.n_mels)
+        self.pad_id = int(tokenizer.eos_id)
+        self.emotion_ids = [tokenizer.special_id(f"<|emo_{e}|>") for e in EMOTIONS]
+
+    def _skip(self, reason: str) -> None:
+        self.skips[reason] = self.skips.get(reason, 0) + 1
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        from speakllm_jax.audio.features import log_mel_np
+        from speakllm_jax.audio.io import AudioError
+        from speakllm_jax.data.duplex import build_duplex_example
+        from speakllm_jax.data.transforms import mel_pad_value
+
+        try:
+            ex = build_duplex_example(
+                row, self.tokenizer, self.cfg, codes=self.codes.get(row["id"]), pad_id=self.pad_id
+            )
+        except AudioError as err:
+            self._skip(err.reason)
+            return None
+        except (ValueError, KeyError) as err:
+            self._skip("bad_row")
+            print(f"略過 {row.get('id')}: {err}")
+            return None
+        n, m = ex.num_frames, self.max_frames
+        if n > m:
+            self._skip("too_long")
+            return None
+        k = self.cfg.max_chars_per_token
+        mel = log_mel_np(ex.user_audio, n_mels=self.n_mels, pad_to_seconds=None)[:, : 4 * n]
+        mel_full = np.full((self.n_mels, 4 * m), mel_pad_value(mel), np.float32)
+        mel_full[:, : mel.shape[1]] = mel
+        mel_mask = np.zeros(4 * m, bool)
+        mel_mask[: mel.shape[1]] = True
+
+        def pad(x: np.ndarray, value: Any = 0) -> np.ndarray:
+            out = np.full((m,) + x.shape[1:], value, x.dtype)
+            out[:n] = x
+            return out
+
+        text_t = np.where(ex.text_mask, ex.text_ids, self.pad_id).astype(np.int32)
+        tones_t = np.where(ex.text_mask[:, None], ex.text_tones, 0).astype(np.int32)
+        codes = ex.codes.T.astype(np.int32)  # [N, 4]
+        emotion = str(row.get("emotion") or "neutral")
+        emo = EMOTIONS.index(emotion) if emotion in EMOTIONS else 0
+        return {
+            "mel": mel_full,
+            "mel_mask": mel_mask,
+            "frame_mask": pad(np.ones(n, bool), False),
+            "text_target": pad(text_t, self.pad_id),
+            "text_is_token": pad(ex.text_mask.astype(bool), False),
+            "tones_target": pad(tones_t.reshape(n, k)),
+            "codes_target": pad(codes),
+            "code_weight": pad(ex.code_weight.astype(np.float32)),
+            "turn_target": pad(ex.turn_targets.astype(np.int32)),
+            "turn_weight": pad(ex.turn_weight.astype(np.float32)),
+            "emotion": np.int32(emo),
+            "emotion_token": np.int32(self.emotion_ids[emo]),
+        }
+
+
+def _shift(x: jax.Array, fill: Any) -> jax.Array:
+    """沿幀軸右移一格：第 t 幀拿到第 t-1 幀的值，第 0 幀為 fill。"""
+    first = jnp.full_like(x[:, :1], fill)
+    return jnp.concatenate([first, x[:, :-1]], axis=1)
+
+
+@register_task("duplex")
+class DuplexTask(Task):
+    """全雙工幀模型；`data.duplex_sets` 選資料（demo 的 instructions、dialogue 或清單路徑）。"""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        from speakllm_jax.models.speakllm import build_speakllm_config
+
+        self.model_cfg = build_speakllm_config(config.model)
+        if self.model_cfg.speech_head != "voila":
+            raise ValueError("duplex 任務需要 model.speech_head='voila'")
+        self.tokenizer = _tokenizer(config)
+        self.pad_id = int(self.tokenizer.eos_id)
+        self.loss_w = config.loss
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        from speakllm_jax.models.speakllm import SpeakLLM
+
+        return SpeakLLM(self.model_cfg, rngs=rngs)
+
+    def _rows_and_codes(self) -> tuple[list[dict], dict[str, np.ndarray]]:
+        from speakllm_jax.data.manifest import read_manifest
+        from speakllm_jax.data.speech_tokens import load_codes
+
+        d = self.config.data
+        rows: list[dict] = []
+        codes: dict[str, np.ndarray] = {}
+        if d.train_manifests:
+            for m in str(d.train_manifests).split(","):
+                rows += read_manifest(m)
+            if d.codes_dirs:
+                for c in str(d.codes_dirs).split(","):
+                    codes.update(load_codes(c))
+            return rows, codes
+        paths = _ensure_demo_duplex(d.demo_dir or None)
+        for name in str(d.duplex_sets).split(","):
+            rows += read_manifest(paths[name])
+            codes.update(load_codes(paths[f"{name}_codes"]))
+        return rows, codes
+
+    def make_data(self, process_index: int, process_count: int) -> DataIterator:
+        rows, codes = self._rows_and_codes()
+        if not rows:
+            raise ValueError("全雙工資料是空的：請檢查 data.train_manifests 或 data.duplex_sets")
+        skips: dict[str, int] = {}
+        transform = DuplexTransform(self.config, self.tokenizer, codes, skips)
+        local = int(self.config.train.batch_size) // process_count
+        ds = (
+            grain.MapDataset.source(rows)
+            .shuffle(seed=int(self.config.seed))
+            .repeat(None)[process_index::process_count]
+            .map(transform)
+            .to_iter_dataset()
+            .filter(lambda x: x is not None)
+            .batch(local, drop_remainder=True)
+        )
+        return _Batches(iter(ds), skips)
+
+    def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
+        return {"mel": ("batch", None, None)}
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        return int(np.sum(batch["frame_mask"]))
+
+    def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
+        del rng
+        w = self.loss_w
+        frame = batch["frame_mask"].astype(jnp.float32)
+        text_t = batch["text_target"]
+        text_in = _shift(text_t, self.pad_id)
+        tones_in = _shift(batch["tones_target"], 0)
+        codes_in = _shift(batch["codes_target"], 0)
+        codes_valid = _shift(batch["code_weight"] > 0, False)
+        cond = batch["emotion_token"] if self.config.research.emotion_condition else None
+        out = model.duplex_forward(
+            batch["mel"], batch["mel_mask"], text_in, tones_in, codes_in, codes_valid,
+            batch["codes_target"], batch["frame_mask"], cond_ids=cond,
+        )
+        is_tok = batch["text_is_token"].astype(jnp.float32)
+        text_w = (is_tok + (1.0 - is_tok) * float(w.pad_weight)) * frame
+        t_sum, _ = masked_cross_entropy(out["text"], text_t, text_w)
+        c_sum, _ = masked_cross_entropy(
+            out["codes"], batch["codes_target"], (batch["code_weight"] * frame)[..., None]
+        )
+        turn_sum, _ = masked_cross_entropy(out["turn"], batch["turn_target"], batch["turn_weight"] * frame)
+        tones = batch["tones_target"]
+        tone_w = (tones > 0).astype(jnp.float32) * (is_tok * frame)[..., None]
+        tone_sum, _ = masked_cross_entropy(out["tones"], tones, tone_w)
+        total = (
+            float(w.text) * t_sum
+            + float(w.code) * c_sum
+            + float(w.turn) * turn_sum
+            + float(w.tone) * tone_sum
+        )
+        metrics = {"text_loss": t_sum, "code_loss": c_sum, "turn_loss": turn_sum, "tone_loss": tone_sum}
+        if "emotion" in out:
+            # 情緒是每段一個標籤：以該段的有效幀數加權，與其他逐幀損失同尺度。
+            e_sum, _ = masked_cross_entropy(out["emotion"], batch["emotion"], jnp.sum(frame, axis=1))
+            total = total + float(w.emotion) * e_sum
+            metrics["emotion_loss"] = e_sum
+        return total, jnp.sum(frame), metrics
+
+
+def _ensure_demo_duplex(demo_dir: str | None) -> dict[str, Any]:
+    """示範全雙工資料不存在時，以子程序執行 `data/prepare_demo_speech.py`（那裡才匯入 PyTorch）。"""
+    import subprocess
+    import sys
+
+    from speakllm_jax.data.demo_data import REPO_ROOT, default_demo_dir, duplex_paths
+
+    paths = duplex_paths(demo_dir or default_demo_dir())
+    done = all((paths[f"{n}_codes"] / "index.jsonl").exists() for n in ("dialogue", "instructions"))
+    if not done:
+        cmd = [sys.executable, str(REPO_ROOT / "data" / "prepare_demo_speech.py")]
+        if demo_dir:
+            cmd += ["--demo_dir", str(demo_dir)]
+        subprocess.run(cmd, check=True)
+    return paths
