@@ -26,7 +26,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "tone_embed/.*",
         "tone_head/.*",
         "turn_head/.*",
-        "llm/layers/.*",
-        "llm/norm/.*",
+        "llm/.*lora_[ab]",
     )
+    # Qwen 本體凍結，只訓練注意力與 MLP 投影上的 LoRA（匯出時合併）。
+    c.lora.enabled = True
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     return c

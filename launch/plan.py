@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         "--batch", type=int, default=None, help="全域批次大小（預設 train.batch_size）"
     )
     parser.add_argument(
-        "--frames", type=int, default=None, help="梅爾框數（預設 max_audio_seconds×100）"
+        "--frames",
+        type=int,
+        default=None,
+        help="asr：梅爾框數（預設 max_audio_seconds×100）；duplex：25 Hz 幀數（預設 data.max_frames）",
     )
     parser.add_argument(
         "--text_len", type=int, default=None, help="文字長度（預設 data.max_text_tokens）"

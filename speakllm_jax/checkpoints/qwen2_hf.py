@@ -118,8 +118,13 @@ def save_qwen2(
 
     `dtype` 給定時浮點參數轉成該型別存檔（config.json 的 `dtype` 同步）；
     超過 `max_shard_bytes` 時分片並寫出 `model.safetensors.index.json`。
+    有 LoRA 時先在副本上合併（`merge_lora`），存出的是合併後的權重，原模型不變。
     """
     cfg: Qwen2Config = model.cfg
+    if cfg.lora_rank > 0 and cfg.lora_targets:
+        from speakllm_jax.models.lora import merge_lora
+
+        model = merge_lora(nnx.clone(model))
     return save_params(
         model,
         qwen2_key_map(cfg),

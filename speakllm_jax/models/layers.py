@@ -144,3 +144,18 @@ def maybe_remat(fn: Callable, policy_name: str) -> Callable:
     if policy_name == "none":
         return fn
     return nnx.remat(fn, policy=remat_policy(policy_name), prevent_cse=False)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """依邏輯軸名稱約束活化值的分片（只在 `jax.set_mesh` 設定了網格時生效）。
+
+    沒有這個約束時，FSDP 網格上 XLA 可能保持權重分片而把整個全域批次的活化值收集到每個
+    裝置，記憶體隨全域批次而非每裝置批次成長。規則表用 `training.sharding.DEFAULT_RULES`。
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    from speakllm_jax.training.sharding import logical_to_spec
+
+    spec = logical_to_spec(tuple(names), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -27,7 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.models.layers import RMSNorm, dense, maybe_remat, partitioned, remat_policy
+from speakllm_jax.models.layers import (
+    RMSNorm,
+    constrain,
+    dense,
+    maybe_remat,
+    partitioned,
+    remat_policy,
+)
+
+# 層與層之間活化值的邏輯軸：批次沿 (data, fsdp) 切，其餘複製。
+ACT_AXES = ("batch", "length", None)
 
 # HF config.json 中由本設定直接表示、不需原樣保留的欄位。
 _HF_KNOWN_KEYS = frozenset(
@@ -91,8 +101,13 @@ class Qwen2Config:
     remat: str = "none"
     scan_layers: bool = True
     hf_extra: tuple[tuple[str, str], ...] = ()
+    # LoRA（不寫入 HF config.json）：秩為 0 表示不使用；目標為投影名稱（q_proj、up_proj…）。
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "dtype", _as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype))
         if self.hidden_size % self.num_attention_heads:
@@ -302,6 +317,25 @@ _NEG_INF = -1e30
 # ---------------------------------------------------------------- 模組
 
 
+def _proj(
+    cfg: Qwen2Config,
+    name: str,
+    in_f: int,
+    out_f: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """一般線性層，或在 `cfg.lora_targets` 中時的 `LoRALinear`（基底參數路徑相同）。"""
+    kw = dict(use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    if cfg.lora_rank > 0 and name in cfg.lora_targets:
+        from speakllm_jax.models.lora import LoRALinear
+
+        return LoRALinear(in_f, out_f, axes, rank=cfg.lora_rank, alpha=cfg.lora_alpha, **kw)
+    return dense(in_f, out_f, axes, **kw)
+
+
 class Qwen2Attention(nnx.Module):
     """GQA 自注意力；q/k/v 帶偏置，o_proj 不帶。"""
 
@@ -311,11 +345,11 @@ class Qwen2Attention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.dtype = cfg.dtype
         e, hd = cfg.hidden_size, cfg.head_dim
-        common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.q_proj = dense(e, self.num_heads * hd, ("embed", "heads"), **common)
-        self.k_proj = dense(e, self.num_kv_heads * hd, ("embed", "kv_heads"), **common)
-        self.v_proj = dense(e, self.num_kv_heads * hd, ("embed", "kv_heads"), **common)
-        self.o_proj = dense(self.num_heads * hd, e, ("heads", "embed"), use_bias=False, **common)
+        h, kv = self.num_heads * hd, self.num_kv_heads * hd
+        self.q_proj = _proj(cfg, "q_proj", e, h, ("embed", "heads"), use_bias=True, rngs=rngs)
+        self.k_proj = _proj(cfg, "k_proj", e, kv, ("embed", "kv_heads"), use_bias=True, rngs=rngs)
+        self.v_proj = _proj(cfg, "v_proj", e, kv, ("embed", "kv_heads"), use_bias=True, rngs=rngs)
+        self.o_proj = _proj(cfg, "o_proj", h, e, ("heads", "embed"), use_bias=False, rngs=rngs)
 
     def __call__(
         self,
@@ -358,11 +392,10 @@ class Qwen2MLP(nnx.Module):
     """SwiGLU：`down(silu(gate(x)) * up(x))`，皆無偏置。"""
 
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs) -> None:
-        common = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         e, m = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = dense(e, m, ("embed", "mlp"), **common)
-        self.up_proj = dense(e, m, ("embed", "mlp"), **common)
-        self.down_proj = dense(m, e, ("mlp", "embed"), **common)
+        self.gate_proj = _proj(cfg, "gate_proj", e, m, ("embed", "mlp"), use_bias=False, rngs=rngs)
+        self.up_proj = _proj(cfg, "up_proj", e, m, ("embed", "mlp"), use_bias=False, rngs=rngs)
+        self.down_proj = _proj(cfg, "down_proj", m, e, ("mlp", "embed"), use_bias=False, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -396,7 +429,8 @@ class Qwen2DecoderLayer(nnx.Module):
 def _layer_no_cache(
     layer: Qwen2DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array
 ) -> jax.Array:
-    return layer(x, cos, sin, bias)[0]
+    x = constrain(x, ACT_AXES)
+    return constrain(layer(x, cos, sin, bias)[0], ACT_AXES)
 
 
 def _layer_with_cache(

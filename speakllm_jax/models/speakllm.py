@@ -227,15 +227,20 @@ def cross_entropy_sum(
     return jnp.sum(nll * m), jnp.sum(m), jnp.sum(correct)
 
 
-def build_speakllm_config(model: Any) -> SpeakLLMConfig:
-    """由 `config.model`（見 `configs/models.py`）建立 `SpeakLLMConfig`。"""
+def build_speakllm_config(model: Any, lora: Any = None) -> SpeakLLMConfig:
+    """由 `config.model`（見 `configs/models.py`）與 `config.lora` 建立 `SpeakLLMConfig`。"""
     dtype = jnp.dtype(model.dtype)
     param_dtype = jnp.dtype(model.param_dtype)
     common = dict(
         dtype=dtype, param_dtype=param_dtype, remat=model.remat, scan_layers=model.scan_layers
     )
     whisper = WhisperConfig(**dict(model.whisper), **common)
-    qwen = Qwen2Config(**dict(model.qwen), **common)
+    lora_kw = {}
+    if lora is not None and bool(lora.enabled):
+        lora_kw = dict(
+            lora_rank=int(lora.rank), lora_alpha=float(lora.alpha), lora_targets=tuple(lora.targets)
+        )
+    qwen = Qwen2Config(**dict(model.qwen), **common, **lora_kw)
     speech = model.get("speech", None)
     return SpeakLLMConfig(
         whisper=whisper,

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.models.layers import LayerNorm, dense, maybe_remat, partitioned
+from speakllm_jax.models.layers import LayerNorm, constrain, dense, maybe_remat, partitioned
 
 LAYER_NORM_EPS = 1e-5
 _NEG_INF = -1e30
@@ -491,7 +491,8 @@ class WhisperEncoder(nnx.Module):
             mask = keys if mask is None else jnp.logical_and(mask, keys)
 
         def body(layer: WhisperEncoderLayer, h: jax.Array, _: Any) -> tuple[jax.Array, None]:
-            return layer(h, mask), None
+            h = constrain(h, ("batch", "length", None))
+            return constrain(layer(h, mask), ("batch", "length", None)), None
 
         x, _ = _run_layers(self.layers, body, x, None, cfg.encoder_layers, cfg)
         return self.layer_norm(x)

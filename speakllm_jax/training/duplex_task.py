@@ -147,7 +147,7 @@ class DuplexTask(Task):
         super().__init__(config)
         from speakllm_jax.models.speakllm import build_speakllm_config
 
-        self.model_cfg = build_speakllm_config(config.model)
+        self.model_cfg = build_speakllm_config(config.model, config.lora)
         if self.model_cfg.speech_head != "voila":
             raise ValueError("duplex 任務需要 model.speech_head='voila'")
         self.tokenizer = _tokenizer(config)
@@ -173,7 +173,7 @@ class DuplexTask(Task):
                 for c in str(d.codes_dirs).split(","):
                     codes.update(load_codes(c))
             return rows, codes
-        paths = _ensure_demo_duplex(d.demo_dir or None)
+        paths = ensure_demo_duplex(d.demo_dir or None)
         for name in str(d.duplex_sets).split(","):
             rows += read_manifest(paths[name])
             codes.update(load_codes(paths[f"{name}_codes"]))
@@ -242,7 +242,7 @@ class DuplexTask(Task):
         return total, jnp.sum(frame), metrics
 
 
-def _ensure_demo_duplex(demo_dir: str | None) -> dict[str, Any]:
+def ensure_demo_duplex(demo_dir: str | None) -> dict[str, Any]:
     """示範全雙工資料不存在時，以子程序執行 `data/prepare_demo_speech.py`（那裡才匯入 PyTorch）。"""
     import subprocess
     import sys

@@ -229,7 +229,9 @@ def train(
                         donate_argnums=(0,),
                     )
                 batch = _global_batch(local, b_shard)
-                state, metrics = jit_step(state, batch)
+                # 追蹤時設定網格，讓模型內的活化值分片約束（layers.constrain）生效。
+                with jax.set_mesh(mesh):
+                    state, metrics = jit_step(state, batch)
                 step += 1
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 tokens_seen += task.tokens_in(local) * jax.process_count()

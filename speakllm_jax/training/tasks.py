@@ -71,7 +71,7 @@ class AsrConnectorTask(Task):
         super().__init__(config)
         from speakllm_jax.models.speakllm import build_speakllm_config
 
-        self.model_cfg = build_speakllm_config(config.model)
+        self.model_cfg = build_speakllm_config(config.model, config.lora)
         self.tokenizer = _tokenizer(config)
         if self.tokenizer.vocab_size > self.model_cfg.qwen.vocab_size:
             raise ValueError(
