@@ -59,7 +59,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             batch_size=8,
             grad_accum=1,
             log_every=1,
+            # 每 eval_every 步在評估資料（示範語料的 test 切分或 data.eval_manifests）上算損失；0 為關閉。
             eval_every=0,
+            eval_batches=4,
             max_bad_steps=10,
             # 測試用：在這些步把批次換成 NaN，以驗證壞步處理。
             inject_nan_steps=(),

@@ -18,44 +18,15 @@ from speakllm_jax.data.speech_tokens import (  # noqa: E402
     VoilaTokenizer,
     extract_speech_tokens,
     load_codes,
+    make_demo_voila_tokenizer,
     num_codebooks_for_bandwidth,
 )
 
 
 @pytest.fixture(scope="module")
 def voila_dir(tmp_path_factory):
-    from transformers import EncodecConfig, EncodecModel
-
-    cfg = EncodecConfig(
-        sampling_rate=16000,
-        upsampling_ratios=[8, 5, 4, 4],
-        codebook_size=2048,
-        target_bandwidths=[1.1, 2.2],
-        hidden_size=16,
-        codebook_dim=16,
-        num_filters=4,
-        num_lstm_layers=1,
-        num_residual_layers=1,
-        use_causal_conv=True,
-        normalize=False,
-    )
-    torch.manual_seed(0)
-    model = EncodecModel(cfg).eval()
-    # 碼本以資料初始化（如 Encodec 的 k-means 初始化）：各層取編碼器輸出殘差的隨機樣本
-    g = torch.Generator().manual_seed(1)
-    t = torch.arange(16000 * 3) / 16000.0
-    x = 0.3 * torch.sin(2 * math.pi * 180 * t * (1 + t)) * torch.rand(t.shape, generator=g)
-    with torch.no_grad():
-        residual = model.encoder(x[None, None]).transpose(1, 2).reshape(-1, cfg.codebook_dim)
-        for layer in model.quantizer.layers:
-            pick = torch.randint(0, residual.shape[0], (cfg.codebook_size,), generator=g)
-            noise = torch.randn(cfg.codebook_size, cfg.codebook_dim, generator=g)
-            layer.codebook.embed.copy_(residual[pick] + 0.05 * residual.std() * noise)
-            layer.codebook.embed_avg.copy_(layer.codebook.embed)
-            residual = residual - layer.codebook.embed[layer.codebook.quantize(residual)]
-    d = tmp_path_factory.mktemp("voila")
-    model.save_pretrained(d)
-    return d
+    """官方 `EncodecModel` 資料夾格式的小型隨機 Voila-Tokenizer（碼本以資料初始化）。"""
+    return make_demo_voila_tokenizer(tmp_path_factory.mktemp("voila") / "tok")
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,8 @@ def test_phase0_on_8_devices_loss_falls(demo_env, tmp_path: Path) -> None:
         "--config.mesh.tensor=2",
         "--config.checkpoint.every_steps=100",
         "--config.logging.tensorboard=true",
+        "--config.train.eval_every=4",
+        "--config.train.eval_batches=2",
     )
     result = train(cfg, tmp_path, progress=False, keep_state=True)
     assert result.final_step == 8 and len(result.losses) == 8
@@ -123,6 +125,10 @@ def test_phase0_on_8_devices_loss_falls(demo_env, tmp_path: Path) -> None:
     assert (tmp_path / "config.json").exists() and (tmp_path / "loss_curve.png").exists()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "checkpoints" / "8").is_dir()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(np.isfinite(r["eval_loss"]) and r["eval_loss"] > 0 for r in evals)
 
 
 def test_exact_resume_after_sigkill(demo_env, tmp_path: Path) -> None:
@@ -247,3 +253,13 @@ def test_two_process_gloo_matches_single_process(demo_env, tmp_path: Path, nproc
     fa, fb = _flat(a), _flat(b)
     for k in fa:
         np.testing.assert_allclose(fa[k], fb[k], atol=1e-5, err_msg=k)
+
+
+def test_bf16_compute_keeps_fp32_master_weights(demo_env, tmp_path: Path) -> None:
+    cfg = _cfg("--config.train.steps=2", "--config.model.dtype=bfloat16",
+               "--config.checkpoint.every_steps=100", "--config.train.grad_accum=2")
+    result = train(cfg, tmp_path, progress=False, keep_state=True)
+    assert result.final_step == 2 and all(np.isfinite(result.losses))
+    dtypes = {x.dtype for x in jax.tree.leaves(result.state.params)}
+    assert dtypes == {np.dtype("float32")}
+    assert result.state.frozen["llm"]["embed_tokens"]["embedding"].dtype == np.float32

@@ -31,6 +31,7 @@ from speakllm_jax.training.train_state import (
     TrainState,
     batch_shardings,
     count_params,
+    make_eval_step,
     make_init_fn,
     make_train_step,
     state_from_model,
@@ -102,6 +103,32 @@ def _any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def run_eval(
+    task: Task,
+    state: TrainState,
+    eval_fn: Any,
+    mesh: Any,
+    max_batches: int,
+) -> dict[str, float]:
+    """在評估資料上跑一遍（至多 `max_batches` 批），回傳以權重平均的指標。"""
+    data = task.make_eval_data(jax.process_index(), jax.process_count())
+    if data is None:
+        return {}
+    sums: dict[str, float] = {}
+    for i, local in enumerate(data):
+        if i >= max_batches:
+            break
+        shard = batch_shardings(local, mesh, task.batch_axes())
+        batch = _global_batch(local, shard)
+        with jax.set_mesh(mesh):
+            out = jax.device_get(eval_fn(state, batch))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    weight = max(sums.pop("weight", 0.0), 1e-9)
+    total = sums.pop("loss_sum", 0.0)
+    return {"eval_loss": total / weight, **{f"eval_{k}": v / weight for k, v in sums.items()}}
 
 
 def _initial_state(
@@ -194,6 +221,7 @@ def train(
 
         step_fn = make_train_step(task, graphdef, tx, schedule, int(cfg.train.grad_accum))
         jit_step = None
+        eval_fn = None
         stop = _StopFlag()
         stop.install()
         start = int(jax.device_get(state.step))
@@ -243,6 +271,13 @@ def train(
                     result.bad_steps += 1
                     print(
                         f"第 {step} 步的損失或梯度不是有限值，未套用更新（累計 {result.bad_steps}）"
+                    )
+                every = int(cfg.train.eval_every)
+                if every > 0 and (step % every == 0 or step == total_steps):
+                    if eval_fn is None:
+                        eval_fn = jax.jit(make_eval_step(task, graphdef))
+                    metrics.update(
+                        run_eval(task, state, eval_fn, mesh, int(cfg.train.eval_batches))
                     )
                 if step % max(int(cfg.train.log_every), 1) == 0 or step == total_steps:
                     logger.log(step, metrics)

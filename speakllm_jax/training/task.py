@@ -79,6 +79,10 @@ class Task(abc.ABC):
     def make_data(self, process_index: int, process_count: int) -> DataIterator:
         """建立本程序的訓練資料迭代器；每批大小為 `train.batch_size // process_count`。"""
 
+    def make_eval_data(self, process_index: int, process_count: int) -> DataIterator | None:
+        """評估資料（有限、每次呼叫從頭開始）；沒有評估資料時回傳 None。"""
+        return None
+
     def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
         """批次中各欄位的邏輯軸名稱；未列出的欄位第 0 軸視為 "batch"。"""
         return {}

@@ -53,12 +53,13 @@ def _tokenizer(cfg: Any) -> Any:
     return TextTokenizer.default()
 
 
-def _manifests(cfg: Any, corpora: tuple[str, ...]) -> list[str]:
-    if cfg.data.train_manifests:
-        return [m for m in str(cfg.data.train_manifests).split(",") if m]
+def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list[str]:
+    given = cfg.data.train_manifests if split == "train" else cfg.data.eval_manifests
+    if given:
+        return [m for m in str(given).split(",") if m]
     from speakllm_jax.data.demo_data import demo_manifest
 
-    return [str(demo_manifest(corpora, cfg.data.demo_dir or None, split="train", seed=cfg.seed))]
+    return [str(demo_manifest(corpora, cfg.data.demo_dir or None, split=split, seed=cfg.seed))]
 
 
 @register_task("asr_connector")
@@ -126,12 +127,22 @@ class AsrConnectorTask(Task):
         )
 
     def make_data(self, process_index: int, process_count: int) -> DataIterator:
+        return self._data("train", process_index, process_count)
+
+    def make_eval_data(self, process_index: int, process_count: int) -> DataIterator | None:
+        return self._data("test", process_index, process_count)
+
+    def _data(self, split: str, process_index: int, process_count: int) -> DataIterator:
         from speakllm_jax.data.pipeline import make_iterator
 
         corpora = tuple(s for s in str(self.config.data.demo_corpora).split(",") if s)
+        pipe = self.pipeline_config(process_count)
+        if split != "train":
+            # 評估：不洗牌、只走一遍，最後不足一批時補齊（被遮掉的列不計入損失）。
+            pipe.update(shuffle=False, num_epochs=1, drop_remainder=False)
         it = make_iterator(
-            _manifests(self.config, corpora),
-            self.pipeline_config(process_count),
+            _manifests(self.config, corpora, split),
+            pipe,
             self.tokenizer,
             process_index=process_index,
             process_count=process_count,
