@@ -32,6 +32,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             workers=0,
             # 全雙工（第 1–3 階段）：補齊到的幀數（25 Hz）、示範資料集、語音碼資料夾（逗號分隔）。
             max_frames=768,
+            # 只用清單的前 N 列（過擬合實驗）；0 為全部。
+            subset=0,
             duplex_sets="dialogue",
             codes_dirs="",
         )

@@ -56,10 +56,29 @@ def _tokenizer(cfg: Any) -> Any:
 def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list[str]:
     given = cfg.data.train_manifests if split == "train" else cfg.data.eval_manifests
     if given:
-        return [m for m in str(given).split(",") if m]
-    from speakllm_jax.data.demo_data import demo_manifest
+        paths = [m for m in str(given).split(",") if m]
+    else:
+        from speakllm_jax.data.demo_data import demo_manifest
 
-    return [str(demo_manifest(corpora, cfg.data.demo_dir or None, split=split, seed=cfg.seed))]
+        paths = [str(demo_manifest(corpora, cfg.data.demo_dir or None, split=split, seed=cfg.seed))]
+    n = int(cfg.data.get("subset", 0))
+    return [subset_manifest(paths, n)] if n > 0 else paths
+
+
+def subset_manifest(paths: list[str], n: int) -> str:
+    """取清單的前 n 列寫成新清單（過擬合實驗用）；寫在第一份清單旁。"""
+    from pathlib import Path
+
+    from speakllm_jax.data.manifest import read_manifest, resolve_audio, write_manifest
+
+    rows: list[dict] = []
+    for p in paths:
+        for r in read_manifest(p):
+            # 改成絕對路徑，新清單放在哪裡都能找到音訊。
+            rows.append(dict(r, audio=str(resolve_audio(r, Path(p).resolve().parent))))
+    out = Path(paths[0]).with_suffix(f".subset{n}.jsonl")
+    write_manifest(out, rows[:n])
+    return str(out)
 
 
 @register_task("asr_connector")
