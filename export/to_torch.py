@@ -1,0 +1,178 @@
+"""Orbax 檢查點 → PyTorch／Hugging Face 資料夾。
+
+用法：`python -m export.to_torch --checkpoint RUN_DIR [--step N] --out DIR [--seed S]`
+
+寫出：
+
+- `DIR/llm/`：Qwen2（LoRA 已合併），`transformers.AutoModelForCausalLM.from_pretrained` 可讀。
+- `DIR/whisper_encoder/`：僅編碼器的 Whisper 資料夾（無前綴的 `WhisperEncoder` 佈局，
+  `architectures=["WhisperEncoder"]`），以 `transformers.models.whisper.modeling_whisper.WhisperEncoder
+  .from_pretrained` 讀取。語音大模型沒有 Whisper 解碼器的權重，所以不寫 `WhisperModel` 資料夾
+  （那需要假造一個隨機解碼器）。
+- `DIR/depth/`：（有語音頭時）Voila 式深度 Transformer，本身就是一個 `Qwen2ForCausalLM`。
+- `DIR/heads.safetensors` + `DIR/heads_config.json`：連接器、語音碼嵌入、深度輸入投影與碼本位置、
+  輪替／聲調／情緒頭與聲調嵌入（PyTorch `state_dict` 的鍵與佈局），以及重建所需的設定值。
+- `DIR/tokenizer/`：含專案特殊符號的分詞器（`save_pretrained`）。
+- `DIR/parity.json`：匯出當下以隨機輸入（fp32）量測的 JAX 與 PyTorch 孿生的最大絕對差。
+- `DIR/export_info.json`：來源執行資料夾、步數、階段。
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.torch_model import HEADS_CONFIG, HEADS_FILE, HeadsConfig
+
+
+def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
+    """由 JAX `SpeakLLM` 的設定取出重建小模組所需的欄位。"""
+    c = model.cfg
+    return HeadsConfig(
+        whisper_d_model=int(c.whisper.d_model),
+        llm_hidden=int(c.qwen.hidden_size),
+        connector_stack=int(c.connector_stack),
+        connector_hidden=int(c.connector_hidden),
+        speech_head=str(c.speech_head),
+        num_codebooks=int(c.speech.num_codebooks),
+        codebook_size=int(c.speech.codebook_size),
+        depth_hidden=int(c.speech.depth_hidden),
+        max_chars_per_token=int(c.max_chars_per_token),
+        num_emotions=int(c.num_emotions),
+        pad_id=int(pad_id),
+    )
+
+
+def _np(x: Any) -> np.ndarray:
+    return np.asarray(x[...], dtype=np.float32)
+
+
+def heads_state_dict(model: Any, cfg: HeadsConfig) -> dict[str, Any]:
+    """JAX 小模組參數 → `SpeechHeads` 的 state_dict（torch 張量；線性層權重轉成 `[out, in]`）。"""
+    import torch
+
+    def lin(prefix: str, layer: Any, bias: bool = True) -> dict[str, np.ndarray]:
+        out = {f"{prefix}.weight": _np(layer.kernel).T}
+        if bias:
+            out[f"{prefix}.bias"] = _np(layer.bias)
+        return out
+
+    conn = model.connector
+    sd: dict[str, np.ndarray] = {
+        "connector.norm.weight": _np(conn.norm.weight),
+        "connector.norm.bias": _np(conn.norm.bias),
+        **lin("connector.fc1", conn.fc1),
+        **lin("connector.fc2", conn.fc2),
+    }
+    if cfg.speech_head == "voila":
+        sd["audio_embed"] = _np(model.audio_embed.table)
+        sd.update(lin("depth_in_proj", model.speech_head.in_proj, bias=False))
+        sd["codebook_pos"] = _np(model.speech_head.codebook_pos)
+        sd.update(lin("turn_head", model.turn_head))
+        sd["tone_embed.weight"] = _np(model.tone_embed.embedding)
+        sd.update(lin("tone_head", model.tone_head))
+        if model.emotion_head is not None:
+            sd.update(lin("emotion_head", model.emotion_head))
+    return {
+        k: torch.from_numpy(np.array(v, dtype=np.float32, order="C", copy=True))
+        for k, v in sd.items()
+    }
+
+
+def export_model(
+    model: Any,
+    out: str | Path,
+    tokenizer: Any = None,
+    pad_id: int = 0,
+    parity_seed: int | None = 0,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """把 JAX `SpeakLLM` 寫成 PyTorch 可讀的資料夾；`parity_seed` 不為 None 時做一致性檢查。
+
+    回傳一致性檢查的結果（未檢查時為空字典）。
+    """
+    from safetensors.torch import save_file
+
+    from speakllm_jax.checkpoints.hf import save_qwen2, save_whisper
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = heads_config_from(model, pad_id)
+    save_qwen2(model.llm, out / "llm")
+    save_whisper(model.encoder, out / "whisper_encoder")
+    if cfg.speech_head == "voila":
+        save_qwen2(model.speech_head.depth, out / "depth")
+    elif (out / "depth").exists():
+        shutil.rmtree(out / "depth")
+    save_file(heads_state_dict(model, cfg), str(out / HEADS_FILE), metadata={"format": "pt"})
+    (out / HEADS_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tok = getattr(tokenizer, "tok", tokenizer)
+        tok.save_pretrained(str(out / "tokenizer"))
+    if info is not None:
+        (out / "export_info.json").write_text(
+            json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+    report: dict[str, Any] = {}
+    if parity_seed is None:
+        # 不留下舊的檢查結果，以免誤以為這次的匯出檢查過。
+        (out / "parity.json").unlink(missing_ok=True)
+    else:
+        from export.parity import check_parity
+        from export.torch_model import load_exported
+
+        torch_model = load_exported(out)
+        report = check_parity(model, torch_model, seed=int(parity_seed))
+        (out / "parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def export_run(
+    checkpoint: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    parity_seed: int | None = 0,
+) -> dict[str, Any]:
+    """由訓練執行資料夾（`config.json` + Orbax 檢查點）匯出；回傳一致性檢查結果。"""
+    from speakllm_jax.eval.evaluate import load_run
+
+    cfg, task, model, step = load_run(checkpoint, step)
+    pad_id = int(getattr(task, "pad_id", task.tokenizer.eos_id))
+    info = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "step": int(step),
+        "phase": str(cfg.get("phase", "")),
+        "task": str(cfg.get("task", "")),
+    }
+    return export_model(model, out, task.tokenizer, pad_id, parity_seed, info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m export.to_torch",
+        description="把訓練執行資料夾的 Orbax 檢查點匯出成 PyTorch／Hugging Face 資料夾",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="訓練執行資料夾（含 config.json 與 checkpoints/）"
+    )
+    p.add_argument("--step", type=int, default=None, help="步數（預設最新）")
+    p.add_argument("--out", required=True, help="輸出資料夾")
+    p.add_argument("--seed", type=int, default=0, help="一致性檢查的隨機種子")
+    p.add_argument("--skip-parity", action="store_true", help="不做一致性檢查（不寫 parity.json）")
+    args = p.parse_args(argv)
+    report = export_run(
+        args.checkpoint, args.out, args.step, None if args.skip_parity else args.seed
+    )
+    if report:
+        print(json.dumps({"max_abs_diff": report.get("max_abs_diff")}, indent=2))
+    print(f"已匯出到 {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,604 @@
+"""語音大模型的 PyTorch 孿生：由 `export.to_torch` 匯出的資料夾重建，數值與 JAX 版一致。
+
+組成（資料夾佈局見 `export.to_torch`）：
+
+- 聽：`transformers` 的 `WhisperEncoder`（`whisper_encoder/`）。transformers 的前向強制輸入恰為
+  3000 個梅爾框、且忽略注意力遮罩，所以這裡用已載入模組的子模組（`conv1`、`conv2`、
+  `embed_positions`、`layers`、`layer_norm`）自己跑前向，加上與 JAX 相同的鍵遮罩與區塊因果遮罩，
+  允許少於 3000 框的輸入（串流需要）。
+- 想：`transformers.Qwen2ForCausalLM`（`llm/`，LoRA 已合併）。位置編號與 JAX 相同由注意力遮罩累加
+  （填充處為 1），並傳入自建的 4D 加性遮罩（因果且只看有效鍵），因此填充夾在序列中間時也與
+  JAX 相同。
+- 說：深度 Transformer 本身是 `Qwen2ForCausalLM`（`depth/`）；連接器、語音碼嵌入、聲調嵌入與
+  各個頭是本檔的小模組（`heads.safetensors`，設定在 `heads_config.json`）。
+
+方法與 JAX 的 `SpeakLLM` 同名同義：`encode_audio`、`asr_logits`、`frame_inputs`、`duplex_forward`、
+`heads_forward`；串流則有 `frame_step`（一幀，使用 transformers 的 KV 快取）與 `stream`（整段，
+對應 `speakllm_jax.models.streaming.run_streaming`，教師強制或自由執行）。
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS_FILE = "heads.safetensors"
+HEADS_CONFIG = "heads_config.json"
+NUM_TURN_ACTIONS = 5
+NUM_TONES = 6
+# 自由執行時「在說話」的輪替動作：speak、continue、backchannel（與 JAX 串流相同）。
+SPEAKING_ACTIONS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """重建小模組所需的 `SpeakLLMConfig` 欄位。"""
+
+    whisper_d_model: int
+    llm_hidden: int
+    connector_stack: int = 2
+    connector_hidden: int = 0
+    speech_head: str = "none"
+    num_codebooks: int = 4
+    codebook_size: int = 2048
+    depth_hidden: int = 1024
+    max_chars_per_token: int = 4
+    num_emotions: int = 0
+    pad_id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = HEADS_CONFIG) -> HeadsConfig:
+        """由 JSON 內容建立；缺少必要欄位時指名欄位與檔案。"""
+        names = {f.name for f in fields(cls)}
+        missing = [k for k in ("whisper_d_model", "llm_hidden") if k not in d]
+        if missing:
+            raise ValueError(f"{source} 缺少欄位 {missing}")
+        kw = {k: v for k, v in d.items() if k in names}
+        if kw.get("speech_head", "none") not in ("none", "voila"):
+            raise ValueError(f"{source} 的 speech_head={kw['speech_head']!r}；只支援 none、voila")
+        return cls(**kw)
+
+
+def _t(
+    x: Any, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """numpy／JAX／torch 陣列 → torch 張量（可指定型別與裝置）。"""
+    if not isinstance(x, torch.Tensor):
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+    return x.to(device=device, dtype=dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """布林允許遮罩 → 加性遮罩（允許 0，禁止為該型別最小值）。"""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, neg)
+
+
+def positions_from_mask(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """與 JAX `positions_from_mask` 相同：遮罩累加減一，填充處設為 1。"""
+    m = mask.to(torch.long)
+    pos = torch.as_tensor(start, dtype=torch.long, device=mask.device)
+    if pos.ndim == 1:
+        pos = pos[:, None]
+    pos = pos + torch.cumsum(m, dim=-1) - 1
+    return torch.where(m > 0, pos, torch.ones_like(pos))
+
+
+class TorchConnector(nn.Module):
+    """串接 `stack` 幀 → LayerNorm → Linear → 精確 GELU → Linear。"""
+
+    def __init__(self, in_dim: int, out_dim: int, stack: int = 2, hidden: int = 0) -> None:
+        super().__init__()
+        if stack < 1:
+            raise ValueError(f"connector_stack 必須 ≥ 1，收到 {stack}")
+        self.stack = stack
+        hidden = hidden or out_dim
+        self.norm = nn.LayerNorm(in_dim * stack, eps=1e-5)
+        self.fc1 = nn.Linear(in_dim * stack, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        b, t, d = frames.shape
+        t_out = t // self.stack
+        x = frames[:, : t_out * self.stack].reshape(b, t_out, self.stack * d)
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+    def mask(self, frame_mask: torch.Tensor) -> torch.Tensor:
+        """輸入幀遮罩 → 輸出幀遮罩：一組全部有效才算有效。"""
+        b, t = frame_mask.shape
+        t_out = t // self.stack
+        m = frame_mask[:, : t_out * self.stack].reshape(b, t_out, self.stack)
+        return torch.all(m.bool(), dim=-1)
+
+
+class SpeechHeads(nn.Module):
+    """連接器與語音相關的小模組；`state_dict` 即 `heads.safetensors` 的內容。"""
+
+    def __init__(self, cfg: HeadsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.llm_hidden
+        self.connector = TorchConnector(
+            cfg.whisper_d_model, d, cfg.connector_stack, cfg.connector_hidden
+        )
+        if cfg.speech_head == "voila":
+            q, c = cfg.num_codebooks, cfg.codebook_size
+            self.audio_embed = nn.Parameter(torch.zeros(q, c, d))
+            self.depth_in_proj = nn.Linear(d, cfg.depth_hidden, bias=False)
+            self.codebook_pos = nn.Parameter(torch.zeros(q, cfg.depth_hidden))
+            self.turn_head = nn.Linear(d, NUM_TURN_ACTIONS)
+            self.tone_embed = nn.Embedding(NUM_TONES, d)
+            self.tone_head = nn.Linear(d, cfg.max_chars_per_token * NUM_TONES)
+            self.emotion_head = nn.Linear(d, cfg.num_emotions) if cfg.num_emotions else None
+
+    def audio_embedding(self, codes: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """`codes [..., Q]` → 各碼本嵌入的平均（無效幀為 0）。"""
+        q = self.cfg.num_codebooks
+        emb = torch.stack([self.audio_embed[k][codes[..., k]] for k in range(q)], dim=-2)
+        out = emb.float().mean(dim=-2)
+        if valid is not None:
+            out = out * valid[..., None].to(out.dtype)
+        return out
+
+
+class TorchSpeakLLM(nn.Module):
+    """Whisper 編碼器 + 連接器 + Qwen2 + Voila 式語音頭的 PyTorch 版本。"""
+
+    def __init__(
+        self,
+        cfg: HeadsConfig,
+        encoder: nn.Module,
+        llm: nn.Module,
+        heads: SpeechHeads,
+        depth: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if cfg.speech_head == "voila" and depth is None:
+            raise ValueError("speech_head='voila' 需要深度 Transformer（depth/ 資料夾）")
+        self.cfg = cfg
+        self.encoder = encoder
+        self.llm = llm
+        self.heads = heads
+        self.depth = depth
+
+    # ---------------------------------------------------------------- 基本件
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    def _in(self, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _t(x, dtype, self.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def llm_hidden(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """無快取的 LLM 前向，回傳最終正規化後的隱狀態（位置與遮罩同 JAX）。"""
+        b, t, _ = embeds.shape
+        mask = (
+            torch.ones((b, t), dtype=torch.bool, device=embeds.device)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        pos = positions_from_mask(mask)
+        causal = torch.tril(torch.ones((t, t), dtype=torch.bool, device=embeds.device))
+        allowed = causal[None] & mask[:, None, :]
+        bias = additive_mask(allowed[:, None], embeds.dtype)
+        out = self.llm.model(
+            inputs_embeds=embeds, attention_mask=bias, position_ids=pos, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def encode_features(
+        self,
+        features: torch.Tensor,
+        feature_mask: torch.Tensor | None = None,
+        chunk_frames: int | None = None,
+    ) -> torch.Tensor:
+        """Whisper 編碼器：`[B, n_mels, F]` → `[B, ceil(F/2), d]`，可帶鍵遮罩與區塊因果遮罩。"""
+        enc = self.encoder
+        n_mels = enc.config.num_mel_bins
+        if features.ndim != 3 or features.shape[1] != n_mels:
+            raise ValueError(
+                f"features 形狀應為 [B, {n_mels}, frames]，收到 {tuple(features.shape)}"
+            )
+        x = F.gelu(enc.conv1(features))
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+        n = x.shape[1]
+        if n > enc.config.max_source_positions:
+            raise ValueError(
+                f"{features.shape[2]} 個梅爾框得到 {n} 個輸出框，超過 max_source_positions="
+                f"{enc.config.max_source_positions}"
+            )
+        x = x + enc.embed_positions.weight[:n].to(x.dtype)
+        allowed = None
+        if chunk_frames is not None:
+            if chunk_frames <= 0:
+                raise ValueError(f"chunk_frames 必須為正整數，收到 {chunk_frames}")
+            block = torch.arange(n, device=x.device) // int(chunk_frames)
+            allowed = (block[None, :] <= block[:, None])[None, None]
+        if feature_mask is not None:
+            if tuple(feature_mask.shape) != (features.shape[0], features.shape[2]):
+                raise ValueError(
+                    f"feature_mask 形狀應為 {(features.shape[0], features.shape[2])}，"
+                    f"收到 {tuple(feature_mask.shape)}"
+                )
+            keys = feature_mask[:, ::2][:, :n].bool()[:, None, None, :]
+            allowed = keys if allowed is None else allowed & keys
+        bias = None if allowed is None else additive_mask(allowed, x.dtype)
+        if bias is not None:
+            bias = bias.expand(x.shape[0], 1, n, n)
+        for layer in enc.layers:
+            x = layer(x, bias)
+        return enc.layer_norm(x)
+
+    # ---------------------------------------------------------------- 與 JAX 同名的方法
+
+    @torch.no_grad()
+    def encode_audio(
+        self,
+        features: Any,
+        feature_mask: Any = None,
+        chunk_frames: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, n_mels, F]` 梅爾 → (音訊嵌入 `[B, F/2/stack, hidden]`, 有效遮罩)。"""
+        feats = self._in(features, self.dtype)
+        b, _, f = feats.shape
+        fmask = (
+            torch.ones((b, f), dtype=torch.bool, device=feats.device)
+            if feature_mask is None
+            else self._in(feature_mask)
+        )
+        enc = self.encode_features(feats, fmask.bool(), chunk_frames)
+        enc_mask = fmask.bool()[:, ::2][:, : enc.shape[1]]
+        conn = self.heads.connector
+        return conn(enc), conn.mask(enc_mask)
+
+    @torch.no_grad()
+    def asr_logits(
+        self,
+        features: Any,
+        feature_mask: Any,
+        prefix_ids: Any,
+        suffix_ids: Any,
+        text_ids: Any,
+        text_mask: Any,
+    ) -> torch.Tensor:
+        """文字位置的 logits `[B, L, vocab]`（第 i 個位置預測 `text_ids[:, i]`）。"""
+        audio, audio_mask = self.encode_audio(features, feature_mask)
+        b = audio.shape[0]
+        prefix = self._in(prefix_ids, torch.long)
+        suffix = self._in(suffix_ids, torch.long)
+        text = self._in(text_ids, torch.long)
+        pre = self.embed(prefix[None].expand(b, -1))
+        suf = self.embed(suffix[None].expand(b, -1))
+        embeds = torch.cat([pre, audio.to(pre.dtype), suf, self.embed(text)], dim=1)
+        mask = torch.cat(
+            [
+                torch.ones((b, prefix.shape[0]), dtype=torch.bool, device=self.device),
+                audio_mask.bool(),
+                torch.ones((b, suffix.shape[0]), dtype=torch.bool, device=self.device),
+                self._in(text_mask).bool(),
+            ],
+            dim=1,
+        )
+        hidden = self.llm_hidden(embeds, mask)
+        n = text.shape[1]
+        return self.llm.lm_head(hidden[:, -n - 1 : -1]).float()
+
+    def _require_speech(self) -> None:
+        if self.cfg.speech_head != "voila":
+            raise ValueError("此模型沒有語音頭（speech_head='none'），不能做全雙工前向")
+
+    def frame_inputs(
+        self,
+        user: torch.Tensor,
+        text_in: torch.Tensor,
+        tones_in: torch.Tensor,
+        codes_in: torch.Tensor,
+        codes_in_valid: torch.Tensor,
+        cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """每幀 LLM 輸入：使用者串流 + 文字嵌入 + 聲調嵌入和 + 語音碼嵌入平均 (+ 條件)。"""
+        h = self.heads
+        x = user.to(self.dtype) + self.embed(text_in)
+        x = x + h.tone_embed(tones_in).sum(dim=-2).to(x.dtype)
+        x = x + h.audio_embedding(codes_in, codes_in_valid).to(x.dtype)
+        if cond is not None:
+            x = x + cond[:, None].to(x.dtype)
+        return x
+
+    def depth_inputs(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """`hidden [M, d]`、`codes [M, Q]` → 深度序列輸入 `[M, Q, depth_hidden]`。"""
+        q = self.cfg.num_codebooks
+        first = self.heads.depth_in_proj(hidden)[:, None]
+        prev = self.depth.get_input_embeddings()(codes[:, : q - 1])
+        seq = torch.cat([first, prev.to(first.dtype)], dim=1)
+        return seq + self.heads.codebook_pos.to(seq.dtype)[None]
+
+    def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """教師強制：`hidden [B, N, d]`、`codes [B, N, Q]` → `[B, N, Q, codebook_size]`。"""
+        b, n, d = hidden.shape
+        q = self.cfg.num_codebooks
+        x = self.depth_inputs(hidden.reshape(b * n, d), codes.reshape(b * n, q))
+        out = self.depth.model(inputs_embeds=x, use_cache=False).last_hidden_state
+        return self.depth.lm_head(out).float().reshape(b, n, q, -1)
+
+    def depth_generate(self, hidden: torch.Tensor) -> torch.Tensor:
+        """逐碼本貪婪產生：`hidden [M, d]` → `codes [M, Q]`（與 JAX 相同的計算順序）。"""
+        m = hidden.shape[0]
+        q = self.cfg.num_codebooks
+        codes = torch.zeros((m, q), dtype=torch.long, device=hidden.device)
+        for k in range(q):
+            x = self.depth_inputs(hidden, codes)
+            out = self.depth.model(inputs_embeds=x[:, : k + 1], use_cache=False).last_hidden_state
+            logits = self.depth.lm_head(out[:, k]).float()
+            codes[:, k] = torch.argmax(logits, dim=-1)
+        return codes
+
+    @torch.no_grad()
+    def heads_forward(
+        self,
+        hidden: torch.Tensor,
+        codes_target: torch.Tensor,
+        user: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """由每幀隱狀態計算各頭輸出（同 JAX `SpeakLLM.heads`）。"""
+        self._require_speech()
+        h = self.heads
+        b, n, _ = hidden.shape
+        out = {
+            "hidden": hidden,
+            "text": self.llm.lm_head(hidden).float(),
+            "codes": self.depth_logits(hidden, codes_target),
+            "turn": h.turn_head(hidden).float(),
+            "tones": h.tone_head(hidden)
+            .float()
+            .reshape(b, n, self.cfg.max_chars_per_token, NUM_TONES),
+        }
+        if h.emotion_head is not None and user is not None:
+            m = (
+                torch.ones((b, n), device=hidden.device)
+                if frame_mask is None
+                else frame_mask.float()
+            )
+            pooled = (user.float() * m[..., None]).sum(dim=1) / torch.clamp(
+                m.sum(dim=1, keepdim=True), min=1.0
+            )
+            out["emotion"] = h.emotion_head(pooled.to(hidden.dtype)).float()
+        return out
+
+    @torch.no_grad()
+    def duplex_forward(
+        self,
+        features: Any,
+        feature_mask: Any,
+        text_in: Any,
+        tones_in: Any,
+        codes_in: Any,
+        codes_in_valid: Any,
+        codes_target: Any,
+        frame_mask: Any,
+        cond_ids: Any = None,
+        chunk_frames: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """全雙工整段前向（教師強制），輸入輸出同 JAX `SpeakLLM.duplex_forward`。"""
+        self._require_speech()
+        user, user_mask = self.encode_audio(features, feature_mask, chunk_frames)
+        text = self._in(text_in, torch.long)
+        n = text.shape[1]
+        if user.shape[1] < n:
+            raise ValueError(f"使用者串流只有 {user.shape[1]} 幀，少於文字／語音的 {n} 幀")
+        user = user[:, :n] * user_mask[:, :n, None].to(user.dtype)
+        cond = None if cond_ids is None else self.embed(self._in(cond_ids, torch.long))
+        x = self.frame_inputs(
+            user,
+            text,
+            self._in(tones_in, torch.long),
+            self._in(codes_in, torch.long),
+            self._in(codes_in_valid).bool(),
+            cond,
+        )
+        fmask = self._in(frame_mask).bool()
+        hidden = self.llm_hidden(x, fmask)
+        return self.heads_forward(hidden, self._in(codes_target, torch.long), user, fmask)
+
+    # ---------------------------------------------------------------- 串流
+
+    def new_cache(self) -> Any:
+        """空的 transformers KV 快取（`DynamicCache`）。"""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.llm.config)
+
+    @torch.no_grad()
+    def frame_step(
+        self,
+        cache: Any,
+        position: int,
+        user_t: torch.Tensor,
+        prev: dict[str, torch.Tensor],
+        codes_target: torch.Tensor | None = None,
+        cond_ids: torch.Tensor | None = None,
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """一幀：組輸入 → LLM 一步（KV 快取，位置 `position`）→ 文字、輪替與語音碼。
+
+        `user_t [B, 1, d]`；`prev` 含助理上一幀的 `text [B,1]`、`tones [B,1,K]`、`codes [B,1,Q]`、
+        `codes_valid [B,1]`。給 `codes_target [B,1,Q]` 時為教師強制（回傳語音碼 logits），
+        否則由深度 Transformer 貪婪產生語音碼。回傳（更新後的快取, 輸出字典）。
+        """
+        self._require_speech()
+        cond = None if cond_ids is None else self.embed(cond_ids)
+        x = self.frame_inputs(
+            user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
+        )
+        b = x.shape[0]
+        past = cache.get_seq_length()
+        bias = torch.zeros((b, 1, 1, past + 1), dtype=x.dtype, device=x.device)
+        pos = torch.full((b, 1), int(position), dtype=torch.long, device=x.device)
+        res = self.llm.model(
+            inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
+        )
+        hidden = res.last_hidden_state
+        out = {
+            "text": self.llm.lm_head(hidden).float(),
+            "turn": self.heads.turn_head(hidden).float(),
+        }
+        if codes_target is not None:
+            out["codes"] = self.depth_logits(hidden, codes_target)
+            out["code_ids"] = codes_target
+        else:
+            out["code_ids"] = self.depth_generate(hidden.reshape(b, -1)).reshape(b, 1, -1)
+        return res.cache, out
+
+    @torch.no_grad()
+    def stream(
+        self,
+        features: Any,
+        num_frames: int,
+        chunk_frames: int,
+        teacher: dict[str, Any] | None = None,
+        cond_ids: Any = None,
+        pad_id: int | None = None,
+    ) -> dict[str, np.ndarray | None]:
+        """逐幀執行整段對話（同 JAX `run_streaming`）。
+
+        回傳 numpy：`text_logits [B,N,V]`、`turn_logits [B,N,5]`、`code_logits`（教師強制時
+        `[B,N,Q,C]`，否則 None）、`text [B,N]`、`turn [B,N]`、`codes [B,N,Q]`。
+        """
+        from speakllm_jax.models.streaming import mel_frames_needed
+
+        self._require_speech()
+        feats = self._in(features, self.dtype)
+        dev = feats.device
+        b = feats.shape[0]
+        n = int(num_frames)
+        pad = self.cfg.pad_id if pad_id is None else int(pad_id)
+        k = self.cfg.max_chars_per_token
+        q = self.cfg.num_codebooks
+        chunk_enc = chunk_frames * self.cfg.connector_stack
+        prev = {
+            "text": torch.full((b, 1), pad, dtype=torch.long, device=dev),
+            "tones": torch.zeros((b, 1, k), dtype=torch.long, device=dev),
+            "codes": torch.zeros((b, 1, q), dtype=torch.long, device=dev),
+            "codes_valid": torch.zeros((b, 1), dtype=torch.bool, device=dev),
+        }
+        cond = None if cond_ids is None else self._in(cond_ids, torch.long)
+        tch = None if teacher is None else {key: self._in(v) for key, v in teacher.items()}
+        cache = self.new_cache()
+        text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
+        total_mel = feats.shape[2]
+        user = None
+        for t in range(n):
+            if t % chunk_frames == 0:
+                mel_len = mel_frames_needed(t // chunk_frames, chunk_frames, total_mel)
+                user, _ = self.encode_audio(feats[:, :, :mel_len], None, chunk_enc)
+            user_t = user[:, t : t + 1]
+            target = None
+            if tch is not None:
+                prev = {
+                    "text": tch["text_in"][:, t : t + 1].long(),
+                    "tones": tch["tones_in"][:, t : t + 1].long(),
+                    "codes": tch["codes_in"][:, t : t + 1].long(),
+                    "codes_valid": tch["codes_in_valid"][:, t : t + 1].bool(),
+                }
+                target = tch["codes_target"][:, t : t + 1].long()
+            cache, out = self.frame_step(cache, t, user_t, prev, target, cond)
+            tok = torch.argmax(out["text"][:, 0], dim=-1)
+            act = torch.argmax(out["turn"][:, 0], dim=-1)
+            text_l.append(out["text"][:, 0].cpu().numpy())
+            turn_l.append(out["turn"][:, 0].cpu().numpy())
+            if "codes" in out:
+                code_l.append(out["codes"][:, 0].cpu().numpy())
+            texts.append(tok.cpu().numpy())
+            turns.append(act.cpu().numpy())
+            codes.append(out["code_ids"][:, 0].cpu().numpy())
+            if tch is None:
+                speaking = torch.zeros_like(act, dtype=torch.bool)
+                for a in SPEAKING_ACTIONS:
+                    speaking |= act == a
+                prev = {
+                    "text": tok[:, None],
+                    "tones": torch.zeros((b, 1, k), dtype=torch.long, device=dev),
+                    "codes": out["code_ids"].long(),
+                    "codes_valid": speaking[:, None],
+                }
+        return {
+            "text_logits": np.stack(text_l, 1),
+            "turn_logits": np.stack(turn_l, 1),
+            "code_logits": np.stack(code_l, 1) if code_l else None,
+            "text": np.stack(texts, 1),
+            "turn": np.stack(turns, 1),
+            "codes": np.stack(codes, 1),
+        }
+
+
+def load_heads_config(path: str | Path) -> HeadsConfig:
+    """讀 `heads_config.json`。"""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"缺少 {p}")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} 不是有效的 JSON：{e}") from e
+    return HeadsConfig.from_dict(d, str(p))
+
+
+def load_exported(
+    directory: str | Path,
+    attn_implementation: str = "eager",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> TorchSpeakLLM:
+    """由 `export.to_torch` 寫出的資料夾建立 `TorchSpeakLLM`（評估模式，放到 `device`）。
+
+    `attn_implementation` 傳給 transformers（`eager` 為一致性檢查用，服務端可用 `sdpa`）。
+    """
+    from safetensors.torch import load_file
+    from transformers import Qwen2ForCausalLM
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    root = Path(directory)
+    for name in ("llm", "whisper_encoder", HEADS_FILE, HEADS_CONFIG):
+        if not (root / name).exists():
+            raise FileNotFoundError(f"匯出資料夾 {root} 缺少 {name}")
+    cfg = load_heads_config(root / HEADS_CONFIG)
+    kw = dict(attn_implementation=attn_implementation, dtype=dtype)
+    encoder = WhisperEncoder.from_pretrained(root / "whisper_encoder", **kw)
+    llm = Qwen2ForCausalLM.from_pretrained(root / "llm", **kw)
+    depth = None
+    if cfg.speech_head == "voila":
+        if not (root / "depth").exists():
+            raise FileNotFoundError(f"匯出資料夾 {root} 缺少 depth（speech_head='voila'）")
+        depth = Qwen2ForCausalLM.from_pretrained(root / "depth", **kw)
+    heads = SpeechHeads(cfg)
+    state = load_file(str(root / HEADS_FILE))
+    missing, unexpected = heads.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{root / HEADS_FILE} 與 heads_config.json 不符：缺少 {missing}，多出 {unexpected}"
+        )
+    model = TorchSpeakLLM(cfg, encoder, llm, heads.to(dtype), depth)
+    return model.to(device).eval()
