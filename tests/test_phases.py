@@ -1,56 +1,61 @@
-"""第 0 → 1 → 2 → 3 階段鏈：tiny 預設、8 個模擬裝置、示範語料；每階段由上一階段初始化且損失下降。"""
+"""第 0 → 1 → 2 → 3 階段鏈：tiny 預設、8 個模擬裝置、示範語料；每階段由上一階段初始化且損失下降。
+
+每個階段以 `launch/train.py` 子程序執行（就是使用者會打的指令），彼此與測試程序的狀態隔離。
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from speakllm_jax.training.config_io import load_config
-from speakllm_jax.training.loop import train
+from speakllm_jax.data.demo_data import prepare_demo_speech
 
+REPO = Path(__file__).resolve().parents[1]
 STEPS = {"phase0": 5, "phase1": 5, "phase2": 4, "phase3": 4}
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory):
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("demo_phases")
-    old = os.environ.get("SPEAKLLM_DEMO_DIR")
-    os.environ["SPEAKLLM_DEMO_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("SPEAKLLM_DEMO_DIR", None)
-    else:
-        os.environ["SPEAKLLM_DEMO_DIR"] = old
+    prepare_demo_speech(d)
+    return d
 
 
 def test_phase_chain_on_8_devices(demo_dir: Path, tmp_path: Path) -> None:
-    assert jax.device_count() == 8
+    env = dict(os.environ, SPEAKLLM_DEMO_DIR=str(demo_dir))
+    env["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=8 "
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    )
     prev = ""
     for phase, steps in STEPS.items():
-        overrides = [
-            f"--config.train.steps={steps}",
-            "--config.mesh.data=2",
-            "--config.mesh.fsdp=2",
-            "--config.mesh.tensor=2",
-            "--config.checkpoint.every_steps=1000",
-            "--config.logging.tensorboard=false",
-            "--config.logging.plot=false",
-        ]
-        # 每個裝置一筆：批次 4 沿 (data, fsdp) 分成 4 份，tensor 軸再切 2 份。
-        overrides.append("--config.train.batch_size=4")
-        if phase == "phase0":
-            overrides.append("--config.data.bucket_frames=(800,)")
-        if prev:
-            overrides.append(f"--config.checkpoint.init_from={prev}")
-        cfg = load_config(phase, overrides)
         workdir = tmp_path / phase
-        result = train(cfg, workdir, progress=False)
-        assert result.final_step == steps, phase
-        losses = np.asarray(result.losses)
-        assert np.all(np.isfinite(losses)), (phase, losses)
+        cmd = [
+            sys.executable, str(REPO / "launch" / "train.py"), "--config", phase,
+            "--workdir", str(workdir), "--no_progress",
+            f"--config.train.steps={steps}",
+            # 每個裝置一筆：批次 4 沿 (data, fsdp) 分成 4 份，tensor 軸再切 2 份。
+            "--config.train.batch_size=4",
+            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.checkpoint.every_steps=1000",
+            "--config.logging.tensorboard=false", "--config.logging.plot=false",
+        ]
+        if phase == "phase0":
+            cmd.append("--config.data.bucket_frames=(800,)")
+        if prev:
+            cmd.append(f"--config.checkpoint.init_from={prev}")
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (phase, proc.stdout[-3000:], proc.stderr[-3000:])
+        assert "網格 {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stdout, proc.stdout
+        rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        losses = np.asarray([r["loss"] for r in rows])
+        assert len(losses) == steps and np.all(np.isfinite(losses)), (phase, losses)
         assert losses[-1] < losses[0], (phase, losses)
+        assert (workdir / "checkpoints" / str(steps)).is_dir()
         prev = str(workdir)

@@ -216,7 +216,13 @@ def train(
         if jax.process_index() == 0:
             print(
                 f"[{cfg.phase}] 參數 {n_all:,}（可訓練 {n_train:,}）；網格 {dict(mesh.shape)}；"
-                + (f"從第 {resumed} 步恢復" if resumed is not None else "從頭開始")
+                + (
+                    f"從第 {resumed} 步恢復"
+                    if resumed is not None
+                    else f"由 {cfg.checkpoint.init_from} 初始化"
+                    if cfg.checkpoint.init_from
+                    else "從頭開始"
+                )
             )
 
         step_fn = make_train_step(task, graphdef, tx, schedule, int(cfg.train.grad_accum))

@@ -1,0 +1,49 @@
+"""全雙工語音服務（`python -m export.serving.server --config serving`）的設定。
+
+每個欄位都可在命令列以 `--config.欄位=值` 覆寫，例如
+`--config.model_dir=/path/export --config.voila_dir=/path/Voila-Tokenizer --config.device=cuda`。
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # 模型：`export.to_torch` 匯出的資料夾與 Voila-Tokenizer（EncodecModel）資料夾。
+    c.model_dir = ""
+    c.voila_dir = ""
+    c.device = "cpu"
+    c.dtype = "float32"
+    c.attn_implementation = "sdpa"
+    # 每個工作執行緒的 torch 執行緒數與同時計算的工作執行緒數。
+    c.torch_threads = 1
+    c.compute_workers = 2
+
+    # 網路。
+    c.host = "127.0.0.1"
+    c.port = 50051
+    c.auth_token = ""  # 非空時要求 metadata `authorization: Bearer <token>`
+    c.max_sessions = 32
+    c.max_message_bytes = 256 * 1024
+    c.max_session_seconds = 28.0  # 使用者音訊總長上限（Whisper 編碼器最多 30 秒）
+    c.idle_timeout_s = 10.0
+    c.shutdown_grace_s = 5.0
+
+    # 音訊：16 kHz、一幀 40 ms（640 樣本）；取樣率不符時 "resample" 或 "reject"。
+    c.sample_rate = 16000
+    c.sample_rate_policy = "resample"
+    c.chunk_frames = 2  # 每幾幀跑一次串流 Whisper 編碼（區塊因果遮罩的區塊大小）
+    c.decode_window_frames = 8  # 增量解碼時一併解碼的最近語音碼幀數
+
+    # 輪替策略："vad"（規則決定何時說話，模型產生內容）或 "model"（輪替頭決定）。
+    c.policy = "vad"
+    c.vad_aggressiveness = 2
+    c.onset_frames = 2  # 連續幾幀語音才算使用者開始說話
+    c.end_silence_ms = 320  # 使用者靜音多久算說完（vad 策略：接著回應）
+    c.max_reply_seconds = 3.0  # vad 策略：每輪最多說多久
+    c.backchannel_max_seconds = 0.4  # 助理說話時，短於此的使用者語音視為附和，不打斷
+    c.reaction_window_frames = 15  # 打斷反應的上限（自使用者語音起點起算的幀數）
+    c.condition = ""  # 預設條件符號（例如 "<|emo_neutral|>"）
+    return c

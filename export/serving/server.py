@@ -1,0 +1,388 @@
+"""全雙工語音對話的 gRPC 伺服器（grpc.aio）：每條雙向串流一個會話。
+
+用法：`python -m export.serving.server --config serving --config.model_dir=DIR --config.voila_dir=DIR`
+（其他欄位見 `configs/serving.py`，例如 `--config.device=cuda`、`--config.port=0` 隨機埠）。
+`--demo-assets DIR` 先在 DIR 建立示範用的隨機小模型與 Voila-Tokenizer（需要 JAX），並以它們啟動。
+
+協定見 `duplex.proto`。錯誤狀態：
+
+- 缺少或錯誤的 bearer token → UNAUTHENTICATED；會話數已滿 → RESOURCE_EXHAUSTED；
+  訊息超過 `max_message_bytes` → RESOURCE_EXHAUSTED（gRPC 本身）；關機中 → UNAVAILABLE。
+- 第一則不是 START、奇數位元組、seq 不連續、取樣率不合（`sample_rate_policy="reject"`）或中途改變、
+  空訊息、無法解析的位元組 → INVALID_ARGUMENT。
+- 超過 `idle_timeout_s` 沒有訊息 → DEADLINE_EXCEEDED；音訊總長超過 `max_session_seconds` → OUT_OF_RANGE。
+
+任何一個會話的錯誤都只結束該串流，伺服器繼續服務；客戶端消失時會話被取消並釋放。
+關機（SIGTERM／SIGINT 或 `stop`）先拒絕新會話，再讓進行中的會話在 `shutdown_grace_s` 內結束。
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from export.serving import duplex_pb2 as pb
+from export.serving import duplex_pb2_grpc as pb_grpc
+from export.serving.session import (
+    SAMPLE_RATE,
+    DuplexSession,
+    Engine,
+    SessionError,
+    SessionSettings,
+    load_engine,
+)
+
+MAX_INPUT_RATE = 192000
+
+
+class _Abort:
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        self.code = code
+        self.detail = detail
+
+
+class _InputDecoder:
+    """驗證並解碼客戶端的 PCM16 片段，必要時以串流重取樣器轉到 16 kHz。"""
+
+    def __init__(self, policy: str) -> None:
+        if policy not in ("resample", "reject"):
+            raise ValueError(f"sample_rate_policy={policy!r}；可用 resample、reject")
+        self.policy = policy
+        self.rate: int | None = None
+        self.next_seq = 0
+        self.resampler: Any = None
+
+    def decode(self, chunk: pb.AudioChunk) -> np.ndarray:
+        if chunk.seq != self.next_seq:
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                f"audio.seq 不連續：預期 {self.next_seq}，收到 {chunk.seq}（亂序或重送）",
+            )
+        self.next_seq += 1
+        if len(chunk.pcm16) % 2:
+            raise SessionError(
+                "INVALID_ARGUMENT", f"audio.pcm16 位元組數為奇數（{len(chunk.pcm16)}），不是 PCM16"
+            )
+        rate = int(chunk.sample_rate)
+        if rate <= 0 or rate > MAX_INPUT_RATE:
+            raise SessionError(
+                "INVALID_ARGUMENT", f"audio.sample_rate={rate} 不合理（應在 1..{MAX_INPUT_RATE}）"
+            )
+        if self.rate is None:
+            if rate != SAMPLE_RATE and self.policy == "reject":
+                raise SessionError(
+                    "INVALID_ARGUMENT",
+                    f"audio.sample_rate={rate}；伺服器只接受 {SAMPLE_RATE} Hz（sample_rate_policy=reject）",
+                )
+            self.rate = rate
+            if rate != SAMPLE_RATE:
+                import soxr
+
+                self.resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
+        elif rate != self.rate:
+            raise SessionError(
+                "INVALID_ARGUMENT", f"audio.sample_rate 在會話中改變：{self.rate} → {rate}"
+            )
+        x = np.frombuffer(chunk.pcm16, dtype="<i2").astype(np.float32) / 32768.0
+        if self.resampler is not None:
+            x = self.resampler.resample_chunk(x)
+        return np.asarray(x, np.float32)
+
+
+class DuplexServicer(pb_grpc.DuplexSpeechServicer):
+    """`Converse`：驗證 → 建立會話 → 讀取迴圈（背景工作）與送出迴圈（本產生器）。"""
+
+    def __init__(self, cfg: Any, engine: Engine, pool: ThreadPoolExecutor) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.pool = pool
+        self.active = 0
+        self.total = 0
+        self.draining = False
+        self.sessions_done = asyncio.Event()
+        self.sessions_done.set()
+
+    def _check_auth(self, context: grpc.aio.ServicerContext) -> bool:
+        token = str(self.cfg.auth_token)
+        if not token:
+            return True
+        md = dict(context.invocation_metadata() or ())
+        return md.get("authorization", "") == f"Bearer {token}"
+
+    async def Converse(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        if not self._check_auth(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "缺少或錯誤的 bearer token")
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "伺服器正在關機")
+        if self.active >= int(self.cfg.max_sessions):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"會話數已達上限 max_sessions={self.cfg.max_sessions}",
+            )
+        self.active += 1
+        self.total += 1
+        self.sessions_done.clear()
+        out_q: asyncio.Queue = asyncio.Queue()
+        pump = None
+        try:
+            first = await self._next(request_iterator)
+            if first is None or not (
+                first.WhichOneof("payload") == "control" and first.control.kind == pb.Control.START
+            ):
+                raise SessionError("INVALID_ARGUMENT", "第一則訊息必須是 Control{kind: START}")
+            session = await self._run(self._new_session, first.control.options)
+            for m in session.start_messages():
+                yield m
+            pump = asyncio.ensure_future(self._pump(session, request_iterator, out_q))
+            while True:
+                msg = await out_q.get()
+                if msg is None:
+                    break
+                if isinstance(msg, _Abort):
+                    await context.abort(msg.code, msg.detail)
+                yield msg
+        except SessionError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.detail)
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+                with contextlib.suppress(BaseException):
+                    await pump
+            self.active -= 1
+            if self.active == 0:
+                self.sessions_done.set()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _new_session(self, options: pb.SessionOptions) -> DuplexSession:
+        settings = SessionSettings.from_config(self.cfg)
+        if options.policy:
+            settings.policy = options.policy
+        if options.condition:
+            settings.condition = options.condition
+        return DuplexSession(self.engine, settings)
+
+    async def _next(self, it: Any) -> pb.ClientMessage | None:
+        try:
+            return await asyncio.wait_for(it.__anext__(), timeout=float(self.cfg.idle_timeout_s))
+        except StopAsyncIteration:
+            return None
+        except DecodeError as e:
+            raise SessionError(
+                "INVALID_ARGUMENT", f"無法解析的訊息（不是 ClientMessage）：{e}"
+            ) from e
+        except TimeoutError as e:
+            raise SessionError(
+                "DEADLINE_EXCEEDED", f"超過 idle_timeout_s={self.cfg.idle_timeout_s} 秒沒有訊息"
+            ) from e
+
+    @staticmethod
+    def _put(out_q: asyncio.Queue, msgs: list[pb.ServerMessage]) -> None:
+        for m in msgs:
+            if m.WhichOneof("payload") == "event" and m.event.kind == pb.Event.YIELDED:
+                # 打斷：丟掉還沒送出的助理音訊與文字。
+                keep = []
+                while not out_q.empty():
+                    item = out_q.get_nowait()
+                    if isinstance(item, pb.ServerMessage) and item.WhichOneof("payload") in (
+                        "audio",
+                        "text",
+                    ):
+                        continue
+                    keep.append(item)
+                for item in keep:
+                    out_q.put_nowait(item)
+            out_q.put_nowait(m)
+
+    async def _pump(self, session: DuplexSession, it: Any, out_q: asyncio.Queue) -> None:
+        decoder = _InputDecoder(str(self.cfg.sample_rate_policy))
+        limit = float(self.cfg.max_session_seconds)
+        try:
+            while True:
+                msg = await self._next(it)
+                if msg is None:
+                    self._put(out_q, await self._run(session.finish))
+                    break
+                kind = msg.WhichOneof("payload")
+                if kind == "audio":
+                    arrival = time.perf_counter()
+                    samples = decoder.decode(msg.audio)
+                    if session.seconds + len(samples) / SAMPLE_RATE > limit + 1e-9:
+                        raise SessionError(
+                            "OUT_OF_RANGE", f"會話音訊超過 max_session_seconds={limit} 秒"
+                        )
+                    self._put(out_q, await self._run(session.feed, samples, arrival))
+                elif kind == "control":
+                    if msg.control.kind == pb.Control.END:
+                        self._put(out_q, await self._run(session.finish))
+                        break
+                    if msg.control.kind == pb.Control.INTERRUPT:
+                        self._put(out_q, await self._run(session.interrupt))
+                    else:
+                        raise SessionError("INVALID_ARGUMENT", "會話中重複的 Control{kind: START}")
+                else:
+                    raise SessionError("INVALID_ARGUMENT", "ClientMessage 沒有 audio 或 control")
+        except SessionError as e:
+            err = pb.ServerMessage(
+                event=pb.Event(kind=pb.Event.ERROR, frame=session.frame, detail=e.detail)
+            )
+            out_q.put_nowait(err)
+            out_q.put_nowait(_Abort(getattr(grpc.StatusCode, e.code), e.detail))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # 任何意外都只結束這個會話
+            out_q.put_nowait(_Abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+        out_q.put_nowait(None)
+
+
+class DuplexServer:
+    """可在程式內啟停的伺服器（測試與 CLI 共用）。"""
+
+    def __init__(self, cfg: Any, engine: Engine | None = None) -> None:
+        import torch
+
+        self.cfg = cfg
+        torch.set_num_threads(max(1, int(cfg.torch_threads)))
+        self.engine = engine or load_engine(
+            cfg.model_dir, cfg.voila_dir, cfg.device, cfg.dtype, cfg.attn_implementation
+        )
+        self.pool = ThreadPoolExecutor(max(1, int(cfg.compute_workers)))
+        self.server: grpc.aio.Server | None = None
+        self.servicer: DuplexServicer | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        n = int(self.cfg.max_message_bytes)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", n),
+                ("grpc.max_send_message_length", max(n, 4 * 1024 * 1024)),
+            ]
+        )
+        self.servicer = DuplexServicer(self.cfg, self.engine, self.pool)
+        pb_grpc.add_DuplexSpeechServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{int(self.cfg.port)}")
+        if self.port == 0:
+            raise RuntimeError(f"無法綁定 {self.cfg.host}:{self.cfg.port}")
+        await self.server.start()
+        return self.port
+
+    @property
+    def active_sessions(self) -> int:
+        return 0 if self.servicer is None else self.servicer.active
+
+    async def stop(self, grace: float | None = None) -> None:
+        """先拒絕新會話，等進行中的會話結束（至多 grace 秒），再停止。"""
+        if self.server is None:
+            return
+        g = float(self.cfg.shutdown_grace_s if grace is None else grace)
+        if self.servicer is not None:
+            self.servicer.draining = True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.servicer.sessions_done.wait(), timeout=g)
+        await self.server.stop(0)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ServerThread:
+    """在背景執行緒的事件迴圈裡跑 `DuplexServer`（測試用）。"""
+
+    def __init__(self, cfg: Any, engine: Engine | None = None) -> None:
+        self.server = DuplexServer(cfg, engine)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.port = 0
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"{self.server.cfg.host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop(0)
+
+
+def build_demo_assets(
+    out_dir: str | Path, phase: str = "phase2", seed: int = 0
+) -> tuple[Path, Path]:
+    """建立示範用的隨機初始化小模型（匯出成 PyTorch 資料夾）與 Voila-Tokenizer；已存在就沿用。
+
+    回傳（模型資料夾, Voila 資料夾）。需要 JAX 與示範語料（必要時以 espeak-ng 生成）。
+    """
+    out = Path(out_dir)
+    model_dir, voila_dir = out / "model", out / "voila"
+    if not (model_dir / "heads_config.json").exists():
+        from flax import nnx
+
+        from export.to_torch import export_model
+        from speakllm_jax.training.config_io import load_config
+        from speakllm_jax.training.task import get_task
+
+        task = get_task(load_config(phase, []))
+        model = task.build_model(nnx.Rngs(seed))
+        pad_id = int(getattr(task, "pad_id", task.tokenizer.eos_id))
+        tmp = out / "model.tmp"
+        export_model(model, tmp, task.tokenizer, pad_id=pad_id, parity_seed=None)
+        tmp.replace(model_dir)
+    from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
+
+    make_demo_voila_tokenizer(voila_dir, seed=seed)
+    return model_dir, voila_dir
+
+
+async def _serve(cfg: Any) -> None:
+    server = DuplexServer(cfg)
+    port = await server.start()
+    print(f"listening on {cfg.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("shutting down: draining sessions", flush=True)
+    await server.stop()
+    print("stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from speakllm_jax.training.config_io import load_config
+
+    p = argparse.ArgumentParser(
+        prog="python -m export.serving.server", description="全雙工語音對話 gRPC 伺服器"
+    )
+    p.add_argument("--config", default="serving", help="設定名稱或 .py 路徑（預設 serving）")
+    p.add_argument("--demo-assets", default="", help="在此資料夾建立並使用示範模型（需要 JAX）")
+    args, rest = p.parse_known_args(argv)
+    cfg = load_config(args.config, rest)
+    if args.demo_assets:
+        model_dir, voila_dir = build_demo_assets(args.demo_assets)
+        cfg.model_dir, cfg.voila_dir = str(model_dir), str(voila_dir)
+    asyncio.run(_serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""一段全雙工對話的狀態機：40 ms 一幀地吃使用者音訊，逐幀跑 PyTorch 孿生並產生助理的音訊與文字。
+
+每幀的流程：
+
+- 快速路徑（收到就做）：webrtcvad 判定這一幀是否有使用者語音（兩個 20 ms 子幀任一為語音即算），
+  更新使用者語音段落；助理說話中若使用者語音持續到 `backchannel_max_seconds` 就是打斷（barge-in），
+  立刻送出 `YIELDED` 事件並停止助理音訊（伺服器同時丟掉尚未送出的音訊）；較短的語音段落結束時
+  送出 `BACKCHANNEL` 事件，助理繼續說。
+- 模型路徑（每 `chunk_frames` 幀一次）：對目前為止的使用者音訊算梅爾並以區塊因果遮罩跑 Whisper
+  編碼器（與訓練的串流遮罩相同），得到這一區塊各幀的使用者串流；逐幀呼叫 `frame_step`（KV 快取，
+  自由執行：上一幀的文字、語音碼回饋為下一幀的輸入）。
+- 說話的幀把語音碼解成 640 個樣本送出。
+
+輪替策略：
+
+- `vad`：規則決定何時說話——使用者說完（語音後靜音 ≥ `end_silence_ms`）下一幀開始說，最多
+  `max_reply_seconds`；內容（語音碼、文字）仍由模型產生。未訓練的小模型也能得到可重現的輪替，
+  測試用這個策略。
+- `model`：輪替頭決定（動作為 speak／continue／backchannel 時說話）；輪替頭在使用者說話時輸出
+  yield 也算打斷。被打斷後到使用者說完之前不再說話。
+
+增量解碼的近似：Voila-Tokenizer（EncodecModel）的解碼器是因果卷積加 LSTM，這裡每幀把最近
+`decode_window_frames` 幀的語音碼一起解碼、只取最後一幀的 640 個樣本，而不是保留解碼器的內部狀態；
+視窗以外的歷史被截斷，所以與整段一次解碼的波形不逐樣本相同（視窗夠長時差異很小）。
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webrtcvad
+
+from export.serving import duplex_pb2 as pb
+from export.torch_model import SPEAKING_ACTIONS, TorchSpeakLLM, load_exported
+from speakllm_jax.audio.features import (
+    HOP_LENGTH,
+    LOG_FLOOR,
+    N_FFT,
+    _hann,
+    _mel_filters_f64,
+)
+
+SAMPLE_RATE = 16000
+FRAME_SAMPLES = 640  # 40 ms：一個 LLM 幀、一個 Voila 語音碼幀
+FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+YIELD_ACTION = 3
+POLICIES = ("vad", "model")
+
+
+class SessionError(Exception):
+    """會話層的錯誤，帶 gRPC 狀態碼名稱（例如 "INVALID_ARGUMENT"）。"""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class Engine:
+    """所有會話共用的模型：PyTorch 孿生、Voila 解碼器、文字分詞器。"""
+
+    model: TorchSpeakLLM
+    voila: Any
+    tokenizer: Any
+    special_ids: frozenset[int]
+    pad_id: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+def load_engine(
+    model_dir: str | Path,
+    voila_dir: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+) -> Engine:
+    """載入匯出的模型資料夾（`export.to_torch`）與 Voila-Tokenizer 資料夾。"""
+    from transformers import AutoTokenizer
+
+    from speakllm_jax.data.speech_tokens import VoilaTokenizer
+
+    if not str(model_dir):
+        raise ValueError("設定 model_dir 是空的：需要 `python -m export.to_torch` 匯出的資料夾")
+    if not str(voila_dir):
+        raise ValueError("設定 voila_dir 是空的：需要 Voila-Tokenizer（EncodecModel）資料夾")
+    model = load_exported(
+        model_dir,
+        attn_implementation=attn_implementation,
+        dtype=getattr(torch, dtype),
+        device=device,
+    )
+    if model.cfg.speech_head != "voila":
+        raise ValueError(f"{model_dir} 的模型沒有語音頭（speech_head='none'），不能做語音對話")
+    voila = VoilaTokenizer(voila_dir, device=device)
+    if voila.sample_rate != SAMPLE_RATE or voila.hop != FRAME_SAMPLES:
+        raise ValueError(
+            f"{voila_dir}：需要 16 kHz、hop 640 的 Voila-Tokenizer，收到 "
+            f"{voila.sample_rate} Hz、hop {voila.hop}"
+        )
+    if voila.num_codebooks != model.cfg.num_codebooks:
+        raise ValueError(
+            f"碼本數不符：模型 {model.cfg.num_codebooks}，{voila_dir} 為 {voila.num_codebooks}"
+        )
+    tok_dir = Path(model_dir) / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None
+    special = frozenset(tokenizer.all_special_ids) if tokenizer is not None else frozenset()
+    return Engine(model, voila, tokenizer, special | {model.cfg.pad_id}, model.cfg.pad_id)
+
+
+@dataclass
+class SessionSettings:
+    """單一會話用到的設定（由伺服器設定與會話選項合併）。"""
+
+    policy: str = "vad"
+    chunk_frames: int = 2
+    decode_window_frames: int = 8
+    vad_aggressiveness: int = 2
+    onset_frames: int = 2
+    end_silence_ms: int = 320
+    max_reply_seconds: float = 3.0
+    backchannel_max_seconds: float = 0.4
+    reaction_window_frames: int = 15
+    condition: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SessionSettings:
+        names = cls.__dataclass_fields__
+        return cls(**{k: cfg[k] for k in names if k in cfg})
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise SessionError("INVALID_ARGUMENT", f"policy={self.policy!r}；可用 {POLICIES}")
+        if self.chunk_frames < 1 or self.decode_window_frames < 1 or self.onset_frames < 1:
+            raise SessionError(
+                "INVALID_ARGUMENT", "chunk_frames、decode_window_frames、onset_frames 必須 ≥ 1"
+            )
+        if self.backchannel_max_frames >= self.reaction_window_frames:
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                f"backchannel_max_seconds（{self.backchannel_max_frames} 幀）必須短於 "
+                f"reaction_window_frames（{self.reaction_window_frames}）",
+            )
+
+    @property
+    def end_silence_frames(self) -> int:
+        return max(1, round(self.end_silence_ms / 1000 / FRAME_SECONDS))
+
+    @property
+    def backchannel_max_frames(self) -> int:
+        return max(1, round(self.backchannel_max_seconds / FRAME_SECONDS))
+
+    @property
+    def max_reply_frames(self) -> int:
+        return max(1, round(self.max_reply_seconds / FRAME_SECONDS))
+
+
+@dataclass
+class _Turn:
+    index: int
+    trigger_frame: int
+    trigger_time: float
+    first_audio_frame: int = -1
+    first_audio_time: float = 0.0
+    frames: int = 0
+    compute: float = 0.0
+    yielded: bool = False
+    reaction_frames: int = -1
+    codes: list[np.ndarray] = field(default_factory=list)
+
+
+class IncrementalLogMel:
+    """逐步增長的波形的對數梅爾，與 `log_mel_np(audio, pad_to_seconds=None)` 相同。
+
+    STFT 框只看附近的樣本：右端以反射補邊的框在有更多音訊後會改變，其餘框不變，所以只快取
+    窗完全落在已收到音訊內的框（未截斷的 log10 梅爾），每次只重算尾端；最後的「最大值減 8」
+    截斷與縮放用全部框的最大值重做（便宜）。
+    """
+
+    def __init__(self, n_mels: int) -> None:
+        self.n_mels = n_mels
+        self.filters = _mel_filters_f64(n_mels, SAMPLE_RATE, N_FFT)
+        self.window = _hann(N_FFT)
+        self.cache = np.zeros((n_mels, 0), np.float64)
+        self.cache_max = -np.inf
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        x = np.asarray(audio, np.float32).astype(np.float64)
+        n = len(x)
+        total = n // HOP_LENGTH
+        half = N_FFT // 2
+        start = self.cache.shape[1]
+        if total > start:
+            lo = start * HOP_LENGTH  # 第 start 框在補邊座標中的起點
+            padded = np.pad(x, (half, half), mode="reflect")[lo : total * HOP_LENGTH + N_FFT]
+            frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
+            frames = frames[: total - start]
+            spec = np.fft.rfft(frames * self.window, axis=-1)
+            power = spec.real**2 + spec.imag**2
+            tail = np.log10(np.maximum(self.filters @ power.T, LOG_FLOOR))
+        else:
+            tail = np.zeros((self.n_mels, 0))
+        log_spec = np.concatenate([self.cache, tail], axis=1)
+        # 窗的右端（中心 + half）不超過 n 的框以後不會再變。
+        stable = min(total, max(0, (n - half) // HOP_LENGTH + 1))
+        if stable > start:
+            new = log_spec[:, start:stable]
+            self.cache = log_spec[:, :stable]
+            self.cache_max = max(self.cache_max, float(new.max()))
+        top = max(self.cache_max, float(tail.max()) if tail.size else -np.inf)
+        log_spec = np.maximum(log_spec, top - 8.0)
+        return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+class DuplexSession:
+    """一段對話。方法都不是執行緒安全的：伺服器對同一會話依序呼叫。"""
+
+    def __init__(self, engine: Engine, settings: SessionSettings) -> None:
+        settings.validate()
+        self.engine = engine
+        self.s = settings
+        m = engine.model
+        self.cond = None
+        if settings.condition:
+            tok = engine.tokenizer
+            cid = None if tok is None else tok.convert_tokens_to_ids(settings.condition)
+            if cid is None or cid == getattr(tok, "unk_token_id", None):
+                raise SessionError(
+                    "INVALID_ARGUMENT", f"條件符號 {settings.condition!r} 不在分詞器中"
+                )
+            self.cond = torch.tensor([int(cid)], dtype=torch.long, device=m.device)
+        self.vad = webrtcvad.Vad(int(settings.vad_aggressiveness))
+        self.cache = m.new_cache()
+        k, q = m.cfg.max_chars_per_token, m.cfg.num_codebooks
+        dev = m.device
+        self.prev = {
+            "text": torch.full((1, 1), engine.pad_id, dtype=torch.long, device=dev),
+            "tones": torch.zeros((1, 1, k), dtype=torch.long, device=dev),
+            "codes": torch.zeros((1, 1, q), dtype=torch.long, device=dev),
+            "codes_valid": torch.zeros((1, 1), dtype=torch.bool, device=dev),
+        }
+        self.pending = np.zeros(0, np.float32)
+        self.mel = IncrementalLogMel(m.encoder.config.num_mel_bins)
+        self.user_audio: list[np.ndarray] = []
+        self.frame = 0  # 已收到的完整幀數
+        self.model_frame = 0  # 已跑過模型的幀數
+        self.arrival: list[float] = []
+        # 使用者語音段落（快速路徑）。
+        self.speech_run = 0
+        self.silence_run = 0
+        self.user_onset = -1
+        self.user_active = False  # 目前在一段（≥ onset_frames 的）使用者語音中
+        self.user_spoke = False  # 上一次助理說話後使用者說過話（vad 策略的回應條件）
+        self.yield_lock = False  # 被打斷後到使用者說完前不說話
+        # 助理。
+        self.turn: _Turn | None = None
+        self.turn_count = 0
+        self.plan: dict[int, int] = {}  # 幀 → 該幀說話所屬的輪次（vad 策略）
+        self.pending_compute = 0.0
+        self.ended = False
+
+    # ---------------------------------------------------------------- 公開介面
+
+    @property
+    def seconds(self) -> float:
+        return self.frame * FRAME_SECONDS
+
+    def start_messages(self) -> list[pb.ServerMessage]:
+        return [self._event(pb.Event.SESSION_STARTED, 0, "session started")] + [
+            self._event(pb.Event.LISTENING, 0)
+        ]
+
+    def feed(self, samples: np.ndarray, arrival: float | None = None) -> list[pb.ServerMessage]:
+        """餵 16 kHz float32 音訊（任意長度）；回傳要送給客戶端的訊息（依時間順序）。"""
+        now = time.perf_counter() if arrival is None else arrival
+        self.pending = np.concatenate([self.pending, np.asarray(samples, np.float32)])
+        out: list[pb.ServerMessage] = []
+        while len(self.pending) >= FRAME_SAMPLES:
+            frame, self.pending = self.pending[:FRAME_SAMPLES], self.pending[FRAME_SAMPLES:]
+            out += self._on_frame(frame, now)
+        return out
+
+    def interrupt(self) -> list[pb.ServerMessage]:
+        """客戶端明確要求打斷：立刻停止說話。"""
+        if self.turn is None:
+            return []
+        self.yield_lock = True
+        return self._end_turn(self.frame, yielded=True, onset=self.frame, detail="interrupt")
+
+    def finish(self) -> list[pb.ServerMessage]:
+        """結束會話：把剩下的幀跑完（不足一個區塊也跑）、結算進行中的輪次。"""
+        if self.ended:
+            return []
+        out = self._run_model(final=True)
+        if self.turn is not None:
+            out += self._end_turn(self.frame, yielded=False)
+        self.ended = True
+        out.append(self._event(pb.Event.SESSION_ENDED, self.frame, "session ended"))
+        return out
+
+    # ---------------------------------------------------------------- 快速路徑
+
+    def _is_speech(self, frame: np.ndarray) -> bool:
+        pcm = (np.clip(frame, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        half = len(pcm) // 2
+        return self.vad.is_speech(pcm[:half], SAMPLE_RATE) or self.vad.is_speech(
+            pcm[half:], SAMPLE_RATE
+        )
+
+    def _on_frame(self, frame: np.ndarray, now: float) -> list[pb.ServerMessage]:
+        t = self.frame
+        self.user_audio.append(frame)
+        self.arrival.append(now)
+        self.frame += 1
+        out = self._update_vad(t, self._is_speech(frame), now)
+        if self.frame - self.model_frame >= self.s.chunk_frames:
+            out += self._run_model(final=False)
+        return out
+
+    def _update_vad(self, t: int, speech: bool, now: float) -> list[pb.ServerMessage]:
+        s = self.s
+        out: list[pb.ServerMessage] = []
+        if speech:
+            if self.speech_run == 0:
+                self.run_start = t
+            self.speech_run += 1
+            self.silence_run = 0
+            if not self.user_active and self.speech_run >= s.onset_frames:
+                self.user_active = True
+                self.user_onset = self.run_start
+            if (
+                self.user_active
+                and self.turn is not None
+                and t - self.user_onset + 1 >= s.backchannel_max_frames
+            ):
+                # 使用者語音長到不是附和：打斷。
+                self.yield_lock = True
+                out += self._end_turn(t, yielded=True, onset=self.user_onset, detail="barge-in")
+        else:
+            self.silence_run += 1
+            if self.silence_run >= 2:
+                self.speech_run = 0
+            if self.user_active and self.silence_run >= s.end_silence_frames:
+                # 使用者這段話結束。
+                length = t - self.silence_run + 1 - self.user_onset
+                self.user_active = False
+                if self.turn is not None and length < s.backchannel_max_frames:
+                    out.append(
+                        self._event(
+                            pb.Event.BACKCHANNEL,
+                            t,
+                            f"short user speech ({length} frames)",
+                            onset=self.user_onset,
+                        )
+                    )
+                else:
+                    self.user_spoke = True
+                    self.yield_lock = False
+            elif (
+                self.user_active
+                and self.turn is not None
+                and self.silence_run == 2
+                and t - 1 - self.user_onset < s.backchannel_max_frames
+            ):
+                # 助理說話時的短語音在靜音兩幀後就判定為附和（不必等 end_silence）。
+                length = t - 1 - self.user_onset
+                self.user_active = False
+                out.append(
+                    self._event(
+                        pb.Event.BACKCHANNEL,
+                        t,
+                        f"short user speech ({length} frames)",
+                        onset=self.user_onset,
+                    )
+                )
+        if s.policy == "vad":
+            out += self._vad_policy(t, now)
+        return out
+
+    def _vad_policy(self, t: int, now: float) -> list[pb.ServerMessage]:
+        out: list[pb.ServerMessage] = []
+        if (
+            self.turn is None
+            and self.user_spoke
+            and not self.user_active
+            and not self.yield_lock
+            and self.silence_run >= self.s.end_silence_frames
+        ):
+            out += self._start_turn(t, now)
+        if self.turn is not None and t + 1 - self.turn.trigger_frame <= self.s.max_reply_frames:
+            # 下一幀要說話（模型路徑說完最後一幀時結束這一輪）。
+            self.plan[t + 1] = self.turn.index
+        return out
+
+    # ---------------------------------------------------------------- 輪次
+
+    def _start_turn(self, t: int, now: float) -> list[pb.ServerMessage]:
+        self.turn = _Turn(self.turn_count, t, now)
+        self.turn_count += 1
+        self.user_spoke = False
+        return [self._event(pb.Event.SPEAKING, t + 1, "assistant turn")]
+
+    def _end_turn(
+        self, t: int, yielded: bool, onset: int = -1, detail: str = ""
+    ) -> list[pb.ServerMessage]:
+        turn = self.turn
+        if turn is None:
+            return []
+        self.turn = None
+        self.plan = {k: v for k, v in self.plan.items() if v != turn.index}
+        turn.yielded = yielded
+        out: list[pb.ServerMessage] = []
+        if yielded:
+            turn.reaction_frames = t - onset if onset >= 0 else -1
+            out.append(self._event(pb.Event.YIELDED, t, detail or "yield", onset=onset))
+        out.append(self._metrics(turn))
+        out.append(self._event(pb.Event.LISTENING, t))
+        return out
+
+    def _metrics(self, turn: _Turn) -> pb.ServerMessage:
+        secs = turn.frames * FRAME_SECONDS
+        lat = (
+            (turn.first_audio_time - turn.trigger_time) * 1000.0
+            if turn.first_audio_frame >= 0
+            else -1.0
+        )
+        m = pb.TurnMetrics(
+            turn=turn.index,
+            first_packet_latency_ms=lat,
+            response_delay_frames=(
+                turn.first_audio_frame - turn.trigger_frame if turn.first_audio_frame >= 0 else -1
+            ),
+            rtf=turn.compute / secs if secs > 0 else 0.0,
+            audio_frames=turn.frames,
+            audio_seconds=secs,
+            compute_seconds=turn.compute,
+            yielded=turn.yielded,
+            barge_in_reaction_frames=turn.reaction_frames,
+        )
+        return pb.ServerMessage(metrics=m)
+
+    def _event(self, kind: int, frame: int, detail: str = "", onset: int = -1) -> pb.ServerMessage:
+        turn = self.turn.index if self.turn is not None else self.turn_count - 1
+        return pb.ServerMessage(
+            event=pb.Event(kind=kind, frame=frame, detail=detail, turn=turn, user_onset_frame=onset)
+        )
+
+    # ---------------------------------------------------------------- 模型路徑
+
+    def _run_model(self, final: bool) -> list[pb.ServerMessage]:
+        m = self.engine.model
+        start, stop = self.model_frame, self.frame
+        if stop <= start or (not final and stop - start < self.s.chunk_frames):
+            return []
+        t0 = time.perf_counter()
+        audio = np.concatenate(self.user_audio[:stop])
+        mel = self.mel(audio)
+        chunk_enc = self.s.chunk_frames * m.cfg.connector_stack
+        user, _ = m.encode_audio(mel[None], None, chunk_enc)
+        enc_time = (time.perf_counter() - t0) / (stop - start)
+        out: list[pb.ServerMessage] = []
+        for f in range(start, min(stop, user.shape[1])):
+            out += self._step(f, user[:, f : f + 1], enc_time)
+        self.model_frame = stop
+        return out
+
+    def _step(self, f: int, user_t: torch.Tensor, enc_time: float) -> list[pb.ServerMessage]:
+        t0 = time.perf_counter()
+        eng = self.engine
+        self.cache, res = eng.model.frame_step(self.cache, f, user_t, self.prev, None, self.cond)
+        tok = int(torch.argmax(res["text"][0, 0]))
+        act = int(torch.argmax(res["turn"][0, 0]))
+        codes = res["code_ids"][0, 0].to(torch.long)
+        out: list[pb.ServerMessage] = []
+        if self.s.policy == "model":
+            out += self._model_policy(f, act)
+        speaking = self.turn is not None and (
+            self.s.policy == "model" or self.plan.get(f) == self.turn.index
+        )
+        if speaking:
+            turn = self.turn
+            turn.codes.append(codes.cpu().numpy())
+            window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
+            wave = eng.voila.decode_codes(window)[-FRAME_SAMPLES:]
+            pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+            out.append(
+                pb.ServerMessage(audio=pb.AudioChunk(pcm16=pcm, sample_rate=SAMPLE_RATE, seq=f))
+            )
+            if tok not in eng.special_ids:
+                piece = eng.tokenizer.decode([tok]) if eng.tokenizer is not None else ""
+                out.append(
+                    pb.ServerMessage(
+                        text=pb.TextPartial(text=piece, token_ids=[tok], frame=f, turn=turn.index)
+                    )
+                )
+            turn.frames += 1
+            if turn.first_audio_frame < 0:
+                turn.first_audio_frame = f
+                turn.first_audio_time = time.perf_counter()
+        self.prev = {
+            "text": torch.tensor([[tok]], dtype=torch.long, device=eng.device),
+            "tones": torch.zeros_like(self.prev["tones"]),
+            "codes": codes.view(1, 1, -1),
+            "codes_valid": torch.tensor([[speaking]], dtype=torch.bool, device=eng.device),
+        }
+        if self.turn is not None and speaking:
+            self.turn.compute += time.perf_counter() - t0 + enc_time
+            if self.s.policy == "vad" and f - self.turn.trigger_frame >= self.s.max_reply_frames:
+                out += self._end_turn(f, yielded=False)
+        return out
+
+    def _model_policy(self, f: int, act: int) -> list[pb.ServerMessage]:
+        out: list[pb.ServerMessage] = []
+        want = act in SPEAKING_ACTIONS and not self.yield_lock
+        if self.turn is not None and self.user_active and act == YIELD_ACTION:
+            self.yield_lock = True
+            return self._end_turn(f, yielded=True, onset=self.user_onset, detail="turn head")
+        if want and self.turn is None:
+            arrival = self.arrival[f] if f < len(self.arrival) else time.perf_counter()
+            self.turn = _Turn(self.turn_count, f, arrival)
+            self.turn_count += 1
+            out.append(self._event(pb.Event.SPEAKING, f, "assistant turn (turn head)"))
+        elif not want and self.turn is not None:
+            out += self._end_turn(f, yielded=False)
+        return out

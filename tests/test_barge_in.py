@@ -1,0 +1,135 @@
+"""打斷與附和：助理說話時使用者插話（≥ backchannel_max_seconds）→ 在反應視窗內停止助理音訊；
+短的附和（< backchannel_max_seconds）→ 不停。以真實語音（espeak-ng）插入在助理說話期間的已知幀。
+
+`policy="vad"` 讓輪替可重現（未訓練的小模型）：先跑一次得到助理開口的幀，再在同一前綴之後插入
+使用者語音（前綴相同，VAD 與模型都是決定性的，所以助理在同一幀開口）。
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from configs.serving import get_config
+from export.serving import duplex_pb2 as pb
+from export.serving.client import FRAME_SAMPLES, StreamResult, stream_audio
+from export.serving.server import ServerThread, build_demo_assets
+from export.serving.session import load_engine
+from speakllm_jax.data.demo_corpus import synth
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    assets = build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+    cfg = get_config()
+    cfg.model_dir, cfg.voila_dir = map(str, assets)
+    cfg.port = 0
+    cfg.policy = "vad"
+    with ServerThread(cfg, load_engine(*assets)) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return synth("請問明天早上的火車幾點出發，我想要買兩張票。", "cmn")
+
+
+@pytest.fixture(scope="module")
+def base(server, speech) -> tuple[np.ndarray, int]:
+    """使用者一句話 + 靜音；回傳（波形, 助理開口的幀）。"""
+    wave = np.concatenate([speech[: int(1.2 * SR)], np.zeros(4 * SR, np.float32)])
+    res = stream_audio(server.target, wave, fast=True)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    start = res.events(pb.Event.SPEAKING)[0].frame
+    assert res.of("audio")[0].seq == start
+    return wave, start
+
+
+def insert(wave: np.ndarray, frame: int, piece: np.ndarray) -> np.ndarray:
+    out = wave.copy()
+    out[frame * FRAME_SAMPLES : frame * FRAME_SAMPLES + len(piece)] = piece
+    return out
+
+
+def audio_between(res: StreamResult, lo: int, hi: int) -> list[int]:
+    return [a.seq for a in res.of("audio") if lo <= a.seq < hi]
+
+
+def test_barge_in_stops_assistant_within_window(server, speech, base) -> None:
+    wave, start = base
+    onset = start + 10
+    window = int(server.server.cfg.reaction_window_frames)
+    res = stream_audio(server.target, insert(wave, onset, speech[SR : 2 * SR]), fast=True)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    yields = res.events(pb.Event.YIELDED)
+    assert len(yields) == 1
+    y = yields[0]
+    assert y.detail == "barge-in"
+    assert onset <= y.user_onset_frame <= onset + 2
+    assert 0 <= y.frame - onset <= window
+    # 助理在插話前一直在說；停止後到下一輪開口前沒有任何助理音訊。
+    assert audio_between(res, start, onset) == list(range(start, onset))
+    later = [e.frame for e in res.events(pb.Event.SPEAKING) if e.frame > y.frame]
+    stop = later[0] if later else res.frames_sent
+    assert audio_between(res, y.frame + 1, stop) == []
+    # 音訊送出順序：YIELDED 之後收到的第一個音訊（若有）屬於下一輪。
+    idx = res.messages.index(next(m for m in res.messages if m.event == y))
+    after = [m.audio.seq for m in res.messages[idx:] if m.WhichOneof("payload") == "audio"]
+    assert all(s >= stop for s in after)
+    turn = res.of("metrics")[0]
+    assert turn.yielded and turn.barge_in_reaction_frames == y.frame - y.user_onset_frame
+    assert turn.barge_in_reaction_frames <= window
+    # 使用者說完後助理再次開口（新的一輪）。
+    assert later and len(res.of("metrics")) == 2
+
+
+def test_backchannel_does_not_stop_assistant(server, speech, base) -> None:
+    wave, start = base
+    onset = start + 10
+    short = speech[SR : SR + int(0.2 * SR)]
+    res = stream_audio(server.target, insert(wave, onset, short), fast=True)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    assert res.events(pb.Event.YIELDED) == []
+    bc = res.events(pb.Event.BACKCHANNEL)
+    assert len(bc) == 1 and onset <= bc[0].user_onset_frame <= onset + 2
+    # 助理音訊在附和期間與之後不中斷。
+    end = onset + 20
+    assert audio_between(res, start, end) == list(range(start, end))
+    assert not res.of("metrics")[0].yielded
+
+
+def test_explicit_interrupt(server, base) -> None:
+    wave, start = base
+    res = stream_audio(server.target, wave, fast=True, interrupt_at=start + 5)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    y = res.events(pb.Event.YIELDED)
+    assert len(y) == 1 and y[0].detail == "interrupt"
+    assert audio_between(res, y[0].frame + 1, res.frames_sent) == []
+
+
+def test_model_policy_audio_only_inside_turns(server, base) -> None:
+    """`policy="model"`：輪替頭決定；不論說不說，助理音訊只出現在 SPEAKING 與該輪結束之間。"""
+    wave, _ = base
+    res = stream_audio(server.target, wave[: 3 * SR], fast=True, policy="model")
+    assert res.status == grpc.StatusCode.OK, res.detail
+    speaking = False
+    n_audio = 0
+    for m in res.messages:
+        k = m.WhichOneof("payload")
+        if k == "event" and m.event.kind == pb.Event.SPEAKING:
+            speaking = True
+        elif k == "metrics":
+            assert m.metrics.audio_frames >= 0
+            speaking = False
+        elif k == "audio":
+            assert speaking
+            n_audio += 1
+    made = sum(m.audio_frames for m in res.of("metrics"))
+    # 被打斷的輪次裡還沒送出的音訊會被丟掉，所以收到的可能少於產生的。
+    if res.events(pb.Event.YIELDED):
+        assert n_audio <= made
+    else:
+        assert n_audio == made

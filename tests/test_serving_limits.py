@@ -1,0 +1,265 @@
+"""服務的限制與錯誤輸入：驗證、會話數、訊息大小、會話長度、閒置、取樣率、亂序、奇數位元組、
+無法解析的位元組、客戶端消失與優雅關機。每個錯誤都得到明確的狀態碼，伺服器繼續服務。"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from configs.serving import get_config
+from export.serving import duplex_pb2 as pb
+from export.serving import duplex_pb2_grpc as pb_grpc
+from export.serving.client import stream_audio, to_pcm16
+from export.serving.server import ServerThread, build_demo_assets
+from export.serving.session import load_engine
+from speakllm_jax.data.demo_corpus import synth
+
+TOKEN = "s3cret"
+METHOD = "/speakllm.duplex.DuplexSpeech/Converse"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory):
+    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+
+
+@pytest.fixture(scope="module")
+def engine(assets):
+    return load_engine(*assets)
+
+
+def make_cfg(assets, **kw):
+    cfg = get_config()
+    cfg.model_dir, cfg.voila_dir = map(str, assets)
+    cfg.port = 0
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def strict(assets, engine):
+    cfg = make_cfg(
+        assets,
+        auth_token=TOKEN,
+        max_sessions=2,
+        max_message_bytes=64 * 1024,
+        max_session_seconds=3.0,
+        idle_timeout_s=1.0,
+        sample_rate_policy="reject",
+    )
+    with ServerThread(cfg, engine) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return synth("你好，請幫我查一下天氣。", "cmn")[:16000]
+
+
+def start_msg(**kw) -> pb.ClientMessage:
+    return pb.ClientMessage(
+        control=pb.Control(kind=pb.Control.START, options=pb.SessionOptions(**kw))
+    )
+
+
+def audio_msg(pcm: bytes, seq: int, rate: int = 16000) -> pb.ClientMessage:
+    return pb.ClientMessage(audio=pb.AudioChunk(pcm16=pcm, sample_rate=rate, seq=seq))
+
+
+def call(target: str, msgs: list[pb.ClientMessage], token: str | None = TOKEN):
+    """送出固定的訊息串列，回傳（狀態碼, 說明, 收到的訊息）。"""
+    md = [("authorization", f"Bearer {token}")] if token else None
+    got = []
+    with grpc.insecure_channel(target) as ch:
+        try:
+            for m in pb_grpc.DuplexSpeechStub(ch).Converse(iter(msgs), metadata=md, timeout=30):
+                got.append(m)
+        except grpc.RpcError as e:
+            return e.code(), e.details() or "", got
+    return grpc.StatusCode.OK, "", got
+
+
+def wait_idle(st: ServerThread, timeout: float = 10.0) -> int:
+    """等伺服器把結束的會話釋放（客戶端可能比伺服器的清理先拿到狀態）。"""
+    deadline = time.time() + timeout
+    while st.server.active_sessions and time.time() < deadline:
+        time.sleep(0.02)
+    return st.server.active_sessions
+
+
+def assert_alive(st: ServerThread, speech: np.ndarray) -> None:
+    res = stream_audio(st.target, speech, fast=True, tail_seconds=1.5, token=TOKEN)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    assert len(res.of("audio")) > 0
+
+
+def test_auth(strict, speech) -> None:
+    for token in (None, "wrong"):
+        res = stream_audio(strict.target, speech, token=token or "")
+        assert res.status == grpc.StatusCode.UNAUTHENTICATED
+    assert_alive(strict, speech)
+
+
+@pytest.mark.parametrize(
+    "msgs, code, words",
+    [
+        ([audio_msg(b"\0\0", 0)], grpc.StatusCode.INVALID_ARGUMENT, "START"),
+        ([start_msg(), audio_msg(b"\0" * 641, 0)], grpc.StatusCode.INVALID_ARGUMENT, "奇數"),
+        (
+            [start_msg(), audio_msg(b"\0" * 640, 0), audio_msg(b"\0" * 640, 2)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "seq",
+        ),
+        ([start_msg(), audio_msg(b"\0" * 640, 0, 8000)], grpc.StatusCode.INVALID_ARGUMENT, "8000"),
+        ([start_msg(), audio_msg(b"\0" * 640, 0, -5)], grpc.StatusCode.INVALID_ARGUMENT, "-5"),
+        ([start_msg(), pb.ClientMessage()], grpc.StatusCode.INVALID_ARGUMENT, "audio"),
+        ([start_msg(), start_msg()], grpc.StatusCode.INVALID_ARGUMENT, "START"),
+        ([start_msg(policy="psychic")], grpc.StatusCode.INVALID_ARGUMENT, "psychic"),
+        ([start_msg(condition="<|no_such|>")], grpc.StatusCode.INVALID_ARGUMENT, "no_such"),
+        (
+            [start_msg(), audio_msg(b"\0" * 100_000, 0)],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "",
+        ),
+        (
+            [start_msg()] + [audio_msg(b"\0" * 32000, i) for i in range(4)],
+            grpc.StatusCode.OUT_OF_RANGE,
+            "max_session_seconds",
+        ),
+    ],
+    ids=[
+        "no-start",
+        "odd-bytes",
+        "out-of-order",
+        "wrong-rate",
+        "bad-rate",
+        "empty",
+        "double-start",
+        "bad-policy",
+        "bad-condition",
+        "too-big",
+        "too-long",
+    ],
+)
+def test_bad_input_gets_clear_status(strict, speech, msgs, code, words) -> None:
+    got_code, detail, got = call(strict.target, msgs)
+    assert got_code == code, detail
+    assert words in detail
+    assert wait_idle(strict) == 0
+
+
+def test_garbage_bytes_and_server_survives(strict, speech) -> None:
+    md = [("authorization", f"Bearer {TOKEN}")]
+    with grpc.insecure_channel(strict.target) as ch:
+        raw = ch.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            list(raw(iter([b"\xff\xfe garbage \x00\x01" * 8]), metadata=md, timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ClientMessage" in e.value.details()
+    assert_alive(strict, speech)
+
+
+def test_idle_timeout(strict) -> None:
+    def slow() -> Iterator[pb.ClientMessage]:
+        yield start_msg()
+        time.sleep(2.0)
+        yield audio_msg(b"\0" * 640, 0)
+
+    md = [("authorization", f"Bearer {TOKEN}")]
+    with grpc.insecure_channel(strict.target) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.DuplexSpeechStub(ch).Converse(slow(), metadata=md, timeout=10))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "idle" in e.value.details()
+
+
+class HeldStream:
+    """開著的會話：送 START 與一點音訊後等待，`release` 後送 END。"""
+
+    def __init__(self, target: str, chunks: int = 3) -> None:
+        self.go = threading.Event()
+        self.chunks = chunks
+        self.ch = grpc.insecure_channel(target)
+        md = [("authorization", f"Bearer {TOKEN}")]
+        self.call = pb_grpc.DuplexSpeechStub(self.ch).Converse(self._reqs(), metadata=md)
+        self.first = next(self.call)  # SESSION_STARTED：會話已建立
+
+    def _reqs(self) -> Iterator[pb.ClientMessage]:
+        yield start_msg()
+        for i in range(self.chunks):
+            yield audio_msg(to_pcm16(np.zeros(640, np.float32)), i)
+        self.go.wait(30)
+        yield pb.ClientMessage(control=pb.Control(kind=pb.Control.END))
+
+    def finish(self) -> tuple[grpc.StatusCode, list[pb.ServerMessage]]:
+        self.go.set()
+        try:
+            rest = list(self.call)
+            return grpc.StatusCode.OK, rest
+        except grpc.RpcError as e:
+            return e.code(), []
+        finally:
+            self.ch.close()
+
+
+def test_max_sessions(strict, speech) -> None:
+    assert wait_idle(strict) == 0
+    held = [HeldStream(strict.target) for _ in range(2)]
+    assert strict.server.active_sessions == 2
+    code, detail, _ = call(strict.target, [start_msg()])
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_sessions" in detail
+    for h in held:
+        code, rest = h.finish()
+        assert code == grpc.StatusCode.OK and rest[-1].event.kind == pb.Event.SESSION_ENDED
+    assert_alive(strict, speech)
+
+
+def test_vanished_client_frees_session(strict, speech) -> None:
+    assert wait_idle(strict) == 0
+    h = HeldStream(strict.target)
+    assert strict.server.active_sessions == 1
+    h.call.cancel()  # 客戶端消失（不送 END）
+    h.ch.close()
+    assert wait_idle(strict) == 0
+    assert_alive(strict, speech)
+
+
+def test_resample_policy_accepts_other_rates(assets, engine, speech) -> None:
+    import soxr
+
+    cfg = make_cfg(assets, sample_rate_policy="resample")
+    with ServerThread(cfg, engine) as st:
+        ref = stream_audio(st.target, speech, fast=True, tail_seconds=1.5)
+        wave8k = soxr.resample(speech, 16000, 8000)
+        res = stream_audio(st.target, wave8k, 8000, fast=True, tail_seconds=1.5)
+    assert ref.status == res.status == grpc.StatusCode.OK, res.detail
+    # 8 kHz 輸入經串流重取樣後，輪替時間與 16 kHz 輸入相近。
+    a = ref.events(pb.Event.SPEAKING)[0].frame
+    b = res.events(pb.Event.SPEAKING)[0].frame
+    assert abs(a - b) <= 2 and len(res.of("audio")) > 0
+
+
+def test_graceful_shutdown_drains_sessions(assets, engine) -> None:
+    cfg = make_cfg(assets, shutdown_grace_s=10.0)
+    st = ServerThread(cfg, engine).__enter__()
+    try:
+        h = HeldStream(st.target, chunks=5)
+        stopper = threading.Thread(target=st.stop)
+        stopper.start()
+        time.sleep(0.3)
+        # 關機中：新會話被拒絕，進行中的會話繼續。
+        code, detail, _ = call(st.target, [start_msg()], token=None)
+        assert code == grpc.StatusCode.UNAVAILABLE, detail
+        assert stopper.is_alive()
+        code, rest = h.finish()
+        assert code == grpc.StatusCode.OK and rest[-1].event.kind == pb.Event.SESSION_ENDED
+        stopper.join(15)
+        assert not stopper.is_alive()
+    finally:
+        st.stop(0)

@@ -1,0 +1,167 @@
+"""全雙工服務端到端：真實 gRPC 伺服器（127.0.0.1、隨機埠）、真實語音（espeak-ng）、隨機小模型。
+
+串流一句話後，依序收到：會話開始、聆聽、助理開始說話（在使用者說完之後）、助理音訊與文字
+（幀號連續遞增）、每輪量測、會話結束。另測命令列的伺服器與客戶端，以及 16 個同時的會話。
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from configs.serving import get_config
+from export.serving import duplex_pb2 as pb
+from export.serving.client import FRAME_SAMPLES, StreamResult, stream_audio
+from export.serving.client import main as client_main
+from export.serving.server import ServerThread, build_demo_assets
+from export.serving.session import load_engine
+from speakllm_jax.audio.vad import frame_flags
+from speakllm_jax.data.demo_corpus import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+
+
+@pytest.fixture(scope="module")
+def engine(assets):
+    return load_engine(*assets)
+
+
+@pytest.fixture(scope="module")
+def server(assets, engine):
+    cfg = get_config()
+    cfg.model_dir, cfg.voila_dir = map(str, assets)
+    cfg.port = 0
+    with ServerThread(cfg, engine) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def utterance() -> np.ndarray:
+    return synth("今天天氣很好，我們去公園散步吧。", "cmn")[:19200]  # 1.2 秒
+
+
+def check_order(res: StreamResult, speech_end_frame: int) -> None:
+    """事件與音訊的順序：開始 → 聆聽 → (說話 → 音訊／文字 → 量測 → 聆聽)* → 結束。"""
+    kinds = [m.WhichOneof("payload") for m in res.messages]
+    assert res.messages[0].event.kind == pb.Event.SESSION_STARTED
+    assert res.messages[1].event.kind == pb.Event.LISTENING
+    assert kinds[-1] == "event" and res.messages[-1].event.kind == pb.Event.SESSION_ENDED
+    speaking = False
+    last_seq = -1
+    turn_frames: list[int] = []
+    for m, k in zip(res.messages, kinds, strict=True):
+        if k == "event" and m.event.kind == pb.Event.SPEAKING:
+            assert not speaking
+            assert m.event.frame > speech_end_frame  # 助理不搶在使用者說完前開口
+            speaking, turn_frames, first = True, [], m.event.frame
+        elif k == "audio":
+            assert speaking, "助理音訊必須在 SPEAKING 事件之後"
+            a = m.audio
+            assert a.sample_rate == 16000 and len(a.pcm16) == 2 * FRAME_SAMPLES
+            assert a.seq > last_seq
+            assert a.seq == (turn_frames[-1] + 1 if turn_frames else first)
+            last_seq = a.seq
+            turn_frames.append(a.seq)
+        elif k == "text":
+            assert speaking and m.text.frame == turn_frames[-1]
+        elif k == "metrics":
+            assert speaking and m.metrics.audio_frames == len(turn_frames)
+            speaking = False
+    assert not speaking
+
+
+def test_streamed_utterance_gets_audio_and_text_in_order(server, utterance) -> None:
+    res = stream_audio(server.target, utterance, fast=True, tail_seconds=2.5)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    flags = frame_flags(utterance, 16000)  # 30 ms 一格
+    speech_end = int(np.flatnonzero(flags)[-1] * 30 / 40)
+    check_order(res, speech_end)
+    audio = res.of("audio")
+    assert len(audio) >= 20 and len(res.of("metrics")) == 1
+    assert len(res.of("text")) >= 1
+    reply = res.reply_wave()
+    assert len(reply) == res.frames_sent * FRAME_SAMPLES
+    start = audio[0].seq * FRAME_SAMPLES
+    assert np.abs(reply[:start]).max() == 0.0 and np.abs(reply[start:]).max() > 1e-4
+
+
+def test_cli_server_and_client(assets, utterance, tmp_path: Path, capsys) -> None:
+    wav = tmp_path / "in.wav"
+    sf.write(wav, utterance, 16000)
+    cmd = [sys.executable, "-m", "export.serving.server", "--config", "serving"]
+    cmd += [f"--config.model_dir={assets[0]}", f"--config.voila_dir={assets[1]}"]
+    cmd += ["--config.port=0", "--config.shutdown_grace_s=5"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.time() + 120
+        while "listening on" not in line and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "伺服器提早結束"
+        target = line.split("listening on")[1].strip()
+        out = tmp_path / "reply.wav"
+        rc = client_main(
+            ["stream", "--audio", str(wav), "--out", str(out), "--fast", "--target", target]
+        )
+        printed = capsys.readouterr().out
+        assert rc == 0, printed
+        for key in ("first-packet latency", "barge-in reaction", "real-time factor"):
+            assert key in printed
+        reply, sr = sf.read(out, dtype="float32")
+        assert sr == 16000 and len(reply) >= len(utterance) and np.abs(reply).max() > 1e-4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0 and "stopped" in rest
+
+
+def test_sixteen_concurrent_sessions(server, utterance) -> None:
+    results: list[StreamResult | None] = [None] * 16
+
+    def run(i: int) -> None:
+        results[i] = stream_audio(server.target, utterance[:16000], fast=True, tail_seconds=1.5)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    wall = time.perf_counter() - t0
+    assert all(r is not None and r.status == grpc.StatusCode.OK for r in results)
+    # 同樣的輸入、決定性的模型：每個會話得到一樣的回覆。
+    ref = results[0].reply_wave()
+    assert len(results[0].of("audio")) > 0
+    for r in results[1:]:
+        assert np.array_equal(r.reply_wave(), ref)
+    assert wall < 60, f"16 個會話花了 {wall:.1f} 秒"
+    assert server.server.active_sessions == 0
+
+
+def test_incremental_log_mel_equals_full(utterance) -> None:
+    """會話裡逐區塊增長的梅爾與整段一次算的 `log_mel_np` 完全相同（含最大值截斷）。"""
+    from export.serving.session import IncrementalLogMel
+    from speakllm_jax.audio.features import log_mel_np
+
+    wave = np.concatenate([utterance, np.zeros(3000, np.float32), utterance[::-1] * 2.0])
+    mel = IncrementalLogMel(80)
+    for n in [*range(640, len(wave), 1280), len(wave)]:
+        got = mel(wave[:n])
+        ref = log_mel_np(wave[:n], pad_to_seconds=None)
+        assert got.shape == ref.shape and np.array_equal(got, ref), n
