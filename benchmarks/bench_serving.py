@@ -1,0 +1,587 @@
+"""全雙工服務的效能：真實 gRPC 伺服器（127.0.0.1、子行程）、隨機初始化的 tiny 示範模型、真實語音。
+
+量三件事並印成表格（不做斷言）：
+
+- 服務端到端，在 1、4、8 個同時會話下的 p50／p90／p99（客戶端量測）：
+  首包延遲（送出第 f 幀輸入 → 收到第 f 幀助理音訊，f 為每輪第一個音訊幀）；
+  打斷停止延遲（從送出的音訊中使用者插話的語音起點，到之後收到的最後一個助理音訊樣本：
+  以音訊時間軸計，並另列牆鐘時間）；即時率（伺服器每輪計算 ÷ 音訊長度、即時送出時的
+  串流牆鐘 ÷ 音訊長度，以及 `--fast` 盡快送出時的處理即時率）。
+  每個會話送同一段約 3.8 秒的片段：espeak-ng 中文一句 1.2 秒 → 靜音（助理開口）→
+  助理開口後第 `--barge-offset` 幀插入 1 秒使用者語音（打斷）→ 靜音（助理再開口一次）。
+- 每幀計算：PyTorch 孿生的 `frame_step` 對 JAX `_frame_step`（同一個匯出的 tiny 模型、
+  自由執行、同樣的使用者串流輸入）。
+- 紙上估算：full 預設（Whisper-medium + Qwen2.5-7B + 4 層深度 Transformer）在 H100 SXM 上的
+  每幀時間 max(計算, 記憶體)，對照 40 ms 幀預算與 Voila 195 ms／Moshi 約 200 ms 首包預算。
+
+用法：`python benchmarks/bench_serving.py [--concurrency 1,4,8] [--sessions 8] [--no-fast]
+[--frame-steps 100] [--assets-dir DIR] [--json out.json]`（預設約 2–3 分鐘，2 核 CPU）。
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from export.serving import duplex_pb2 as pb  # noqa: E402
+from export.serving.client import (  # noqa: E402
+    FRAME_SAMPLES,
+    FRAME_SECONDS,
+    StreamResult,
+    stream_audio,
+)
+from export.serving.server import build_demo_assets  # noqa: E402
+
+SR = 16000
+SENTENCE = "請問明天早上的火車幾點出發，我想要買兩張票。"
+
+# H100 SXM 的峰值：bf16 稠密矩陣乘與 HBM3 頻寬、容量。
+H100_BF16_FLOPS = 989e12
+H100_HBM_BYTES_PER_S = 3.35e12
+H100_HBM_BYTES = 80e9
+FRAME_BUDGET_MS = 40.0
+FIRST_PACKET_BUDGETS_MS = {"Voila": 195.0, "Moshi": 200.0}
+
+
+# ---------------------------------------------------------------- 共用
+
+
+def pct(xs: list[float]) -> tuple[float, float, float]:
+    """p50、p90、p99（線性內插）；沒有樣本時為 NaN。"""
+    if not xs:
+        return (float("nan"),) * 3
+    a = np.asarray(xs, np.float64)
+    return tuple(float(np.percentile(a, q)) for q in (50, 90, 99))
+
+
+def fmt_row(cells: list[Any], widths: list[int]) -> str:
+    out = []
+    for c, w in zip(cells, widths, strict=True):
+        s = (
+            f"{c:.3f}"
+            if isinstance(c, float) and abs(c) < 10
+            else (f"{c:.1f}" if isinstance(c, float) else str(c))
+        )
+        out.append(s.rjust(w))
+    return "  ".join(out)
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    widths = [max(len(h), 8) for h in header]
+    for r in rows:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(fmt_row([c], [1]).strip()))
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        print(fmt_row(r, widths))
+
+
+# ---------------------------------------------------------------- 伺服器與片段
+
+
+class ServerProcess:
+    """以 `python -m export.serving.server` 子行程啟動伺服器（隨機埠），讀出 `listening on`。"""
+
+    def __init__(self, model_dir: Path, voila_dir: Path, overrides: list[str]) -> None:
+        cmd = [sys.executable, "-m", "export.serving.server", "--config", "serving"]
+        cmd += [f"--config.model_dir={model_dir}", f"--config.voila_dir={voila_dir}"]
+        cmd += ["--config.port=0", "--config.max_sessions=64", *overrides]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        line = ""
+        deadline = time.time() + 180
+        while "listening on" not in line:
+            line = self.proc.stdout.readline()
+            if (not line and self.proc.poll() is not None) or time.time() > deadline:
+                raise RuntimeError(f"伺服器沒有啟動（結束碼 {self.proc.poll()}）")
+        self.target = line.split("listening on")[1].strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+
+
+def trim_leading_silence(x: np.ndarray) -> np.ndarray:
+    """去掉開頭的非語音（webrtcvad 30 ms 一格），讓插入點就是語音起點。"""
+    from speakllm_jax.audio.vad import frame_flags
+
+    flags = frame_flags(x, SR)
+    idx = np.flatnonzero(flags)
+    return x[int(idx[0]) * 480 :] if idx.size else x
+
+
+def build_clip(target: str, barge_offset: int, tail_frames: int) -> tuple[np.ndarray, int, int]:
+    """回傳（片段, 助理第一次開口的幀, 使用者插話的語音起點幀）。
+
+    先以盡快送出的方式跑一次「一句話 + 靜音」得到助理開口的幀（vad 策略與模型都是決定性的，
+    同一前綴下助理在同一幀開口），再在開口後第 `barge_offset` 幀插入 1 秒使用者語音。
+    """
+    from speakllm_jax.data.demo_corpus import synth
+
+    speech = synth(SENTENCE, "cmn")
+    base = np.concatenate([speech[: int(1.2 * SR)], np.zeros(4 * SR, np.float32)])
+    res = stream_audio(target, base, fast=True)
+    speaking = res.events(pb.Event.SPEAKING)
+    if res.status.name != "OK" or not speaking:
+        raise RuntimeError(f"基準串流沒有得到助理開口：{res.status.name} {res.detail}")
+    start = int(speaking[0].frame)
+    onset = start + barge_offset
+    piece = trim_leading_silence(speech[SR:])[:SR]
+    end = onset + int(np.ceil(len(piece) / FRAME_SAMPLES)) + tail_frames
+    wave = np.zeros(end * FRAME_SAMPLES, np.float32)
+    wave[: len(base)] = base[: len(wave)]
+    wave[onset * FRAME_SAMPLES : onset * FRAME_SAMPLES + len(piece)] = piece
+    return wave, start, onset
+
+
+# ---------------------------------------------------------------- 量測
+
+
+def barge_in_stop(res: StreamResult, onset: int) -> tuple[float, float] | None:
+    """（音訊時間軸毫秒, 牆鐘毫秒）：使用者語音起點 → 被打斷那一輪最後收到的助理音訊樣本。
+
+    音訊時間軸：最後一個音訊片段的結尾（(seq+1) × 40 ms）減去起點；牆鐘：收到該片段的時間減去
+    送出起點那一幀的時間。沒有 `YIELDED` 時回傳 None；起點後沒有助理音訊時兩者為 0。
+    """
+    idx = next(
+        (
+            i
+            for i, m in enumerate(res.messages)
+            if m.WhichOneof("payload") == "event" and m.event.kind == pb.Event.YIELDED
+        ),
+        None,
+    )
+    if idx is None:
+        return None
+    last = None
+    for m, t in zip(res.messages[:idx], res.recv_times[:idx], strict=True):
+        if m.WhichOneof("payload") == "audio":
+            last = (int(m.audio.seq), t)
+    sent = res.send_times.get(onset)
+    if last is None or sent is None or last[0] < onset:
+        return 0.0, 0.0
+    timeline = (last[0] + 1 - onset) * FRAME_SECONDS * 1000.0
+    return timeline, max(0.0, (last[1] - sent) * 1000.0)
+
+
+def run_level(
+    target: str, wave: np.ndarray, onset: int, conc: int, sessions: int, fast: bool
+) -> dict[str, Any]:
+    """以 `conc` 個同時會話、共 `sessions` 個會話（分輪）串流同一片段，彙整量測。"""
+    rounds = max(1, int(np.ceil(sessions / conc)))
+    results: list[StreamResult] = []
+    walls: list[float] = []
+    for _ in range(rounds):
+        got: list[StreamResult | None] = [None] * conc
+
+        def one(i: int, got: list[StreamResult | None] = got) -> None:
+            got[i] = stream_audio(target, wave, fast=fast, timeout=300.0)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(conc)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        walls.append(time.perf_counter() - t0)
+        results += [r for r in got if r is not None]
+    ok = [r for r in results if r.status.name == "OK"]
+    audio_s = len(wave) / SR
+    fpl, srv_fpl, srv_rtf, stream_rtf, stop_tl, stop_wall = [], [], [], [], [], []
+    missing = 0
+    for r in ok:
+        summ = r.summary()
+        fpl += summ["first_packet_latency_ms"]
+        srv_fpl += [x for x in summ["server_first_packet_latency_ms"] if x >= 0]
+        srv_rtf += [x for x in summ["server_rtf"] if x > 0]
+        stream_rtf.append(r.wall_seconds / audio_s)
+        b = barge_in_stop(r, onset)
+        if b is None:
+            missing += 1
+        else:
+            stop_tl.append(b[0])
+            stop_wall.append(b[1])
+    return {
+        "concurrency": conc,
+        "sessions": len(results),
+        "errors": len(results) - len(ok),
+        "no_yield": missing,
+        "first_packet_ms": fpl,
+        "server_first_packet_ms": srv_fpl,
+        "barge_stop_timeline_ms": stop_tl,
+        "barge_stop_wall_ms": stop_wall,
+        "server_rtf": srv_rtf,
+        "stream_rtf": stream_rtf,
+        "throughput_x_realtime": len(ok) * audio_s / sum(walls),
+    }
+
+
+def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: int) -> dict:
+    """PyTorch 孿生 `frame_step` 對 JAX `_frame_step`：同一個 tiny 模型、同樣輸入，逐幀計時。"""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from export.torch_model import load_exported
+    from speakllm_jax.models.streaming import _frame_step
+    from speakllm_jax.training.config_io import load_config
+    from speakllm_jax.training.task import get_task
+
+    torch.set_num_threads(torch_threads)
+    tm = load_exported(model_dir, attn_implementation="sdpa", dtype=torch.float32, device="cpu")
+    task = get_task(load_config("phase2", []))
+    jm = task.build_model(nnx.Rngs(seed))  # 與 build_demo_assets 同一個種子 → 同樣的權重
+    d = int(jm.cfg.qwen.hidden_size)
+    k, q = int(jm.cfg.max_chars_per_token), int(jm.cfg.speech.num_codebooks)
+    pad = int(tm.cfg.pad_id)
+    warm = 5
+    n = steps + warm
+    user = np.random.default_rng(seed).normal(size=(n, 1, 1, d)).astype(np.float32)
+
+    # PyTorch（eager、DynamicCache）。
+    cache = tm.new_cache()
+    prev = {
+        "text": torch.full((1, 1), pad, dtype=torch.long),
+        "tones": torch.zeros((1, 1, k), dtype=torch.long),
+        "codes": torch.zeros((1, 1, q), dtype=torch.long),
+        "codes_valid": torch.zeros((1, 1), dtype=torch.bool),
+    }
+    t_torch, torch_first = [], None
+    for f in range(n):
+        t0 = time.perf_counter()
+        cache, out = tm.frame_step(cache, f, torch.from_numpy(user[f]), prev)
+        dt = time.perf_counter() - t0
+        if f == 0:
+            torch_first = out["text"][0, 0].numpy().copy()
+        if f >= warm:
+            t_torch.append(dt)
+        tok = torch.argmax(out["text"][:, 0], dim=-1)
+        prev = {
+            "text": tok[:, None],
+            "tones": prev["tones"],
+            "codes": out["code_ids"].to(torch.long),
+            "codes_valid": torch.ones((1, 1), dtype=torch.bool),
+        }
+
+    # JAX（jit，固定長度 KV 快取）。
+    graphdef, state = nnx.split(jm)
+    jcache = jm.llm.init_cache(1, n)
+    jprev = {
+        "text": jnp.full((1, 1), pad, jnp.int32),
+        "tones": jnp.zeros((1, 1, k), jnp.int32),
+        "codes": jnp.zeros((1, 1, q), jnp.int32),
+        "codes_valid": jnp.zeros((1, 1), bool),
+    }
+    target = jnp.zeros((1, 1, q), jnp.int32)
+    cond = jnp.zeros((1,), jnp.int32)
+    t_jax, jax_first = [], None
+    t_compile = 0.0
+    for f in range(n):
+        t0 = time.perf_counter()
+        jcache, out = _frame_step(
+            graphdef, state, jcache, jnp.asarray(user[f]), jprev, target, cond, False, False
+        )
+        jax.block_until_ready(out)
+        dt = time.perf_counter() - t0
+        if f == 0:
+            t_compile = dt
+            jax_first = np.asarray(out["text"][0, 0])
+        if f >= warm:
+            t_jax.append(dt)
+        tok = jnp.argmax(out["text"][:, 0], axis=-1).astype(jnp.int32)
+        jprev = {
+            "text": tok[:, None],
+            "tones": jprev["tones"],
+            "codes": out["code_ids"].astype(jnp.int32),
+            "codes_valid": jnp.ones((1, 1), bool),
+        }
+    return {
+        "steps": steps,
+        "torch_threads": torch_threads,
+        "torch_ms": [x * 1000 for x in t_torch],
+        "jax_ms": [x * 1000 for x in t_jax],
+        "jax_first_call_ms": t_compile * 1000,
+        "first_step_text_logits_max_abs_diff": float(np.abs(torch_first - jax_first).max()),
+    }
+
+
+# ---------------------------------------------------------------- 紙上估算
+
+
+def full_preset_estimate(ctx_frames: list[int], chunk_frames: int, end_silence_ms: int) -> dict:
+    """full 預設每 40 ms 幀的 FLOPs 與 HBM 讀取量（batch 1、bf16），換算成 H100 SXM 的時間。
+
+    參數量由 `nnx.eval_shape` 建出的抽象 full 模型逐模組加總（不配置記憶體）。
+    計算：LLM 一步 2 × (各層 + lm_head) 參數 + 注意力 4 × 層數 × 寬 × 上下文；
+    深度 Transformer 逐碼本無快取前向（1+2+3+4 = 10 個位置）；Whisper-medium 編碼器每幀分攤
+    2 個編碼器幀（增量、理想）與其注意力；連接器。記憶體：權重每幀讀一次（嵌入表只讀一列），
+    深度 Transformer 每個碼本一趟各讀一次，編碼器權重每區塊一次，加上 KV 快取。
+    """
+    from collections import Counter
+
+    from flax import nnx
+
+    from configs.models import model_config
+    from speakllm_jax.models.speakllm import SpeakLLM, build_speakllm_config
+
+    mc = model_config("full")
+    mc.speech_head = "voila"
+    cfg = build_speakllm_config(mc)
+    abstract = nnx.eval_shape(lambda: SpeakLLM(cfg, rngs=nnx.Rngs(0)))
+    counts: Counter = Counter()
+    for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        counts[str(path[0])] += int(np.prod(v.get_value().shape))
+        if str(path[0]) == "llm":
+            counts[f"llm/{path[1]}"] += int(np.prod(v.get_value().shape))
+    qw, wh, sp = mc.qwen, mc.whisper, mc.speech
+    total = sum(v for k, v in counts.items() if "/" not in k)
+    llm_matmul = counts["llm/layers"] + counts["llm/lm_head"]
+    heads = counts["turn_head"] + counts["tone_head"]
+    depth = counts["speech_head"]
+    enc = counts["encoder"]
+    conn = counts["connector"]
+    head_dim = qw.hidden_size // qw.num_attention_heads
+    kv_per_frame = 2 * qw.num_hidden_layers * qw.num_key_value_heads * head_dim * 2  # bf16
+    enc_frames = 2  # 梅爾 100 Hz → 卷積步幅 2 → 50 Hz；一個 LLM 幀 = 2 個編碼器幀
+    depth_positions = sum(range(1, sp.num_codebooks + 1))
+    rows = []
+    for ctx in ctx_frames:
+        enc_ctx = min(enc_frames * ctx, wh.max_source_positions)
+        flops = {
+            "llm": 2 * (llm_matmul + heads) + 4 * qw.num_hidden_layers * qw.hidden_size * ctx,
+            "depth": 2 * depth * depth_positions,
+            "encoder": enc_frames * (2 * enc + 4 * wh.encoder_layers * wh.d_model * enc_ctx),
+            "connector": 2 * conn,
+        }
+        bytes_ = {
+            "weights_llm": 2 * (llm_matmul + heads),
+            "weights_depth": 2 * depth * sp.num_codebooks,
+            "weights_encoder": 2 * (enc + conn) / chunk_frames,
+            "kv_cache": kv_per_frame * ctx,
+        }
+        f_total = sum(flops.values())
+        b_total = sum(bytes_.values())
+        t_c = f_total / H100_BF16_FLOPS * 1000
+        t_m = b_total / H100_HBM_BYTES_PER_S * 1000
+        rows.append(
+            {
+                "ctx_frames": ctx,
+                "ctx_seconds": ctx * FRAME_SECONDS,
+                "flops": flops,
+                "bytes": bytes_,
+                "gflops": f_total / 1e9,
+                "gbytes": b_total / 1e9,
+                "compute_ms": t_c,
+                "memory_ms": t_m,
+                "frame_ms": max(t_c, t_m),
+            }
+        )
+    # 目前伺服器的做法：每區塊以區塊因果遮罩重算整段前綴（28 秒 = 1400 個編碼器幀）。
+    t_enc = wh.max_source_positions - 100
+    prefix_flops = 2 * enc * t_enc + 4 * wh.encoder_layers * wh.d_model * t_enc * t_enc / 2
+    prefix_ms = prefix_flops / chunk_frames / H100_BF16_FLOPS * 1000
+    # 首包：客戶端量的「送出第 f 幀 → 收到第 f 幀」至少要等區塊湊滿加一幀的計算；
+    # 使用者感受到的（說完 → 聽到）再加上 vad 策略的靜音判定與開口的下一幀。
+    step = rows[0]["frame_ms"]
+    fp_client = (chunk_frames - 1) * FRAME_BUDGET_MS + step
+    fp_user = end_silence_ms + FRAME_BUDGET_MS + fp_client
+    w_bytes = rows[0]["bytes"]["weights_llm"]
+    return {
+        "params_total": total,
+        "params": dict(counts),
+        "kv_bytes_per_frame": kv_per_frame,
+        "rows": rows,
+        "prefix_reencode_ms_per_frame_at_28s": prefix_ms,
+        "first_packet_client_floor_ms": fp_client,
+        "first_packet_user_floor_ms": fp_user,
+        "ridge_batch": H100_BF16_FLOPS / H100_HBM_BYTES_PER_S / 1.0,  # FLOP/byte；bf16 時≈批次
+        "sessions_hbm_fit_30s": int((H100_HBM_BYTES - w_bytes * 1.1) // (kv_per_frame * 750)),
+    }
+
+
+# ---------------------------------------------------------------- 主程式
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--concurrency", default="1,4,8", help="同時會話數（逗號分隔）")
+    p.add_argument("--sessions", type=int, default=8, help="每個同時數的即時會話總數（分輪）")
+    p.add_argument("--no-fast", action="store_true", help="不跑盡快送出的處理即時率")
+    p.add_argument("--barge-offset", type=int, default=10, help="助理開口後第幾幀插話")
+    p.add_argument("--tail-frames", type=int, default=20, help="插話結束後的靜音幀數")
+    p.add_argument("--frame-steps", type=int, default=100, help="每幀計算比較的步數（0 跳過）")
+    p.add_argument("--torch-threads", type=int, default=1, help="與伺服器預設相同")
+    p.add_argument("--no-serving", action="store_true", help="跳過服務端到端量測")
+    p.add_argument("--assets-dir", default="/tmp/speakllm_bench_serving_assets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-arg", action="append", default=[], help="伺服器設定覆寫，可重複")
+    p.add_argument("--json", default="", help="另把所有量測寫成 JSON")
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    report: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    t_all = time.perf_counter()
+    print(f"bench_serving: {time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} CPU cores")
+    model_dir, voila_dir = build_demo_assets(args.assets_dir, seed=args.seed)
+    print(f"demo assets: {model_dir.parent} ({time.perf_counter() - t_all:.1f} s)")
+
+    from configs.serving import get_config
+
+    scfg = get_config()
+    for ov in args.server_arg:
+        key, _, val = ov.removeprefix("--config.").partition("=")
+        if key in scfg:
+            scfg[key] = type(scfg[key])(val)
+
+    if not args.no_serving:
+        server = ServerProcess(model_dir, voila_dir, args.server_arg)
+        try:
+            wave, start, onset = build_clip(server.target, args.barge_offset, args.tail_frames)
+            print(
+                f"clip: {len(wave) / SR:.2f} s; assistant starts at frame {start}, "
+                f"user barges in at frame {onset} ({onset * 40} ms); server {server.target}, "
+                f"compute_workers={scfg.compute_workers}, torch_threads={scfg.torch_threads}, "
+                f"chunk_frames={scfg.chunk_frames}"
+            )
+            levels_out = []
+            for c in levels:
+                t0 = time.perf_counter()
+                rt = run_level(server.target, wave, onset, c, max(args.sessions, c), fast=False)
+                fast = None
+                if not args.no_fast:
+                    fast = run_level(server.target, wave, onset, c, c, fast=True)
+                levels_out.append({"realtime": rt, "fast": fast})
+                print(f"  concurrency {c}: {time.perf_counter() - t0:.1f} s")
+            report["serving"] = {"clip_seconds": len(wave) / SR, "levels": levels_out}
+        finally:
+            server.stop()
+        rows = []
+        for lv in levels_out:
+            rt, fast = lv["realtime"], lv["fast"]
+            c = rt["concurrency"]
+            for name, key, src in [
+                ("first packet ms (client)", "first_packet_ms", rt),
+                ("server trigger->first packet ms", "server_first_packet_ms", rt),
+                ("barge-in stop ms (audio timeline)", "barge_stop_timeline_ms", rt),
+                ("barge-in stop ms (wall clock)", "barge_stop_wall_ms", rt),
+                ("RTF server compute/audio", "server_rtf", rt),
+                ("RTF stream wall/audio (real time)", "stream_rtf", rt),
+                ("RTF processing wall/audio (--fast)", "stream_rtf", fast),
+            ]:
+                if src is None:
+                    continue
+                xs = src[key]
+                rows.append([c, name, len(xs), *pct(xs)])
+        print_table(
+            "Serving (tiny demo model, CPU; client-side; p50/p90/p99)",
+            ["conc", "metric", "n", "p50", "p90", "p99"],
+            rows,
+        )
+        print_table(
+            "Sessions",
+            ["conc", "sessions", "errors", "no_yield", "x realtime (rt)", "x realtime (fast)"],
+            [
+                [
+                    lv["realtime"]["concurrency"],
+                    lv["realtime"]["sessions"],
+                    lv["realtime"]["errors"],
+                    lv["realtime"]["no_yield"],
+                    lv["realtime"]["throughput_x_realtime"],
+                    lv["fast"]["throughput_x_realtime"] if lv["fast"] else float("nan"),
+                ]
+                for lv in levels_out
+            ],
+        )
+
+    if args.frame_steps > 0:
+        fs = frame_step_compare(model_dir, args.frame_steps, args.seed, args.torch_threads)
+        report["frame_step"] = fs
+        pt, jx = pct(fs["torch_ms"]), pct(fs["jax_ms"])
+        print_table(
+            f"Per-frame step (tiny model, CPU, {fs['steps']} free-running steps; "
+            f"torch threads={fs['torch_threads']}; first-step text logits max|diff|="
+            f"{fs['first_step_text_logits_max_abs_diff']:.2e}; JAX first call "
+            f"{fs['jax_first_call_ms']:.0f} ms)",
+            ["impl", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
+            [
+                ["torch frame_step", *pt, float(np.mean(fs["torch_ms"]))],
+                ["jax _frame_step", *jx, float(np.mean(fs["jax_ms"]))],
+                [
+                    "ratio torch/jax",
+                    *(a / b for a, b in zip(pt, jx, strict=True)),
+                    float(np.mean(fs["torch_ms"]) / np.mean(fs["jax_ms"])),
+                ],
+            ],
+        )
+
+    est = full_preset_estimate([750, 7500, 30000], int(scfg.chunk_frames), int(scfg.end_silence_ms))
+    report["h100_estimate"] = est
+    print(
+        f"\nPaper estimate: full preset ({est['params_total'] / 1e9:.2f} B params) on one H100 SXM "
+        f"(989 TFLOP/s bf16, 3.35 TB/s), batch 1, bf16; KV cache "
+        f"{est['kv_bytes_per_frame'] / 1e3:.0f} kB/frame"
+    )
+    print_table(
+        "Per 40 ms frame",
+        ["context", "GFLOP", "GB read", "compute ms", "memory ms", "frame ms", "of 40 ms"],
+        [
+            [
+                f"{r['ctx_seconds']:.0f} s",
+                r["gflops"],
+                r["gbytes"],
+                r["compute_ms"],
+                r["memory_ms"],
+                r["frame_ms"],
+                f"{r['frame_ms'] / FRAME_BUDGET_MS * 100:.0f}%",
+            ]
+            for r in est["rows"]
+        ],
+    )
+    r0 = est["rows"][0]
+    print(
+        "  FLOPs (30 s ctx): " + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in r0["flops"].items())
+    )
+    print(
+        "  bytes (30 s ctx): " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r0["bytes"].items())
+    )
+    print(
+        f"  encoder as implemented (prefix re-encoded each chunk, 28 s session): "
+        f"+{est['prefix_reencode_ms_per_frame_at_28s']:.2f} ms/frame compute at peak"
+    )
+    budgets = ", ".join(f"{k} {v:.0f} ms" for k, v in FIRST_PACKET_BUDGETS_MS.items())
+    print(
+        f"  first-packet floor (chunk_frames={scfg.chunk_frames}): client-measured "
+        f"{est['first_packet_client_floor_ms']:.0f} ms; user-perceived with vad end_silence "
+        f"{scfg.end_silence_ms} ms: {est['first_packet_user_floor_ms']:.0f} ms (budgets: {budgets})"
+    )
+    print(
+        f"  batching: weights dominate until ~{est['ridge_batch']:.0f} sessions per step "
+        f"(bf16 ridge); KV for 30 s sessions fits ~{est['sessions_hbm_fit_30s']} sessions in 80 GB"
+    )
+    print(f"\ntotal {time.perf_counter() - t_all:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
