@@ -29,10 +29,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_phase_chain_on_8_devices(demo_dir: Path, tmp_path: Path) -> None:
     env = dict(os.environ, SPEAKLLM_DEMO_DIR=str(demo_dir))
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 "
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-    )
+    # XLA_FLAGS 沿用 tests/conftest.py 的設定（8 個模擬裝置與集體通訊的穩定性旗標）。
     prev = ""
     for phase, steps in STEPS.items():
         workdir = tmp_path / phase
