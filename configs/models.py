@@ -9,6 +9,32 @@ from __future__ import annotations
 import ml_collections
 
 PRESETS = ("tiny", "full")
+# 預設區塊中出現的結構欄位（tiny 逐一寫出；full 由模型模組的官方預設取得）。
+_WHISPER_FIELDS = (
+    "num_mel_bins",
+    "d_model",
+    "encoder_layers",
+    "encoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_layers",
+    "decoder_attention_heads",
+    "decoder_ffn_dim",
+    "max_source_positions",
+    "max_target_positions",
+    "vocab_size",
+)
+_QWEN_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "max_position_embeddings",
+)
 
 
 def whisper_preset(name: str) -> ml_collections.ConfigDict:
@@ -30,21 +56,11 @@ def whisper_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
-        return ml_collections.ConfigDict(
-            dict(
-                num_mel_bins=80,
-                d_model=1024,
-                encoder_layers=24,
-                encoder_attention_heads=16,
-                encoder_ffn_dim=4096,
-                decoder_layers=24,
-                decoder_attention_heads=16,
-                decoder_ffn_dim=4096,
-                max_source_positions=1500,
-                max_target_positions=448,
-                vocab_size=51865,
-            )
-        )
+        # 與 `speakllm_jax.models.whisper.whisper_medium()` 同一份事實，不在這裡重抄數字。
+        from speakllm_jax.models.whisper import whisper_medium
+
+        medium = whisper_medium()
+        return ml_collections.ConfigDict({k: getattr(medium, k) for k in _WHISPER_FIELDS})
     raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
 
 
@@ -66,20 +82,11 @@ def qwen_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
-        return ml_collections.ConfigDict(
-            dict(
-                vocab_size=152_064,
-                hidden_size=3584,
-                intermediate_size=18_944,
-                num_hidden_layers=28,
-                num_attention_heads=28,
-                num_key_value_heads=4,
-                rope_theta=1_000_000.0,
-                rms_norm_eps=1e-6,
-                tie_word_embeddings=False,
-                max_position_embeddings=32_768,
-            )
-        )
+        # 與 `Qwen2Config.qwen2_5_7b()` 同一份事實，不在這裡重抄數字。
+        from speakllm_jax.models.qwen2 import Qwen2Config
+
+        q7b = Qwen2Config.qwen2_5_7b()
+        return ml_collections.ConfigDict({k: getattr(q7b, k) for k in _QWEN_FIELDS})
     raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
 
 

@@ -136,9 +136,9 @@ def _initial_state(
     cfg: ml_collections.ConfigDict,
     tx: Any,
     shardings: TrainState,
+    init_fn: Any,
 ) -> TrainState:
     patterns = tuple(cfg.trainable)
-    init_fn, _ = make_init_fn(task, patterns, tx, int(cfg.seed))
     if cfg.checkpoint.init_from:
         state = jax.jit(init_fn, out_shardings=shardings)()
         prev = Checkpointer(Path(cfg.checkpoint.init_from) / "checkpoints", async_save=False)
@@ -186,7 +186,7 @@ def train(
     if True:  # 網格只透過明確的分片使用，不設全域網格（NNX 會把邏輯名當成網格軸）
         abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(int(cfg.seed))))
         abstract, shardings = state_sharding_tree(abstract_model, patterns, tx, mesh)
-        _, graphdef = make_init_fn(task, patterns, tx, int(cfg.seed))
+        init_fn, graphdef = make_init_fn(task, patterns, tx, int(cfg.seed))
         data = task.make_data(jax.process_index(), jax.process_count())
         ckpt = Checkpointer(
             workdir / "checkpoints",
@@ -202,7 +202,7 @@ def train(
             )
             state, _ = ckpt.restore(resumed, target, data)
         else:
-            state = _initial_state(task, cfg, tx, shardings)
+            state = _initial_state(task, cfg, tx, shardings, init_fn)
 
         n_train = count_params(abstract.params)
         n_all = n_train + count_params(abstract.frozen)
