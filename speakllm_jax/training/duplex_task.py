@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grain
@@ -23,30 +22,9 @@ from flax import nnx
 
 from speakllm_jax.training.losses import masked_cross_entropy
 from speakllm_jax.training.task import DataIterator, Task, register_task
-from speakllm_jax.training.tasks import _tokenizer
+from speakllm_jax.training.tasks import GrainBatches, _tokenizer
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised")
-
-
-class _Batches(DataIterator):
-    """Grain 迭代器的包裝：狀態以 JSON bytes 存入檢查點。"""
-
-    def __init__(self, iterator: Any, skips: dict[str, int]):
-        self.iterator = iterator
-        self.skips = skips
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self.iterator)
-
-    def get_state(self) -> bytes:
-        return json.dumps({"inner": self.iterator.get_state()}).encode()
-
-    def set_state(self, state: bytes) -> None:
-        d = json.loads(state.decode() if isinstance(state, bytes) else state)
-        self.iterator.set_state(d["inner"])
-
-    def skip_report(self) -> dict[str, int]:
-        return dict(self.skips)
 
 
 class DuplexTransform:
@@ -195,7 +173,7 @@ class DuplexTask(Task):
             .filter(lambda x: x is not None)
             .batch(local, drop_remainder=True)
         )
-        return _Batches(iter(ds), skips)
+        return GrainBatches(iter(ds), skipped=skips)
 
     def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
         return {"mel": ("batch", None, None)}

@@ -18,17 +18,28 @@ from speakllm_jax.training.task import DataIterator, Task, register_task
 
 
 class GrainBatches(DataIterator):
-    """把 Grain 批次迭代器包成引擎用的迭代器：只留數值欄位，並累計略過數。"""
+    """把 Grain 批次迭代器包成引擎用的迭代器，狀態以 JSON bytes 存入檢查點。
 
-    def __init__(self, iterator: Any, fields: tuple[str, ...]):
+    `fields` 給定時只留這些數值欄位（否則整批原樣傳回）。略過數累計在 `skipped`：批次自帶的
+    `skipped` 欄位會加進來；也可傳入與逐筆轉換共用的計數字典。恢復時就地更新該字典。
+    """
+
+    def __init__(
+        self,
+        iterator: Any,
+        fields: tuple[str, ...] | None = None,
+        skipped: dict[str, int] | None = None,
+    ):
         self.iterator = iterator
         self.fields = fields
-        self.skipped: dict[str, int] = {}
+        self.skipped: dict[str, int] = {} if skipped is None else skipped
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.iterator)
         for k, v in batch.get("skipped", {}).items():
             self.skipped[k] = self.skipped.get(k, 0) + int(v)
+        if self.fields is None:
+            return batch
         return {k: np.asarray(batch[k]) for k in self.fields}
 
     def get_state(self) -> bytes:
@@ -37,7 +48,8 @@ class GrainBatches(DataIterator):
     def set_state(self, state: bytes) -> None:
         d = json.loads(state.decode() if isinstance(state, bytes) else state)
         self.iterator.set_state(d["inner"])
-        self.skipped = dict(d.get("skipped", {}))
+        self.skipped.clear()
+        self.skipped.update(d.get("skipped", {}))
 
     def skip_report(self) -> dict[str, int]:
         return dict(self.skipped)
