@@ -9,13 +9,18 @@
   串流牆鐘 ÷ 音訊長度，以及 `--fast` 盡快送出時的處理即時率）。
   每個會話送同一段約 3.8 秒的片段：espeak-ng 中文一句 1.2 秒 → 靜音（助理開口）→
   助理開口後第 `--barge-offset` 幀插入 1 秒使用者語音（打斷）→ 靜音（助理再開口一次）。
+- 兩種語音頭的首包延遲（同一次執行）：voila（Voila-Tokenizer 逐幀解碼，16 kHz）對 cosyvoice2
+  （talker 逐幀一個語音碼 → token2wav 串流，24 kHz），後者分別用 tiny token2wav 的分塊
+  （`static_chunk_size=10`）與官方分塊（25，其餘同 tiny）；每個語音頭一個伺服器子行程、
+  即時送出「一句話 + 靜音」，印出客戶端首包 p50 與對 voila 的比值。
 - 每幀計算：PyTorch 孿生的 `frame_step` 對 JAX `_frame_step`（同一個匯出的 tiny 模型、
   自由執行、同樣的使用者串流輸入）。
 - 紙上估算：full 預設（Whisper-medium + Qwen2.5-7B + 4 層深度 Transformer）在 H100 SXM 上的
   每幀時間 max(計算, 記憶體)，對照 40 ms 幀預算與 Voila 195 ms／Moshi 約 200 ms 首包預算。
 
 用法：`python benchmarks/bench_serving.py [--concurrency 1,4,8] [--sessions 8] [--no-fast]
-[--frame-steps 100] [--assets-dir DIR] [--json out.json]`（預設約 2–3 分鐘，2 核 CPU）。
+[--head-sessions 3] [--no-heads] [--frame-steps 100] [--assets-dir DIR] [--json out.json]`
+（預設約 3–4 分鐘，2 核 CPU）。只比語音頭：`--no-serving --frame-steps 0`。
 """
 
 from __future__ import annotations
@@ -94,12 +99,25 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 
 
 class ServerProcess:
-    """以 `python -m export.serving.server` 子行程啟動伺服器（隨機埠），讀出 `listening on`。"""
+    """以 `python -m export.serving.server` 子行程啟動伺服器（隨機埠），讀出 `listening on`。
 
-    def __init__(self, model_dir: Path, voila_dir: Path, overrides: list[str]) -> None:
+    `model_dir`、`voila_dir` 給定時以設定指定模型；`launch_args` 為其他命令列參數（例如
+    `--demo-assets DIR --demo-head cosyvoice2`）。
+    """
+
+    def __init__(
+        self,
+        model_dir: Path | None,
+        voila_dir: Path | None,
+        overrides: list[str],
+        launch_args: list[str] | None = None,
+    ) -> None:
         cmd = [sys.executable, "-m", "export.serving.server", "--config", "serving"]
-        cmd += [f"--config.model_dir={model_dir}", f"--config.voila_dir={voila_dir}"]
-        cmd += ["--config.port=0", "--config.max_sessions=64", *overrides]
+        if model_dir is not None:
+            cmd += [f"--config.model_dir={model_dir}"]
+        if voila_dir is not None:
+            cmd += [f"--config.voila_dir={voila_dir}"]
+        cmd += [*(launch_args or []), "--config.port=0", "--config.max_sessions=64", *overrides]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         line = ""
@@ -233,6 +251,94 @@ def run_level(
         "stream_rtf": stream_rtf,
         "throughput_x_realtime": len(ok) * audio_s / sum(walls),
     }
+
+
+def prepare_head_assets(assets_dir: Path, seed: int) -> list[tuple[str, list[str]]]:
+    """三種語音頭設定的示範資產；回傳 [(名稱, 伺服器啟動參數)]。
+
+    voila 用 `assets_dir` 本身（與服務量測同一組示範資產），cosyvoice2 放在 `assets_dir/heads/`。
+    cosyvoice2 的兩種 token2wav 共用同一個匯出模型（第二份資料夾以符號連結指向它），只差在
+    flow 的分塊大小：tiny 的 10 與官方的 25（串流 hop 取分塊大小，首包要湊滿 hop + 3 個預看）。
+    """
+    from export.cosyvoice2.flow import FLOW_TINY
+    from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
+
+    voila = Path(assets_dir)
+    base = voila / "heads"
+    cosy = base / "cosyvoice2"
+    cosy25 = base / "cosyvoice2_chunk25"
+    build_demo_assets(voila, seed=seed)
+    build_demo_assets(cosy, seed=seed, speech_head="cosyvoice2")
+    cosy25.mkdir(parents=True, exist_ok=True)
+    if not (cosy25 / "model").exists():
+        (cosy25 / "model").symlink_to((cosy / "model").resolve(), target_is_directory=True)
+    if not (cosy25 / "token2wav" / TOKEN2WAV_CONFIG).exists():
+        save_random_token2wav(
+            cosy25 / "token2wav", flow={**FLOW_TINY, "static_chunk_size": 25}, seed=seed
+        )
+    demo = ["--demo-assets"]
+    return [
+        ("voila", [*demo, str(voila), "--demo-head", "voila"]),
+        ("cosyvoice2 (chunk 10)", [*demo, str(cosy), "--demo-head", "cosyvoice2"]),
+        ("cosyvoice2 (chunk 25)", [*demo, str(cosy25), "--demo-head", "cosyvoice2"]),
+    ]
+
+
+def heads_first_packet(
+    heads: list[tuple[str, list[str]]], sessions: int, overrides: list[str]
+) -> list[dict[str, Any]]:
+    """每種語音頭：啟動伺服器，即時送出「一句話 1.2 秒 + 靜音 4 秒」`sessions` 次，量首包。"""
+    from speakllm_jax.data.demo_corpus import synth
+
+    speech = synth(SENTENCE, "cmn")
+    wave = np.concatenate([speech[: int(1.2 * SR)], np.zeros(4 * SR, np.float32)])
+    out = []
+    for name, launch in heads:
+        t0 = time.perf_counter()
+        server = ServerProcess(None, None, overrides, launch)
+        try:
+            stream_audio(server.target, wave, fast=True)  # 暖機（第一次前向較慢）
+            fpl, srv, rates, lag = [], [], set(), []
+            for _ in range(sessions):
+                r = stream_audio(server.target, wave, fast=False, timeout=300.0)
+                if r.status.name != "OK":
+                    raise RuntimeError(f"{name}: 串流失敗 {r.status.name} {r.detail}")
+                summ = r.summary()
+                fpl += summ["first_packet_latency_ms"]
+                srv += [x for x in summ["server_first_packet_latency_ms"] if x >= 0]
+                rates |= {int(a.sample_rate) for a in r.of("audio")}
+                lag += first_packet_lag_frames(r)
+        finally:
+            server.stop()
+        out.append(
+            {
+                "head": name,
+                "sessions": sessions,
+                "output_sample_rate": sorted(rates),
+                "first_packet_ms": fpl,
+                "server_first_packet_ms": srv,
+                "first_packet_lag_frames": lag,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(f"  {name}: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def first_packet_lag_frames(res: StreamResult) -> list[int]:
+    """每輪第一個音訊片段收到時，客戶端已送出的最後一個輸入幀減去該片段的幀號（幀數）。"""
+    sent = sorted(res.send_times.items(), key=lambda kv: kv[1])
+    out: list[int] = []
+    seen = False
+    for m, t in zip(res.messages, res.recv_times, strict=True):
+        kind = m.WhichOneof("payload")
+        if kind == "event" and m.event.kind == pb.Event.SPEAKING:
+            seen = True
+        elif kind == "audio" and seen:
+            seen = False
+            last = max((f for f, ts in sent if ts <= t), default=-1)
+            out.append(last - int(m.audio.seq))
+    return out
 
 
 def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: int) -> dict:
@@ -432,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-steps", type=int, default=100, help="每幀計算比較的步數（0 跳過）")
     p.add_argument("--torch-threads", type=int, default=1, help="與伺服器預設相同")
     p.add_argument("--no-serving", action="store_true", help="跳過服務端到端量測")
+    p.add_argument("--no-heads", action="store_true", help="跳過兩種語音頭的首包比較")
+    p.add_argument("--head-sessions", type=int, default=3, help="每種語音頭的即時會話數")
     p.add_argument("--assets-dir", default="/tmp/speakllm_bench_serving_assets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-arg", action="append", default=[], help="伺服器設定覆寫，可重複")
@@ -509,6 +617,32 @@ def main(argv: list[str] | None = None) -> int:
                     lv["fast"]["throughput_x_realtime"] if lv["fast"] else float("nan"),
                 ]
                 for lv in levels_out
+            ],
+        )
+
+    if not args.no_heads:
+        heads = prepare_head_assets(Path(args.assets_dir), args.seed)
+        print(f"\nspeech heads ({args.head_sessions} real-time sessions each, concurrency 1):")
+        hres = heads_first_packet(heads, args.head_sessions, args.server_arg)
+        report["speech_heads"] = hres
+        ref = pct(hres[0]["first_packet_ms"])[0]
+        print_table(
+            "First packet per speech head (tiny demo model, CPU, real time; client-side ms)",
+            ["head", "rate Hz", "n", "p50", "p90", "server p50", "lag frames", "ratio p50/voila"],
+            [
+                [
+                    h["head"],
+                    ",".join(str(x) for x in h["output_sample_rate"]),
+                    len(h["first_packet_ms"]),
+                    pct(h["first_packet_ms"])[0],
+                    pct(h["first_packet_ms"])[1],
+                    pct(h["server_first_packet_ms"])[0],
+                    float(np.median(h["first_packet_lag_frames"]))
+                    if h["first_packet_lag_frames"]
+                    else float("nan"),
+                    pct(h["first_packet_ms"])[0] / ref,
+                ]
+                for h in hres
             ],
         )
 

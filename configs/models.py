@@ -1,5 +1,8 @@
 """模型預設：`tiny`（測試與示範用，CPU 上數秒即可訓練）與 `full`（Whisper-medium + Qwen2.5-7B-Instruct）。
 
+`speech_head="cosyvoice2"` 時說話頭為 CosyVoice2 的 talker（`talker` 區塊：tiny 為 2 層、寬 64；
+full 為 Qwen2.5-0.5B），思考者的語音碼輸入嵌入改為 1 個碼本、6561 + 3 個碼（`speech` 區塊不用）。
+
 欄位名稱與 `speakllm_jax.models.whisper.WhisperConfig`、`speakllm_jax.models.qwen2.Qwen2Config`
 一致；`whisper_path` / `qwen_path` 指向官方 Hugging Face 資料夾時，訓練開始前會載入其權重。
 """
@@ -105,9 +108,13 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
             remat="none" if preset == "tiny" else "dots_no_batch",
             scan_layers=True,
             connector=dict(stack=2, hidden=0),
-            # 第 0 階段不需要語音頭；第 1–3 階段設為 "voila"（Voila-Tokenizer 4×2048 碼）。
+            # 第 0 階段不需要語音頭；第 1–3 階段設為 "voila"（Voila-Tokenizer 4×2048 碼）
+            # 或 "cosyvoice2"（CosyVoice2 talker，使用下面的 talker 區塊）。
             speech_head="none",
             speech=speech_preset(preset),
+            talker=talker_preset(preset),
+            # 官方 CosyVoice2 `llm.pt`（或同鍵 safetensors）；給定時載入 talker 權重。
+            talker_path="",
             max_chars_per_token=4,
             num_emotions=0,
         )
@@ -141,3 +148,25 @@ def speech_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
+
+
+def talker_preset(name: str) -> ml_collections.ConfigDict:
+    """CosyVoice2 talker 的尺寸（`speech_head="cosyvoice2"` 時使用）；full 為 Qwen2.5-0.5B。
+
+    欄位對應 `speakllm_jax.models.cosyvoice2_talker.TalkerConfig`（`thinker_hidden` 由思考者
+    的寬度決定，不在這裡設定）；`qwen` 子區塊為主幹結構。
+    """
+    if name == "tiny":
+        # tiny 的 talker 主幹與 tiny 的思考者 Qwen 同尺寸（同一個真實 Qwen 詞表）。
+        qwen = qwen_preset("tiny").to_dict()
+    elif name == "full":
+        # 與 `Qwen2Config.qwen2_5_0_5b()` 同一份事實。
+        from speakllm_jax.models.qwen2 import Qwen2Config
+
+        q05 = Qwen2Config.qwen2_5_0_5b()
+        qwen = {k: getattr(q05, k) for k in _QWEN_FIELDS}
+    else:
+        raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
+    return ml_collections.ConfigDict(
+        dict(speech_token_size=6561, fusion="residual", fusion_hidden=0, qwen=qwen)
+    )

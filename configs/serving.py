@@ -1,7 +1,8 @@
 """全雙工語音服務（`python -m export.serving.server --config serving`）的設定。
 
 每個欄位都可在命令列以 `--config.欄位=值` 覆寫，例如
-`--config.model_dir=/path/export --config.voila_dir=/path/Voila-Tokenizer --config.device=cuda`。
+`--config.model_dir=/path/export --config.voila_dir=/path/Voila-Tokenizer --config.device=cuda`；
+CosyVoice2 頭改給 `--config.token2wav_dir=/path/CosyVoice2-0.5B`。
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # 模型：`export.to_torch` 匯出的資料夾與 Voila-Tokenizer（EncodecModel）資料夾。
+    # 模型：`export.to_torch` 匯出的資料夾，以及語音頭對應的解碼器：Voila 頭用 Voila-Tokenizer
+    # （EncodecModel）資料夾，CosyVoice2 頭用 token2wav 資料夾（flow.pt、hift.pt、token2wav.json）。
     c.model_dir = ""
     c.voila_dir = ""
+    c.token2wav_dir = ""
     c.device = "cpu"
     c.dtype = "float32"
     c.attn_implementation = "sdpa"

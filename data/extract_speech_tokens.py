@@ -2,6 +2,8 @@
 
 python data/extract_speech_tokens.py --tokenizer voila --manifest M.jsonl --output OUT \
     --checkpoint /path/to/Voila-Tokenizer [--batch_size 8] [--device cpu]
+python data/extract_speech_tokens.py --tokenizer cosyvoice2 --manifest M.jsonl --output OUT \
+    --checkpoint DIR   # DIR 內有 s3tokenizer 版面的 speech_tokenizer_v2.pt（25 Hz，碼本 6561）
 
 OUT 為資料夾（每句一個 .npy）或單一 .npz；重跑時已完成的語句直接跳過。
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.data.cosyvoice2_tokens import S3CheckpointError  # noqa: E402
 from speakllm_jax.data.speech_tokens import (  # noqa: E402
     SUPPORTED_TOKENIZERS,
     extract_speech_tokens,
@@ -29,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--manifest", required=True, help="輸入 JSONL 清單")
     p.add_argument("--output", required=True, help="輸出資料夾或 .npz 檔")
-    p.add_argument("--checkpoint", required=True, help="本機模型資料夾（例如 Voila-Tokenizer）")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="本機模型資料夾（Voila-Tokenizer；cosyvoice2 為含 speech_tokenizer_v2.pt 的資料夾）",
+    )
     p.add_argument("--batch_size", type=int, default=8, help="每批語句數")
     p.add_argument("--device", default="cpu", help="PyTorch 裝置：cpu、cuda、cuda:0")
     p.add_argument("--max_seconds", type=float, default=60.0, help="長於此秒數的語句略過")
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             device=a.device,
             max_seconds=a.max_seconds,
         )
-    except NotImplementedError as e:
+    except (NotImplementedError, S3CheckpointError) as e:
         print(f"錯誤：{e}", file=sys.stderr)
         return 2
     print(report.table())

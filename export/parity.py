@@ -8,8 +8,14 @@
 - `duplex_chunked`：同上但編碼器用區塊因果遮罩。
 - `streaming_teacher`：短對話逐幀串流（KV 快取、區塊編碼、教師強制、情緒條件），每一步的文字／輪替／
   語音碼 logits 對 JAX `run_streaming(..., teacher=...)`；`per_step` 列出每一幀的最大差。
-- `streaming_free`：自由執行（貪婪選字、深度 Transformer 產生語音碼）；記錄各幀選出的符號、
-  輪替與語音碼是否完全相同，以及 logits 差。
+- `streaming_free`：自由執行（貪婪選字、深度 Transformer 或 talker 產生語音碼）；記錄各幀選出的
+  符號、輪替與語音碼是否完全相同，以及 logits 差。
+- `talker_interleaved`（只有 `speech_head="cosyvoice2"`）：talker 單獨以 CosyVoice2 的交錯序列
+  前向（文字／語音／sos／task 混合、帶填充、文字位置有思考者隱狀態融合）的語音詞表 logits，
+  驗證 `talker/` 的官方 `llm.pt` 鍵佈局在原生用法下也一致。
+
+cosyvoice2 的全雙工與串流檢查另帶 `text_out`（思考者每幀輸出的文字，talker 的融合輸入）；
+語音碼為 1 個碼本、6564 個碼，talker 以自己的 KV 快取逐幀前進。
 
 `max_abs_diff` 為以上所有 logits 差的最大值。
 """
@@ -30,12 +36,18 @@ def fp32_copy(model: Any) -> Any:
     from speakllm_jax.models.speakllm import SpeakLLM
 
     c = model.cfg
-    if jnp.dtype(c.qwen.dtype) == jnp.float32 and jnp.dtype(c.whisper.dtype) == jnp.float32:
+    talker = getattr(c, "talker", None)
+    dtypes = [c.qwen.dtype, c.whisper.dtype] + ([talker.qwen.dtype] if talker else [])
+    if all(jnp.dtype(d) == jnp.float32 for d in dtypes):
         return model
+    extra = {}
+    if talker is not None:
+        extra["talker"] = talker.replace(qwen=talker.qwen.replace(dtype=jnp.float32))
     cfg = dataclasses.replace(
         c,
         whisper=c.whisper.replace(dtype=jnp.float32),
         qwen=c.qwen.replace(dtype=jnp.float32),
+        **extra,
     )
     copy = nnx.eval_shape(lambda: SpeakLLM(cfg, rngs=nnx.Rngs(0)))
     state = jax_tree_to_f32(nnx.state(model))
@@ -73,7 +85,7 @@ def _inputs(model: Any, rng: np.random.Generator, b: int, n: int) -> dict[str, n
     if b > 1:
         fmask[1, f - 2 * stack * 2 :] = False
         frame_mask[1, n - 2 :] = False
-    return {
+    out = {
         "features": feats,
         "feature_mask": fmask,
         "text_in": rng.integers(0, c.qwen.vocab_size, (b, n)).astype(np.int32),
@@ -84,6 +96,10 @@ def _inputs(model: Any, rng: np.random.Generator, b: int, n: int) -> dict[str, n
         "frame_mask": frame_mask,
         "cond_ids": rng.integers(0, c.qwen.vocab_size, (b,)).astype(np.int32),
     }
+    if c.speech_head == "cosyvoice2":
+        # 思考者每幀輸出的文字（talker 的融合輸入）；只在 cosyvoice2 抽，voila 的亂數序列不變。
+        out["text_out"] = rng.integers(0, c.qwen.vocab_size, (b, n)).astype(np.int32)
+    return out
 
 
 def check_asr(jax_model: Any, torch_model: Any, rng: np.random.Generator) -> dict[str, float]:
@@ -127,13 +143,19 @@ def check_duplex(
         "codes_target",
         "frame_mask",
     )
+    cosy = jax_model.cfg.speech_head == "cosyvoice2"
+    text_out = x.get("text_out")
     ref = jax_model.duplex_forward(
         *(jnp.asarray(x[k]) for k in keys),
         cond_ids=jnp.asarray(x["cond_ids"]),
         chunk_frames=chunk_frames,
+        **({"text_out": jnp.asarray(text_out)} if cosy else {}),
     )
     got = torch_model.duplex_forward(
-        *(x[k] for k in keys), cond_ids=x["cond_ids"], chunk_frames=chunk_frames
+        *(x[k] for k in keys),
+        cond_ids=x["cond_ids"],
+        chunk_frames=chunk_frames,
+        text_out=text_out,
     )
     if set(ref) != set(got):
         raise ValueError(f"輸出鍵不同：JAX {sorted(ref)}，PyTorch {sorted(got)}")
@@ -152,9 +174,10 @@ def check_streaming(
 
     x = _inputs(jax_model, rng, 1, frames)
     pad = int(torch_model.cfg.pad_id)
-    teacher = {
-        k: x[k] for k in ("text_in", "tones_in", "codes_in", "codes_in_valid", "codes_target")
-    }
+    keys = ["text_in", "tones_in", "codes_in", "codes_in_valid", "codes_target"]
+    if jax_model.cfg.speech_head == "cosyvoice2":
+        keys.append("text_out")
+    teacher = {k: x[k] for k in keys}
     cond = x["cond_ids"]
     ref = run_streaming(
         jax_model, x["features"], frames, chunk_frames, teacher=teacher, cond_ids=cond, pad_id=pad
@@ -192,6 +215,39 @@ def check_streaming(
     return teacher_report, free_report
 
 
+def check_talker_interleaved(
+    jax_model: Any, torch_model: Any, rng: np.random.Generator
+) -> dict[str, float]:
+    """cosyvoice2：talker 單獨以交錯序列前向（含融合、填充）的 logits 差。"""
+    import jax.numpy as jnp
+    import torch
+
+    talker = jax_model.speech_head
+    tc = talker.cfg
+    b, length = 2, 14
+    kind = rng.integers(0, 2, (b, length)).astype(np.int32)  # 文字或語音
+    kind[:, 0] = 2  # sos
+    kind[:, 5] = 3  # task_id
+    text_ids = rng.integers(0, tc.qwen.vocab_size, (b, length))
+    speech_ids = rng.integers(0, tc.num_speech_tokens, (b, length))
+    ids = np.where(kind == 0, text_ids, speech_ids).astype(np.int32)
+    mask = np.ones((b, length), bool)
+    mask[1, length - 4 :] = False
+    hidden = rng.normal(size=(b, length, tc.thinker_hidden)).astype(np.float32)
+    ref = talker.forward_interleaved(
+        jnp.asarray(ids), jnp.asarray(kind), jnp.asarray(mask), jnp.asarray(hidden)
+    )
+    with torch.no_grad():
+        got = torch_model.talker.forward_interleaved(
+            torch.from_numpy(ids).long(),
+            torch.from_numpy(kind).long(),
+            torch.from_numpy(mask),
+            torch.from_numpy(hidden),
+        )
+    valid = mask[..., None]
+    return {"logits": _diff(np.asarray(ref) * valid, got.numpy() * valid)}
+
+
 def check_parity(jax_model: Any, torch_model: Any, seed: int = 0) -> dict[str, Any]:
     """執行全部檢查，回傳可寫成 JSON 的報告（`max_abs_diff` 為所有 logits 差的最大值）。"""
     import torch
@@ -201,12 +257,14 @@ def check_parity(jax_model: Any, torch_model: Any, seed: int = 0) -> dict[str, A
     torch_model = torch_model.float()
     report: dict[str, Any] = {"seed": int(seed), "dtype": "float32"}
     report["asr"] = check_asr(model, torch_model, rng)
-    if model.cfg.speech_head == "voila":
+    if model.cfg.speech_head in ("voila", "cosyvoice2"):
         report["duplex"] = check_duplex(model, torch_model, rng)
         report["duplex_chunked"] = check_duplex(model, torch_model, rng, chunk_frames=4)
         report["streaming_teacher"], report["streaming_free"] = check_streaming(
             model, torch_model, rng
         )
+    if model.cfg.speech_head == "cosyvoice2":
+        report["talker_interleaved"] = check_talker_interleaved(model, torch_model, rng)
     diffs: list[float] = []
     for part in report.values():
         if isinstance(part, dict):

@@ -9,9 +9,19 @@
   `architectures=["WhisperEncoder"]`），以 `transformers.models.whisper.modeling_whisper.WhisperEncoder
   .from_pretrained` 讀取。語音大模型沒有 Whisper 解碼器的權重，所以不寫 `WhisperModel` 資料夾
   （那需要假造一個隨機解碼器）。
-- `DIR/depth/`：（有語音頭時）Voila 式深度 Transformer，本身就是一個 `Qwen2ForCausalLM`。
-- `DIR/heads.safetensors` + `DIR/heads_config.json`：連接器、語音碼嵌入、深度輸入投影與碼本位置、
-  輪替／聲調／情緒頭與聲調嵌入（PyTorch `state_dict` 的鍵與佈局），以及重建所需的設定值。
+- `DIR/depth/`：（`speech_head="voila"`）Voila 式深度 Transformer，本身就是一個 `Qwen2ForCausalLM`。
+- `DIR/talker/`：（`speech_head="cosyvoice2"`）CosyVoice2 的 talker：
+  `llm.safetensors` 的鍵與官方 `llm.pt`（`Qwen2LM.state_dict()`）相同——`llm.model.model.*`、
+  `llm.model.lm_head.weight`、`llm_embedding.weight`、`speech_embedding.weight`、
+  `llm_decoder.{weight,bias}`——另加本專案的融合模組 `fusion.{proj_in,proj_out,gate}.{weight,bias}`；
+  `talker_config.json` 為主幹的 HF `config.json` 內容（`qwen`）與 `speech_token_size`、
+  `thinker_hidden`、`fusion`、`fusion_hidden`。選 safetensors 而不是 `torch.save` 的 `.pt`：
+  不經 pickle、可記憶體映射，JAX 端 `load_cosyvoice2_llm` 與 PyTorch 端都能直接讀；需要官方格式時
+  `torch.save(safetensors.torch.load_file("talker/llm.safetensors"), "llm.pt")` 即得同鍵的
+  `llm.pt`（官方程式以 `strict=False` 載入時忽略 `fusion.*`）。
+- `DIR/heads.safetensors` + `DIR/heads_config.json`：連接器、思考者的語音碼嵌入、深度輸入投影與
+  碼本位置（voila）、輪替／聲調／情緒頭與聲調嵌入（PyTorch `state_dict` 的鍵與佈局），以及重建
+  所需的設定值。
 - `DIR/tokenizer/`：含專案特殊符號的分詞器（`save_pretrained`）。
 - `DIR/parity.json`：匯出當下以隨機輸入（fp32）量測的 JAX 與 PyTorch 孿生的最大絕對差。
 - `DIR/export_info.json`：來源執行資料夾、步數、階段。
@@ -27,7 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from export.torch_model import HEADS_CONFIG, HEADS_FILE, HeadsConfig
+from export.torch_model import (
+    HEADS_CONFIG,
+    HEADS_FILE,
+    TALKER_CONFIG,
+    TALKER_DIR,
+    TALKER_WEIGHTS,
+    HeadsConfig,
+)
 
 
 def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
@@ -69,10 +86,11 @@ def heads_state_dict(model: Any, cfg: HeadsConfig) -> dict[str, Any]:
         **lin("connector.fc1", conn.fc1),
         **lin("connector.fc2", conn.fc2),
     }
-    if cfg.speech_head == "voila":
+    if cfg.has_speech:
         sd["audio_embed"] = _np(model.audio_embed.table)
-        sd.update(lin("depth_in_proj", model.speech_head.in_proj, bias=False))
-        sd["codebook_pos"] = _np(model.speech_head.codebook_pos)
+        if cfg.speech_head == "voila":
+            sd.update(lin("depth_in_proj", model.speech_head.in_proj, bias=False))
+            sd["codebook_pos"] = _np(model.speech_head.codebook_pos)
         sd.update(lin("turn_head", model.turn_head))
         sd["tone_embed.weight"] = _np(model.tone_embed.embedding)
         sd.update(lin("tone_head", model.tone_head))
@@ -82,6 +100,32 @@ def heads_state_dict(model: Any, cfg: HeadsConfig) -> dict[str, Any]:
         k: torch.from_numpy(np.array(v, dtype=np.float32, order="C", copy=True))
         for k, v in sd.items()
     }
+
+
+def talker_config_dict(talker: Any) -> dict[str, Any]:
+    """JAX `CosyVoice2Talker` 的設定 → `talker_config.json` 的內容。"""
+    t = talker.cfg
+    return {
+        "format": "cosyvoice2_llm",
+        "qwen": t.qwen.to_hf_dict(),
+        "speech_token_size": int(t.speech_token_size),
+        "thinker_hidden": int(t.thinker_hidden),
+        "fusion": str(t.fusion),
+        "fusion_hidden": int(t.fusion_hidden),
+    }
+
+
+def save_talker(talker: Any, directory: str | Path) -> Path:
+    """寫出 `talker/`：`llm.safetensors`（官方 `llm.pt` 鍵佈局 + `fusion.*`）與 `talker_config.json`。"""
+    from speakllm_jax.checkpoints.cosyvoice2_llm import save_cosyvoice2_llm
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_cosyvoice2_llm(talker, d / TALKER_WEIGHTS, include_fusion=True)
+    (d / TALKER_CONFIG).write_text(
+        json.dumps(talker_config_dict(talker), indent=2) + "\n", encoding="utf-8"
+    )
+    return d
 
 
 def export_model(
@@ -109,6 +153,10 @@ def export_model(
         save_qwen2(model.speech_head.depth, out / "depth")
     elif (out / "depth").exists():
         shutil.rmtree(out / "depth")
+    if cfg.speech_head == "cosyvoice2":
+        save_talker(model.speech_head, out / TALKER_DIR)
+    elif (out / TALKER_DIR).exists():
+        shutil.rmtree(out / TALKER_DIR)
     save_file(heads_state_dict(model, cfg), str(out / HEADS_FILE), metadata={"format": "pt"})
     (out / HEADS_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:

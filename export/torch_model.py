@@ -9,8 +9,11 @@
 - 想：`transformers.Qwen2ForCausalLM`（`llm/`，LoRA 已合併）。位置編號與 JAX 相同由注意力遮罩累加
   （填充處為 1），並傳入自建的 4D 加性遮罩（因果且只看有效鍵），因此填充夾在序列中間時也與
   JAX 相同。
-- 說：深度 Transformer 本身是 `Qwen2ForCausalLM`（`depth/`）；連接器、語音碼嵌入、聲調嵌入與
-  各個頭是本檔的小模組（`heads.safetensors`，設定在 `heads_config.json`）。
+- 說：`speech_head="voila"` 時深度 Transformer 本身是 `Qwen2ForCausalLM`（`depth/`）；
+  `speech_head="cosyvoice2"` 時是 CosyVoice2 的 talker（`talker/`，官方 `llm.pt` 的鍵佈局加上
+  融合模組，重建為 `export.cosyvoice2.talker.CosyVoice2TalkerTorch`），逐幀以自己的 KV 快取
+  產生一個語音碼。連接器、思考者的語音碼嵌入、聲調嵌入與各個頭是本檔的小模組
+  （`heads.safetensors`，設定在 `heads_config.json`）。
 
 方法與 JAX 的 `SpeakLLM` 同名同義：`encode_audio`、`asr_logits`、`frame_inputs`、`duplex_forward`、
 `heads_forward`；串流則有 `frame_step`（一幀，使用 transformers 的 KV 快取）與 `stream`（整段，
@@ -31,6 +34,10 @@ from torch import nn
 
 HEADS_FILE = "heads.safetensors"
 HEADS_CONFIG = "heads_config.json"
+TALKER_DIR = "talker"
+TALKER_WEIGHTS = "llm.safetensors"
+TALKER_CONFIG = "talker_config.json"
+SPEECH_HEADS = ("none", "voila", "cosyvoice2")
 NUM_TURN_ACTIONS = 5
 NUM_TONES = 6
 # 自由執行時「在說話」的輪替動作：speak、continue、backchannel（與 JAX 串流相同）。
@@ -64,9 +71,15 @@ class HeadsConfig:
         if missing:
             raise ValueError(f"{source} 缺少欄位 {missing}")
         kw = {k: v for k, v in d.items() if k in names}
-        if kw.get("speech_head", "none") not in ("none", "voila"):
-            raise ValueError(f"{source} 的 speech_head={kw['speech_head']!r}；只支援 none、voila")
+        if kw.get("speech_head", "none") not in SPEECH_HEADS:
+            raise ValueError(
+                f"{source} 的 speech_head={kw['speech_head']!r}；只支援 {'、'.join(SPEECH_HEADS)}"
+            )
         return cls(**kw)
+
+    @property
+    def has_speech(self) -> bool:
+        return self.speech_head in ("voila", "cosyvoice2")
 
 
 def _t(
@@ -132,11 +145,12 @@ class SpeechHeads(nn.Module):
         self.connector = TorchConnector(
             cfg.whisper_d_model, d, cfg.connector_stack, cfg.connector_hidden
         )
-        if cfg.speech_head == "voila":
+        if cfg.has_speech:
             q, c = cfg.num_codebooks, cfg.codebook_size
             self.audio_embed = nn.Parameter(torch.zeros(q, c, d))
-            self.depth_in_proj = nn.Linear(d, cfg.depth_hidden, bias=False)
-            self.codebook_pos = nn.Parameter(torch.zeros(q, cfg.depth_hidden))
+            if cfg.speech_head == "voila":
+                self.depth_in_proj = nn.Linear(d, cfg.depth_hidden, bias=False)
+                self.codebook_pos = nn.Parameter(torch.zeros(q, cfg.depth_hidden))
             self.turn_head = nn.Linear(d, NUM_TURN_ACTIONS)
             self.tone_embed = nn.Embedding(NUM_TONES, d)
             self.tone_head = nn.Linear(d, cfg.max_chars_per_token * NUM_TONES)
@@ -152,8 +166,19 @@ class SpeechHeads(nn.Module):
         return out
 
 
+@dataclass
+class DuplexCache:
+    """`speech_head="cosyvoice2"` 的串流快取：思考者（LLM）與 talker 各自的 transformers KV 快取。"""
+
+    llm: Any
+    talker: Any
+
+    def get_seq_length(self) -> int:
+        return int(self.llm.get_seq_length())
+
+
 class TorchSpeakLLM(nn.Module):
-    """Whisper 編碼器 + 連接器 + Qwen2 + Voila 式語音頭的 PyTorch 版本。"""
+    """Whisper 編碼器 + 連接器 + Qwen2 + 語音頭（Voila 深度 Transformer 或 CosyVoice2 talker）。"""
 
     def __init__(
         self,
@@ -162,15 +187,19 @@ class TorchSpeakLLM(nn.Module):
         llm: nn.Module,
         heads: SpeechHeads,
         depth: nn.Module | None = None,
+        talker: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if cfg.speech_head == "voila" and depth is None:
             raise ValueError("speech_head='voila' 需要深度 Transformer（depth/ 資料夾）")
+        if cfg.speech_head == "cosyvoice2" and talker is None:
+            raise ValueError("speech_head='cosyvoice2' 需要 talker（talker/ 資料夾）")
         self.cfg = cfg
         self.encoder = encoder
         self.llm = llm
         self.heads = heads
         self.depth = depth
+        self.talker = talker
 
     # ---------------------------------------------------------------- 基本件
 
@@ -307,8 +336,30 @@ class TorchSpeakLLM(nn.Module):
         return self.llm.lm_head(hidden[:, -n - 1 : -1]).float()
 
     def _require_speech(self) -> None:
-        if self.cfg.speech_head != "voila":
+        if not self.cfg.has_speech:
             raise ValueError("此模型沒有語音頭（speech_head='none'），不能做全雙工前向")
+
+    @property
+    def is_cosyvoice2(self) -> bool:
+        return self.cfg.speech_head == "cosyvoice2"
+
+    def talker_logits(
+        self,
+        hidden: torch.Tensor,
+        text_out: torch.Tensor | None,
+        codes_in: torch.Tensor | None,
+        codes_in_valid: torch.Tensor | None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """cosyvoice2：整段幀模式 talker → `[B, N, 1, 6564]`（同 JAX `SpeakLLM.speech_logits`）。"""
+        if text_out is None:
+            raise ValueError("speech_head='cosyvoice2' 需要 text_out（思考者每幀輸出的文字符號）")
+        if codes_in is None or codes_in_valid is None:
+            raise ValueError("speech_head='cosyvoice2' 需要上一幀語音碼 codes_in／codes_in_valid")
+        logits = self.talker.forward_frames(
+            hidden, text_out, codes_in[..., 0], codes_in_valid, frame_mask
+        )
+        return logits[:, :, None]
 
     def frame_inputs(
         self,
@@ -363,15 +414,24 @@ class TorchSpeakLLM(nn.Module):
         codes_target: torch.Tensor,
         user: torch.Tensor | None = None,
         frame_mask: torch.Tensor | None = None,
+        *,
+        text_out: torch.Tensor | None = None,
+        codes_in: torch.Tensor | None = None,
+        codes_in_valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """由每幀隱狀態計算各頭輸出（同 JAX `SpeakLLM.heads`）。"""
+        """由每幀隱狀態計算各頭輸出（同 JAX `SpeakLLM.heads`；cosyvoice2 另需 `text_out` 與
+        上一幀語音碼）。"""
         self._require_speech()
         h = self.heads
         b, n, _ = hidden.shape
+        if self.is_cosyvoice2:
+            codes = self.talker_logits(hidden, text_out, codes_in, codes_in_valid, frame_mask)
+        else:
+            codes = self.depth_logits(hidden, codes_target)
         out = {
             "hidden": hidden,
             "text": self.llm.lm_head(hidden).float(),
-            "codes": self.depth_logits(hidden, codes_target),
+            "codes": codes,
             "turn": h.turn_head(hidden).float(),
             "tones": h.tone_head(hidden)
             .float()
@@ -402,9 +462,13 @@ class TorchSpeakLLM(nn.Module):
         frame_mask: Any,
         cond_ids: Any = None,
         chunk_frames: int | None = None,
+        text_out: Any = None,
     ) -> dict[str, torch.Tensor]:
-        """全雙工整段前向（教師強制），輸入輸出同 JAX `SpeakLLM.duplex_forward`。"""
+        """全雙工整段前向（教師強制），輸入輸出同 JAX `SpeakLLM.duplex_forward`
+        （cosyvoice2 必須給 `text_out [B, N]`）。"""
         self._require_speech()
+        if self.is_cosyvoice2 and text_out is None:
+            raise ValueError("speech_head='cosyvoice2' 的全雙工前向需要 text_out（每幀文字目標）")
         user, user_mask = self.encode_audio(features, feature_mask, chunk_frames)
         text = self._in(text_in, torch.long)
         n = text.shape[1]
@@ -422,15 +486,26 @@ class TorchSpeakLLM(nn.Module):
         )
         fmask = self._in(frame_mask).bool()
         hidden = self.llm_hidden(x, fmask)
-        return self.heads_forward(hidden, self._in(codes_target, torch.long), user, fmask)
+        extra = {}
+        if self.is_cosyvoice2:
+            extra = {
+                "text_out": self._in(text_out, torch.long),
+                "codes_in": self._in(codes_in, torch.long),
+                "codes_in_valid": self._in(codes_in_valid).bool(),
+            }
+        return self.heads_forward(hidden, self._in(codes_target, torch.long), user, fmask, **extra)
 
     # ---------------------------------------------------------------- 串流
 
     def new_cache(self) -> Any:
-        """空的 transformers KV 快取（`DynamicCache`）。"""
+        """空的串流快取：voila 為 transformers `DynamicCache`；cosyvoice2 為 `DuplexCache`
+        （思考者與 talker 各一個 `DynamicCache`）。"""
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.llm.config)
+        llm_cache = DynamicCache(config=self.llm.config)
+        if self.is_cosyvoice2:
+            return DuplexCache(llm_cache, self.talker.new_cache())
+        return llm_cache
 
     @torch.no_grad()
     def frame_step(
@@ -441,14 +516,27 @@ class TorchSpeakLLM(nn.Module):
         prev: dict[str, torch.Tensor],
         codes_target: torch.Tensor | None = None,
         cond_ids: torch.Tensor | None = None,
+        text_out: torch.Tensor | None = None,
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """一幀：組輸入 → LLM 一步（KV 快取，位置 `position`）→ 文字、輪替與語音碼。
 
         `user_t [B, 1, d]`；`prev` 含助理上一幀的 `text [B,1]`、`tones [B,1,K]`、`codes [B,1,Q]`、
         `codes_valid [B,1]`。給 `codes_target [B,1,Q]` 時為教師強制（回傳語音碼 logits），
-        否則由深度 Transformer 貪婪產生語音碼。回傳（更新後的快取, 輸出字典）。
+        否則貪婪產生語音碼：voila 由深度 Transformer 產生 Q 個碼；cosyvoice2 由 talker 以自己的
+        KV 快取前進一幀，輸入為 fusion(這一幀隱狀態, 這一幀文字) + 上一幀語音碼嵌入，只在
+        一般語音碼（< 6561）中取最大者。cosyvoice2 教師強制時 `text_out [B,1]` 為這一幀的文字
+        目標（自由執行用這一幀貪婪選出的文字）。回傳（更新後的快取, 輸出字典）。
         """
         self._require_speech()
+        talker_cache = None
+        if self.is_cosyvoice2:
+            if not isinstance(cache, DuplexCache):
+                raise ValueError(
+                    "speech_head='cosyvoice2' 的 frame_step 需要 new_cache() 的 DuplexCache"
+                )
+            if codes_target is not None and text_out is None:
+                raise ValueError("speech_head='cosyvoice2' 的教師強制需要 text_out（這一幀文字）")
+            cache, talker_cache = cache.llm, cache.talker
         cond = None if cond_ids is None else self.embed(cond_ids)
         x = self.frame_inputs(
             user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
@@ -465,6 +553,18 @@ class TorchSpeakLLM(nn.Module):
             "text": self.llm.lm_head(hidden).float(),
             "turn": self.heads.turn_head(hidden).float(),
         }
+        if self.is_cosyvoice2:
+            if codes_target is None:
+                text_out = torch.argmax(out["text"], dim=-1)
+            logits, talker_cache = self.talker.step(
+                talker_cache, hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"]
+            )
+            if codes_target is not None:
+                out["codes"] = logits[:, :, None]
+                out["code_ids"] = codes_target
+            else:
+                out["code_ids"] = self.talker.greedy_codes(logits)[..., None]
+            return DuplexCache(res.cache, talker_cache), out
         if codes_target is not None:
             out["codes"] = self.depth_logits(hidden, codes_target)
             out["code_ids"] = codes_target
@@ -482,7 +582,7 @@ class TorchSpeakLLM(nn.Module):
         cond_ids: Any = None,
         pad_id: int | None = None,
     ) -> dict[str, np.ndarray | None]:
-        """逐幀執行整段對話（同 JAX `run_streaming`）。
+        """逐幀執行整段對話（同 JAX `run_streaming`；cosyvoice2 教師強制另需 `teacher["text_out"]`）。
 
         回傳 numpy：`text_logits [B,N,V]`、`turn_logits [B,N,5]`、`code_logits`（教師強制時
         `[B,N,Q,C]`，否則 None）、`text [B,N]`、`turn [B,N]`、`codes [B,N,Q]`。
@@ -506,6 +606,8 @@ class TorchSpeakLLM(nn.Module):
         }
         cond = None if cond_ids is None else self._in(cond_ids, torch.long)
         tch = None if teacher is None else {key: self._in(v) for key, v in teacher.items()}
+        if self.is_cosyvoice2 and tch is not None and "text_out" not in tch:
+            raise ValueError("speech_head='cosyvoice2' 的教師強制串流需要 teacher['text_out']")
         cache = self.new_cache()
         text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
         total_mel = feats.shape[2]
@@ -516,6 +618,7 @@ class TorchSpeakLLM(nn.Module):
                 user, _ = self.encode_audio(feats[:, :, :mel_len], None, chunk_enc)
             user_t = user[:, t : t + 1]
             target = None
+            text_out = None
             if tch is not None:
                 prev = {
                     "text": tch["text_in"][:, t : t + 1].long(),
@@ -524,7 +627,9 @@ class TorchSpeakLLM(nn.Module):
                     "codes_valid": tch["codes_in_valid"][:, t : t + 1].bool(),
                 }
                 target = tch["codes_target"][:, t : t + 1].long()
-            cache, out = self.frame_step(cache, t, user_t, prev, target, cond)
+                if self.is_cosyvoice2:
+                    text_out = tch["text_out"][:, t : t + 1].long()
+            cache, out = self.frame_step(cache, t, user_t, prev, target, cond, text_out)
             tok = torch.argmax(out["text"][:, 0], dim=-1)
             act = torch.argmax(out["turn"][:, 0], dim=-1)
             text_l.append(out["text"][:, 0].cpu().numpy())
@@ -566,6 +671,52 @@ def load_heads_config(path: str | Path) -> HeadsConfig:
     return HeadsConfig.from_dict(d, str(p))
 
 
+def load_talker(
+    directory: str | Path,
+    attn_implementation: str = "eager",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """讀 `talker/`（`llm.safetensors` + `talker_config.json`）→ `CosyVoice2TalkerTorch`（評估模式）。
+
+    權重檔的鍵即官方 `llm.pt` 的佈局（另有 `fusion.*`），以 strict 載入：缺少或多出的鍵都指名報錯。
+    """
+    import transformers
+    from safetensors.torch import load_file
+
+    from export.cosyvoice2.talker import CosyVoice2TalkerTorch
+
+    root = Path(directory)
+    cfg_path, weights = root / TALKER_CONFIG, root / TALKER_WEIGHTS
+    for p in (cfg_path, weights):
+        if not p.exists():
+            raise FileNotFoundError(f"talker 資料夾 {root} 缺少 {p.name}")
+    try:
+        tc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} 不是有效的 JSON：{e}") from e
+    missing_fields = [
+        k for k in ("qwen", "speech_token_size", "thinker_hidden", "fusion") if k not in tc
+    ]
+    if missing_fields:
+        raise ValueError(f"{cfg_path} 缺少欄位 {missing_fields}")
+    qcfg = transformers.Qwen2Config(**tc["qwen"])
+    qcfg._attn_implementation = attn_implementation
+    talker = CosyVoice2TalkerTorch(
+        qcfg,
+        speech_token_size=int(tc["speech_token_size"]),
+        thinker_hidden=int(tc["thinker_hidden"]),
+        fusion=str(tc["fusion"]),
+        fusion_hidden=int(tc.get("fusion_hidden", 0)),
+    )
+    state = load_file(str(weights))
+    missing, unexpected = talker.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} 與 {TALKER_CONFIG} 不符：缺少 {sorted(missing)}，多出 {sorted(unexpected)}"
+        )
+    return talker.to(dtype).eval()
+
+
 def load_exported(
     directory: str | Path,
     attn_implementation: str = "eager",
@@ -593,6 +744,13 @@ def load_exported(
         if not (root / "depth").exists():
             raise FileNotFoundError(f"匯出資料夾 {root} 缺少 depth（speech_head='voila'）")
         depth = Qwen2ForCausalLM.from_pretrained(root / "depth", **kw)
+    talker = None
+    if cfg.speech_head == "cosyvoice2":
+        if not (root / TALKER_DIR).exists():
+            raise FileNotFoundError(
+                f"匯出資料夾 {root} 缺少 {TALKER_DIR}（speech_head='cosyvoice2'）"
+            )
+        talker = load_talker(root / TALKER_DIR, attn_implementation, dtype)
     heads = SpeechHeads(cfg)
     state = load_file(str(root / HEADS_FILE))
     missing, unexpected = heads.load_state_dict(state, strict=False)
@@ -600,5 +758,5 @@ def load_exported(
         raise ValueError(
             f"{root / HEADS_FILE} 與 heads_config.json 不符：缺少 {missing}，多出 {unexpected}"
         )
-    model = TorchSpeakLLM(cfg, encoder, llm, heads.to(dtype), depth)
+    model = TorchSpeakLLM(cfg, encoder, llm, heads.to(dtype), depth, talker)
     return model.to(device).eval()

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["asr"] = {k: v for k, v in report["asr"].items() if k != "items"}
     if "duplex" in report:
         summary["duplex"] = report["duplex"]["metrics"]
+        if "emotion" in report["duplex"]:
+            summary["emotion_accuracy"] = report["duplex"]["emotion"]["accuracy"]
     print(json.dumps(summary, ensure_ascii=False, indent=2, default=float))
     return 0
 

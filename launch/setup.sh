@@ -18,3 +18,6 @@ fi
 
 python -m pip install -q --disable-pip-version-check -r requirements.txt
 python -m pip install -q --disable-pip-version-check --no-deps -e .
+# 測試用的參考實作（只當數值對照的標準答案，不在產品路徑上）：s3tokenizer 的 PyTorch 版
+# S3TokenizerV2；它頂層匯入的 onnx、torchaudio 在測試中以空模組替代，所以不裝它的相依套件。
+python -m pip install -q --disable-pip-version-check --no-deps "s3tokenizer==0.3.0" einops

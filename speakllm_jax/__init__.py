@@ -3,7 +3,12 @@
 在 TPU／CPU 上以 JAX 與 Flax NNX 訓練，匯出至 PyTorch 於 GPU 上服務。
 """
 
-from flax import nnx as _nnx
+from speakllm_jax.cpu_simulation import widen_cpu_thread_pool as _widen
+
+# 模擬多裝置時放大 XLA CPU 執行緒池（要在 JAX 建立後端之前）。
+_widen()
+
+from flax import nnx as _nnx  # noqa: E402
 
 # 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；
 # 分片一律由 `speakllm_jax.training.sharding` 依規則表對應到網格。

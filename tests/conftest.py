@@ -11,6 +11,10 @@ CPU_MESH_FLAGS = (
     "--xla_cpu_collective_call_terminate_timeout_seconds=300"
 )
 os.environ.setdefault("XLA_FLAGS", CPU_MESH_FLAGS)
+# XLA CPU 的執行緒池預設與模擬裝置數相同（8）。集體通訊在 rendezvous 等待時占住池中的執行緒；
+# 當 7–8 個執行緒都在等，最後一個裝置的計算排不到執行緒 → 永久卡死（2 核高負載時常見）。
+# 把池放大到 16（PJRT 讀 `PJRT_NPROC`），等待中的裝置之外仍有執行緒可用。
+os.environ.setdefault("PJRT_NPROC", "16")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,3 +32,20 @@ def qwen_tokenizer_dir(tmp_path_factory):
     from speakllm_jax.text.tokenizer import build_qwen_tokenizer_dir
 
     return build_qwen_tokenizer_dir(tmp_path_factory.mktemp("tok") / "qwen2")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(request, tmp_path_factory):
+    """每個測試模組一份示範語料資料夾，模組執行期間設為 `SPEAKLLM_DEMO_DIR`（結束後還原）。
+
+    示範資料在第一次用到時才產生（訓練、評估各自呼叫 `ensure_demo_*`）。
+    """
+    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    d = tmp_path_factory.mktemp(f"demo_{name}")
+    old = os.environ.get("SPEAKLLM_DEMO_DIR")
+    os.environ["SPEAKLLM_DEMO_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("SPEAKLLM_DEMO_DIR", None)
+    else:
+        os.environ["SPEAKLLM_DEMO_DIR"] = old

@@ -168,3 +168,30 @@ def test_instructions_and_vad_truth(demo):
             assert _rms(wave[int(s * sr) + 1 : int(e * sr) - 1]) < 0.003
         for s, e in rec["speech"]:
             assert _rms(wave[int(s * sr) : int(e * sr)]) > 0.02
+
+
+def test_emotion_labels_and_styles(demo):
+    demo, _ = demo
+    from speakllm_jax.data.demo_corpus import (
+        ASSISTANT_VOICE,
+        DEMO_EMOTIONS,
+        EMOTION_STYLES,
+        styled,
+        synth,
+    )
+
+    metas = [json.loads(p.read_text("utf-8")) for p in sorted((demo / "dialogues").glob("*.json"))]
+    lines = (demo / "instructions" / "instructions.jsonl").read_text("utf-8").splitlines()
+    rows = [json.loads(x) for x in lines]
+    labels = [m["emotion"] for m in metas] + [r["emotion"] for r in rows]
+    # 對話接著指令，依序輪流五種情緒；回應風格與情緒相同。
+    assert labels == [DEMO_EMOTIONS[i % len(DEMO_EMOTIONS)] for i in range(len(labels))]
+    assert all(m["response_style"] == m["emotion"] for m in metas + rows)
+    assert set(DEMO_EMOTIONS) == set(EMOTION_STYLES)
+    # 風格真的改變聲音：sad 比 happy 慢（同一句更長）、音量小。
+    happy = synth("今天天氣很好", *styled(ASSISTANT_VOICE, "happy"))
+    sad = synth("今天天氣很好", *styled(ASSISTANT_VOICE, "sad"))
+    assert len(sad) > 1.3 * len(happy)
+    assert np.sqrt(np.mean(sad**2)) < np.sqrt(np.mean(happy**2))
+    with pytest.raises(ValueError, match="calm"):
+        styled(ASSISTANT_VOICE, "calm")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jiwer
@@ -13,18 +12,6 @@ from speakllm_jax.eval.evaluate import evaluate_run
 from speakllm_jax.text.normalize import normalize_for_scoring
 from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("demo_eval")
-    old = os.environ.get("SPEAKLLM_DEMO_DIR")
-    os.environ["SPEAKLLM_DEMO_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("SPEAKLLM_DEMO_DIR", None)
-    else:
-        os.environ["SPEAKLLM_DEMO_DIR"] = old
 
 
 def _run(phase: str, workdir: Path, *extra: str) -> None:
@@ -42,7 +29,9 @@ def _run(phase: str, workdir: Path, *extra: str) -> None:
 
 
 def test_asr_report_matches_jiwer(demo_dir: Path, tmp_path: Path) -> None:
-    _run("phase0", tmp_path, "--config.data.bucket_frames=(800,)", "--config.data.max_text_tokens=24")
+    _run(
+        "phase0", tmp_path, "--config.data.bucket_frames=(800,)", "--config.data.max_text_tokens=24"
+    )
     report = evaluate_run(tmp_path, max_utts=3)
     asr = report["asr"]
     assert report["step"] == 2 and asr["utterances"] == 3
@@ -52,6 +41,7 @@ def test_asr_report_matches_jiwer(demo_dir: Path, tmp_path: Path) -> None:
     # 純中文句子：MER 等於把每個漢字當一個詞時 jiwer 的 WER。
     zh = [it for it in asr["items"] if it["language"] == "zh"]
     if zh:
+
         def chars(s: str) -> str:
             return " ".join(normalize_for_scoring(s).replace(" ", "")) or "<empty>"
 
@@ -65,9 +55,31 @@ def test_asr_report_matches_jiwer(demo_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_duplex_report(demo_dir: Path, tmp_path: Path) -> None:
-    _run("phase2", tmp_path)
-    report = evaluate_run(tmp_path, max_dialogues=1)
+    # 第 3 階段的模型有情緒頭：報表同時有輪替指標與情緒準確率（示範對話帶情緒標籤）。
+    _run("phase3", tmp_path)
+    report = evaluate_run(tmp_path, max_dialogues=2)
     m = report["duplex"]["metrics"]
-    assert report["duplex"]["dialogues"] == 1
+    assert report["duplex"]["dialogues"] == 2
     assert "barge_in" in m and "backchannel" in m
+    emo = report["duplex"]["emotion"]
+    assert emo["segments"] == 2 and sum(map(sum, emo["confusion"])) == 2
+    # 示範語料的前兩段對話依序是 neutral、happy。
+    assert [emo["per_class"][c]["count"] for c in ("neutral", "happy")] == [1, 1]
+    assert 0.0 <= emo["accuracy"] <= 1.0
+    assert any(p.endswith("emotion_confusion.png") for p in report["plots"])
     assert all(Path(p).exists() for p in report["plots"])
+
+
+def test_emotion_report_on_hand_made_labels() -> None:
+    from speakllm_jax.eval.emotion import emotion_report
+
+    classes = ("neutral", "happy", "sad")
+    r = emotion_report(
+        ["happy", "happy", "sad", "neutral"], ["happy", "sad", "sad", "happy"], classes
+    )
+    assert r["accuracy"] == 0.5
+    assert r["confusion"] == [[0, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert r["per_class"]["happy"] == {"count": 2, "recall": 0.5}
+    assert r["per_class"]["neutral"]["recall"] == 0.0
+    with pytest.raises(ValueError, match="calm"):
+        emotion_report(["calm"], ["happy"], classes)

@@ -9,7 +9,6 @@ transformers 載入 LLM 與 Whisper 編碼器並與 JAX 比對 logits／隱狀�
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,18 +26,6 @@ from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("demo_export")
-    old = os.environ.get("SPEAKLLM_DEMO_DIR")
-    os.environ["SPEAKLLM_DEMO_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("SPEAKLLM_DEMO_DIR", None)
-    else:
-        os.environ["SPEAKLLM_DEMO_DIR"] = old
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +231,200 @@ def test_phase0_model_exports_without_speech_head(demo_dir: Path, tmp_path: Path
     tm = load_exported(tmp_path / "p0")
     with pytest.raises(ValueError, match="speech_head"):
         tm.duplex_forward(*([None] * 8))
+
+
+# ---------------------------------------------------------------- CosyVoice2 語音頭
+
+
+@pytest.fixture(scope="module")
+def cosy(tmp_path_factory: pytest.TempPathFactory):
+    """`speech_head="cosyvoice2"` 的 tiny 全雙工模型（第 2 階段設定、隨機初始化）與其匯出。"""
+    from speakllm_jax.training.task import get_task
+
+    task = get_task(load_config("phase2", ["--config.model.speech_head=cosyvoice2"]))
+    model = task.build_model(nnx.Rngs(4))
+    out = tmp_path_factory.mktemp("export_cosy") / "torch"
+    report = to_torch.export_model(model, out, task.tokenizer, pad_id=task.pad_id, parity_seed=2)
+    return task, model, out, report
+
+
+def test_cosyvoice2_export_layout_and_parity(cosy) -> None:
+    from safetensors import safe_open
+
+    from export.torch_model import TALKER_CONFIG, TALKER_DIR, TALKER_WEIGHTS
+
+    task, model, out, report = cosy
+    for name in ("llm", "whisper_encoder", "tokenizer", "heads.safetensors", TALKER_DIR):
+        assert (out / name).exists(), name
+    assert not (out / "depth").exists()
+    heads_cfg = json.loads((out / HEADS_CONFIG).read_text())
+    assert heads_cfg["speech_head"] == "cosyvoice2"
+    assert (heads_cfg["num_codebooks"], heads_cfg["codebook_size"]) == (1, 6564)
+    tcfg = json.loads((out / TALKER_DIR / TALKER_CONFIG).read_text())
+    assert tcfg["thinker_hidden"] == model.cfg.qwen.hidden_size
+    assert tcfg["qwen"]["hidden_size"] == model.cfg.talker.qwen.hidden_size
+
+    # 官方 llm.pt 的鍵佈局（Qwen2LM.state_dict）+ 融合模組。
+    tc = model.cfg.talker
+    d = tc.qwen.hidden_size
+    with safe_open(str(out / TALKER_DIR / TALKER_WEIGHTS), "np") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert shapes["speech_embedding.weight"] == (6564, d)
+    assert shapes["llm_embedding.weight"] == (2, d)
+    assert shapes["llm_decoder.weight"] == (6564, d) and shapes["llm_decoder.bias"] == (6564,)
+    assert shapes["llm.model.model.embed_tokens.weight"] == (tc.qwen.vocab_size, d)
+    assert "llm.model.lm_head.weight" in shapes
+    for i in range(tc.qwen.num_hidden_layers):
+        assert f"llm.model.model.layers.{i}.self_attn.q_proj.bias" in shapes
+    assert {"fusion.proj_in.weight", "fusion.gate.bias"} <= set(shapes)
+
+    assert report["dtype"] == "float32" and report["seed"] == 2
+    assert set(report["duplex"]) == {"codes", "hidden", "text", "tones", "turn"}
+    assert len(report["streaming_teacher"]["per_step"]) == 8
+    assert report["streaming_free"]["ids_equal"] is True
+    assert "talker_interleaved" in report
+    diffs = _all_floats({k: v for k, v in report.items() if isinstance(v, dict)})
+    assert len(diffs) > 20 and max(diffs) <= TOL
+    assert json.loads((out / "parity.json").read_text())["max_abs_diff"] == pytest.approx(
+        report["max_abs_diff"]
+    )
+
+
+def test_cosyvoice2_twin_matches_jax_forward_and_steps(cosy) -> None:
+    """整段前向（含 talker 融合）與逐幀（思考者與 talker 各自的 KV 快取）都與 JAX 相同。"""
+    from speakllm_jax.models.streaming import run_streaming
+
+    task, model, out, _ = cosy
+    tm = load_exported(out)
+    c = model.cfg
+    rng = np.random.default_rng(21)
+    b, n = 1, 6
+    f = 4 * n
+    x = {
+        "features": rng.normal(size=(b, c.whisper.num_mel_bins, f)).astype(np.float32),
+        "feature_mask": np.ones((b, f), bool),
+        "text_in": rng.integers(0, c.qwen.vocab_size, (b, n)).astype(np.int32),
+        "tones_in": rng.integers(0, 6, (b, n, c.max_chars_per_token)).astype(np.int32),
+        "codes_in": rng.integers(0, 6564, (b, n, 1)).astype(np.int32),
+        "codes_in_valid": rng.random((b, n)) < 0.7,
+        "codes_target": rng.integers(0, 6564, (b, n, 1)).astype(np.int32),
+        "frame_mask": np.ones((b, n), bool),
+    }
+    text_out = rng.integers(0, c.qwen.vocab_size, (b, n)).astype(np.int32)
+    ref = model.duplex_forward(
+        **{k: jnp.asarray(v) for k, v in x.items()},
+        chunk_frames=2,
+        text_out=jnp.asarray(text_out),
+    )
+    got = tm.duplex_forward(**x, chunk_frames=2, text_out=text_out)
+    assert got["codes"].shape == (b, n, 1, 6564)
+    for key in ("text", "codes", "turn", "tones", "hidden"):
+        assert float(np.max(np.abs(np.asarray(ref[key]) - got[key].numpy()))) <= TOL, key
+    # 融合真的用到思考者隱狀態：換掉 text_out 會改變語音碼 logits。
+    other = tm.duplex_forward(**x, chunk_frames=2, text_out=(text_out + 1) % c.qwen.vocab_size)
+    assert float((other["codes"] - got["codes"]).abs().max()) > 100 * TOL
+
+    # 逐幀教師強制：一步的 KV 快取前向（思考者 + talker）與整段前向的同一幀一致。
+    user, _ = tm.encode_audio(x["features"], None, chunk_frames=2)
+    cache = tm.new_cache()
+    for t in range(n):
+        prev = {
+            "text": torch.from_numpy(x["text_in"][:, t : t + 1]).long(),
+            "tones": torch.from_numpy(x["tones_in"][:, t : t + 1]).long(),
+            "codes": torch.from_numpy(x["codes_in"][:, t : t + 1]).long(),
+            "codes_valid": torch.from_numpy(x["codes_in_valid"][:, t : t + 1]),
+        }
+        target = torch.from_numpy(x["codes_target"][:, t : t + 1]).long()
+        cache, step = tm.frame_step(
+            cache,
+            t,
+            user[:, t : t + 1],
+            prev,
+            target,
+            None,
+            torch.from_numpy(text_out[:, t : t + 1]),
+        )
+        assert cache.talker.get_seq_length() == t + 1
+        step_ref = np.asarray(ref["codes"][:, t : t + 1])
+        assert float(np.max(np.abs(step_ref - step["codes"].numpy()))) <= TOL, t
+
+    # 自由執行：貪婪文字與 talker 逐幀產生的語音碼與 JAX `run_streaming` 完全相同。
+    frames = 10
+    feats = rng.normal(size=(1, c.whisper.num_mel_bins, 4 * frames)).astype(np.float32)
+    pad = int(task.pad_id)
+    jref = run_streaming(model, feats, frames, 2, pad_id=pad)
+    tgot = tm.stream(feats, frames, 2, pad_id=pad)
+    assert np.array_equal(jref.text, tgot["text"]) and np.array_equal(jref.codes, tgot["codes"])
+    assert tgot["codes"].shape == (1, frames, 1) and int(tgot["codes"].max()) < 6561
+    assert float(np.max(np.abs(jref.text_logits - tgot["text_logits"]))) <= TOL
+
+
+def test_cosyvoice2_talker_folder_errors_are_named(cosy, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from export.torch_model import TALKER_CONFIG, TALKER_DIR, TALKER_WEIGHTS
+
+    _, _, out, _ = cosy
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = broken / TALKER_DIR / TALKER_WEIGHTS
+    state = load_file(str(weights))
+    state.pop("llm_decoder.bias")
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="llm_decoder.bias"):
+        load_exported(broken)
+    (broken / TALKER_DIR / TALKER_CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match=TALKER_CONFIG):
+        load_exported(broken)
+    shutil.rmtree(broken / TALKER_DIR)
+    with pytest.raises(FileNotFoundError, match=TALKER_DIR):
+        load_exported(broken)
+
+
+def test_cosyvoice2_talker_file_reloads_in_jax(cosy) -> None:
+    """`talker/llm.safetensors` 也能由 JAX 的官方佈局讀取器讀回，前向與原 talker 相同。"""
+    from export.torch_model import TALKER_DIR, TALKER_WEIGHTS
+    from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm
+
+    _, model, out, _ = cosy
+    talker = model.speech_head
+    back = load_cosyvoice2_llm(out / TALKER_DIR / TALKER_WEIGHTS, talker.cfg)
+    rng = np.random.default_rng(3)
+    n = 5
+    hidden = jnp.asarray(rng.normal(size=(1, n, talker.cfg.thinker_hidden)), jnp.float32)
+    text = jnp.asarray(rng.integers(0, 1000, (1, n)), jnp.int32)
+    codes = jnp.asarray(rng.integers(0, 6561, (1, n)), jnp.int32)
+    valid = jnp.ones((1, n), bool)
+    a = np.asarray(talker.forward_frames(hidden, text, codes, valid))
+    b = np.asarray(back.forward_frames(hidden, text, codes, valid))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_cosyvoice2_trained_run_exports_via_cli(
+    demo_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """訓練 `speech_head="cosyvoice2"` 兩步後以 `python -m export.to_torch` 匯出：有 talker/、
+    parity.json 的每一項差都在 1e-4 以內（約 2 分鐘，標為 slow）。"""
+    from export.torch_model import TALKER_DIR
+
+    workdir = tmp_path_factory.mktemp("run_cosy")
+    cfg = load_config(
+        "phase2",
+        [
+            "--config.model.speech_head=cosyvoice2",
+            "--config.train.steps=2",
+            "--config.train.batch_size=2",
+            "--config.mesh.data=1",
+            "--config.logging.tensorboard=false",
+        ],
+    )
+    train(cfg, workdir, progress=False)
+    out = tmp_path_factory.mktemp("export_cosy_run") / "torch"
+    assert to_torch.main(["--checkpoint", str(workdir), "--out", str(out), "--seed", "1"]) == 0
+    assert (out / TALKER_DIR).exists() and not (out / "depth").exists()
+    report = json.loads((out / "parity.json").read_text())
+    assert "talker_interleaved" in report and report["streaming_free"]["ids_equal"] is True
+    diffs = _all_floats({k: v for k, v in report.items() if isinstance(v, dict)})
+    assert len(diffs) > 20 and max(diffs) <= TOL
+    assert json.loads((out / "export_info.json").read_text())["step"] == 2

@@ -3,7 +3,8 @@
 用法：`python -m export.serving.client stream --audio x.wav --out reply.wav [--fast]
 [--target 127.0.0.1:50051] [--token T] [--tail-seconds 2.0] [--policy vad|model]`
 
-輸出的 reply.wav 與輸入同一時間軸（16 kHz）：助理的每個音訊片段放在它的幀位置，其餘為靜音。
+輸出的 reply.wav 與輸入同一時間軸：助理的每個音訊片段放在它的幀位置，其餘為靜音；取樣率為伺服器
+送來的音訊片段的取樣率（voila 16 kHz、cosyvoice2 24 kHz，每片段都是 40 ms）。
 印出（客戶端量測）：
 
 - 首包延遲：每輪第一個助理音訊片段的幀是 f，從送出使用者第 f 幀的片段到收到該音訊片段的牆鐘時間
@@ -53,14 +54,24 @@ class StreamResult:
     def events(self, kind: int | None = None) -> list[pb.Event]:
         return [e for e in self.of("event") if kind is None or e.kind == kind]
 
-    def reply_wave(self, num_frames: int | None = None) -> np.ndarray:
-        """助理音訊放回輸入時間軸（float32，16 kHz）。"""
+    @property
+    def output_rate(self) -> int:
+        """助理音訊的取樣率（第一個音訊片段的 `sample_rate`；沒有音訊時 16 kHz）。"""
         chunks = self.of("audio")
+        return int(chunks[0].sample_rate) if chunks else SAMPLE_RATE
+
+    def reply_wave(self, num_frames: int | None = None) -> np.ndarray:
+        """助理音訊放回輸入時間軸（float32，取樣率為 `output_rate`，每幀 40 ms）。"""
+        chunks = self.of("audio")
+        rates = {int(c.sample_rate) for c in chunks}
+        if len(rates) > 1:
+            raise ValueError(f"助理音訊片段的 sample_rate 不一致：{sorted(rates)}")
+        per = round(self.output_rate * FRAME_SECONDS)
         n = max([num_frames or self.frames_sent] + [c.seq + 1 for c in chunks])
-        out = np.zeros(n * FRAME_SAMPLES, np.float32)
+        out = np.zeros(n * per, np.float32)
         for c in chunks:
             x = np.frombuffer(c.pcm16, dtype="<i2").astype(np.float32) / 32768.0
-            out[c.seq * FRAME_SAMPLES : c.seq * FRAME_SAMPLES + len(x)] = x
+            out[c.seq * per : c.seq * per + len(x)] = x[: max(0, len(out) - c.seq * per)]
         return out
 
     def first_packet_latencies_ms(self) -> list[float]:
@@ -86,6 +97,7 @@ class StreamResult:
             "status": self.status.name,
             "turns": len(metrics),
             "assistant_audio_frames": len(self.of("audio")),
+            "output_sample_rate": self.output_rate,
             "text": "".join(t.text for t in self.of("text")),
             "first_packet_latency_ms": self.first_packet_latencies_ms(),
             "server_first_packet_latency_ms": [m.first_packet_latency_ms for m in metrics],
@@ -197,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         policy=args.policy,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(args.out, res.reply_wave(), SAMPLE_RATE, subtype="PCM_16")
+    sf.write(args.out, res.reply_wave(), res.output_rate, subtype="PCM_16")
     summ = res.summary()
     fpl = summ["first_packet_latency_ms"]
     print(f"status: {summ['status']} {res.detail}".rstrip())
-    print(f"turns: {summ['turns']}, assistant audio frames: {summ['assistant_audio_frames']}")
+    print(
+        f"turns: {summ['turns']}, assistant audio frames: {summ['assistant_audio_frames']} "
+        f"({summ['output_sample_rate']} Hz)"
+    )
     print(
         "first-packet latency (ms): "
         + (", ".join(f"{x:.1f}" for x in fpl) if fpl else "n/a")

@@ -2,7 +2,10 @@
 
 用法：`python -m export.serving.server --config serving --config.model_dir=DIR --config.voila_dir=DIR`
 （其他欄位見 `configs/serving.py`，例如 `--config.device=cuda`、`--config.port=0` 隨機埠）。
-`--demo-assets DIR` 先在 DIR 建立示範用的隨機小模型與 Voila-Tokenizer（需要 JAX），並以它們啟動。
+以 `speech_head="cosyvoice2"` 匯出的模型改給 `--config.token2wav_dir=DIR`（CosyVoice2 的
+`flow.pt`、`hift.pt`），助理音訊為 24 kHz；voila 模型仍是 Voila-Tokenizer 解碼的 16 kHz。
+`--demo-assets DIR [--demo-head voila|cosyvoice2]` 先在 DIR 建立示範用的隨機小模型與對應的語音
+解碼器（需要 JAX），並以它們啟動。
 
 協定見 `duplex.proto`。錯誤狀態：
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -257,7 +261,12 @@ class DuplexServer:
         self.cfg = cfg
         torch.set_num_threads(max(1, int(cfg.torch_threads)))
         self.engine = engine or load_engine(
-            cfg.model_dir, cfg.voila_dir, cfg.device, cfg.dtype, cfg.attn_implementation
+            cfg.model_dir,
+            cfg.get("voila_dir", ""),
+            cfg.device,
+            cfg.dtype,
+            cfg.attn_implementation,
+            token2wav_dir=cfg.get("token2wav_dir", ""),
         )
         self.pool = ThreadPoolExecutor(max(1, int(cfg.compute_workers)))
         self.server: grpc.aio.Server | None = None
@@ -326,14 +335,18 @@ class ServerThread:
 
 
 def build_demo_assets(
-    out_dir: str | Path, phase: str = "phase2", seed: int = 0
+    out_dir: str | Path, phase: str = "phase2", seed: int = 0, speech_head: str = "voila"
 ) -> tuple[Path, Path]:
-    """建立示範用的隨機初始化小模型（匯出成 PyTorch 資料夾）與 Voila-Tokenizer；已存在就沿用。
+    """建立示範用的隨機初始化小模型（匯出成 PyTorch 資料夾）與語音解碼器；已存在就沿用。
 
-    回傳（模型資料夾, Voila 資料夾）。需要 JAX 與示範語料（必要時以 espeak-ng 生成）。
+    `speech_head="voila"` 回傳（模型資料夾, Voila-Tokenizer 資料夾）；`"cosyvoice2"` 回傳
+    （模型資料夾, 隨機 tiny token2wav 資料夾，`save_random_token2wav`）。需要 JAX 與示範語料
+    （必要時以 espeak-ng 生成）。
     """
+    if speech_head not in ("voila", "cosyvoice2"):
+        raise ValueError(f"speech_head={speech_head!r}；示範資產只支援 voila、cosyvoice2")
     out = Path(out_dir)
-    model_dir, voila_dir = out / "model", out / "voila"
+    model_dir = out / "model"
     if not (model_dir / "heads_config.json").exists():
         from flax import nnx
 
@@ -341,14 +354,26 @@ def build_demo_assets(
         from speakllm_jax.training.config_io import load_config
         from speakllm_jax.training.task import get_task
 
-        task = get_task(load_config(phase, []))
+        overrides = [] if speech_head == "voila" else [f"--config.model.speech_head={speech_head}"]
+        task = get_task(load_config(phase, overrides))
         model = task.build_model(nnx.Rngs(seed))
         pad_id = int(getattr(task, "pad_id", task.tokenizer.eos_id))
         tmp = out / "model.tmp"
         export_model(model, tmp, task.tokenizer, pad_id=pad_id, parity_seed=None)
         tmp.replace(model_dir)
+    head = json.loads((model_dir / "heads_config.json").read_text(encoding="utf-8"))["speech_head"]
+    if head != speech_head:
+        raise ValueError(f"{model_dir} 已存在但 speech_head={head!r}，要求的是 {speech_head!r}")
+    if speech_head == "cosyvoice2":
+        from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
+
+        t2w_dir = out / "token2wav"
+        if not (t2w_dir / TOKEN2WAV_CONFIG).exists():
+            save_random_token2wav(t2w_dir, seed=seed)
+        return model_dir, t2w_dir
     from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
 
+    voila_dir = out / "voila"
     make_demo_voila_tokenizer(voila_dir, seed=seed)
     return model_dir, voila_dir
 
@@ -375,11 +400,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", default="serving", help="設定名稱或 .py 路徑（預設 serving）")
     p.add_argument("--demo-assets", default="", help="在此資料夾建立並使用示範模型（需要 JAX）")
+    p.add_argument(
+        "--demo-head",
+        default="voila",
+        choices=("voila", "cosyvoice2"),
+        help="示範模型的語音頭（cosyvoice2 另建隨機 tiny token2wav）",
+    )
     args, rest = p.parse_known_args(argv)
     cfg = load_config(args.config, rest)
     if args.demo_assets:
-        model_dir, voila_dir = build_demo_assets(args.demo_assets)
-        cfg.model_dir, cfg.voila_dir = str(model_dir), str(voila_dir)
+        model_dir, dec_dir = build_demo_assets(args.demo_assets, speech_head=args.demo_head)
+        with cfg.unlocked():
+            cfg.model_dir = str(model_dir)
+            if args.demo_head == "cosyvoice2":
+                cfg.token2wav_dir = str(dec_dir)
+            else:
+                cfg.voila_dir = str(dec_dir)
     asyncio.run(_serve(cfg))
     return 0
 

@@ -9,7 +9,13 @@
 - 模型路徑（每 `chunk_frames` 幀一次）：對目前為止的使用者音訊算梅爾並以區塊因果遮罩跑 Whisper
   編碼器（與訓練的串流遮罩相同），得到這一區塊各幀的使用者串流；逐幀呼叫 `frame_step`（KV 快取，
   自由執行：上一幀的文字、語音碼回饋為下一幀的輸入）。
-- 說話的幀把語音碼解成 640 個樣本送出。
+- 說話的幀把語音碼解成音訊送出：`speech_head="voila"` 每幀解成 16 kHz 的 640 個樣本；
+  `speech_head="cosyvoice2"` 每幀的一個 CosyVoice2 語音碼推進這一輪的 token2wav 串流
+  （`export.cosyvoice2.token2wav.Token2Wav`：分塊流匹配 + HiFT），解出的 24 kHz 波形切成
+  每 40 ms（960 樣本）一個封包送出，封包的 `seq` 仍是它在使用者時間軸上的幀號
+  （這一輪第一個說話幀起算）。token2wav 每湊滿 `hop + pre_lookahead_len` 個語音碼才解一塊，
+  所以 cosyvoice2 的首包比 voila 晚（官方設定 25 + 3 個語音碼 = 1.12 秒音訊時間）。輪次正常結束
+  時 `finish()` 把剩下的語音碼解完送出；被打斷時直接丟棄這一輪的串流，不再送任何音訊。
 
 輪替策略：
 
@@ -48,6 +54,7 @@ from speakllm_jax.audio.features import (
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 640  # 40 ms：一個 LLM 幀、一個 Voila 語音碼幀
 FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+COSYVOICE2_RATE = 24000  # CosyVoice2 token2wav（HiFT）的輸出取樣率
 YIELD_ACTION = 3
 POLICIES = ("vad", "model")
 
@@ -63,43 +70,79 @@ class SessionError(Exception):
 
 @dataclass
 class Engine:
-    """所有會話共用的模型：PyTorch 孿生、Voila 解碼器、文字分詞器。"""
+    """所有會話共用的模型：PyTorch 孿生、語音解碼器（Voila 或 CosyVoice2 token2wav）、分詞器。"""
 
     model: TorchSpeakLLM
     voila: Any
     tokenizer: Any
     special_ids: frozenset[int]
     pad_id: int
+    token2wav: Any = None
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def speech_head(self) -> str:
+        return self.model.cfg.speech_head
+
+    @property
+    def output_rate(self) -> int:
+        """送出的助理音訊取樣率：voila 16 kHz，cosyvoice2 24 kHz。"""
+        if self.token2wav is not None:
+            return int(self.token2wav.sample_rate)
+        return SAMPLE_RATE
+
+    @property
+    def output_frame_samples(self) -> int:
+        """一個 40 ms 音訊封包的樣本數（16 kHz 為 640，24 kHz 為 960）。"""
+        return round(self.output_rate * FRAME_SECONDS)
+
 
 def load_engine(
     model_dir: str | Path,
-    voila_dir: str | Path,
+    voila_dir: str | Path = "",
     device: str = "cpu",
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
+    token2wav_dir: str | Path = "",
 ) -> Engine:
-    """載入匯出的模型資料夾（`export.to_torch`）與 Voila-Tokenizer 資料夾。"""
-    from transformers import AutoTokenizer
+    """載入匯出的模型資料夾（`export.to_torch`）與語音解碼器資料夾。
 
-    from speakllm_jax.data.speech_tokens import VoilaTokenizer
+    `speech_head="voila"` 需要 `voila_dir`（Voila-Tokenizer）；`speech_head="cosyvoice2"` 需要
+    `token2wav_dir`（`flow.pt`、`hift.pt` 與選擇性的 `token2wav.json`）。
+    """
+    from transformers import AutoTokenizer
 
     if not str(model_dir):
         raise ValueError("設定 model_dir 是空的：需要 `python -m export.to_torch` 匯出的資料夾")
-    if not str(voila_dir):
-        raise ValueError("設定 voila_dir 是空的：需要 Voila-Tokenizer（EncodecModel）資料夾")
     model = load_exported(
         model_dir,
         attn_implementation=attn_implementation,
         dtype=getattr(torch, dtype),
         device=device,
     )
-    if model.cfg.speech_head != "voila":
-        raise ValueError(f"{model_dir} 的模型沒有語音頭（speech_head='none'），不能做語音對話")
+    head = model.cfg.speech_head
+    if head not in ("voila", "cosyvoice2"):
+        raise ValueError(f"{model_dir} 的模型沒有語音頭（speech_head='{head}'），不能做語音對話")
+    tok_dir = Path(model_dir) / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None
+    special = frozenset(tokenizer.all_special_ids) if tokenizer is not None else frozenset()
+    special = special | {model.cfg.pad_id}
+    if head == "cosyvoice2":
+        return Engine(
+            model,
+            None,
+            tokenizer,
+            special,
+            model.cfg.pad_id,
+            token2wav=_load_token2wav(model, token2wav_dir, device),
+        )
+    from speakllm_jax.data.speech_tokens import VoilaTokenizer
+
+    if not str(voila_dir):
+        raise ValueError("設定 voila_dir 是空的：需要 Voila-Tokenizer（EncodecModel）資料夾")
     voila = VoilaTokenizer(voila_dir, device=device)
     if voila.sample_rate != SAMPLE_RATE or voila.hop != FRAME_SAMPLES:
         raise ValueError(
@@ -110,10 +153,30 @@ def load_engine(
         raise ValueError(
             f"碼本數不符：模型 {model.cfg.num_codebooks}，{voila_dir} 為 {voila.num_codebooks}"
         )
-    tok_dir = Path(model_dir) / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None
-    special = frozenset(tokenizer.all_special_ids) if tokenizer is not None else frozenset()
-    return Engine(model, voila, tokenizer, special | {model.cfg.pad_id}, model.cfg.pad_id)
+    return Engine(model, voila, tokenizer, special, model.cfg.pad_id)
+
+
+def _load_token2wav(model: TorchSpeakLLM, token2wav_dir: str | Path, device: str) -> Any:
+    """cosyvoice2：讀 token2wav 資料夾並檢查與 talker 的語音詞表、取樣率相容。"""
+    from export.cosyvoice2.token2wav import load_token2wav
+
+    if not str(token2wav_dir):
+        raise ValueError(
+            "設定 token2wav_dir 是空的：speech_head='cosyvoice2' 需要 CosyVoice2 token2wav 資料夾"
+            "（flow.pt、hift.pt）"
+        )
+    d = Path(token2wav_dir)
+    for name in ("flow.pt", "hift.pt"):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"token2wav_dir {d} 缺少 {name}")
+    t2w = load_token2wav(d, map_location=device)
+    vocab = int(t2w.flow.config.vocab_size)
+    need = int(model.talker.speech_token_size)
+    if vocab < need:
+        raise ValueError(f"{d}：flow 的 vocab_size={vocab} 小於 talker 的語音碼數 {need}")
+    if int(t2w.sample_rate) != COSYVOICE2_RATE:
+        raise ValueError(f"{d}：token2wav 取樣率 {t2w.sample_rate}，預期 {COSYVOICE2_RATE}")
+    return t2w
 
 
 @dataclass
@@ -175,6 +238,11 @@ class _Turn:
     yielded: bool = False
     reaction_frames: int = -1
     codes: list[np.ndarray] = field(default_factory=list)
+    # cosyvoice2：這一輪的 token2wav 串流、尚未湊滿一個封包的 24 kHz 樣本、第一個說話幀與已送封包數。
+    t2w: Any = None
+    audio_buf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    audio_start: int = -1
+    packets: int = 0
 
 
 class IncrementalLogMel:
@@ -266,6 +334,7 @@ class DuplexSession:
         self.plan: dict[int, int] = {}  # 幀 → 該幀說話所屬的輪次（vad 策略）
         self.pending_compute = 0.0
         self.ended = False
+        self.history: list[_Turn] = []  # 已結束的輪次（含每幀語音碼；會話最長 28 秒，量很小）
 
     # ---------------------------------------------------------------- 公開介面
 
@@ -274,7 +343,11 @@ class DuplexSession:
         return self.frame * FRAME_SECONDS
 
     def start_messages(self) -> list[pb.ServerMessage]:
-        return [self._event(pb.Event.SESSION_STARTED, 0, "session started")] + [
+        eng = self.engine
+        detail = (
+            f"session started; speech_head={eng.speech_head}; output_sample_rate={eng.output_rate}"
+        )
+        return [self._event(pb.Event.SESSION_STARTED, 0, detail)] + [
             self._event(pb.Event.LISTENING, 0)
         ]
 
@@ -414,10 +487,20 @@ class DuplexSession:
         turn = self.turn
         if turn is None:
             return []
+        out: list[pb.ServerMessage] = []
+        if turn.t2w is not None:
+            if yielded:
+                # 打斷：丟掉這一輪還沒解碼或還沒送出的音訊。
+                turn.t2w, turn.audio_buf = None, np.zeros(0, np.float32)
+            else:
+                t0 = time.perf_counter()
+                out += self._cosy_audio(turn, turn.t2w.finish(), final=True)
+                turn.t2w = None
+                turn.compute += time.perf_counter() - t0
         self.turn = None
+        self.history.append(turn)
         self.plan = {k: v for k, v in self.plan.items() if v != turn.index}
         turn.yielded = yielded
-        out: list[pb.ServerMessage] = []
         if yielded:
             turn.reaction_frames = t - onset if onset >= 0 else -1
             out.append(self._event(pb.Event.YIELDED, t, detail or "yield", onset=onset))
@@ -488,12 +571,15 @@ class DuplexSession:
         if speaking:
             turn = self.turn
             turn.codes.append(codes.cpu().numpy())
-            window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
-            wave = eng.voila.decode_codes(window)[-FRAME_SAMPLES:]
-            pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-            out.append(
-                pb.ServerMessage(audio=pb.AudioChunk(pcm16=pcm, sample_rate=SAMPLE_RATE, seq=f))
-            )
+            if eng.token2wav is not None:
+                out += self._cosy_push(turn, f, int(codes[0]))
+            else:
+                window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
+                wave = eng.voila.decode_codes(window)[-FRAME_SAMPLES:]
+                out.append(self._audio(wave, SAMPLE_RATE, f))
+                if turn.first_audio_frame < 0:
+                    turn.first_audio_frame = f
+                    turn.first_audio_time = time.perf_counter()
             if tok not in eng.special_ids:
                 piece = eng.tokenizer.decode([tok]) if eng.tokenizer is not None else ""
                 out.append(
@@ -502,9 +588,6 @@ class DuplexSession:
                     )
                 )
             turn.frames += 1
-            if turn.first_audio_frame < 0:
-                turn.first_audio_frame = f
-                turn.first_audio_time = time.perf_counter()
         self.prev = {
             "text": torch.tensor([[tok]], dtype=torch.long, device=eng.device),
             "tones": torch.zeros_like(self.prev["tones"]),
@@ -515,6 +598,38 @@ class DuplexSession:
             self.turn.compute += time.perf_counter() - t0 + enc_time
             if self.s.policy == "vad" and f - self.turn.trigger_frame >= self.s.max_reply_frames:
                 out += self._end_turn(f, yielded=False)
+        return out
+
+    @staticmethod
+    def _audio(wave: np.ndarray, rate: int, seq: int) -> pb.ServerMessage:
+        pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        return pb.ServerMessage(audio=pb.AudioChunk(pcm16=pcm, sample_rate=rate, seq=seq))
+
+    def _cosy_push(self, turn: _Turn, f: int, token: int) -> list[pb.ServerMessage]:
+        """cosyvoice2：這一幀的語音碼推進這一輪的 token2wav 串流，送出已解出的完整封包。"""
+        if turn.t2w is None:
+            turn.t2w = self.engine.token2wav.start_stream()
+            turn.audio_start = f
+        return self._cosy_audio(turn, turn.t2w.push([token]), final=False)
+
+    def _cosy_audio(self, turn: _Turn, wave: np.ndarray, final: bool) -> list[pb.ServerMessage]:
+        """把 24 kHz 波形接到緩衝後切成 40 ms 封包（`seq` = 這一輪第一個說話幀 + 封包序）；
+        `final` 時最後不足一包的尾端補零送出。"""
+        eng = self.engine
+        n = eng.output_frame_samples
+        buf = np.concatenate([turn.audio_buf, np.asarray(wave, np.float32)])
+        if final and len(buf) % n:
+            buf = np.concatenate([buf, np.zeros(n - len(buf) % n, np.float32)])
+        out: list[pb.ServerMessage] = []
+        while len(buf) >= n:
+            seq = turn.audio_start + turn.packets
+            out.append(self._audio(buf[:n], eng.output_rate, seq))
+            buf = buf[n:]
+            turn.packets += 1
+            if turn.first_audio_frame < 0:
+                turn.first_audio_frame = seq
+                turn.first_audio_time = time.perf_counter()
+        turn.audio_buf = buf
         return out
 
     def _model_policy(self, f: int, act: int) -> list[pb.ServerMessage]:

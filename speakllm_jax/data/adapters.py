@@ -551,6 +551,8 @@ def dialogue(
             turns=turns,
             overlaps=meta.get("overlaps", []),
             task="duplex_dialogue",
+            emotion=meta.get("emotion"),
+            response_style=meta.get("response_style"),
         )
 
 
@@ -603,6 +605,8 @@ def instructions(
             response_text=rec.get("response_text"),
             response_audio=str(resp_path) if resp_path else None,
             task=rec.get("task", "speech_instruction"),
+            emotion=rec.get("emotion"),
+            response_style=rec.get("response_style"),
         )
 
 
@@ -815,7 +819,7 @@ ESD_EMOTIONS = {
     "Angry": "angry",
     "Happy": "happy",
     "Sad": "sad",
-    "Surprise": "surprise",
+    "Surprise": "surprised",
 }
 
 

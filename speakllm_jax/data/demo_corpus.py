@@ -131,6 +131,25 @@ AISHELL_SPLITS = {"train": ("S0002", "S0003"), "dev": ("S0724",), "test": ("S076
 EN_VOICES = (("en-us", 50, 160), ("en-us+f3", 70, 150), ("en-us+m3", 40, 170))
 USER_VOICE = ("cmn+f3", 70, 165)
 ASSISTANT_VOICE = ("cmn", 45, 175)
+# 示範情緒：以 espeak-ng 的音高、語速與音量變化模擬說話風格（音高差, 語速差, 音量）。
+# 使用者的情緒是情緒頭的目標；助理以同一標籤作為回應風格（`response_style`，第 3 階段的條件）。
+EMOTION_STYLES = {
+    "neutral": (0, 0, 100),
+    "happy": (20, 30, 115),
+    "sad": (-25, -55, 70),
+    "angry": (-10, 45, 170),
+    "surprised": (29, 10, 130),
+}
+DEMO_EMOTIONS = tuple(EMOTION_STYLES)
+
+
+def styled(voice: tuple[str, int, int], emotion: str) -> tuple[str, int, int, int]:
+    """把說話人 `(聲音, 音高, 語速)` 套上情緒風格，回傳 `synth` 的 `(聲音, 音高, 語速, 音量)`。"""
+    if emotion not in EMOTION_STYLES:
+        raise ValueError(f"未知的情緒 {emotion!r}；可用：{', '.join(EMOTION_STYLES)}")
+    dp, ds, amp = EMOTION_STYLES[emotion]
+    name, pitch, speed = voice
+    return name, int(np.clip(pitch + dp, 0, 99)), int(max(80, speed + ds)), amp
 
 
 def has_espeak() -> bool:
@@ -152,6 +171,7 @@ def synth(
     voice: str = "cmn",
     pitch: int = 50,
     speed: int = 160,
+    amplitude: int = 100,
     sr: int = SR,
     trim: bool = True,
 ) -> np.ndarray:
@@ -164,6 +184,8 @@ def synth(
         str(pitch),
         "-s",
         str(speed),
+        "-a",
+        str(amplitude),
         "--stdout",
         text,
     ]
@@ -296,9 +318,16 @@ def _t(samples: int) -> float:
     return round(samples / SR, 4)
 
 
-def _make_dialogue(ctx: _Ctx, script: tuple[str, str, str, str]) -> dict[str, Any]:
-    """一段對話：一般輪替（停頓）、助理說話中的附和（backchannel）、使用者搶話（barge-in）。"""
+def _make_dialogue(
+    ctx: _Ctx, script: tuple[str, str, str, str], emotion: str = "neutral"
+) -> dict[str, Any]:
+    """一段對話：一般輪替（停頓）、助理說話中的附和（backchannel）、使用者搶話（barge-in）。
+
+    使用者以 `emotion` 的風格說話，助理以同一風格回應。
+    """
     rng = ctx.rng
+    user_voice = styled(USER_VOICE, emotion)
+    asst_voice = styled(ASSISTANT_VOICE, emotion)
     user_txt, asst_txt, barge_txt, reply_txt = script
     user = np.zeros(SR * 4, np.float32)
     asst = np.zeros(SR * 4, np.float32)
@@ -307,7 +336,7 @@ def _make_dialogue(ctx: _Ctx, script: tuple[str, str, str, str]) -> dict[str, An
     t = int(SR * rng.uniform(0.3, 0.6))
 
     def say(track, role, text, start, kind="utterance", wave=None):
-        voice = USER_VOICE if role == "user" else ASSISTANT_VOICE
+        voice = user_voice if role == "user" else asst_voice
         w = synth(text, *voice) if wave is None else wave
         track = _place(track, w, start)
         turns.append(
@@ -324,7 +353,7 @@ def _make_dialogue(ctx: _Ctx, script: tuple[str, str, str, str]) -> dict[str, An
     # 一般輪替：使用者說完、停頓後助理回答；助理回答中間使用者附和一聲。
     user, t = say(user, "user", user_txt, t)
     a_start = t + int(SR * rng.uniform(0.3, 0.8))
-    a_wave = synth(asst_txt, *ASSISTANT_VOICE)
+    a_wave = synth(asst_txt, *asst_voice)
     asst, a_end = say(asst, "assistant", asst_txt, a_start, wave=a_wave)
     bc = BACKCHANNELS[int(rng.integers(len(BACKCHANNELS)))]
     bc_start = a_start + int(len(a_wave) * rng.uniform(0.3, 0.5))
@@ -340,7 +369,7 @@ def _make_dialogue(ctx: _Ctx, script: tuple[str, str, str, str]) -> dict[str, An
     )
     # 第二輪：助理又開始說，使用者中途搶話，助理在反應時間後停下。
     a2_start = a_end + int(SR * rng.uniform(0.4, 0.9))
-    a2_wave = synth(asst_txt, *ASSISTANT_VOICE)
+    a2_wave = synth(asst_txt, *asst_voice)
     barge = a2_start + int(len(a2_wave) * rng.uniform(0.35, 0.6))
     react = int(SR * 0.25)
     stop = barge + react
@@ -360,7 +389,14 @@ def _make_dialogue(ctx: _Ctx, script: tuple[str, str, str, str]) -> dict[str, An
     stereo[1, : min(total, len(asst))] = asst[:total]
     stereo += ctx.rng.normal(0, 3e-4, stereo.shape).astype(np.float32)
     turns.sort(key=lambda x: (x["start"], x["speaker"]))
-    return {"wave": stereo, "turns": turns, "overlaps": overlaps, "duration": _t(total)}
+    return {
+        "wave": stereo,
+        "turns": turns,
+        "overlaps": overlaps,
+        "duration": _t(total),
+        "emotion": emotion,
+        "response_style": emotion,
+    }
 
 
 def _make_dialogues(ctx: _Ctx) -> None:
@@ -368,7 +404,7 @@ def _make_dialogues(ctx: _Ctx) -> None:
     n = 0
     for i, script in enumerate(_pick(ctx.rng, DIALOGUES, 3 * ctx.scale)):
         did = f"dlg{i:04d}"
-        dia = _make_dialogue(ctx, script)
+        dia = _make_dialogue(ctx, script, DEMO_EMOTIONS[i % len(DEMO_EMOTIONS)])
         write_audio(d / f"{did}.wav", dia.pop("wave"), SR)
         meta = {
             "id": did,
@@ -388,8 +424,10 @@ def _make_instructions(ctx: _Ctx) -> None:
     lines = []
     for i, (ins, resp) in enumerate(_pick(ctx.rng, INSTRUCTIONS, 4 * ctx.scale)):
         iid = f"ins{i:04d}"
-        q = synth(ins, *USER_VOICE)
-        a = synth(resp, *ASSISTANT_VOICE)
+        # 指令接在對話之後輪流取情緒，讓五種情緒在小語料裡都出現。
+        emotion = DEMO_EMOTIONS[(i + 3 * ctx.scale) % len(DEMO_EMOTIONS)]
+        q = synth(ins, *styled(USER_VOICE, emotion))
+        a = synth(resp, *styled(ASSISTANT_VOICE, emotion))
         pad = np.zeros(int(SR * 0.2), np.float32)
         write_audio(d / "audio" / f"{iid}_instruction.wav", np.concatenate([pad, q, pad]), SR)
         write_audio(d / "audio" / f"{iid}_response.wav", np.concatenate([pad, a, pad]), SR)
@@ -402,6 +440,8 @@ def _make_instructions(ctx: _Ctx) -> None:
                 "response_audio": f"audio/{iid}_response.wav",
                 "speaker": "demo_user",
                 "task": "speech_instruction",
+                "emotion": emotion,
+                "response_style": emotion,
             }
         )
     d.mkdir(parents=True, exist_ok=True)

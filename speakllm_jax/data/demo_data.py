@@ -72,10 +72,30 @@ def demo_manifest(
     return final
 
 
-def duplex_paths(demo_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """示範全雙工資料的位置：對話清單（雙聲道對話、語音指令排成的對話）與各自的語音碼資料夾。"""
+DEMO_SPEECH_TOKENIZERS = ("voila", "cosyvoice2")
+
+
+def duplex_paths(
+    demo_dir: str | os.PathLike | None = None, tokenizer: str = "voila"
+) -> dict[str, Path]:
+    """示範全雙工資料的位置：對話清單（雙聲道對話、語音指令排成的對話）與各自的語音碼資料夾。
+
+    兩種語音符號共用同一份清單；碼以語句 id 為鍵，分放在不同資料夾：
+    `voila` 為 `duplex/codes_{dialogue,instructions}`（[4, frames]），
+    `cosyvoice2` 為 `duplex/codes_cosyvoice2_{dialogue,instructions}`（[1, frames]，碼本 6561）。
+    """
+    if tokenizer not in DEMO_SPEECH_TOKENIZERS:
+        raise ValueError(f"未知的語音符號 {tokenizer!r}；可用：{DEMO_SPEECH_TOKENIZERS}")
     root = Path(demo_dir) if demo_dir else default_demo_dir()
     d = root / "duplex"
+    if tokenizer == "cosyvoice2":
+        return {
+            "dialogue": d / "dialogue.jsonl",
+            "instructions": d / "instructions.jsonl",
+            "dialogue_codes": d / "codes_cosyvoice2_dialogue",
+            "instructions_codes": d / "codes_cosyvoice2_instructions",
+            "tokenizer": d / "s3tokenizer_v2_demo",
+        }
     return {
         "dialogue": d / "dialogue.jsonl",
         "instructions": d / "instructions.jsonl",
@@ -86,18 +106,29 @@ def duplex_paths(demo_dir: str | os.PathLike | None = None) -> dict[str, Path]:
 
 
 def prepare_demo_speech(
-    demo_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+    demo_dir: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    tokenizer: str = "voila",
 ) -> dict[str, Path]:
-    """建立示範全雙工清單並抽助理聲道語音碼（會匯入 PyTorch；請在 data/ 的 CLI 或子程序中呼叫）。"""
+    """建立示範全雙工清單並抽助理聲道語音碼（會匯入 PyTorch；請在 data/ 的 CLI 或子程序中呼叫）。
+
+    `tokenizer="cosyvoice2"` 時改抽 CosyVoice2（S3Tokenizer v2）碼；沒給 `checkpoint` 時用
+    示範用的小型隨機 S3 tokenizer。輸出位置見 `duplex_paths`。
+    """
+    from speakllm_jax.data.cosyvoice2_tokens import make_demo_s3_tokenizer
     from speakllm_jax.data.duplex_prep import instructions_to_dialogues
     from speakllm_jax.data.speech_tokens import extract_speech_tokens, make_demo_voila_tokenizer
 
     root = ensure_demo_corpus(demo_dir)
-    paths = duplex_paths(root)
+    paths = duplex_paths(root, tokenizer)
     paths["dialogue"].parent.mkdir(parents=True, exist_ok=True)
     if not paths["dialogue"].exists():
         build_manifests(
-            {"corpora": [{"name": "dialogue", "adapter": "dialogue", "root": str(root / "dialogues")}]},
+            {
+                "corpora": [
+                    {"name": "dialogue", "adapter": "dialogue", "root": str(root / "dialogues")}
+                ]
+            },
             paths["dialogue"],
             log=lambda s: None,
         )
@@ -107,7 +138,10 @@ def prepare_demo_speech(
             paths["instructions"].parent / "instructions_stereo",
             paths["instructions"],
         )
-    ckpt = Path(checkpoint) if checkpoint else make_demo_voila_tokenizer(paths["tokenizer"])
+    make_demo = make_demo_s3_tokenizer if tokenizer == "cosyvoice2" else make_demo_voila_tokenizer
+    ckpt = Path(checkpoint) if checkpoint else make_demo(paths["tokenizer"])
     for name in ("dialogue", "instructions"):
-        extract_speech_tokens(paths[name], paths[f"{name}_codes"], ckpt, channel=1)
+        extract_speech_tokens(
+            paths[name], paths[f"{name}_codes"], ckpt, tokenizer=tokenizer, channel=1
+        )
     return paths

@@ -10,7 +10,8 @@
   完整助理段的平均每單位幀數推算（沒有完整段時退回整段均勻分布），超出段尾的符號不放入。
 - 輪替目標與權重：`losses.overlap_aware_targets`；搶話後語音權重為 0 的幀，`text_mask` 也設為 False
   （`text_ids` 不變，方便比對）。
-- 語音碼：`codes [4, M]`（Voila，由助理聲道抽出；第一個碼本為語義碼本）可選；M 與 N 最多差 2 幀，不足補 0 且權重為 0。
+- 語音碼：`codes [Q, M]`（Voila Q=4，第一個碼本為語義碼本；CosyVoice2 Q=1）由助理聲道抽出，
+  可選；M 與 N 最多差 2 幀，不足補 0 且權重為 0。
   沒有給 codes 時 codes 全 0、`code_weight` 全 0。`code_weight = speech_weight · 有碼`。
 
 消融開關：`tone_aware=False`（均勻放置、聲調為 0）、`lead_frames=0`（無領先）、
@@ -53,6 +54,8 @@ class DuplexConfig:
     normalize: str | None = "t2s"  # 訓練目標的繁轉簡；None 表示保留原文
     sample_rate: int = SAMPLE_RATE
     code_tolerance_frames: int = 2
+    # 每幀的語音碼層數：Voila 為 4（RVQ），CosyVoice2 為 1（FSQ 單碼本）。
+    num_codebooks: int = NUM_CODEBOOKS
 
 
 @dataclass
@@ -71,7 +74,7 @@ class DuplexExample:
     turn_targets: np.ndarray  # [N] int32（TurnAction）
     turn_weight: np.ndarray  # [N] float32
     speech_weight: np.ndarray  # [N] float32
-    codes: np.ndarray  # [4, N] int32
+    codes: np.ndarray  # [Q, N] int32（Voila Q=4，CosyVoice2 Q=1）
     code_weight: np.ndarray  # [N] float32
     user_turns: np.ndarray  # [U, 2] int64，使用者發言段 [起, 迄) 幀（不含附和）
     assistant_turns: np.ndarray  # [A, 2] int64，助理發言段 [起, 迄) 幀
@@ -231,12 +234,13 @@ def build_duplex_example(
         text_mask &= ft.speech_weight > 0
 
     # 語音碼
-    code_arr = np.zeros((NUM_CODEBOOKS, n), dtype=np.int32)
+    q = int(cfg.num_codebooks)
+    code_arr = np.zeros((q, n), dtype=np.int32)
     has_code = np.zeros(n, dtype=np.float32)
     if codes is not None:
         c = np.asarray(codes)
-        if c.ndim != 2 or c.shape[0] != NUM_CODEBOOKS:
-            raise ValueError(f"{rid}: codes 形狀應為 [{NUM_CODEBOOKS}, N]，得到 {c.shape}")
+        if c.ndim != 2 or c.shape[0] != q:
+            raise ValueError(f"{rid}: codes 形狀應為 [{q}, N]，得到 {c.shape}")
         if abs(c.shape[1] - n) > cfg.code_tolerance_frames:
             raise ValueError(f"{rid}: codes 有 {c.shape[1]} 幀，音訊為 {n} 幀")
         m = min(c.shape[1], n)

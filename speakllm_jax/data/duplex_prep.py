@@ -55,6 +55,7 @@ def instruction_to_dialogue(
         "split": str(row.get("split", "train")),
         "task": str(row.get("task", "speech_instruction")),
         "emotion": row.get("emotion"),
+        "response_style": row.get("response_style"),
         "turns": [
             {
                 "speaker": "user",

@@ -309,6 +309,7 @@ def interleave_fixed(
     eos_id: int,
     sos_id: int | None = None,
     mode: str = "auto",
+    text_chunks: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """CosyVoice2 的固定比例交錯（訓練序列的輸入與目標）。
 
@@ -324,6 +325,11 @@ def interleave_fixed(
     目標 [忽略 × T, 語音..., eos_id]。
     `sos_id` 給定時序列最前面加一個 sos 輸入（目標忽略）。
 
+    `text_chunks`（選用）明確指定 bistream 各完整塊的文字數 c_j（每塊之後仍接 n_speech 個語音
+    與一個 fill，目標為 c_j - 1 個忽略），剩下的文字放進最後一塊（接 task_id）；例如
+    `tone_aware_text_chunks` 的結果。缺省為 [n_text] × floor(T / n_text)，即與參考完全相同。
+    給定時 bistream 另需 語音數 > n_speech × 塊數（最後一塊至少一個語音符號）。
+
     回傳 `input_ids [L]`、`input_kind [L]`（KIND_TEXT／KIND_SPEECH／KIND_SOS／KIND_TASK）、
     `target_ids [L]`（IGNORE_ID = -1 表示不計損失；語音、fill、eos 共用語音詞表編號）、`mode`。
     位置 p 的目標是位置 p 的輸入之後應出現的下一個語音側符號（下一符號預測）。
@@ -336,6 +342,13 @@ def interleave_fixed(
     if n_text <= 0 or n_speech <= 0:
         raise ValueError("n_text 與 n_speech 必須 > 0")
     ratio_ok = S * n_text > T * n_speech  # S / T > n_speech / n_text
+    if text_chunks is None:
+        chunks = [n_text] * (T // n_text)
+    else:
+        chunks = [int(c) for c in text_chunks]
+        if any(c <= 0 for c in chunks) or sum(chunks) > T:
+            raise ValueError(f"text_chunks {chunks} 必須皆 > 0 且總和 ≤ 文字數 {T}")
+        ratio_ok = ratio_ok and S > n_speech * len(chunks)
     if mode == "auto":
         mode = "bistream" if ratio_ok else "unistream"
     elif mode == "bistream" and not ratio_ok:
@@ -360,19 +373,22 @@ def interleave_fixed(
         push(speech, KIND_SPEECH)
         tgt.extend([IGNORE_ID] * T + speech + [int(eos_id)])
     else:
-        for j in range(-(-(T + 1) // n_text)):
-            t_chunk = text[j * n_text : (j + 1) * n_text]
-            if len(t_chunk) == n_text:
-                s_chunk = speech[j * n_speech : (j + 1) * n_speech]
-                push(t_chunk, KIND_TEXT)
-                push(s_chunk, KIND_SPEECH)
-                tgt.extend([IGNORE_ID] * (n_text - 1) + s_chunk + [int(fill_id)])
-            else:
-                rest = speech[j * n_speech :]
-                push(t_chunk, KIND_TEXT)
-                push([int(task_id)], KIND_TASK)
-                push(rest, KIND_SPEECH)
-                tgt.extend([IGNORE_ID] * len(t_chunk) + rest + [int(eos_id)])
+        # 完整塊：c_j 個文字 + n_speech 個語音，目標 [忽略 × (c_j - 1), 語音, fill]；
+        # 最後一塊：剩下的文字（可為 0 個）+ task_id + 剩下的全部語音，目標 [忽略 × 文字數, 語音, eos]。
+        # 預設 c_j = n_text，塊數 floor(T / n_text) + 1 = ceil((T + 1) / n_text)，與參考相同。
+        pt = ps = 0
+        for c in chunks:
+            t_chunk = text[pt : pt + c]
+            s_chunk = speech[ps : ps + n_speech]
+            push(t_chunk, KIND_TEXT)
+            push(s_chunk, KIND_SPEECH)
+            tgt.extend([IGNORE_ID] * (c - 1) + s_chunk + [int(fill_id)])
+            pt, ps = pt + c, ps + n_speech
+        t_chunk, rest = text[pt:], speech[ps:]
+        push(t_chunk, KIND_TEXT)
+        push([int(task_id)], KIND_TASK)
+        push(rest, KIND_SPEECH)
+        tgt.extend([IGNORE_ID] * len(t_chunk) + rest + [int(eos_id)])
     if len(inp) != len(tgt):
         raise AssertionError("輸入與目標長度不一致")
     return {
@@ -381,3 +397,56 @@ def interleave_fixed(
         "target_ids": np.asarray(tgt, dtype=np.int32),
         "mode": mode,
     }
+
+
+def tone_aware_text_chunks(
+    text: str,
+    token_spans: Any,
+    n_text: int = 5,
+    *,
+    max_shift: int = 2,
+    num_speech: int | None = None,
+    n_speech: int = 15,
+) -> list[int]:
+    """聲調感知的 CosyVoice2 文字塊大小：每塊約 `n_text` 個符號，但不把一個漢字切到兩塊。
+
+    `token_spans [T, 2]` 為 `token_char_spans` 的結果。符號 b - 1 與 b 之間的邊界 b「合法」
+    若兩者不共用字元（一個漢字的位元組被 BPE 切到兩個符號時，兩符號之間不合法）；合法邊界的
+    字元位置不在任何發音單位（`speech_units`：漢字、英文詞、數字串）內部時為「音節邊界」。
+    由 p = 0 起，只要剩下的符號 ≥ n_text 就再切一塊：目標邊界 p + n_text，在
+    [p + n_text - max_shift, p + n_text + max_shift]（夾在 (p, T] 內）中取
+    （非音節邊界, 與目標的距離, 位置）最小的合法邊界；視窗內沒有合法邊界時取距離最近的
+    合法邊界（T 永遠合法）。`num_speech` 給定時塊數保持 n_speech × 塊數 < num_speech。
+    回傳各完整塊的文字數（剩下的文字歸最後一塊），可直接作為 `interleave_fixed` 的
+    `text_chunks`；每個目標邊界都是音節邊界時結果就是 [n_text] × floor(T / n_text)（參考行為）。
+    """
+    spans = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
+    n = len(spans)
+    if n_text <= 0 or max_shift < 0:
+        raise ValueError("n_text 必須 > 0 且 max_shift 必須 ≥ 0")
+    inside_unit = np.zeros(len(text) + 1, dtype=bool)
+    for a, e in speech_units(text):
+        inside_unit[a + 1 : e] = True
+
+    def legal(b: int) -> bool:
+        return b == n or b == 0 or spans[b - 1, 1] <= spans[b, 0]
+
+    def non_syllable(b: int) -> bool:
+        return b < n and bool(inside_unit[spans[b, 0]])
+
+    chunks: list[int] = []
+    p = 0
+    while n - p >= n_text:
+        if num_speech is not None and n_speech * (len(chunks) + 1) >= num_speech:
+            break
+        target = p + n_text
+        window = range(max(p + 1, target - max_shift), min(n, target + max_shift) + 1)
+        cands = [b for b in window if legal(b)]
+        if not cands:
+            cands = [b for b in range(p + 1, n + 1) if legal(b)]
+            best = min(cands, key=lambda b: (abs(b - target), b))
+        else:
+            best = min(cands, key=lambda b: (non_syllable(b), abs(b - target), b))
+        chunks.append(best - p)
+        p = best
+    return chunks

@@ -13,7 +13,7 @@
     corpus       語料名稱
     split        train／dev／test 等
 
-選用欄位：text_raw、emotion、task、instruction、response_text、response_audio、
+選用欄位：text_raw、emotion（說話人的情緒）、response_style（助理回應的情緒／風格標籤）、task、instruction、response_text、response_audio、
 channel_roles（例如 ["user", "assistant"]）、turns（[{speaker, start, end, text, kind}]）、
 overlaps（[{start, end, kind: "backchannel"|"barge_in", by, onset}]），以及 source_* 來源欄位
 （例如 source_id、source_start、source_end）。
@@ -49,6 +49,7 @@ REQUIRED_FIELDS = (
 OPTIONAL_FIELDS = (
     "text_raw",
     "emotion",
+    "response_style",
     "task",
     "instruction",
     "response_text",
@@ -182,7 +183,11 @@ def validate_row(
                     f"長度 {len(roles)} 與 channels={row['channels']} 不符",
                 )
             )
-    for k in ("text_raw", "emotion", "task", "instruction", "response_text", "response_audio"):
+    text_fields = (
+        "text_raw", "emotion", "response_style", "task", "instruction", "response_text",
+        "response_audio",
+    )
+    for k in text_fields:
         if row.get(k) is not None and not isinstance(row[k], str):
             probs.append(Problem(k, "bad_field", "必須是字串"))
     if check_audio and not probs:

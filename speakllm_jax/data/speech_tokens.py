@@ -1,4 +1,5 @@
-"""離線語音符號抽取：Voila-Tokenizer（Hugging Face `EncodecModel`）的 4 層 RVQ 碼，與解碼回波形。
+"""離線語音符號抽取：Voila-Tokenizer（Hugging Face `EncodecModel`）的 4 層 RVQ 碼，與解碼回波形；
+以及 CosyVoice2 的 25 Hz 單碼本 FSQ 碼（S3Tokenizer v2，見 `speakllm_jax.data.cosyvoice2_tokens`）。
 
 Voila-Tokenizer（maitrix-org/Voila-Tokenizer）是 `transformers.EncodecModel`：16 kHz 單聲道、
 `upsampling_ratios` 乘積 640 → 每秒 25 框、每層碼本 2048（11 位元）。使用幾層碼本由頻寬決定，
@@ -8,8 +9,8 @@ Voila 官方用 `bandwidth=1.1`：1100 / (11 × 25) = 4 層（第一層偏語意
 只在這個模組（以及 `data/extract_speech_tokens.py`）匯入 PyTorch；JAX 訓練路徑只讀抽好的碼。
 
 輸出（以語句 id 為鍵，可續跑）：
-    資料夾        每句一個 `<安全檔名>.npy`（int16，[n_q, frames]），外加 `meta.json`、
-                  `index.jsonl`（id → 檔名、框數）、`skips.jsonl`；
+    資料夾        每句一個 `<安全檔名>.npy`（int16，[n_q, frames]；CosyVoice2 為 [1, frames]），
+                  外加 `meta.json`、`index.jsonl`（id → 檔名、框數）、`skips.jsonl`；
     單一 `.npz`   鍵為語句 id，另有 `__meta__`（JSON 字串）；略過明細寫在 `<檔名>.skips.jsonl`。
 所有寫入都先寫暫存檔再 `os.replace`，中途被終止不會留下壞檔；重跑時已完成的 id 直接跳過。
 """
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from speakllm_jax.audio.io import AudioError, SkipCounter, load_audio
+from speakllm_jax.data.cosyvoice2_tokens import CosyVoice2Tokenizer
 from speakllm_jax.data.manifest import read_manifest, resolve_audio
 
 # Voila-Tokenizer 的規格（用來檢查載入的設定）。
@@ -216,17 +218,18 @@ class VoilaTokenizer:
         return audio[0] if single else audio
 
 
+SpeechTokenizer = VoilaTokenizer | CosyVoice2Tokenizer
+
+
 def load_speech_tokenizer(
     name: str, checkpoint: str | os.PathLike, device: str = "cpu", **kwargs: Any
-) -> VoilaTokenizer:
-    """依名稱建立語音符號抽取器；`cosyvoice2` 尚未實作。"""
+) -> SpeechTokenizer:
+    """依名稱建立語音符號抽取器：`voila`（EncodecModel 資料夾）或 `cosyvoice2`
+    （含 s3tokenizer 版面 `speech_tokenizer_v2.pt` 的資料夾或該檔）。"""
     if name == "voila":
         return VoilaTokenizer(checkpoint, device=device, **kwargs)
     if name == "cosyvoice2":
-        raise NotImplementedError(
-            "CosyVoice2 語音符號抽取（128 維梅爾 → S3 FSQ 6561 碼，25 Hz）尚未實作，"
-            "排在後續的 CosyVoice2 議題（speech tokenizer 移植）；目前請使用 --tokenizer voila"
-        )
+        return CosyVoice2Tokenizer(checkpoint, device=device, **kwargs)
     raise ValueError(f"未知的語音符號抽取器 {name!r}；可用：{SUPPORTED_TOKENIZERS}")
 
 
@@ -374,7 +377,7 @@ def extract_speech_tokens(
     batch_size: int = 8,
     device: str = "cpu",
     max_seconds: float | None = 60.0,
-    speech_tokenizer: VoilaTokenizer | None = None,
+    speech_tokenizer: SpeechTokenizer | None = None,
     channel: int | None = None,
 ) -> ExtractReport:
     """讀清單、依長度分批抽碼並寫入輸出（見模組說明）；壞音訊略過並依原因計數。
@@ -417,13 +420,19 @@ def extract_speech_tokens(
             )
             if channel is not None:
                 if wave.ndim != 2 or channel >= wave.shape[0]:
-                    raise AudioError("bad_channel", path, f"沒有聲道 {channel}（形狀 {wave.shape}）")
+                    raise AudioError(
+                        "bad_channel", path, f"沒有聲道 {channel}（形狀 {wave.shape}）"
+                    )
                 wave = np.ascontiguousarray(wave[channel])
         except AudioError as e:
             report.skips.add_error(rid, e)
             continue
         except (ValueError, TypeError) as e:
             report.skips.add(rid, "bad_row", str(e))
+            continue
+        if wave.shape[-1] < getattr(tok, "min_samples", 1):
+            detail = f"{wave.shape[-1]} 個樣本，少於 {tok.min_samples}"
+            report.skips.add_error(rid, AudioError("too_short", path, detail))
             continue
         todo.append((rid, wave))
         if len(todo) >= batch_size * 4:
@@ -436,7 +445,7 @@ def extract_speech_tokens(
 
 
 def _flush(
-    tok: VoilaTokenizer,
+    tok: SpeechTokenizer,
     store: CodeStore,
     todo: list[tuple[str, np.ndarray]],
     batch_size: int,

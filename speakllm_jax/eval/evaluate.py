@@ -122,9 +122,11 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     from speakllm_jax.models.streaming import run_streaming
     from speakllm_jax.training.duplex_task import ensure_demo_duplex
 
-    paths = ensure_demo_duplex(cfg.data.demo_dir or None)
+    paths = ensure_demo_duplex(cfg.data.demo_dir or None, getattr(task, "speech_tokens", "voila"))
     rows = read_manifest(paths["dialogue"])[:max_dialogues]
     anns, acts, plots = [], [], []
+    emo_true: list[str] = []
+    emo_pred: list[str] = []
     for row in rows:
         ex = build_duplex_example(row, task.tokenizer, pad_id=task.pad_id)
         mel = log_mel_np(ex.user_audio, n_mels=int(cfg.data.n_mels), pad_to_seconds=None)
@@ -135,8 +137,29 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
         anns.append(ann)
         acts.append(speaking)
         plots.append(str(plot_timeline(ann, speaking, out_dir / f"timeline_{row['id']}.png")))
+        if getattr(model, "emotion_head", None) is not None and row.get("emotion"):
+            emo_true.append(str(row["emotion"]))
+            emo_pred.append(predict_emotion(model, mel[None, :, : 4 * n], n))
     metrics = turn_taking_metrics(anns, acts)
-    return {"dialogues": len(rows), "metrics": metrics, "timelines": plots}
+    report = {"dialogues": len(rows), "metrics": metrics, "timelines": plots}
+    if emo_true:
+        from speakllm_jax.eval.emotion import emotion_report, plot_confusion
+        from speakllm_jax.training.duplex_task import EMOTIONS
+
+        report["emotion"] = emotion_report(emo_true, emo_pred, EMOTIONS)
+        plots.append(str(plot_confusion(report["emotion"], out_dir / "emotion_confusion.png")))
+    return report
+
+
+def predict_emotion(model: Any, mel: Any, num_frames: int) -> str:
+    """整段使用者聲道梅爾 `[1, n_mels, 4N]` → 情緒頭預測的標籤（與訓練時的前向相同）。"""
+    import jax.numpy as jnp
+
+    from speakllm_jax.training.duplex_task import EMOTIONS
+
+    user, mask = model.encode_audio(jnp.asarray(mel))
+    logits = model.emotion_logits(user[:, :num_frames], mask[:, :num_frames])
+    return EMOTIONS[int(np.argmax(np.asarray(logits)[0]))]
 
 
 def _plot_error_rates(asr: dict[str, Any], path: Path) -> Path | None:

@@ -10,6 +10,9 @@
   語音碼嵌入平均）＋情緒條件」之和。每幀的隱狀態接四個頭：文字（LM 頭）、語音碼（深度
   Transformer）、輪替（listen／speak／continue／yield／backchannel）、聲調（輔助）；
   情緒頭則接在使用者串流的平均上。
+  `speech_head="cosyvoice2"` 時語音碼頭換成 CosyVoice2 的 talker（單碼本 6561 + 3）：每幀輸入為
+  「思考者隱狀態與該幀輸出文字嵌入的閘控融合＋上一幀語音碼嵌入（無效時 sos）」，在幀上因果前向，
+  見 `speakllm_jax.models.cosyvoice2_talker`。
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from speakllm_jax.models.connector import Connector
+from speakllm_jax.models.cosyvoice2_talker import CosyVoice2Talker, TalkerConfig
 from speakllm_jax.models.layers import dense, partitioned
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from speakllm_jax.models.speech_heads import AudioEmbedding, DepthTransformer, SpeechHeadConfig
@@ -39,11 +43,30 @@ class SpeakLLMConfig:
     qwen: Qwen2Config
     connector_stack: int = 2
     connector_hidden: int = 0
-    # 語音頭："none"（只有第 0 階段）或 "voila"。
+    # 語音頭："none"（只有第 0 階段）、"voila"（深度 Transformer）或 "cosyvoice2"（talker）。
     speech_head: str = "none"
     speech: SpeechHeadConfig = SpeechHeadConfig()
+    # speech_head="cosyvoice2" 時的 talker（其 thinker_hidden 須等於 qwen.hidden_size）。
+    talker: TalkerConfig | None = None
     max_chars_per_token: int = 4
     num_emotions: int = 0
+
+
+def _checked_talker(cfg: SpeakLLMConfig) -> TalkerConfig:
+    """檢查 cosyvoice2 的 talker 設定與思考者一致。"""
+    t = cfg.talker
+    if t is None:
+        raise ValueError("speech_head='cosyvoice2' 需要 SpeakLLMConfig.talker")
+    if t.thinker_hidden != cfg.qwen.hidden_size:
+        raise ValueError(
+            f"talker.thinker_hidden={t.thinker_hidden} 必須等於 qwen.hidden_size={cfg.qwen.hidden_size}"
+        )
+    if cfg.speech.num_codebooks != 1 or cfg.speech.codebook_size != t.num_speech_tokens:
+        raise ValueError(
+            "speech_head='cosyvoice2' 的 speech 必須是 1 個碼本、"
+            f"{t.num_speech_tokens} 個碼，收到 {cfg.speech.num_codebooks}×{cfg.speech.codebook_size}"
+        )
+    return t
 
 
 class SpeakLLM(nnx.Module):
@@ -67,16 +90,26 @@ class SpeakLLM(nnx.Module):
         self.llm = Qwen2ForCausalLM(cfg.qwen, rngs=rngs)
         d = cfg.qwen.hidden_size
         kw = dict(dtype=cfg.qwen.dtype, param_dtype=cfg.qwen.param_dtype)
-        if cfg.speech_head == "voila":
+        if cfg.speech_head in ("voila", "cosyvoice2"):
             self.audio_embed = AudioEmbedding(cfg.speech, d, rngs=rngs, **kw)
-            self.speech_head = DepthTransformer(
-                cfg.speech, d, remat=cfg.qwen.remat, scan_layers=cfg.qwen.scan_layers,
-                rngs=rngs, **kw,
-            )
+            if cfg.speech_head == "voila":
+                self.speech_head = DepthTransformer(
+                    cfg.speech,
+                    d,
+                    remat=cfg.qwen.remat,
+                    scan_layers=cfg.qwen.scan_layers,
+                    rngs=rngs,
+                    **kw,
+                )
+            else:
+                self.speech_head = CosyVoice2Talker(_checked_talker(cfg), rngs=rngs)
             self.turn_head = dense(d, NUM_TURN_ACTIONS, ("embed", None), rngs=rngs, **kw)
             self.tone_embed = nnx.Embed(
-                NUM_TONES, d, embedding_init=partitioned(nnx.initializers.normal(0.02), (None, "embed")),
-                rngs=rngs, **kw,
+                NUM_TONES,
+                d,
+                embedding_init=partitioned(nnx.initializers.normal(0.02), (None, "embed")),
+                rngs=rngs,
+                **kw,
             )
             self.tone_head = dense(
                 d, cfg.max_chars_per_token * NUM_TONES, ("embed", None), rngs=rngs, **kw
@@ -86,7 +119,9 @@ class SpeakLLM(nnx.Module):
             else:
                 self.emotion_head = None
         elif cfg.speech_head != "none":
-            raise ValueError(f"未知的 speech_head {cfg.speech_head!r}；可用：none、voila")
+            raise ValueError(
+                f"未知的 speech_head {cfg.speech_head!r}；可用：none、voila、cosyvoice2"
+            )
 
     def encode_audio(
         self,
@@ -134,7 +169,6 @@ class SpeakLLM(nnx.Module):
         # 位置 (後綴最後一個, 文字 0..L-2) 的輸出預測文字 0..L-1。
         return self.llm.logits(hidden[:, -n - 1 : -1])
 
-
     def frame_inputs(
         self,
         user: jax.Array,
@@ -169,15 +203,21 @@ class SpeakLLM(nnx.Module):
         frame_mask: jax.Array,
         cond_ids: jax.Array | None = None,
         chunk_frames: int | None = None,
+        text_out: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """全雙工幀模型的整段前向（訓練用，語音碼以教師強制）。
 
         `features [B, n_mels, 4N]` 為使用者聲道的梅爾；回傳各頭的 logits：
         `text [B, N, V]`、`codes [B, N, Q, C]`、`turn [B, N, 5]`、`tones [B, N, K, 6]`、
         （有情緒頭時）`emotion [B, E]`，以及 `hidden [B, N, d]`。
+        `speech_head="cosyvoice2"` 時必須給 `text_out [B, N]`：思考者每幀輸出的文字符號
+        （教師強制時即文字目標），它與每幀隱狀態一起融合成 talker 的輸入；talker 的上一幀
+        語音碼即 `codes_in[..., 0]`／`codes_in_valid`（Q = 1）。
         """
         if self.cfg.speech_head == "none":
             raise ValueError("此模型沒有語音頭（speech_head='none'），不能做全雙工前向")
+        if self.cfg.speech_head == "cosyvoice2" and text_out is None:
+            raise ValueError("speech_head='cosyvoice2' 的全雙工前向需要 text_out（每幀文字目標）")
         user, user_mask = self.encode_audio(features, feature_mask, chunk_frames)
         n = text_in.shape[1]
         if user.shape[1] < n:
@@ -186,7 +226,42 @@ class SpeakLLM(nnx.Module):
         cond = None if cond_ids is None else self.llm.embed(cond_ids)
         x = self.frame_inputs(user, text_in, tones_in, codes_in, codes_in_valid, cond)
         hidden, _ = self.llm.forward_embeds(x, attention_mask=frame_mask)
-        return self.heads(hidden, codes_target, user, frame_mask)
+        return self.heads(
+            hidden,
+            codes_target,
+            user,
+            frame_mask,
+            text_out=text_out,
+            codes_in=codes_in,
+            codes_in_valid=codes_in_valid,
+        )
+
+    def speech_logits(
+        self,
+        hidden: jax.Array,
+        codes_target: jax.Array,
+        frame_mask: jax.Array | None = None,
+        *,
+        text_out: jax.Array | None = None,
+        codes_in: jax.Array | None = None,
+        codes_in_valid: jax.Array | None = None,
+    ) -> jax.Array:
+        """語音碼 logits `[B, N, Q, C]`：voila 為深度 Transformer，cosyvoice2 為 talker（Q = 1）。"""
+        if self.cfg.speech_head != "cosyvoice2":
+            return self.speech_head(hidden, codes_target)
+        if text_out is None:
+            raise ValueError("speech_head='cosyvoice2' 需要 text_out（思考者每幀輸出的文字符號）")
+        prev = None if codes_in is None else codes_in[..., 0]
+        return self.speech_head(
+            hidden, codes_target, text_out, prev, codes_in_valid, mask=frame_mask
+        )
+
+    def emotion_logits(self, user: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+        """使用者串流的情緒 logits `[B, E]`：`user [B, N, d]` 在有效幀上平均後經情緒頭。"""
+        if self.emotion_head is None:
+            raise ValueError("此模型沒有情緒頭（model.num_emotions=0）")
+        pooled = _masked_mean(user, frame_mask)
+        return self.emotion_head(pooled.astype(self.llm.cfg.dtype)).astype(jnp.float32)
 
     def heads(
         self,
@@ -194,25 +269,41 @@ class SpeakLLM(nnx.Module):
         codes_target: jax.Array,
         user: jax.Array | None = None,
         frame_mask: jax.Array | None = None,
+        *,
+        text_out: jax.Array | None = None,
+        codes_in: jax.Array | None = None,
+        codes_in_valid: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
-        """由每幀隱狀態計算各頭輸出。"""
+        """由每幀隱狀態計算各頭輸出（cosyvoice2 另需 `text_out` 與上一幀語音碼）。"""
         b, n, _ = hidden.shape
+        codes = self.speech_logits(
+            hidden,
+            codes_target,
+            frame_mask,
+            text_out=text_out,
+            codes_in=codes_in,
+            codes_in_valid=codes_in_valid,
+        )
         out = {
             "hidden": hidden,
             "text": self.llm.logits(hidden),
-            "codes": self.speech_head(hidden, codes_target),
+            "codes": codes,
             "turn": self.turn_head(hidden).astype(jnp.float32),
             "tones": self.tone_head(hidden)
             .astype(jnp.float32)
             .reshape(b, n, self.cfg.max_chars_per_token, NUM_TONES),
         }
         if self.emotion_head is not None and user is not None:
-            m = jnp.ones((b, n), jnp.float32) if frame_mask is None else frame_mask.astype(jnp.float32)
-            pooled = jnp.sum(user.astype(jnp.float32) * m[..., None], axis=1) / jnp.maximum(
-                jnp.sum(m, axis=1, keepdims=True), 1.0
-            )
-            out["emotion"] = self.emotion_head(pooled.astype(hidden.dtype)).astype(jnp.float32)
+            out["emotion"] = self.emotion_logits(user, frame_mask)
         return out
+
+
+def _masked_mean(x: jax.Array, frame_mask: jax.Array | None) -> jax.Array:
+    b, n = x.shape[:2]
+    m = jnp.ones((b, n), jnp.float32) if frame_mask is None else frame_mask.astype(jnp.float32)
+    return jnp.sum(x.astype(jnp.float32) * m[..., None], axis=1) / jnp.maximum(
+        jnp.sum(m, axis=1, keepdims=True), 1.0
+    )
 
 
 def cross_entropy_sum(
@@ -242,13 +333,27 @@ def build_speakllm_config(model: Any, lora: Any = None) -> SpeakLLMConfig:
         )
     qwen = Qwen2Config(**dict(model.qwen), **common, **lora_kw)
     speech = model.get("speech", None)
+    speech_head = str(model.get("speech_head", "none"))
+    speech_cfg = SpeechHeadConfig(**dict(speech)) if speech is not None else SpeechHeadConfig()
+    talker = None
+    if speech_head == "cosyvoice2":
+        # 選 cosyvoice2 時改用 `model.talker`（見 configs/models.py 的 talker_preset）；思考者自己
+        # 的語音碼輸入嵌入變成 1 個碼本、6561 + 3 個碼。
+        tk = model.get("talker", None)
+        if tk is None:
+            raise ValueError("model.speech_head='cosyvoice2' 需要設定區塊 model.talker")
+        tk = dict(tk)
+        t_qwen = Qwen2Config(**dict(tk.pop("qwen")), **common)
+        talker = TalkerConfig(qwen=t_qwen, thinker_hidden=qwen.hidden_size, **tk)
+        speech_cfg = SpeechHeadConfig(num_codebooks=1, codebook_size=talker.num_speech_tokens)
     return SpeakLLMConfig(
         whisper=whisper,
         qwen=qwen,
         connector_stack=int(model.connector.stack),
         connector_hidden=int(model.connector.hidden),
-        speech_head=str(model.get("speech_head", "none")),
-        speech=SpeechHeadConfig(**dict(speech)) if speech is not None else SpeechHeadConfig(),
+        speech_head=speech_head,
+        speech=speech_cfg,
+        talker=talker,
         max_chars_per_token=int(model.get("max_chars_per_token", 4)),
         num_emotions=int(model.get("num_emotions", 0)),
     )

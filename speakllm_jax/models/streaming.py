@@ -45,7 +45,9 @@ def mel_frames_needed(chunk_index: int, chunk_frames: int, total_mel: int) -> in
 
 
 @partial(jax.jit, static_argnames=("graphdef", "mel_len", "chunk_enc"))
-def _encode_prefix(graphdef: Any, state: Any, mel: jax.Array, mel_len: int, chunk_enc: int) -> jax.Array:
+def _encode_prefix(
+    graphdef: Any, state: Any, mel: jax.Array, mel_len: int, chunk_enc: int
+) -> jax.Array:
     model = nnx.merge(graphdef, state)
     feats = mel[:, :, :mel_len]
     user, _ = model.encode_audio(feats, None, chunk_frames=chunk_enc)
@@ -63,7 +65,11 @@ def _frame_step(
     cond_ids: jax.Array,
     teacher: bool,
     use_cond: bool,
+    talker_cache: Any = None,
+    text_out: Any = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
+    """一幀。cosyvoice2 時另帶 talker 的 KV 快取（`talker_cache`），回傳的 `out` 中含新快取；
+    教師強制時 `text_out [B, 1]` 為這一幀的文字目標，自由執行時用這一幀貪婪選出的文字。"""
     model: SpeakLLM = nnx.merge(graphdef, state)
     cond = model.llm.embed(cond_ids) if use_cond else None
     x = model.frame_inputs(
@@ -73,7 +79,19 @@ def _frame_step(
     text_logits = model.llm.logits(hidden)
     turn_logits = model.turn_head(hidden).astype(jnp.float32)
     out = {"text": text_logits, "turn": turn_logits}
-    if teacher:
+    if model.cfg.speech_head == "cosyvoice2":
+        talker = model.speech_head
+        if not teacher:
+            text_out = jnp.argmax(text_logits, axis=-1).astype(jnp.int32)
+        logits, out["talker_cache"] = talker.step(
+            talker_cache, hidden, text_out, prev["codes"][..., 0], prev["codes_valid"]
+        )
+        if teacher:
+            out["codes"] = logits[:, :, None]
+            out["code_ids"] = codes_target
+        else:
+            out["code_ids"] = talker.greedy_codes(logits)[..., None]
+    elif teacher:
         out["codes"] = model.speech_head(hidden, codes_target)
         out["code_ids"] = codes_target
     else:
@@ -96,6 +114,9 @@ def run_streaming(
     `features [B, n_mels, ≥4N]` 為使用者聲道梅爾；`chunk_frames` 為每區塊的 LLM 幀數（25 Hz）。
     `teacher` 給定時（`text_in [B,N]`、`tones_in [B,N,K]`、`codes_in [B,N,Q]`、`codes_in_valid [B,N]`、
     `codes_target [B,N,Q]`）以之作為助理上一幀的輸出；否則自由執行。
+    `speech_head="cosyvoice2"` 時 talker 另以自己的 KV 快取逐幀前向；教師強制需要
+    `teacher["text_out"] [B,N]`（與 `duplex_forward` 的 `text_out` 相同），自由執行時用每幀
+    貪婪選出的文字。
     """
     features = jnp.asarray(features)
     b = features.shape[0]
@@ -112,6 +133,10 @@ def run_streaming(
         "codes": jnp.zeros((b, 1, q), jnp.int32),
         "codes_valid": jnp.zeros((b, 1), bool),
     }
+    cosy = model.cfg.speech_head == "cosyvoice2"
+    talker_cache = model.speech_head.init_cache(b, n) if cosy else None
+    if cosy and teacher is not None and "text_out" not in teacher:
+        raise ValueError("speech_head='cosyvoice2' 的教師強制串流需要 teacher['text_out']")
     use_cond = cond_ids is not None
     cond = jnp.zeros((b,), jnp.int32) if cond_ids is None else jnp.asarray(cond_ids, jnp.int32)
     text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
@@ -131,11 +156,25 @@ def run_streaming(
                 "codes_valid": jnp.asarray(teacher["codes_in_valid"])[:, t : t + 1],
             }
             target = jnp.asarray(teacher["codes_target"])[:, t : t + 1]
+            text_out = jnp.asarray(teacher["text_out"])[:, t : t + 1] if cosy else None
         else:
             target = jnp.zeros((b, 1, q), jnp.int32)
+            text_out = None
         cache, out = _frame_step(
-            graphdef, state, cache, user_t, prev, target, cond, teacher is not None, use_cond
+            graphdef,
+            state,
+            cache,
+            user_t,
+            prev,
+            target,
+            cond,
+            teacher is not None,
+            use_cond,
+            talker_cache,
+            text_out,
         )
+        if cosy:
+            talker_cache = out.pop("talker_cache")
         tok = jnp.argmax(out["text"][:, 0], axis=-1).astype(jnp.int32)
         act = jnp.argmax(out["turn"][:, 0], axis=-1).astype(jnp.int32)
         text_l.append(np.asarray(out["text"][:, 0]))

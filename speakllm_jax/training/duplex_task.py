@@ -25,12 +25,21 @@ from speakllm_jax.training.task import DataIterator, Task, register_task
 from speakllm_jax.training.tasks import GrainBatches, _tokenizer
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised")
+# 語音頭 → 它所用的語音符號（示範資料的碼資料夾依此選擇）。
+SPEECH_TOKENIZERS = {"voila": "voila", "cosyvoice2": "cosyvoice2"}
 
 
 class DuplexTransform:
     """一列對話 → 補齊到固定幀數的訓練陣列；失敗時回傳 None（由 filter 濾掉並計數）。"""
 
-    def __init__(self, config: Any, tokenizer: Any, codes: dict[str, np.ndarray], skips: dict):
+    def __init__(
+        self,
+        config: Any,
+        tokenizer: Any,
+        codes: dict[str, np.ndarray],
+        skips: dict,
+        num_codebooks: int = 4,
+    ):
         from speakllm_jax.data.duplex import DuplexConfig
         from speakllm_jax.training.losses import OverlapConfig
 
@@ -45,6 +54,7 @@ class DuplexTransform:
                 ablation=not bool(r.overlap_aware),
             ),
             max_chars_per_token=int(config.model.max_chars_per_token),
+            num_codebooks=int(num_codebooks),
         )
         self.tokenizer = tokenizer
         self.codes = codes
@@ -93,8 +103,14 @@ class DuplexTransform:
         text_t = np.where(ex.text_mask, ex.text_ids, self.pad_id).astype(np.int32)
         tones_t = np.where(ex.text_mask[:, None], ex.text_tones, 0).astype(np.int32)
         codes = ex.codes.T.astype(np.int32)  # [N, 4]
+        # 情緒頭的目標是使用者（說話人）的情緒；條件符號是助理回應的風格（沒有時沿用 emotion）。
         emotion = str(row.get("emotion") or "neutral")
-        emo = EMOTIONS.index(emotion) if emotion in EMOTIONS else 0
+        style = str(row.get("response_style") or emotion)
+        if emotion not in EMOTIONS or style not in EMOTIONS:
+            self._skip("bad_emotion")
+            print(f"略過 {row.get('id')}: 未知的情緒標籤 {emotion!r}／{style!r}（可用：{EMOTIONS}）")
+            return None
+        emo = EMOTIONS.index(emotion)
         return {
             "mel": mel_full,
             "mel_mask": mel_mask,
@@ -107,7 +123,7 @@ class DuplexTransform:
             "turn_target": pad(ex.turn_targets.astype(np.int32)),
             "turn_weight": pad(ex.turn_weight.astype(np.float32)),
             "emotion": np.int32(emo),
-            "emotion_token": np.int32(self.emotion_ids[emo]),
+            "emotion_token": np.int32(self.emotion_ids[EMOTIONS.index(style)]),
         }
 
 
@@ -126,8 +142,13 @@ class DuplexTask(Task):
         from speakllm_jax.models.speakllm import build_speakllm_config
 
         self.model_cfg = build_speakllm_config(config.model, config.lora)
-        if self.model_cfg.speech_head != "voila":
-            raise ValueError("duplex 任務需要 model.speech_head='voila'")
+        if self.model_cfg.speech_head not in SPEECH_TOKENIZERS:
+            raise ValueError(
+                f"duplex 任務需要 model.speech_head 為 {tuple(SPEECH_TOKENIZERS)} 之一，"
+                f"得到 {self.model_cfg.speech_head!r}"
+            )
+        # 語音頭決定示範資料用哪一種語音符號（voila：4 層 RVQ；cosyvoice2：單碼本 FSQ）。
+        self.speech_tokens = SPEECH_TOKENIZERS[self.model_cfg.speech_head]
         self.tokenizer = _tokenizer(config)
         self.pad_id = int(self.tokenizer.eos_id)
         self.loss_w = config.loss
@@ -136,6 +157,11 @@ class DuplexTask(Task):
         from speakllm_jax.models.speakllm import SpeakLLM
 
         return SpeakLLM(self.model_cfg, rngs=rngs)
+
+    def load_pretrained(self, model: nnx.Module) -> nnx.Module:
+        from speakllm_jax.training.tasks import load_pretrained_parts
+
+        return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
     def _rows_and_codes(self) -> tuple[list[dict], dict[str, np.ndarray]]:
         from speakllm_jax.data.manifest import read_manifest
@@ -150,19 +176,23 @@ class DuplexTask(Task):
             if d.codes_dirs:
                 for c in str(d.codes_dirs).split(","):
                     codes.update(load_codes(c))
-            return rows, codes
-        paths = ensure_demo_duplex(d.demo_dir or None)
-        for name in str(d.duplex_sets).split(","):
-            rows += read_manifest(paths[name])
-            codes.update(load_codes(paths[f"{name}_codes"]))
-        return rows, codes
+        else:
+            paths = ensure_demo_duplex(d.demo_dir or None, self.speech_tokens)
+            for name in str(d.duplex_sets).split(","):
+                rows += read_manifest(paths[name])
+                codes.update(load_codes(paths[f"{name}_codes"]))
+        n = int(d.get("subset", 0))
+        # 過擬合實驗：只取前 n 段（清單順序，決定性）。
+        return (rows[:n] if n > 0 else rows), codes
 
     def make_data(self, process_index: int, process_count: int) -> DataIterator:
         rows, codes = self._rows_and_codes()
         if not rows:
             raise ValueError("全雙工資料是空的：請檢查 data.train_manifests 或 data.duplex_sets")
         skips: dict[str, int] = {}
-        transform = DuplexTransform(self.config, self.tokenizer, codes, skips)
+        transform = DuplexTransform(
+            self.config, self.tokenizer, codes, skips, self.model_cfg.speech.num_codebooks
+        )
         local = int(self.config.train.batch_size) // process_count
         ds = (
             grain.MapDataset.source(rows)
@@ -194,6 +224,8 @@ class DuplexTask(Task):
         out = model.duplex_forward(
             batch["mel"], batch["mel_mask"], text_in, tones_in, codes_in, codes_valid,
             batch["codes_target"], batch["frame_mask"], cond_ids=cond,
+            # cosyvoice2 的 talker 融合思考者隱狀態與該幀輸出的文字（教師強制即文字目標）。
+            text_out=text_t if self.model_cfg.speech_head == "cosyvoice2" else None,
         )
         is_tok = batch["text_is_token"].astype(jnp.float32)
         text_w = (is_tok + (1.0 - is_tok) * float(w.pad_weight)) * frame
@@ -220,18 +252,22 @@ class DuplexTask(Task):
         return total, jnp.sum(frame), metrics
 
 
-def ensure_demo_duplex(demo_dir: str | None) -> dict[str, Any]:
-    """示範全雙工資料不存在時，以子程序執行 `data/prepare_demo_speech.py`（那裡才匯入 PyTorch）。"""
+def ensure_demo_duplex(demo_dir: str | None, tokenizer: str = "voila") -> dict[str, Any]:
+    """示範全雙工資料不存在時，以子程序執行 `data/prepare_demo_speech.py`（那裡才匯入 PyTorch）。
+
+    `tokenizer` 為 `voila` 或 `cosyvoice2`：兩者共用清單，語音碼放在各自的資料夾。
+    """
     import subprocess
     import sys
 
     from speakllm_jax.data.demo_data import REPO_ROOT, default_demo_dir, duplex_paths
 
-    paths = duplex_paths(demo_dir or default_demo_dir())
+    paths = duplex_paths(demo_dir or default_demo_dir(), tokenizer)
     done = all((paths[f"{n}_codes"] / "index.jsonl").exists() for n in ("dialogue", "instructions"))
     if not done:
         cmd = [sys.executable, str(REPO_ROOT / "data" / "prepare_demo_speech.py")]
         if demo_dir:
             cmd += ["--demo_dir", str(demo_dir)]
+        cmd += ["--tokenizer", tokenizer]
         subprocess.run(cmd, check=True)
     return paths

@@ -152,7 +152,9 @@ def _initial_state(
             print(f"形狀不同而未沿用的參數：{bad_p + bad_f}")
         opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
         return state.replace(params=params, frozen=frozen, opt_state=opt_state)
-    needs_pretrained = any(cfg.model.get(k, "") for k in ("whisper_path", "qwen_path"))
+    needs_pretrained = any(
+        cfg.model.get(k, "") for k in ("whisper_path", "qwen_path", "talker_path")
+    )
     if needs_pretrained:
         model = task.build_model(nnx.Rngs(int(cfg.seed)))
         model = task.load_pretrained(model)

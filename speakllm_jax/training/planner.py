@@ -190,7 +190,8 @@ def abstract_batch(
     if task.name == "duplex":
         m = int(frames if frames is not None else cfg.data.max_frames)
         k = int(cfg.model.max_chars_per_token)
-        c = int(cfg.model.speech.num_codebooks)
+        # 每幀語音碼層數由任務的模型設定決定（voila 4；cosyvoice2 為 1）。
+        c = int(task.model_cfg.speech.num_codebooks)
         shapes = {
             "mel": ((batch, n_mels, 4 * m), jnp.float32),
             "mel_mask": ((batch, 4 * m), jnp.bool_),

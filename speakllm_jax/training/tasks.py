@@ -192,20 +192,35 @@ class AsrConnectorTask(Task):
         return int(np.sum(batch["text_mask"]))
 
     def load_pretrained(self, model: Any) -> Any:
-        c = self.config.model
-        if c.whisper_path:
-            from speakllm_jax.checkpoints.whisper_hf import load_whisper
+        return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
-            src = load_whisper(
-                c.whisper_path, dtype=self.model_cfg.whisper.param_dtype, encoder_only=True
+
+def load_pretrained_parts(model: Any, c: Any, model_cfg: Any) -> Any:
+    """把設定中指定的官方權重載入 SpeakLLM 的各部分（兩個任務共用）。
+
+    `c.whisper_path`（Whisper HF 資料夾，只取編碼器）、`c.qwen_path`（Qwen2.5 HF 資料夾）、
+    `c.talker_path`（CosyVoice2 的 `llm.pt` 或同鍵 safetensors；只在 speech_head="cosyvoice2"）。
+    """
+    if c.get("whisper_path", ""):
+        from speakllm_jax.checkpoints.whisper_hf import load_whisper
+
+        src = load_whisper(c.whisper_path, dtype=model_cfg.whisper.param_dtype, encoder_only=True)
+        nnx.update(model.encoder, nnx.state(getattr(src, "encoder", src)))
+    if c.get("qwen_path", ""):
+        from speakllm_jax.checkpoints.qwen2_hf import load_qwen2
+
+        src = load_qwen2(c.qwen_path, dtype=model_cfg.qwen.param_dtype)
+        nnx.update(model.llm, nnx.state(src))
+    if c.get("talker_path", ""):
+        if model_cfg.speech_head != "cosyvoice2":
+            raise ValueError(
+                f"model.talker_path 只用於 speech_head='cosyvoice2'，目前為 {model_cfg.speech_head!r}"
             )
-            nnx.update(model.encoder, nnx.state(getattr(src, "encoder", src)))
-        if c.qwen_path:
-            from speakllm_jax.checkpoints.qwen2_hf import load_qwen2
+        from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm
 
-            src = load_qwen2(c.qwen_path, dtype=self.model_cfg.qwen.param_dtype)
-            nnx.update(model.llm, nnx.state(src))
-        return model
+        src = load_cosyvoice2_llm(c.talker_path, model_cfg.talker)
+        nnx.update(model.speech_head, nnx.state(src))
+    return model
 
 
 # 登錄全雙工任務（第 1–3 階段）。
