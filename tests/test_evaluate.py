@@ -60,7 +60,7 @@ def test_duplex_report(demo_dir: Path, tmp_path: Path) -> None:
     report = evaluate_run(tmp_path, max_dialogues=2)
     m = report["duplex"]["metrics"]
     assert report["duplex"]["dialogues"] == 2
-    assert "barge_in" in m and "backchannel" in m
+    assert "interruption" in m and "backchannel" in m and "pause" in m
     emo = report["duplex"]["emotion"]
     assert emo["segments"] == 2 and sum(map(sum, emo["confusion"])) == 2
     # 示範語料的前兩段對話依序是 neutral、happy。
