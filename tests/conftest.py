@@ -49,3 +49,41 @@ def demo_dir(request, tmp_path_factory):
         os.environ.pop("SPEAKLLM_DEMO_DIR", None)
     else:
         os.environ["SPEAKLLM_DEMO_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def espeak_corpus():
+    """回傳 `make(d, clips) -> rows`：以 espeak-ng 把 `clips`（[(聲音, 文字)]）合成到 `d/s{i}.wav`，
+    另加一個壞檔（`bad`）與一個不存在的檔（`gone`），回傳清單列（尚未寫檔）。沒有 espeak-ng 時略過。"""
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("需要 espeak-ng")
+
+    def make(d, clips):
+        rows = []
+        for i, (voice, text) in enumerate(clips):
+            wav = d / f"s{i}.wav"
+            subprocess.run(["espeak-ng", "-v", voice, "-w", str(wav), text], check=True)
+            rows.append(
+                {
+                    "id": f"spk/s{i}",
+                    "audio": wav.name,
+                    "offset": 0.0,
+                    "duration": None,
+                    "sample_rate": 22050,
+                    "channels": 1,
+                    "text": text,
+                    "language": "zh",
+                    "speaker": "e",
+                    "corpus": "e",
+                    "split": "train",
+                }
+            )
+        (d / "bad.wav").write_bytes(b"RIFF\x00\x00")
+        rows.append(dict(rows[0], id="bad", audio="bad.wav"))
+        rows.append(dict(rows[0], id="gone", audio="gone.wav"))
+        return rows
+
+    return make

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -51,32 +50,10 @@ def model64(s3_dir):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("需要 espeak-ng")
+def corpus(tmp_path_factory, espeak_corpus):
     d = tmp_path_factory.mktemp("s3c")
-    rows = []
     clips = [("cmn", "你好"), ("en-us", "Good morning, everyone."), ("cmn", "我们重新开始吧")]
-    for i, (voice, text) in enumerate(clips):
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(d / f"s{i}.wav"), text], check=True)
-        rows.append(
-            {
-                "id": f"spk/s{i}",
-                "audio": f"s{i}.wav",
-                "offset": 0.0,
-                "duration": None,
-                "sample_rate": 22050,
-                "channels": 1,
-                "text": text,
-                "language": "zh",
-                "speaker": "e",
-                "corpus": "e",
-                "split": "train",
-            }
-        )
-    (d / "bad.wav").write_bytes(b"RIFF\x00\x00")
-    rows.append(dict(rows[0], id="bad", audio="bad.wav"))
-    rows.append(dict(rows[0], id="gone", audio="gone.wav"))
+    rows = espeak_corpus(d, clips)
     # 5 毫秒（80 個樣本）：短於梅爾反射補邊所需，應略過並記為 too_short。
     rows.append(dict(rows[0], id="tiny", duration=0.005))
     write_manifest(d / "m.jsonl", rows)

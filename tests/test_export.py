@@ -147,23 +147,35 @@ def test_whisper_encoder_loads_in_transformers(exported: Path, jax_run) -> None:
     assert float(np.max(np.abs(got - ref))) <= TOL
 
 
-def test_torch_twin_matches_jax(exported: Path, jax_run) -> None:
-    _, task, model, _ = jax_run
-    tm = load_exported(exported)
-    c = model.cfg
-    rng = np.random.default_rng(11)
-    b, n = 1, 6
+def _duplex_inputs(c, rng, b: int, n: int, valid_frac: float | None = None) -> dict:
+    """`duplex_forward` 的隨機輸入（`n` 幀）；語音碼的層數與碼數取自模型設定。
+
+    `valid_frac` 為 None 時每幀的上一幀語音碼都有效，否則約此比例有效。
+    """
+    q, size = c.speech.num_codebooks, c.speech.codebook_size
     f = 4 * n
     x = {
         "features": rng.normal(size=(b, c.whisper.num_mel_bins, f)).astype(np.float32),
         "feature_mask": np.ones((b, f), bool),
         "text_in": rng.integers(0, c.qwen.vocab_size, (b, n)).astype(np.int32),
         "tones_in": rng.integers(0, 6, (b, n, c.max_chars_per_token)).astype(np.int32),
-        "codes_in": rng.integers(0, 2048, (b, n, c.speech.num_codebooks)).astype(np.int32),
-        "codes_in_valid": np.ones((b, n), bool),
-        "codes_target": rng.integers(0, 2048, (b, n, c.speech.num_codebooks)).astype(np.int32),
-        "frame_mask": np.ones((b, n), bool),
+        "codes_in": rng.integers(0, size, (b, n, q)).astype(np.int32),
     }
+    x["codes_in_valid"] = (
+        np.ones((b, n), bool) if valid_frac is None else rng.random((b, n)) < valid_frac
+    )
+    x["codes_target"] = rng.integers(0, size, (b, n, q)).astype(np.int32)
+    x["frame_mask"] = np.ones((b, n), bool)
+    return x
+
+
+def test_torch_twin_matches_jax(exported: Path, jax_run) -> None:
+    _, task, model, _ = jax_run
+    tm = load_exported(exported)
+    c = model.cfg
+    rng = np.random.default_rng(11)
+    b, n = 1, 6
+    x = _duplex_inputs(c, rng, b, n)
     cond = np.asarray([task.tokenizer.special_id("<|emo_neutral|>")], np.int32)
     ref = model.duplex_forward(
         **{k: jnp.asarray(v) for k, v in x.items()}, cond_ids=jnp.asarray(cond), chunk_frames=2
@@ -299,17 +311,7 @@ def test_cosyvoice2_twin_matches_jax_forward_and_steps(cosy) -> None:
     c = model.cfg
     rng = np.random.default_rng(21)
     b, n = 1, 6
-    f = 4 * n
-    x = {
-        "features": rng.normal(size=(b, c.whisper.num_mel_bins, f)).astype(np.float32),
-        "feature_mask": np.ones((b, f), bool),
-        "text_in": rng.integers(0, c.qwen.vocab_size, (b, n)).astype(np.int32),
-        "tones_in": rng.integers(0, 6, (b, n, c.max_chars_per_token)).astype(np.int32),
-        "codes_in": rng.integers(0, 6564, (b, n, 1)).astype(np.int32),
-        "codes_in_valid": rng.random((b, n)) < 0.7,
-        "codes_target": rng.integers(0, 6564, (b, n, 1)).astype(np.int32),
-        "frame_mask": np.ones((b, n), bool),
-    }
+    x = _duplex_inputs(c, rng, b, n, valid_frac=0.7)
     text_out = rng.integers(0, c.qwen.vocab_size, (b, n)).astype(np.int32)
     ref = model.duplex_forward(
         **{k: jnp.asarray(v) for k, v in x.items()},

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -41,33 +39,10 @@ def tok64(voila_dir):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("需要 espeak-ng")
+def corpus(tmp_path_factory, espeak_corpus):
     d = tmp_path_factory.mktemp("st")
-    rows = []
-    for i, (voice, text) in enumerate(
-        [("cmn", "你好，今天天气很好。"), ("en-us", "Good morning."), ("cmn", "我们重新开始吧")]
-    ):
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(d / f"s{i}.wav"), text], check=True)
-        rows.append(
-            {
-                "id": f"spk/s{i}",
-                "audio": f"s{i}.wav",
-                "offset": 0.0,
-                "duration": None,
-                "sample_rate": 22050,
-                "channels": 1,
-                "text": text,
-                "language": "zh",
-                "speaker": "e",
-                "corpus": "e",
-                "split": "train",
-            }
-        )
-    (d / "bad.wav").write_bytes(b"RIFF\x00\x00")
-    rows.append(dict(rows[0], id="bad", audio="bad.wav"))
-    rows.append(dict(rows[0], id="gone", audio="gone.wav"))
+    clips = [("cmn", "你好，今天天气很好。"), ("en-us", "Good morning."), ("cmn", "我们重新开始吧")]
+    rows = espeak_corpus(d, clips)
     write_manifest(d / "m.jsonl", rows)
     return d
 

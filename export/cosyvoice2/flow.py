@@ -22,7 +22,6 @@ mel 端乘上 `token_mel_ratio`），且最後 `pre_lookahead_len` 個 token 只
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from speakllm_jax.checkpoints.state_check import shapes_of, state_dict_problems
 
 __all__ = [
     "FLOW_OFFICIAL",
@@ -880,12 +881,6 @@ def build_flow(config: FlowConfig | dict[str, Any] | str | None = None) -> FlowM
     return FlowModel(config).eval()
 
 
-def _describe(keys: Sequence[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    more = f" …（另 {len(keys) - limit} 個）" if len(keys) > limit else ""
-    return f"[{shown}{more}]"
-
-
 def load_flow(
     path: str | Path,
     config: FlowConfig | dict[str, Any] | str | None = None,
@@ -900,24 +895,10 @@ def load_flow(
         raise ValueError(f"{path}: 需要 state_dict（鍵 → 張量的字典），收到 {type(state).__name__}")
     model = build_flow(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: 檔案 {tuple(state[k].shape)} ≠ 模型 {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or shapes:
-        parts = [
-            f"{path}: flow 檢查點與設定不符（模型 {len(expected)} 個鍵，檔案 {len(state)} 個鍵）"
-        ]
-        if missing:
-            parts.append(f"缺少 {len(missing)} 個鍵 {_describe(missing)}")
-        if unexpected:
-            parts.append(f"多出 {len(unexpected)} 個鍵 {_describe(unexpected)}")
-        if shapes:
-            parts.append(f"形狀不符 {len(shapes)} 個 {_describe(shapes)}")
-        raise ValueError("；".join(parts))
+    problems = state_dict_problems(shapes_of(state), shapes_of(expected), limit=12)
+    if problems:
+        head = f"{path}: flow 檢查點與設定不符（模型 {len(expected)} 個鍵，檔案 {len(state)} 個鍵）"
+        raise ValueError("；".join([head, *problems]))
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
 

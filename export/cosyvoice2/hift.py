@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from speakllm_jax.checkpoints.state_check import shapes_of, state_dict_problems
+
 # 官方 CosyVoice2-0.5B `cosyvoice2.yaml` 的 hift 參數（f0 預測器參數攤平成 f0_* 欄位）。
 HIFT_OFFICIAL: dict[str, Any] = {
     "in_channels": 80,
@@ -511,28 +513,28 @@ class HiFTGenerator(nn.Module):
         return self.forward(speech_feat, cache_source, generator=generator, seed=seed)
 
 
-def legacy_to_parametrized(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """舊式 `weight_g/weight_v` 鍵 → `parametrizations.weight.original0/original1`，其餘不變。"""
+def _rename_suffixes(
+    state: Mapping[str, torch.Tensor], renames: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """把以 `renames` 的鍵結尾的名稱換成對應的結尾，其餘不變。"""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key.endswith(_LEGACY_G):
-            key = key[: -len(_LEGACY_G)] + _PARAM_G
-        elif key.endswith(_LEGACY_V):
-            key = key[: -len(_LEGACY_V)] + _PARAM_V
+        for old, new in renames.items():
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+                break
         out[key] = value
     return out
+
+
+def legacy_to_parametrized(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """舊式 `weight_g/weight_v` 鍵 → `parametrizations.weight.original0/original1`，其餘不變。"""
+    return _rename_suffixes(state, {_LEGACY_G: _PARAM_G, _LEGACY_V: _PARAM_V})
 
 
 def parametrized_to_legacy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`parametrizations.weight.original0/original1` 鍵 → 舊式 `weight_g/weight_v`，其餘不變。"""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.endswith(_PARAM_G):
-            key = key[: -len(_PARAM_G)] + _LEGACY_G
-        elif key.endswith(_PARAM_V):
-            key = key[: -len(_PARAM_V)] + _LEGACY_V
-        out[key] = value
-    return out
+    return _rename_suffixes(state, {_PARAM_G: _LEGACY_G, _PARAM_V: _LEGACY_V})
 
 
 def weight_norm_naming(state: Mapping[str, torch.Tensor]) -> str:
@@ -571,23 +573,9 @@ def load_hift(path: str | Path, config: Mapping[str, Any]) -> HiFTGenerator:
         raise ValueError(f"{path}: 內容不是狀態字典（型別 {type(raw).__name__}）")
     state = _normalize_state(raw, str(path))
     model = HiFTGenerator(**config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: 檔案 {tuple(state[k].shape)} ≠ 模型 {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"缺少的鍵 {missing}")
-        if unexpected:
-            parts.append(f"多出的鍵 {unexpected}")
-        if mismatched:
-            parts.append(f"形狀不符 {mismatched}")
-        raise ValueError(f"{path}: HiFT 權重與設定不符：" + "；".join(parts))
+    problems = state_dict_problems(shapes_of(state), shapes_of(model.state_dict()))
+    if problems:
+        raise ValueError(f"{path}: HiFT 權重與設定不符：" + "；".join(problems))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     return model.eval()
 

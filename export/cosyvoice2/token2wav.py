@@ -21,7 +21,6 @@ numpy 波形，長度 = `480 × token_mel_ratio × len(tokens)`（每個 token �
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from export.cosyvoice2.flow import (
     FlowConfig,
@@ -39,6 +37,13 @@ from export.cosyvoice2.flow import (
     flow_config,
     load_flow,
     save_random_flow,
+)
+from export.cosyvoice2.hift import (
+    HIFT_OFFICIAL,
+    HIFT_TINY,
+    HiFTGenerator,
+    load_hift,
+    save_random_hift,
 )
 
 __all__ = [
@@ -112,7 +117,7 @@ class Token2Wav:
     def __init__(
         self,
         flow: FlowModel,
-        hift: nn.Module,
+        hift: HiFTGenerator,
         stream_config: StreamConfig | dict[str, Any] | None = None,
         *,
         hift_seed: int | None = 0,
@@ -127,8 +132,6 @@ class Token2Wav:
         self.token_hop_len, self.token_max_hop_len = stream_config.resolved(flow.config)
         self.hift_seed = hift_seed
         self.sample_rate = SAMPLE_RATE
-        params = inspect.signature(hift.inference).parameters
-        self._hift_takes_generator = "generator" in params
 
     @property
     def samples_per_token(self) -> int:
@@ -167,9 +170,7 @@ class Token2Wav:
         mel = mel.to(device=device, dtype=torch.float32)
         if cache_source is not None:
             cache_source = cache_source.to(device)
-        if self._hift_takes_generator:
-            return self.hift.inference(mel, cache_source, generator=generator)
-        return self.hift.inference(mel, cache_source)
+        return self.hift.inference(mel, cache_source, generator=generator)
 
     def __call__(
         self,
@@ -324,8 +325,6 @@ class Token2WavStream:
 
 
 def _hift_config(value: Any, where: str) -> dict[str, Any]:
-    from export.cosyvoice2.hift import HIFT_OFFICIAL, HIFT_TINY
-
     if value is None or value == "official":
         return dict(HIFT_OFFICIAL)
     if value == "tiny":
@@ -359,8 +358,6 @@ def read_token2wav_config(directory: str | Path) -> dict[str, Any]:
 
 def load_token2wav(directory: str | Path, map_location: str | torch.device = "cpu") -> Token2Wav:
     """從資料夾讀 `flow.pt`、`hift.pt` 與（可選的）`token2wav.json`，建立 `Token2Wav`。"""
-    from export.cosyvoice2.hift import load_hift
-
     directory = Path(directory)
     cfg = read_token2wav_config(directory)
     where = str(directory / TOKEN2WAV_CONFIG)
@@ -385,8 +382,6 @@ def save_random_token2wav(
     stream: StreamConfig | dict[str, Any] | None = None,
 ) -> Path:
     """寫出一組隨機權重的 `flow.pt`、`hift.pt` 與 `token2wav.json`（測試與示範用）。"""
-    from export.cosyvoice2.hift import save_random_hift
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fcfg = flow_config(flow)

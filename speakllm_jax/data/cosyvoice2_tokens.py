@@ -287,26 +287,10 @@ def _infer_config(state: dict[str, Any], source: str) -> S3TokenizerV2Config:
 
 def check_state_dict(state: dict[str, Any], config: S3TokenizerV2Config, source: str) -> None:
     """嚴格比對鍵名與形狀；列出缺少、多出與形狀不符的鍵。"""
-    want = config.param_shapes()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    bad = [
-        f"{k}: 檔案 {tuple(state[k].shape)} ≠ 預期 {want[k]}"
-        for k in sorted(set(want) & set(state))
-        if tuple(state[k].shape) != want[k]
-    ]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(
-                f"缺少 {len(missing)} 個鍵：{missing[:8]}{' …' if len(missing) > 8 else ''}"
-            )
-        if unexpected:
-            parts.append(
-                f"多出 {len(unexpected)} 個鍵：{unexpected[:8]}{' …' if len(unexpected) > 8 else ''}"
-            )
-        if bad:
-            parts.append(f"形狀不符 {len(bad)} 個：{bad[:8]}")
+    from speakllm_jax.checkpoints.state_check import shapes_of, state_dict_problems
+
+    parts = state_dict_problems(shapes_of(state), config.param_shapes(), limit=8)
+    if parts:
         raise S3CheckpointError(
             f"{source}：不是 s3tokenizer 版面的 S3Tokenizer v2 權重（{config}）；"
             + "；".join(parts)

@@ -87,9 +87,12 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
         hyp = transcribe(model, task.tokenizer, mel[None], int(cfg.data.max_text_tokens))[0]
         refs.append(str(row["text"]))
         hyps.append(hyp)
-        items.append({"id": row["id"], "ref": row["text"], "hyp": hyp, "language": row.get("language")})
+        items.append(
+            {"id": row["id"], "ref": row["text"], "hyp": hyp, "language": row.get("language")}
+        )
     if not refs:
         return {"utterances": 0, "skipped": skipped}
+
     def rate(langs: tuple[str, ...]) -> float | None:
         pairs = [(r, h) for r, h, it in zip(refs, hyps, items) if it["language"] in langs]
         return corpus_counts(*zip(*pairs)).rate if pairs else None
@@ -122,7 +125,7 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     from speakllm_jax.models.streaming import run_streaming
     from speakllm_jax.training.duplex_task import ensure_demo_duplex
 
-    paths = ensure_demo_duplex(cfg.data.demo_dir or None, getattr(task, "speech_tokens", "voila"))
+    paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
     rows = read_manifest(paths["dialogue"])[:max_dialogues]
     anns, acts, plots = [], [], []
     emo_true: list[str] = []

@@ -25,8 +25,6 @@ from speakllm_jax.training.task import DataIterator, Task, register_task
 from speakllm_jax.training.tasks import GrainBatches, _tokenizer
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised")
-# 語音頭 → 它所用的語音符號（示範資料的碼資料夾依此選擇）。
-SPEECH_TOKENIZERS = {"voila": "voila", "cosyvoice2": "cosyvoice2"}
 
 
 class DuplexTransform:
@@ -108,7 +106,9 @@ class DuplexTransform:
         style = str(row.get("response_style") or emotion)
         if emotion not in EMOTIONS or style not in EMOTIONS:
             self._skip("bad_emotion")
-            print(f"略過 {row.get('id')}: 未知的情緒標籤 {emotion!r}／{style!r}（可用：{EMOTIONS}）")
+            print(
+                f"略過 {row.get('id')}: 未知的情緒標籤 {emotion!r}／{style!r}（可用：{EMOTIONS}）"
+            )
             return None
         emo = EMOTIONS.index(emotion)
         return {
@@ -142,13 +142,16 @@ class DuplexTask(Task):
         from speakllm_jax.models.speakllm import build_speakllm_config
 
         self.model_cfg = build_speakllm_config(config.model, config.lora)
-        if self.model_cfg.speech_head not in SPEECH_TOKENIZERS:
+        from speakllm_jax.data.demo_data import DEMO_SPEECH_TOKENIZERS
+
+        # 語音頭與它所用的語音符號同名（voila：4 層 RVQ；cosyvoice2：單碼本 FSQ），
+        # 示範資料的碼資料夾依此選擇。
+        head = self.model_cfg.speech_head
+        if head not in DEMO_SPEECH_TOKENIZERS:
             raise ValueError(
-                f"duplex 任務需要 model.speech_head 為 {tuple(SPEECH_TOKENIZERS)} 之一，"
-                f"得到 {self.model_cfg.speech_head!r}"
+                f"duplex 任務需要 model.speech_head 為 {DEMO_SPEECH_TOKENIZERS} 之一，得到 {head!r}"
             )
-        # 語音頭決定示範資料用哪一種語音符號（voila：4 層 RVQ；cosyvoice2：單碼本 FSQ）。
-        self.speech_tokens = SPEECH_TOKENIZERS[self.model_cfg.speech_head]
+        self.speech_tokens = head
         self.tokenizer = _tokenizer(config)
         self.pad_id = int(self.tokenizer.eos_id)
         self.loss_w = config.loss
@@ -222,8 +225,15 @@ class DuplexTask(Task):
         codes_valid = _shift(batch["code_weight"] > 0, False)
         cond = batch["emotion_token"] if self.config.research.emotion_condition else None
         out = model.duplex_forward(
-            batch["mel"], batch["mel_mask"], text_in, tones_in, codes_in, codes_valid,
-            batch["codes_target"], batch["frame_mask"], cond_ids=cond,
+            batch["mel"],
+            batch["mel_mask"],
+            text_in,
+            tones_in,
+            codes_in,
+            codes_valid,
+            batch["codes_target"],
+            batch["frame_mask"],
+            cond_ids=cond,
             # cosyvoice2 的 talker 融合思考者隱狀態與該幀輸出的文字（教師強制即文字目標）。
             text_out=text_t if self.model_cfg.speech_head == "cosyvoice2" else None,
         )
@@ -233,7 +243,9 @@ class DuplexTask(Task):
         c_sum, _ = masked_cross_entropy(
             out["codes"], batch["codes_target"], (batch["code_weight"] * frame)[..., None]
         )
-        turn_sum, _ = masked_cross_entropy(out["turn"], batch["turn_target"], batch["turn_weight"] * frame)
+        turn_sum, _ = masked_cross_entropy(
+            out["turn"], batch["turn_target"], batch["turn_weight"] * frame
+        )
         tones = batch["tones_target"]
         tone_w = (tones > 0).astype(jnp.float32) * (is_tok * frame)[..., None]
         tone_sum, _ = masked_cross_entropy(out["tones"], tones, tone_w)
@@ -243,10 +255,17 @@ class DuplexTask(Task):
             + float(w.turn) * turn_sum
             + float(w.tone) * tone_sum
         )
-        metrics = {"text_loss": t_sum, "code_loss": c_sum, "turn_loss": turn_sum, "tone_loss": tone_sum}
+        metrics = {
+            "text_loss": t_sum,
+            "code_loss": c_sum,
+            "turn_loss": turn_sum,
+            "tone_loss": tone_sum,
+        }
         if "emotion" in out:
             # 情緒是每段一個標籤：以該段的有效幀數加權，與其他逐幀損失同尺度。
-            e_sum, _ = masked_cross_entropy(out["emotion"], batch["emotion"], jnp.sum(frame, axis=1))
+            e_sum, _ = masked_cross_entropy(
+                out["emotion"], batch["emotion"], jnp.sum(frame, axis=1)
+            )
             total = total + float(w.emotion) * e_sum
             metrics["emotion_loss"] = e_sum
         return total, jnp.sum(frame), metrics
