@@ -1,6 +1,6 @@
 """由資料設定產生清單 JSONL（旗標沿用種子文件），並寫出每筆略過的原因。
 
-python data/build_manifests.py --config configs/data/demo.py --output data/manifests/demo.jsonl
+python data/build_manifests.py --config configs/data/demo.py --output manifests/demo.jsonl
 python data/build_manifests.py --corpus aishell1 --root /data/aishell --output aishell.jsonl
 輸出：OUT.jsonl、OUT.skipped.jsonl（每筆略過的鍵、原因、說明）與印出的摘要。
 """

@@ -4,6 +4,8 @@ python data/download.py --config configs/data/asr_zh.py --dry_run
 python data/download.py --config configs/data/asr_zh.py --accept_terms --output_dir data/raw
 python data/download.py --config configs/data/asr_zh.py --local aishell1=/mnt/corpora/aishell
 離線時在連線檢查（3 秒）立即失敗；改用 --local NAME=DIR 註冊本機副本。
+python data/download.py --config configs/data/demo.py     # 示範語料：離線以 espeak-ng 生成
+需同意條款的 Hugging Face 語料讀 HF_TOKEN（環境變數或 .env，見 .env.example；從不印出）。
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """以 espeak-ng 建立內建示範語料（AISHELL-1、Common Voice 目錄格式、雙聲道對話、語音指令、VAD 標準答案）。
 
-python data/make_demo_corpus.py --output_dir data/demo [--seed 0] [--scale 1]
+python data/make_demo_corpus.py [--output_dir demo_corpus] [--seed 0] [--scale 1]
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speakllm_jax.data.demo_corpus import make_demo_corpus  # noqa: E402
+from speakllm_jax.data.demo_corpus import DEMO_DIR, make_demo_corpus  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--output_dir", required=True, help="輸出資料夾")
+    p.add_argument("--output_dir", default=DEMO_DIR, help=f"輸出資料夾（預設 {DEMO_DIR}）")
     p.add_argument("--seed", type=int, default=0, help="句子抽選的種子（同種子產出相同檔案）")
     p.add_argument("--scale", type=int, default=1, help="規模倍數（>= 1）")
     a = p.parse_args(argv)

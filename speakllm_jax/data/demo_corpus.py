@@ -30,6 +30,9 @@ import soundfile as sf
 from speakllm_jax.audio.io import resample, write_audio
 from speakllm_jax.text.normalize import normalize_zh
 
+# 示範語料的預設資料夾（相對於專案根目錄）；訓練預設、資料設定 configs/data/demo.py 與
+# data/make_demo_corpus.py 都用這一個名稱。
+DEMO_DIR = "demo_corpus"
 SR = 16000
 CV_SR = 48000
 CV_VERSION = "cv-corpus-0.0-demo"
@@ -512,6 +515,29 @@ def make_demo_corpus(output_dir: str | Path, seed: int = 0, scale: int = 1) -> d
     }
     (root / "demo_info.json").write_text(json.dumps(info, ensure_ascii=False, indent=1), "utf-8")
     return info
+
+
+# 隨專案附上的範例提問（客戶端與網頁用）：檔名 → (文字, espeak-ng 聲音)。
+EXAMPLES_DIR = "examples"
+EXAMPLE_QUESTIONS: dict[str, tuple[str, tuple[str, int, int]]] = {
+    "question_zh.wav": ("你好，明天會下雨嗎？", USER_VOICE),
+    "question_en.wav": ("Hello, will it rain tomorrow?", EN_VOICES[0]),
+}
+EXAMPLE_LEAD_SECONDS = 0.3
+
+
+def make_examples(output_dir: str | Path = EXAMPLES_DIR) -> dict[str, float]:
+    """以 espeak-ng 寫出範例提問（16 kHz 單聲道 16 位元 WAV，前後各留一小段靜音）；回傳檔名 → 秒數。"""
+    if not has_espeak():
+        raise RuntimeError("找不到 espeak-ng；範例提問需要它（Debian 套件 espeak-ng）")
+    out = Path(output_dir)
+    pad = np.zeros(int(SR * EXAMPLE_LEAD_SECONDS), np.float32)
+    lengths = {}
+    for name, (text, voice) in EXAMPLE_QUESTIONS.items():
+        wave = np.concatenate([pad, 0.9 * synth(text, *voice), pad])
+        write_audio(out / name, wave, SR)
+        lengths[name] = round(len(wave) / SR, 3)
+    return lengths
 
 
 def ensure_demo_corpus(output_dir: str | Path, seed: int = 0, scale: int = 1) -> Path:

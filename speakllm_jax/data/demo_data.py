@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from speakllm_jax.data.adapters import build_manifests
-from speakllm_jax.data.demo_corpus import make_demo_corpus
+from speakllm_jax.data.demo_corpus import DEMO_DIR, make_demo_corpus
 from speakllm_jax.text.manifest_text import normalize_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,8 +25,8 @@ DEMO_CORPORA: dict[str, dict[str, str]] = {
 
 
 def default_demo_dir() -> Path:
-    """示範語料的預設位置：環境變數 `SPEAKLLM_DEMO_DIR`，否則為專案根目錄下的 `demo_corpus/`。"""
-    return Path(os.environ.get("SPEAKLLM_DEMO_DIR", REPO_ROOT / "demo_corpus"))
+    """示範語料的預設位置：環境變數 `SPEAKLLM_DEMO_DIR`，否則為專案根目錄下的 `DEMO_DIR`。"""
+    return Path(os.environ.get("SPEAKLLM_DEMO_DIR", REPO_ROOT / DEMO_DIR))
 
 
 def ensure_demo_corpus(demo_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:

@@ -3,7 +3,9 @@
 下載先印出授權與條款；需申請或僅限非商業用途的語料必須加 `accept_terms=True`。
 HTTP 下載可續傳（`.part` 檔加 Range 標頭）並驗證校驗碼；沒有網路時在連線檢查（預設 3 秒）
 立即失敗並說明如何改用 `--local NAME=DIR` 註冊本機已有的副本（寫入輸出資料夾的
-`local_registry.json`，`build_manifests` 會優先使用它）。
+`local_registry.json`，`build_manifests` 會優先使用它）。需同意條款的 Hugging Face 語料以
+`HF_TOKEN`（環境變數，或目前資料夾／專案根目錄的 `.env`，見 `.env.example`）存取；權杖只交給
+`huggingface_hub`，從不印出或寫入紀錄。`demo` 語料不連網，直接以 espeak-ng 生成在輸出資料夾。
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from speakllm_jax.data.demo_corpus import DEMO_DIR, ensure_demo_corpus
+
 LOCAL_REGISTRY = "local_registry.json"
+HF_TOKEN_ENV = "HF_TOKEN"
+ENV_FILE = ".env"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("url", "hf", "tfds", "manual", "demo")
 
 
@@ -345,8 +352,8 @@ CORPORA: tuple[CorpusSpec, ...] = (
         "https://github.com/espeak-ng/espeak-ng",
         "約 10 MB（scale=1）",
         "aishell1",
-        notes="python data/make_demo_corpus.py --output_dir data/demo；含 AISHELL-1、Common Voice、"
-        "雙聲道對話、語音指令與 VAD 標準答案等目錄。",
+        notes=f"python data/make_demo_corpus.py --output_dir {DEMO_DIR}（或 download.py 離線生成）；"
+        "含 AISHELL-1、Common Voice、雙聲道對話、語音指令與 VAD 標準答案等目錄。",
     ),
 )
 REGISTRY: dict[str, CorpusSpec] = {c.name: c for c in CORPORA}
@@ -432,6 +439,23 @@ def terms_text(spec: CorpusSpec) -> str:
     if spec.notes:
         lines.append(f"   備註：{spec.notes}")
     return "\n".join(lines)
+
+
+def hf_token(env_file: str | os.PathLike | None = None) -> str | None:
+    """Hugging Face 存取權杖：環境變數 `HF_TOKEN` 優先，其次 `env_file`（預設依序為目前資料夾與
+    專案根目錄的 `.env`）。沒有時回傳 None。呼叫端只把值交給 `huggingface_hub`，不印出。"""
+    tok = os.environ.get(HF_TOKEN_ENV, "").strip()
+    if tok:
+        return tok
+    from dotenv import dotenv_values
+
+    paths = [Path(env_file)] if env_file else [Path.cwd() / ENV_FILE, _REPO_ROOT / ENV_FILE]
+    for path in paths:
+        if path.is_file():
+            tok = (dotenv_values(path).get(HF_TOKEN_ENV) or "").strip()
+            if tok:
+                return tok
+    return None
 
 
 def check_connectivity(url: str, timeout: float = 3.0) -> None:
@@ -546,7 +570,8 @@ def download_corpus(
     """下載一個語料到 `output_dir/NAME`；回傳動作摘要。`dry_run` 只印計畫、不連網。"""
     spec = get_corpus(name)
     log(terms_text(spec))
-    target = Path(output_dir) / name
+    # 示範語料本身就是一整個 data_root（內含多個語料的目錄格式），直接放在輸出資料夾。
+    target = Path(output_dir) if spec.source == "demo" else Path(output_dir) / name
     plan: dict[str, Any] = {
         "name": name,
         "source": spec.source,
@@ -567,7 +592,10 @@ def download_corpus(
             f"{name}: 此語料需要同意條款（{spec.license}）；閱讀上方條款後加 --accept_terms"
         )
     if spec.source == "demo":
-        raise DownloadError("demo 語料不需下載：python data/make_demo_corpus.py --output_dir DIR")
+        ensure_demo_corpus(target)
+        log(f"   示範語料離線生成（不連網）：{target}")
+        plan["status"] = "generated"
+        return plan
     if spec.source == "manual":
         raise DownloadError(
             f"{name}: 需手動取得（{spec.homepage}）；取得後以 --local {name}=DIR 註冊"
@@ -590,10 +618,16 @@ def download_corpus(
         plan["status"] = "downloaded"
         return plan
     if spec.source == "hf":
+        token = hf_token()
+        if spec.gated and not token:
+            raise DownloadError(
+                f"{name}: 需要 Hugging Face 權杖：先在 https://huggingface.co/datasets/{spec.hf_id} "
+                f"同意條款，再把 {HF_TOKEN_ENV} 寫進 .env（見 .env.example）或設成環境變數"
+            )
         check_connectivity("https://huggingface.co", connect_timeout)
         from huggingface_hub import snapshot_download
 
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"token": token} if token else {}
         if spec.hf_config and spec.layout == "commonvoice":
             kw["allow_patterns"] = [f"*{spec.hf_config}*", "*.py", "*.md", "*.json"]
         snapshot_download(spec.hf_id, repo_type="dataset", local_dir=str(target), **kw)
