@@ -140,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="只列出指令，不執行")
     p.add_argument("--fresh", action="store_true", help="在暫存資料夾的工作樹副本中執行")
     p.add_argument("--keep", action="store_true", help="--fresh 時成功也保留暫存資料夾")
+    p.add_argument("--cwd", default="", help="在這個資料夾執行（預設專案根目錄；不複製）")
     a = p.parse_args(argv)
     cmds = parse_walkthrough(Path(a.readme).read_text("utf-8"))
     if a.list:
         for c in cmds:
             print(with_overrides(c.text, os.environ))
         return 0
-    cwd = REPO_ROOT
+    cwd = Path(a.cwd) if a.cwd else REPO_ROOT
     if a.fresh:
         cwd = Path(tempfile.mkdtemp(prefix="speakllm-walkthrough-"))
         copy_worktree(cwd)
