@@ -112,7 +112,7 @@ def to_script(cmds: list[Command], env: dict[str, str] | os._Environ, times: Pat
             f"printf '\\n$ %s\\n' {shlex.quote(run)}",
             "_t=$SECONDS",
             run,
-            f"echo \"{k} $((SECONDS - _t))\" >> {shlex.quote(str(times))}",
+            f'echo "{k} $((SECONDS - _t))" >> {shlex.quote(str(times))}',
         ]
     return "\n".join(out) + "\n"
 
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--readme", default=str(README), help="從哪個 README 解析（預設專案的 README.md）")
+    p.add_argument(
+        "--readme", default=str(README), help="從哪個 README 解析（預設專案的 README.md）"
+    )
     p.add_argument("--list", action="store_true", help="只列出指令，不執行")
     p.add_argument("--fresh", action="store_true", help="在暫存資料夾的工作樹副本中執行")
     p.add_argument("--keep", action="store_true", help="--fresh 時成功也保留暫存資料夾")
@@ -165,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"共 {time.perf_counter() - t0:.0f} 秒")
     if rc:
         bad = cmds[min(len(took), len(cmds) - 1)]
-        print(f"錯誤：README 第 {bad.line} 行的指令失敗（結束碼 {rc}）：{bad.text}", file=sys.stderr)
+        print(
+            f"錯誤：README 第 {bad.line} 行的指令失敗（結束碼 {rc}）：{bad.text}", file=sys.stderr
+        )
         return rc
     if a.fresh and not a.keep:
         shutil.rmtree(cwd, ignore_errors=True)

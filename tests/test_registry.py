@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from speakllm_jax.data.adapters import ADAPTERS
+from speakllm_jax.data.demo_corpus import has_espeak
 from speakllm_jax.data.registry import (
     REGISTRY,
     DownloadError,
@@ -217,3 +218,50 @@ def test_local_registration_cli(tmp_path):
         register_local("aishell1", tmp_path / "nope", tmp_path / "raw")
     with pytest.raises(ValueError, match="未知的語料"):
         register_local("not_a_corpus", copy, tmp_path / "raw")
+
+
+def test_hf_token_from_env_then_dotenv(tmp_path, monkeypatch):
+    from speakllm_jax.data.registry import HF_TOKEN_ENV, hf_token
+
+    monkeypatch.delenv(HF_TOKEN_ENV, raising=False)
+    env_file = tmp_path / ".env"
+    assert hf_token(env_file) is None
+    env_file.write_text("# 範本\nOTHER=1\nHF_TOKEN=hf_from_file\n", "utf-8")
+    assert hf_token(env_file) == "hf_from_file"
+    monkeypatch.chdir(tmp_path)
+    assert hf_token() == "hf_from_file"  # 預設讀目前資料夾的 .env
+    monkeypatch.setenv(HF_TOKEN_ENV, "hf_from_env")
+    assert hf_token(env_file) == "hf_from_env"  # 環境變數優先
+
+
+def test_gated_hf_corpus_needs_token_and_never_prints_it(tmp_path, monkeypatch):
+    from speakllm_jax.data.registry import HF_TOKEN_ENV
+
+    monkeypatch.delenv(HF_TOKEN_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # 沒有 .env
+    monkeypatch.setattr("speakllm_jax.data.registry._REPO_ROOT", tmp_path)
+    logs: list[str] = []
+    with pytest.raises(DownloadError, match=f"{HF_TOKEN_ENV}.*\\.env"):
+        download_corpus("commonvoice_en", tmp_path, accept_terms=True, log=logs.append)
+    secret = "hf_secret_value_123"
+    (tmp_path / ".env").write_text(f"HF_TOKEN={secret}\n", "utf-8")
+    res = subprocess.run(
+        [sys.executable, str(REPO / "data/download.py"), "--names", "commonvoice_en"]
+        + ["--accept_terms", "--output_dir", str(tmp_path / "raw"), "--connect_timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "https_proxy": "http://127.0.0.1:9"},
+        timeout=120,
+    )
+    assert secret not in res.stdout + res.stderr
+    assert "需要 Hugging Face 權杖" not in res.stderr  # 權杖從 .env 讀到了
+
+
+@pytest.mark.skipif(not has_espeak(), reason="需要 espeak-ng")
+def test_demo_download_generates_offline(tmp_path):
+    logs: list[str] = []
+    plan = download_corpus("demo", tmp_path / "demo", log=logs.append)
+    assert plan["status"] == "generated" and plan["target"] == str(tmp_path / "demo")
+    assert (tmp_path / "demo" / "demo_info.json").is_file()
+    assert (tmp_path / "demo" / "aishell" / "data_aishell").is_dir()

@@ -76,7 +76,6 @@ def test_section_covers_the_whole_path():
 
 def test_run_folders_match_the_training_default():
     from configs.phase2_duplex import get_config
-
     from speakllm_jax.data.demo_corpus import DEMO_DIR
     from speakllm_jax.data.demo_data import duplex_paths
 
@@ -157,7 +156,9 @@ def test_runs_the_lines_in_one_shell_and_fails_on_the_first_error(tmp_path):
         ],
     )
     (tmp_path / "launch").mkdir()
-    (tmp_path / "launch/train.py").write_text("import sys; open('args.txt','w').write(' '.join(sys.argv[1:]))")
+    (tmp_path / "launch/train.py").write_text(
+        "import sys; open('args.txt','w').write(' '.join(sys.argv[1:]))"
+    )
     res = _run(ok, tmp_path, **{TRAIN_VAR: "--config.train.steps=2"})
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out.txt").read_text() == "hello\n"
