@@ -1,6 +1,6 @@
 """重取樣並以 VAD 在靜音處切分清單中的音訊（旗標沿用種子文件）。
 
-python data/resample_split.py --manifest IN.jsonl --output_dir data/resampled --target_sr 16000 --vad True
+python data/resample_split.py --manifest IN.jsonl --output_dir resampled --target_sr 16000 --vad True
 輸出：D/manifest.jsonl（含 source_id、source_start、source_end）、D/audio/、D/manifest.skipped.jsonl。
 雙聲道對話不切分，只重取樣並保留兩個聲道。
 """

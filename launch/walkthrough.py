@@ -8,7 +8,8 @@ README 中兩個標記 `<!-- walkthrough:begin -->`、`<!-- walkthrough:end -->`
 每一行都是使用者照打的指令；本腳本把它們交給同一個 `bash`（`set -euo pipefail`），任何一行失敗即
 以非零結束碼結束，結束時停掉仍在背景的程序。唯一的改動：訓練那一行（`python launch/train.py`）
 後面附加環境變數 `SPEAKLLM_WALKTHROUGH_TRAIN_ARGS` 的內容（CI 用來縮短步數，例如
-`--config.train.steps=4`）；沒設時一字不改。
+`--config.train.steps=4`），評估那一行（`python launch/evaluate.py`）附加
+`SPEAKLLM_WALKTHROUGH_EVAL_ARGS`（例如 `--max_dialogues 3`）；沒設時一字不改。
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ README = REPO_ROOT / "README.md"
 BEGIN = "<!-- walkthrough:begin -->"
 END = "<!-- walkthrough:end -->"
 # 指令開頭 → 附加在該行後面的環境變數（只在這裡列出的指令會被改動）。
-OVERRIDE_ENV = {"python launch/train.py": "SPEAKLLM_WALKTHROUGH_TRAIN_ARGS"}
+OVERRIDE_ENV = {
+    "python launch/train.py": "SPEAKLLM_WALKTHROUGH_TRAIN_ARGS",
+    "python launch/evaluate.py": "SPEAKLLM_WALKTHROUGH_EVAL_ARGS",
+}
 
 
 @dataclass(frozen=True)

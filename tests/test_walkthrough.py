@@ -104,7 +104,7 @@ def test_split_comment_respects_quotes():
     assert split_comment("echo a#b") == ("echo a#b", "")
 
 
-def test_overrides_only_on_the_train_line():
+def test_overrides_only_on_the_documented_lines():
     env = {TRAIN_VAR: "--config.train.steps=4"}
     assert with_overrides("python launch/train.py --config phase2", env) == (
         "python launch/train.py --config phase2 --config.train.steps=4"
@@ -115,6 +115,11 @@ def test_overrides_only_on_the_train_line():
     assert with_overrides("python launch/evaluate.py --workdir r", env) == (
         "python launch/evaluate.py --workdir r"
     )
+    eval_var = OVERRIDE_ENV["python launch/evaluate.py"]
+    assert with_overrides(
+        "python launch/evaluate.py --workdir r", {eval_var: "--max_dialogues 3"}
+    ) == ("python launch/evaluate.py --workdir r --max_dialogues 3")
+    assert set(OVERRIDE_ENV) == {"python launch/train.py", "python launch/evaluate.py"}
     assert with_overrides("python launch/train.py --config phase2", {}) == (
         "python launch/train.py --config phase2"
     )
