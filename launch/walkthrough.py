@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 走一遍：每步耗時")
     for k, c in enumerate(cmds):
         sec = took.get(str(k))
-        print(f"{sec + ' 秒' if sec else '（未執行）':>10}  {c.text}")
+        print(f"{sec + ' 秒' if sec else '（未執行）':>10}  {with_overrides(c.text, os.environ)}")
     print(f"共 {time.perf_counter() - t0:.0f} 秒")
     if rc:
         bad = cmds[min(len(took), len(cmds) - 1)]
