@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from export.serving.session import (
 MIN_INPUT_RATE = 8000
 MAX_INPUT_RATE = 192000
 BACKLOG_MESSAGES = 64  # 每個會話讀進來但還沒處理的訊息上限（滿了就不再讀：gRPC 流量控制擋住客戶端）
-COST_EMA = 0.05  # 每幀計算時間的指數移動平均權重（准入控制用）
+COST_WINDOW = 256  # 准入控制：以最近這麼多次處理（跨會話）的計算時間估每幀成本
 
 
 class _Abort:
@@ -160,7 +161,7 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         self.sessions_done = asyncio.Event()
         self.sessions_done.set()
         self.live: set[_Live] = set()
-        self.frame_cost = 0.0  # 量到的每幀計算秒數（指數移動平均；0 表示還沒量到）
+        self.costs: deque[tuple[int, float]] = deque(maxlen=COST_WINDOW)  # （幀數, 秒）
 
     def _check_auth(self, context: grpc.aio.ServicerContext) -> str:
         """回傳錯誤說明（空字串表示通過）。重複的 `authorization` 一律拒絕。"""
@@ -171,6 +172,16 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         if token and (values[0] if values else "") != f"Bearer {token}":
             return "缺少或錯誤的 bearer token（metadata authorization）"
         return ""
+
+    @property
+    def measured_frames(self) -> int:
+        return sum(n for n, _ in self.costs)
+
+    @property
+    def frame_cost(self) -> float:
+        """最近量到的每幀計算秒數（含排隊等工作執行緒；0 表示還沒量到）。"""
+        n = self.measured_frames
+        return sum(t for _, t in self.costs) / n if n else 0.0
 
     def capacity(self) -> float:
         """依量到的每幀計算時間，能即時服務的會話數（還沒量到時為無限大）。"""
@@ -377,12 +388,8 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         live.out_q.put_nowait(None)
 
     def _measure(self, frames: int, seconds: float) -> None:
-        if frames <= 0:
-            return
-        cost = seconds / frames
-        self.frame_cost = (
-            cost if self.frame_cost <= 0 else ((1 - COST_EMA) * self.frame_cost + COST_EMA * cost)
-        )
+        if frames > 0:
+            self.costs.append((frames, seconds))
 
     async def close_all(self, reason: str) -> None:
         """結束所有進行中的會話：停下讀取與計算，送出帶原因的 `SESSION_ENDED` 後關閉串流。"""
