@@ -9,14 +9,19 @@
 
 協定見 `duplex.proto`。錯誤狀態：
 
-- 缺少或錯誤的 bearer token → UNAUTHENTICATED；會話數已滿 → RESOURCE_EXHAUSTED；
+- 缺少、錯誤或重複的 `authorization` metadata → UNAUTHENTICATED；會話數已滿，或准入控制
+  （`admission_headroom` > 0）判定再加一個會話會跟不上即時 → RESOURCE_EXHAUSTED；
   訊息超過 `max_message_bytes` → RESOURCE_EXHAUSTED（gRPC 本身）；關機中 → UNAVAILABLE。
-- 第一則不是 START、奇數位元組、seq 不連續、取樣率不合（`sample_rate_policy="reject"`）或中途改變、
-  空訊息、無法解析的位元組 → INVALID_ARGUMENT。
-- 超過 `idle_timeout_s` 沒有訊息 → DEADLINE_EXCEEDED；音訊總長超過 `max_session_seconds` → OUT_OF_RANGE。
+- 第一則不是 START、奇數位元組、seq 不連續、取樣率不在 8000–192000 Hz、取樣率不合
+  （`sample_rate_policy="reject"`）或中途改變、空訊息、無法解析的位元組 → INVALID_ARGUMENT。
+- 超過 `idle_timeout_s` 沒有音訊（空片段不算）→ DEADLINE_EXCEEDED；音訊總長超過
+  `max_session_seconds`（> 0 時；在解碼與重取樣之前以宣告的取樣率算）→ OUT_OF_RANGE。
 
+每個會話兩個工作：讀取（抵達即記時間、驗證、解碼）與計算（依序、每幀不早於即時到期時間，
+`pace_realtime`）；送出迴圈把實際送出的音訊封包數與送出時間寫回 `TurnMetrics`。
 任何一個會話的錯誤都只結束該串流，伺服器繼續服務；客戶端消失時會話被取消並釋放。
-關機（SIGTERM／SIGINT 或 `stop`）先拒絕新會話，再讓進行中的會話在 `shutdown_grace_s` 內結束。
+關機（SIGTERM／SIGINT 或 `stop`）先拒絕新會話，讓進行中的會話在 `shutdown_grace_s` 內結束，
+之後還在的會話各收到一個帶原因的 `SESSION_ENDED` 再關閉串流。
 """
 
 from __future__ import annotations
