@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 
 @functools.cache
 def configure_flax() -> None:
-    """Flax 的全域設定，由 `models`、`checkpoints` 套件匯入時呼叫（只做一次；建立參數的程式都經過 `models`）。
+    """Flax 的全域設定，由 `models`、`training`、`checkpoints` 套件匯入時呼叫（只做一次）。
 
     參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；分片一律由 `speakllm_jax.training.sharding`
-    依規則表對應到網格。不放在本檔頂層，是為了讓只用 numpy 的部分（音訊特徵、文字、資料清單、
-    `training.config_io`）與 PyTorch 服務端匯入時不載入 JAX／Flax。
+    依規則表對應到網格。不放在本檔頂層，是為了讓只用 numpy 的部分（音訊特徵、文字、資料清單）
+    與 PyTorch 服務端匯入時不載入 JAX／Flax。
     """
     from flax import nnx
 

@@ -1,5 +1,4 @@
-"""服務端不載入 JAX：`import export.serving.server` 與讀服務設定（`main` 用的 `load_config`）之後
-`sys.modules` 裡沒有 jax／flax。"""
+"""服務端不載入 JAX：`import export.serving.server` 之後 `sys.modules` 裡沒有 jax／flax。"""
 
 from __future__ import annotations
 
@@ -10,8 +9,6 @@ import sys
 def test_server_import_loads_no_jax() -> None:
     code = (
         "import sys, export.serving.server, export.serving.client\n"
-        "from speakllm_jax.training.config_io import load_config\n"
-        "cfg = load_config('serving', ['--config.port=0'])\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
         "print(','.join(bad))\n"
     )
