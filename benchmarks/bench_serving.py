@@ -15,6 +15,11 @@
   即時送出「一句話 + 靜音」，印出客戶端首包 p50 與對 voila 的比值。
 - 每幀計算：PyTorch 孿生的 `frame_step` 對 JAX `_frame_step`（同一個匯出的 tiny 模型、
   自由執行、同樣的使用者串流輸入）。
+- 全雙工手感，舊版對新版（`--feel`，同一次執行）：`--old-commit`（預設 `main`）的伺服器程式以
+  `git archive` 解到暫存資料夾、與本工作樹的伺服器各開一個子行程，用同一組示範資產；每個同時數
+  （`--feel-levels`，預設 1,4,8）即時送出同一段片段，量客戶端的：使用者最後一個語音幀送出 → 收到
+  第一個助理音訊（ms）、打斷起點之後送到的助理音訊幀數、串流牆鐘 ÷ 音訊長度；另跑「1 個即時會話
+  + 2 個盡快送出的會話」看即時會話的首包。
 - 紙上估算：full 預設（Whisper-medium + Qwen2.5-7B + 4 層深度 Transformer）在 H100 SXM 上的
   每幀時間 max(計算, 記憶體)，對照 40 ms 幀預算與 Voila 195 ms／Moshi 約 200 ms 首包預算。
 
@@ -111,6 +116,7 @@ class ServerProcess:
         voila_dir: Path | None,
         overrides: list[str],
         launch_args: list[str] | None = None,
+        root: Path = ROOT,
     ) -> None:
         cmd = [sys.executable, "-m", "export.serving.server", "--config", "serving"]
         if model_dir is not None:
@@ -118,8 +124,8 @@ class ServerProcess:
         if voila_dir is not None:
             cmd += [f"--config.voila_dir={voila_dir}"]
         cmd += [*(launch_args or []), "--config.port=0", "--config.max_sessions=64", *overrides]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ, PYTHONPATH=str(root))
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
         line = ""
         deadline = time.time() + 180
         while "listening on" not in line:
@@ -525,6 +531,97 @@ def full_preset_estimate(ctx_frames: list[int], chunk_frames: int, end_silence_m
     }
 
 
+# ---------------------------------------------------------------- 全雙工手感：舊版對新版
+
+
+def old_tree(commit: str) -> Path:
+    """把 `commit` 的程式解到暫存資料夾（`git archive`，不是 worktree），回傳其根目錄。"""
+    sha = subprocess.run(
+        ["git", "rev-parse", commit], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    out = Path(f"/tmp/speakllm_bench_old_{sha[:10]}")
+    if not (out / "export" / "serving" / "server.py").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+def feel_session(res: StreamResult, user_end: int, onset: int) -> dict[str, Any]:
+    """一個會話的手感量測：說完 → 首包（ms）、打斷起點後送到的音訊幀數、串流即時率。"""
+    first = None
+    turns = 0
+    leaked = 0
+    for m, t in zip(res.messages, res.recv_times, strict=True):
+        kind = m.WhichOneof("payload")
+        if kind == "event" and m.event.kind == pb.Event.SPEAKING:
+            turns += 1
+        elif kind == "audio" and turns == 1:
+            if first is None:
+                first = t
+            if m.audio.seq > onset:
+                leaked += 1
+    sent = res.send_times.get(user_end)
+    return {
+        "first_after_end_ms": (first - sent) * 1000.0 if first and sent else None,
+        "leaked_frames": leaked,
+        "stream_rtf": res.wall_seconds / (res.frames_sent * FRAME_SECONDS),
+        "ok": res.status.name == "OK",
+    }
+
+
+def feel_level(
+    target: str, wave: np.ndarray, user_end: int, onset: int, realtime: int, fast: int = 0
+) -> list[dict[str, Any]]:
+    """`realtime` 個即時會話與 `fast` 個盡快送出的會話同時跑；回傳即時會話的量測。"""
+    got: list[StreamResult | None] = [None] * (realtime + fast)
+
+    def one(i: int) -> None:
+        got[i] = stream_audio(target, wave, fast=i >= realtime, timeout=600.0)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(realtime + fast)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [feel_session(r, user_end, onset) for r in got[:realtime] if r is not None]
+
+
+def feel_compare(
+    model_dir: Path, voila_dir: Path, levels: list[int], old_commit: str, overrides: list[str]
+) -> list[dict[str, Any]]:
+    from speakllm_jax.data.demo_corpus import synth
+
+    speech = synth(SENTENCE, "cmn")
+    rows = []
+    for name, root in (("old", old_tree(old_commit)), ("new", ROOT)):
+        server = ServerProcess(model_dir, voila_dir, overrides, root=root)
+        try:
+            wave, start, onset = build_clip(server.target, 10, 20)
+            user_end = int(1.2 * SR) // FRAME_SAMPLES - 1
+            assert np.abs(speech[: int(1.2 * SR)]).max() > 0
+            cases = [(c, 0) for c in levels] + [(1, 2)]
+            for conc, fast in cases:
+                t0 = time.perf_counter()
+                ss = feel_level(server.target, wave, user_end, onset, conc, fast)
+                row = {
+                    "server": name,
+                    "realtime_sessions": conc,
+                    "fast_sessions": fast,
+                    "errors": sum(not x["ok"] for x in ss) + conc - len(ss),
+                    "first_after_end_ms": [
+                        x["first_after_end_ms"] for x in ss if x["first_after_end_ms"] is not None
+                    ],
+                    "leaked_frames": [x["leaked_frames"] for x in ss],
+                    "stream_rtf": [x["stream_rtf"] for x in ss],
+                }
+                rows.append(row)
+                print(f"  {name} {conc} rt + {fast} fast: {time.perf_counter() - t0:.1f} s")
+        finally:
+            server.stop()
+    return rows
+
+
 # ---------------------------------------------------------------- 主程式
 
 
@@ -544,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-arg", action="append", default=[], help="伺服器設定覆寫，可重複")
     p.add_argument("--json", default="", help="另把所有量測寫成 JSON")
+    p.add_argument("--feel", action="store_true", help="跑全雙工手感的舊版對新版比較")
+    p.add_argument("--feel-levels", default="1,4,8", help="手感比較的同時會話數（逗號分隔）")
+    p.add_argument("--old-commit", default="main", help="舊版伺服器的 commit（git archive）")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     report: dict[str, Any] = {"cpu_count": os.cpu_count()}
@@ -619,6 +719,31 @@ def main(argv: list[str] | None = None) -> int:
                 for lv in levels_out
             ],
         )
+
+    if args.feel:
+        fl = [int(x) for x in args.feel_levels.split(",") if x.strip()]
+        print(f"\nduplex feel, old ({args.old_commit}) vs new, real-time sessions:")
+        feel = feel_compare(model_dir, voila_dir, fl, args.old_commit, args.server_arg)
+        report["feel"] = feel
+        print_table(
+            "Duplex feel (client-side; first audio after user end p50/p90 ms; barge-in audio "
+            "frames after onset; stream wall/audio)",
+            ["server", "rt", "fast", "err", "first p50", "first p90", "leak max", "RTF p50"],
+            [
+                [
+                    r["server"],
+                    r["realtime_sessions"],
+                    r["fast_sessions"],
+                    r["errors"],
+                    pct(r["first_after_end_ms"])[0],
+                    pct(r["first_after_end_ms"])[1],
+                    max(r["leaked_frames"], default=-1),
+                    pct(r["stream_rtf"])[0],
+                ]
+                for r in feel
+            ],
+        )
+        print(f"  load average: {os.getloadavg()}")
 
     if not args.no_heads:
         heads = prepare_head_assets(Path(args.assets_dir), args.seed)

@@ -30,8 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.auth_token = ""  # 非空時要求 metadata `authorization: Bearer <token>`
     c.max_sessions = 32
     c.max_message_bytes = 256 * 1024
-    c.max_session_seconds = 28.0  # 使用者音訊總長上限（Whisper 編碼器最多 30 秒）
-    c.idle_timeout_s = 10.0
+    c.max_session_seconds = 0.0  # 使用者音訊總長上限（秒）；0 表示不限
+    c.idle_timeout_s = 10.0  # 這麼久沒有音訊（空片段不算）就結束會話
+    # 比即時快的客戶端被節流到即時：每一幀不早於它的即時到期時間才算。
+    c.pace_realtime = True
+    # 准入控制：依量到的每幀計算時間（最近 256 次處理，含排隊），會話數超過
+    # headroom × compute_workers × 40 ms ÷ 每幀時間（再多就跟不上即時）時拒絕新會話
+    # （RESOURCE_EXHAUSTED）。0 表示只看 max_sessions（預設：共用的 CPU 上量到的時間雜訊大）；
+    # 專用機器建議 0.9。
+    c.admission_headroom = 0.0
     c.shutdown_grace_s = 5.0
 
     # 音訊：16 kHz、一幀 40 ms（640 樣本）；取樣率不符時 "resample" 或 "reject"。

@@ -3,15 +3,24 @@
 在 TPU／CPU 上以 JAX 與 Flax NNX 訓練，匯出至 PyTorch 於 GPU 上服務。
 """
 
+import functools
+
 from speakllm_jax.cpu_simulation import widen_cpu_thread_pool as _widen
 
 # 模擬多裝置時放大 XLA CPU 執行緒池（要在 JAX 建立後端之前）。
 _widen()
 
-from flax import nnx as _nnx  # noqa: E402
-
-# 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；
-# 分片一律由 `speakllm_jax.training.sharding` 依規則表對應到網格。
-_nnx.use_eager_sharding(False)
-
 __version__ = "0.1.0"
+
+
+@functools.cache
+def configure_flax() -> None:
+    """Flax 的全域設定，由 `models`、`training`、`checkpoints` 套件匯入時呼叫（只做一次）。
+
+    參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；分片一律由 `speakllm_jax.training.sharding`
+    依規則表對應到網格。不放在本檔頂層，是為了讓只用 numpy 的部分（音訊特徵、文字、資料清單）
+    與 PyTorch 服務端匯入時不載入 JAX／Flax。
+    """
+    from flax import nnx
+
+    nnx.use_eager_sharding(False)

@@ -40,8 +40,9 @@ def test_turn_metrics_realtime(server) -> None:
     # 即時率：CPU 上的小模型遠快於即時；設上限只為抓住明顯的退化（例如每幀重算整段）。
     assert 0 < m.rtf < 1.0
     speaking = res.events(pb.Event.SPEAKING)[0]
-    assert m.response_delay_frames == audio[0].seq - (speaking.frame - 1) >= 1
-    # 伺服器的觸發幀 → 首包：至少要等下一個輸入幀（即時送出，約 40 ms 乘區塊大小），但不會太久。
+    # vad 策略：靜音滿 end_silence 的觸發幀就開口（SPEAKING 的幀 = 觸發幀 = 第一個音訊幀）。
+    assert m.response_delay_frames == audio[0].seq - speaking.frame == 0
+    # 伺服器的觸發幀抵達 → 首包真的送出：要等區塊湊滿（即時送出，至多一個輸入幀），但不會太久。
     assert 0 < m.first_packet_latency_ms < 1000
     client = res.first_packet_latencies_ms()
     assert len(client) == 1 and 0 < client[0] < 1000

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -118,6 +119,16 @@ def test_auth(strict, speech) -> None:
         ),
         ([start_msg(), audio_msg(b"\0" * 640, 0, 8000)], grpc.StatusCode.INVALID_ARGUMENT, "8000"),
         ([start_msg(), audio_msg(b"\0" * 640, 0, -5)], grpc.StatusCode.INVALID_ARGUMENT, "-5"),
+        (
+            [start_msg(), audio_msg(b"\0" * 640, 0, 7999)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio.sample_rate=7999",
+        ),
+        (
+            [start_msg(), audio_msg(b"\0" * 640, 0, 192001)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio.sample_rate=192001",
+        ),
         ([start_msg(), pb.ClientMessage()], grpc.StatusCode.INVALID_ARGUMENT, "audio"),
         ([start_msg(), start_msg()], grpc.StatusCode.INVALID_ARGUMENT, "START"),
         ([start_msg(policy="psychic")], grpc.StatusCode.INVALID_ARGUMENT, "psychic"),
@@ -139,6 +150,8 @@ def test_auth(strict, speech) -> None:
         "out-of-order",
         "wrong-rate",
         "bad-rate",
+        "rate-too-low",
+        "rate-too-high",
         "empty",
         "double-start",
         "bad-policy",
@@ -182,11 +195,11 @@ def test_idle_timeout(strict) -> None:
 class HeldStream:
     """開著的會話：送 START 與一點音訊後等待，`release` 後送 END。"""
 
-    def __init__(self, target: str, chunks: int = 3) -> None:
+    def __init__(self, target: str, chunks: int = 3, token: str | None = TOKEN) -> None:
         self.go = threading.Event()
         self.chunks = chunks
         self.ch = grpc.insecure_channel(target)
-        md = [("authorization", f"Bearer {TOKEN}")]
+        md = [("authorization", f"Bearer {token}")] if token else None
         self.call = pb_grpc.DuplexSpeechStub(self.ch).Converse(self._reqs(), metadata=md)
         self.first = next(self.call)  # SESSION_STARTED：會話已建立
 
@@ -243,6 +256,155 @@ def test_resample_policy_accepts_other_rates(assets, engine, speech) -> None:
     a = ref.events(pb.Event.SPEAKING)[0].frame
     b = res.events(pb.Event.SPEAKING)[0].frame
     assert abs(a - b) <= 2 and len(res.of("audio")) > 0
+
+
+def rss_mb() -> float:
+    """本行程（伺服器在這裡的背景執行緒）的常駐記憶體（/proc/self/status 的 VmRSS）。"""
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status 沒有 VmRSS")
+
+
+@pytest.fixture(scope="module")
+def lenient(assets, engine):
+    """重取樣策略、有會話長度上限與短閒置計時的伺服器。"""
+    cfg = make_cfg(assets, max_session_seconds=3.0, idle_timeout_s=1.0)
+    with ServerThread(cfg, engine) as st:
+        yield st
+
+
+def test_tiny_sample_rate_refused_before_allocating(lenient, speech) -> None:
+    # 12.8 KB 宣告為 1 Hz：以前重取樣到 16 kHz 要配置約 1 GB；現在在解碼前就拒絕。
+    before = rss_mb()
+    for rate in (1, 100, 7999):
+        code, detail, _ = call(
+            lenient.target, [start_msg(), audio_msg(b"\1\0" * 6400, 0, rate)], token=None
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, detail
+        assert f"audio.sample_rate={rate}" in detail
+    assert rss_mb() - before < 50
+    assert wait_idle(lenient) == 0
+    res = stream_audio(lenient.target, speech, fast=True, tail_seconds=1.5)
+    assert res.status == grpc.StatusCode.OK and len(res.of("audio")) > 0, res.detail
+
+
+def test_resampled_length_checked_before_resampling(lenient, speech) -> None:
+    # 8 kHz 的 4 秒（64 000 位元組）重取樣後超過 max_session_seconds=3：解碼與重取樣前就拒絕。
+    before = rss_mb()
+    code, detail, _ = call(
+        lenient.target, [start_msg(), audio_msg(b"\1\0" * 32000, 0, 8000)], token=None
+    )
+    assert code == grpc.StatusCode.OUT_OF_RANGE and "max_session_seconds" in detail
+    assert rss_mb() - before < 50
+    assert wait_idle(lenient) == 0
+    res = stream_audio(lenient.target, speech, fast=True, tail_seconds=1.5)
+    assert res.status == grpc.StatusCode.OK, res.detail
+
+
+def test_empty_chunks_do_not_keep_session_alive(lenient, speech) -> None:
+    def empties() -> Iterator[pb.ClientMessage]:
+        yield start_msg()
+        for i in range(20):  # 4 秒的空片段，idle_timeout_s=1
+            yield audio_msg(b"", i)
+            time.sleep(0.2)
+
+    with grpc.insecure_channel(lenient.target) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.DuplexSpeechStub(ch).Converse(empties(), timeout=20))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "idle_timeout_s" in e.value.details()
+    assert wait_idle(lenient) == 0
+    res = stream_audio(lenient.target, speech, fast=True, tail_seconds=1.5)
+    assert res.status == grpc.StatusCode.OK, res.detail
+
+
+def test_duplicate_authorization_refused(strict, speech) -> None:
+    good = ("authorization", f"Bearer {TOKEN}")
+    for md in ([good, good], [("authorization", "Bearer wrong"), good]):
+        with grpc.insecure_channel(strict.target) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                list(pb_grpc.DuplexSpeechStub(ch).Converse(iter([start_msg()]), metadata=md))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization" in e.value.details()
+    assert_alive(strict, speech)
+
+
+def test_fast_sender_is_paced_to_real_time(lenient, speech) -> None:
+    # 一次送完 2.5 秒音訊：第 f 幀的輸出不早於第 0 幀送出後 f × 40 ms（伺服器依即時節拍處理）。
+    res = stream_audio(lenient.target, speech, fast=True, tail_seconds=1.5)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    t0 = res.send_times[0]
+    audio = [
+        (m.audio.seq, t)
+        for m, t in zip(res.messages, res.recv_times, strict=True)
+        if m.WhichOneof("payload") == "audio"
+    ]
+    assert audio
+    for seq, t in audio:
+        assert t - t0 >= seq * 0.04 - 0.01, (seq, t - t0)
+    # 客戶端幾乎立刻送完，結束卻要等到即時播完。
+    assert max(res.send_times.values()) - t0 < 0.5 * res.frames_sent * 0.04
+    assert res.wall_seconds >= (res.frames_sent - 1) * 0.04
+
+
+class SlowModel:
+    """故意變慢的模型：每次 `frame_step` 多睡 30 ms（其餘屬性轉給原模型）。"""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def frame_step(self, *args, **kw):
+        time.sleep(0.03)
+        return self._model.frame_step(*args, **kw)
+
+
+def test_admission_refuses_session_that_would_break_real_time(assets, engine) -> None:
+    slow = dataclasses.replace(engine, model=SlowModel(engine.model))
+    cfg = make_cfg(assets, compute_workers=1, admission_headroom=1.0, max_sessions=8)
+    with ServerThread(cfg, slow) as st:
+        h = HeldStream(st.target, chunks=6, token=None)
+        deadline = time.time() + 20
+        while st.server.servicer.measured_frames < 6 and time.time() < deadline:
+            time.sleep(0.05)
+        # 每幀 ≥ 30 ms、一個工作執行緒：兩個會話就跟不上 40 ms 一幀。
+        assert st.server.servicer.frame_cost >= 0.03
+        code, detail, _ = call(st.target, [start_msg()], token=None)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, detail
+        assert "admission_headroom" in detail
+        code, rest = h.finish()
+        assert code == grpc.StatusCode.OK and rest[-1].event.kind == pb.Event.SESSION_ENDED
+    # 不開准入控制時同樣的情況照收（只看 max_sessions）。
+    cfg = make_cfg(assets, compute_workers=1, admission_headroom=0.0, max_sessions=8)
+    with ServerThread(cfg, slow) as st:
+        h = HeldStream(st.target, chunks=6, token=None)
+        while st.server.servicer.measured_frames < 6 and time.time() < deadline + 20:
+            time.sleep(0.05)
+        h2 = HeldStream(st.target, chunks=2, token=None)
+        assert st.server.active_sessions == 2
+        for x in (h, h2):
+            code, rest = x.finish()
+            assert code == grpc.StatusCode.OK
+
+
+def test_shutdown_sends_session_ended_with_reason(assets, engine) -> None:
+    cfg = make_cfg(assets, shutdown_grace_s=0.5)
+    st = ServerThread(cfg, engine).__enter__()
+    try:
+        held = [HeldStream(st.target, chunks=5, token=None) for _ in range(2)]
+        st.stop()  # 寬限 0.5 秒內客戶端都沒送 END
+        for h in held:
+            h.go.set()
+            msgs = list(h.call)  # 串流正常結束，最後一則是帶原因的 SESSION_ENDED
+            h.ch.close()
+            assert msgs and msgs[-1].WhichOneof("payload") == "event"
+            assert msgs[-1].event.kind == pb.Event.SESSION_ENDED
+            assert "shutdown" in msgs[-1].event.detail
+    finally:
+        st.stop(0)
 
 
 def test_graceful_shutdown_drains_sessions(assets, engine) -> None:

@@ -9,14 +9,19 @@
 
 協定見 `duplex.proto`。錯誤狀態：
 
-- 缺少或錯誤的 bearer token → UNAUTHENTICATED；會話數已滿 → RESOURCE_EXHAUSTED；
+- 缺少、錯誤或重複的 `authorization` metadata → UNAUTHENTICATED；會話數已滿，或准入控制
+  （`admission_headroom` > 0）判定再加一個會話會跟不上即時 → RESOURCE_EXHAUSTED；
   訊息超過 `max_message_bytes` → RESOURCE_EXHAUSTED（gRPC 本身）；關機中 → UNAVAILABLE。
-- 第一則不是 START、奇數位元組、seq 不連續、取樣率不合（`sample_rate_policy="reject"`）或中途改變、
-  空訊息、無法解析的位元組 → INVALID_ARGUMENT。
-- 超過 `idle_timeout_s` 沒有訊息 → DEADLINE_EXCEEDED；音訊總長超過 `max_session_seconds` → OUT_OF_RANGE。
+- 第一則不是 START、奇數位元組、seq 不連續、取樣率不在 8000–192000 Hz、取樣率不合
+  （`sample_rate_policy="reject"`）或中途改變、空訊息、無法解析的位元組 → INVALID_ARGUMENT。
+- 超過 `idle_timeout_s` 沒有音訊（空片段不算）→ DEADLINE_EXCEEDED；音訊總長超過
+  `max_session_seconds`（> 0 時；在解碼與重取樣之前以宣告的取樣率算）→ OUT_OF_RANGE。
 
+每個會話兩個工作：讀取（抵達即記時間、驗證、解碼）與計算（依序、每幀不早於即時到期時間，
+`pace_realtime`）；送出迴圈把實際送出的音訊封包數與送出時間寫回 `TurnMetrics`。
 任何一個會話的錯誤都只結束該串流，伺服器繼續服務；客戶端消失時會話被取消並釋放。
-關機（SIGTERM／SIGINT 或 `stop`）先拒絕新會話，再讓進行中的會話在 `shutdown_grace_s` 內結束。
+關機（SIGTERM／SIGINT 或 `stop`）先拒絕新會話，讓進行中的會話在 `shutdown_grace_s` 內結束，
+之後還在的會話各收到一個帶原因的 `SESSION_ENDED` 再關閉串流。
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,8 @@ from google.protobuf.message import DecodeError
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
 from export.serving.session import (
+    FRAME_SAMPLES,
+    FRAME_SECONDS,
     SAMPLE_RATE,
     DuplexSession,
     Engine,
@@ -48,7 +56,10 @@ from export.serving.session import (
     load_engine,
 )
 
+MIN_INPUT_RATE = 8000
 MAX_INPUT_RATE = 192000
+BACKLOG_MESSAGES = 64  # 每個會話讀進來但還沒處理的訊息上限（滿了就不再讀：gRPC 流量控制擋住客戶端）
+COST_WINDOW = 256  # 准入控制：以最近這麼多次處理（跨會話）的計算時間估每幀成本
 
 
 class _Abort:
@@ -58,14 +69,20 @@ class _Abort:
 
 
 class _InputDecoder:
-    """驗證並解碼客戶端的 PCM16 片段，必要時以串流重取樣器轉到 16 kHz。"""
+    """驗證並解碼客戶端的 PCM16 片段，必要時以串流重取樣器轉到 16 kHz。
 
-    def __init__(self, policy: str) -> None:
+    取樣率限 8000–192000 Hz；`max_samples`（> 0 時）是會話重取樣後的樣本上限，在解碼與重取樣之前
+    以宣告的取樣率算出這則訊息之後的總樣本數來檢查，超過的訊息不配置任何記憶體。
+    """
+
+    def __init__(self, policy: str, max_samples: int = 0) -> None:
         if policy not in ("resample", "reject"):
             raise ValueError(f"sample_rate_policy={policy!r}；可用 resample、reject")
         self.policy = policy
+        self.max_samples = int(max_samples)
         self.rate: int | None = None
         self.next_seq = 0
+        self.in_samples = 0
         self.resampler: Any = None
 
     def decode(self, chunk: pb.AudioChunk) -> np.ndarray:
@@ -80,9 +97,10 @@ class _InputDecoder:
                 "INVALID_ARGUMENT", f"audio.pcm16 位元組數為奇數（{len(chunk.pcm16)}），不是 PCM16"
             )
         rate = int(chunk.sample_rate)
-        if rate <= 0 or rate > MAX_INPUT_RATE:
+        if not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
             raise SessionError(
-                "INVALID_ARGUMENT", f"audio.sample_rate={rate} 不合理（應在 1..{MAX_INPUT_RATE}）"
+                "INVALID_ARGUMENT",
+                f"audio.sample_rate={rate} 不支援（應在 {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz）",
             )
         if self.rate is None:
             if rate != SAMPLE_RATE and self.policy == "reject":
@@ -91,22 +109,52 @@ class _InputDecoder:
                     f"audio.sample_rate={rate}；伺服器只接受 {SAMPLE_RATE} Hz（sample_rate_policy=reject）",
                 )
             self.rate = rate
-            if rate != SAMPLE_RATE:
-                import soxr
-
-                self.resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
         elif rate != self.rate:
             raise SessionError(
                 "INVALID_ARGUMENT", f"audio.sample_rate 在會話中改變：{self.rate} → {rate}"
             )
+        n = len(chunk.pcm16) // 2
+        total = -(-(self.in_samples + n) * SAMPLE_RATE // rate)  # 重取樣後的總樣本數（上取整）
+        if self.max_samples and total > self.max_samples:
+            raise SessionError(
+                "OUT_OF_RANGE",
+                f"會話音訊超過 max_session_seconds={self.max_samples / SAMPLE_RATE:g} 秒",
+            )
+        self.in_samples += n
         x = np.frombuffer(chunk.pcm16, dtype="<i2").astype(np.float32) / 32768.0
-        if self.resampler is not None:
+        if rate != SAMPLE_RATE:
+            if self.resampler is None:
+                import soxr
+
+                self.resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
             x = self.resampler.resample_chunk(x)
         return np.asarray(x, np.float32)
 
 
+class _Live:
+    """一個進行中的會話在伺服器這邊的東西：送出佇列、待處理佇列、讀取與計算工作、量測。"""
+
+    def __init__(self, session: DuplexSession) -> None:
+        self.session = session
+        self.out_q: asyncio.Queue = asyncio.Queue()
+        self.work_q: asyncio.Queue = asyncio.Queue(maxsize=BACKLOG_MESSAGES)
+        self.tasks: list[asyncio.Task] = []
+        self.anchor: float | None = None  # 第 0 幀到期的時間（第一則音訊抵達時）
+        self.fed = 0  # 已交給會話的 16 kHz 樣本數
+        self.queued = 0  # 已讀進待處理佇列的 16 kHz 樣本數
+
+    def due(self, samples: int) -> float:
+        """累計 `samples` 個樣本時最後一個完整幀的即時到期時間（第 0 幀在第一則音訊抵達時到期）。"""
+        assert self.anchor is not None
+        return self.anchor + (samples // FRAME_SAMPLES - 1) * FRAME_SECONDS
+
+
 class DuplexServicer(pb_grpc.DuplexSpeechServicer):
-    """`Converse`：驗證 → 建立會話 → 讀取迴圈（背景工作）與送出迴圈（本產生器）。"""
+    """`Converse`：驗證 → 准入 → 建立會話 → 讀取工作、計算工作（依即時節拍）與送出迴圈（本產生器）。
+
+    讀取工作在訊息抵達時就記下時間、驗證與解碼，放進待處理佇列；計算工作依序處理，每一幀不早於它的
+    即時到期時間（比即時快的客戶端被節流到即時，它的積壓只在自己的佇列裡，不佔其他會話的計算）。
+    """
 
     def __init__(self, cfg: Any, engine: Engine, pool: ThreadPoolExecutor) -> None:
         self.cfg = cfg
@@ -117,53 +165,92 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         self.draining = False
         self.sessions_done = asyncio.Event()
         self.sessions_done.set()
+        self.live: set[_Live] = set()
+        self.costs: deque[tuple[int, float]] = deque(maxlen=COST_WINDOW)  # （幀數, 秒）
 
-    def _check_auth(self, context: grpc.aio.ServicerContext) -> bool:
+    def _check_auth(self, context: grpc.aio.ServicerContext) -> str:
+        """回傳錯誤說明（空字串表示通過）。重複的 `authorization` 一律拒絕。"""
+        values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+        if len(values) > 1:
+            return f"metadata authorization 重複 {len(values)} 次"
         token = str(self.cfg.auth_token)
-        if not token:
-            return True
-        md = dict(context.invocation_metadata() or ())
-        return md.get("authorization", "") == f"Bearer {token}"
+        if token and (values[0] if values else "") != f"Bearer {token}":
+            return "缺少或錯誤的 bearer token（metadata authorization）"
+        return ""
+
+    @property
+    def measured_frames(self) -> int:
+        return sum(n for n, _ in self.costs)
+
+    @property
+    def frame_cost(self) -> float:
+        """最近量到的每幀計算秒數（含排隊等工作執行緒；0 表示還沒量到）。"""
+        n = self.measured_frames
+        return sum(t for _, t in self.costs) / n if n else 0.0
+
+    def capacity(self) -> float:
+        """依量到的每幀計算時間，能即時服務的會話數（還沒量到時為無限大）。"""
+        if self.frame_cost <= 0:
+            return float("inf")
+        workers = max(1, int(self.cfg.compute_workers))
+        return float(self.cfg.admission_headroom) * workers * FRAME_SECONDS / self.frame_cost
+
+    def _admission_error(self) -> str:
+        if self.active >= int(self.cfg.max_sessions):
+            return f"會話數已達上限 max_sessions={self.cfg.max_sessions}"
+        if float(self.cfg.admission_headroom) > 0 and self.active + 1 > self.capacity():
+            return (
+                f"再加一個會話會跟不上即時：量到每幀計算 {self.frame_cost * 1000:.1f} ms，"
+                f"compute_workers={self.cfg.compute_workers}、admission_headroom="
+                f"{self.cfg.admission_headroom} 下最多 {self.capacity():.1f} 個會話"
+            )
+        return ""
 
     async def Converse(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        if not self._check_auth(context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "缺少或錯誤的 bearer token")
+        auth = self._check_auth(context)
+        if auth:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, auth)
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "伺服器正在關機")
-        if self.active >= int(self.cfg.max_sessions):
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"會話數已達上限 max_sessions={self.cfg.max_sessions}",
-            )
+        full = self._admission_error()
+        if full:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
         self.active += 1
         self.total += 1
         self.sessions_done.clear()
-        out_q: asyncio.Queue = asyncio.Queue()
-        pump = None
+        live: _Live | None = None
         try:
-            first = await self._next(request_iterator)
+            deadline = time.perf_counter() + float(self.cfg.idle_timeout_s)
+            first = await self._next(request_iterator, deadline)
             if first is None or not (
                 first.WhichOneof("payload") == "control" and first.control.kind == pb.Control.START
             ):
                 raise SessionError("INVALID_ARGUMENT", "第一則訊息必須是 Control{kind: START}")
             session = await self._run(self._new_session, first.control.options)
+            live = _Live(session)
+            self.live.add(live)
             for m in session.start_messages():
                 yield m
-            pump = asyncio.ensure_future(self._pump(session, request_iterator, out_q))
+            live.tasks = [
+                asyncio.ensure_future(self._read(live, request_iterator)),
+                asyncio.ensure_future(self._work(live)),
+            ]
+            sent = _SentAudio(session)
             while True:
-                msg = await out_q.get()
+                msg = await live.out_q.get()
                 if msg is None:
                     break
                 if isinstance(msg, _Abort):
                     await context.abort(msg.code, msg.detail)
+                sent.before_send(msg)
                 yield msg
+                sent.after_send(msg)
         except SessionError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.detail)
         finally:
-            if pump is not None and not pump.done():
-                pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await pump
+            if live is not None:
+                self.live.discard(live)
+                await _cancel(live.tasks)
             self.active -= 1
             if self.active == 0:
                 self.sessions_done.set()
@@ -179,9 +266,10 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
             settings.condition = options.condition
         return DuplexSession(self.engine, settings)
 
-    async def _next(self, it: Any) -> pb.ClientMessage | None:
+    async def _next(self, it: Any, deadline: float) -> pb.ClientMessage | None:
         try:
-            return await asyncio.wait_for(it.__anext__(), timeout=float(self.cfg.idle_timeout_s))
+            wait = max(0.0, deadline - time.perf_counter())
+            return await asyncio.wait_for(it.__anext__(), timeout=wait)
         except StopAsyncIteration:
             return None
         except DecodeError as e:
@@ -190,7 +278,8 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
             ) from e
         except TimeoutError as e:
             raise SessionError(
-                "DEADLINE_EXCEEDED", f"超過 idle_timeout_s={self.cfg.idle_timeout_s} 秒沒有訊息"
+                "DEADLINE_EXCEEDED",
+                f"超過 idle_timeout_s={self.cfg.idle_timeout_s} 秒沒有音訊（空片段不算）",
             ) from e
 
     @staticmethod
@@ -211,45 +300,148 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
                     out_q.put_nowait(item)
             out_q.put_nowait(m)
 
-    async def _pump(self, session: DuplexSession, it: Any, out_q: asyncio.Queue) -> None:
-        decoder = _InputDecoder(str(self.cfg.sample_rate_policy))
+    @staticmethod
+    def _fail(live: _Live, e: SessionError) -> None:
+        err = pb.ServerMessage(
+            event=pb.Event(kind=pb.Event.ERROR, frame=live.session.frame, detail=e.detail)
+        )
+        live.out_q.put_nowait(err)
+        live.out_q.put_nowait(_Abort(getattr(grpc.StatusCode, e.code), e.detail))
+
+    async def _read(self, live: _Live, it: Any) -> None:
+        """讀取工作：抵達即記時間、驗證、解碼，放進待處理佇列；錯誤立刻結束串流。"""
         limit = float(self.cfg.max_session_seconds)
+        decoder = _InputDecoder(
+            str(self.cfg.sample_rate_policy), round(limit * SAMPLE_RATE) if limit > 0 else 0
+        )
+        idle = float(self.cfg.idle_timeout_s)
+        deadline = time.perf_counter() + idle
         try:
             while True:
-                msg = await self._next(it)
+                msg = await self._next(it, deadline)
+                arrival = time.perf_counter()
                 if msg is None:
-                    self._put(out_q, await self._run(session.finish))
-                    break
+                    await live.work_q.put(("end", None, arrival))
+                    return
                 kind = msg.WhichOneof("payload")
                 if kind == "audio":
-                    arrival = time.perf_counter()
                     samples = decoder.decode(msg.audio)
-                    if session.seconds + len(samples) / SAMPLE_RATE > limit + 1e-9:
-                        raise SessionError(
-                            "OUT_OF_RANGE", f"會話音訊超過 max_session_seconds={limit} 秒"
-                        )
-                    self._put(out_q, await self._run(session.feed, samples, arrival))
+                    if live.anchor is None and len(samples):
+                        live.anchor = arrival
+                    if len(samples):
+                        live.queued += len(samples)
+                        await live.work_q.put(("audio", samples, arrival))
+                    if len(msg.audio.pcm16):
+                        # 閒置計時只看真的音訊；節流中的積壓播完之前不算閒置。
+                        backlog_end = live.due(live.queued) if live.anchor is not None else 0.0
+                        deadline = max(time.perf_counter(), backlog_end) + idle
                 elif kind == "control":
                     if msg.control.kind == pb.Control.END:
-                        self._put(out_q, await self._run(session.finish))
-                        break
+                        await live.work_q.put(("end", None, arrival))
+                        return
                     if msg.control.kind == pb.Control.INTERRUPT:
-                        self._put(out_q, await self._run(session.interrupt))
+                        await live.work_q.put(("interrupt", None, arrival))
                     else:
                         raise SessionError("INVALID_ARGUMENT", "會話中重複的 Control{kind: START}")
                 else:
                     raise SessionError("INVALID_ARGUMENT", "ClientMessage 沒有 audio 或 control")
         except SessionError as e:
-            err = pb.ServerMessage(
-                event=pb.Event(kind=pb.Event.ERROR, frame=session.frame, detail=e.detail)
-            )
-            out_q.put_nowait(err)
-            out_q.put_nowait(_Abort(getattr(grpc.StatusCode, e.code), e.detail))
+            self._fail(live, e)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # 任何意外都只結束這個會話
-            out_q.put_nowait(_Abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
-        out_q.put_nowait(None)
+            live.out_q.put_nowait(_Abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+
+    async def _work(self, live: _Live) -> None:
+        """計算工作：依序處理待處理佇列；每一幀等到它的即時到期時間（`pace_realtime`）才算。"""
+        session = live.session
+        pace = bool(self.cfg.pace_realtime)
+        try:
+            while True:
+                kind, samples, arrival = await live.work_q.get()
+                if kind == "end":
+                    self._put(live.out_q, await self._run(session.finish))
+                    break
+                if kind == "interrupt":
+                    self._put(live.out_q, await self._run(session.interrupt))
+                    continue
+                pos = 0
+                while pos < len(samples):
+                    # 每塊剛好補滿下一幀（第一塊可能補的是上一則留下的不完整幀）。
+                    take = FRAME_SAMPLES - live.fed % FRAME_SAMPLES
+                    piece = samples[pos : pos + take]
+                    pos += len(piece)
+                    live.fed += len(piece)
+                    due = live.due(live.fed)
+                    if pace:
+                        wait = due - time.perf_counter()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                    # 比即時快送來的幀，以它的即時到期時間當作抵達時間。
+                    stamp = max(arrival, due)
+                    frames = session.frame
+                    t0 = time.perf_counter()
+                    msgs = await self._run(session.feed, piece, stamp)
+                    self._measure(session.frame - frames, time.perf_counter() - t0)
+                    self._put(live.out_q, msgs)
+        except SessionError as e:
+            self._fail(live, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # 任何意外都只結束這個會話
+            live.out_q.put_nowait(_Abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+        live.out_q.put_nowait(None)
+
+    def _measure(self, frames: int, seconds: float) -> None:
+        if frames > 0:
+            self.costs.append((frames, seconds))
+
+    async def close_all(self, reason: str) -> None:
+        """結束所有進行中的會話：停下讀取與計算，送出帶原因的 `SESSION_ENDED` 後關閉串流。"""
+        for live in list(self.live):
+            await _cancel(live.tasks)
+            for m in live.session.close_messages(reason):
+                live.out_q.put_nowait(m)
+            live.out_q.put_nowait(None)
+
+
+class _SentAudio:
+    """送出迴圈的量測：每輪實際送出的音訊封包數與第一個封包送出的時間，改寫 `TurnMetrics`。"""
+
+    def __init__(self, session: DuplexSession) -> None:
+        self.session = session
+        self.turn = -1
+        self.count: dict[int, int] = {}
+        self.first: dict[int, float] = {}
+
+    def before_send(self, msg: pb.ServerMessage) -> None:
+        kind = msg.WhichOneof("payload")
+        if kind == "event" and msg.event.kind == pb.Event.SPEAKING:
+            self.turn = msg.event.turn
+        elif kind == "metrics":
+            m = msg.metrics
+            n = self.count.pop(m.turn, 0)
+            first = self.first.pop(m.turn, None)
+            trigger = self.session.trigger_times.get(m.turn)
+            m.audio_frames = n
+            m.audio_seconds = n * FRAME_SECONDS
+            m.first_packet_latency_ms = (
+                (first - trigger) * 1000.0 if first is not None and trigger is not None else -1.0
+            )
+
+    def after_send(self, msg: pb.ServerMessage) -> None:
+        if msg.WhichOneof("payload") == "audio" and self.turn >= 0:
+            self.count[self.turn] = self.count.get(self.turn, 0) + 1
+            self.first.setdefault(self.turn, time.perf_counter())
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+    for t in tasks:
+        with contextlib.suppress(BaseException):
+            await t
 
 
 class DuplexServer:
@@ -302,6 +494,10 @@ class DuplexServer:
             self.servicer.draining = True
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.servicer.sessions_done.wait(), timeout=g)
+            # 寬限期後還在的會話：各送一個帶原因的 SESSION_ENDED 再關閉串流。
+            await self.servicer.close_all("server shutdown: session closed by the server")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.servicer.sessions_done.wait(), timeout=5.0)
         await self.server.stop(0)
         self.pool.shutdown(wait=False, cancel_futures=True)
 

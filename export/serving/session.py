@@ -2,10 +2,13 @@
 
 每幀的流程：
 
-- 快速路徑（收到就做）：webrtcvad 判定這一幀是否有使用者語音（兩個 20 ms 子幀任一為語音即算），
-  更新使用者語音段落；助理說話中若使用者語音持續到 `backchannel_max_seconds` 就是打斷（barge-in），
-  立刻送出 `YIELDED` 事件並停止助理音訊（伺服器同時丟掉尚未送出的音訊）；較短的語音段落結束時
-  送出 `BACKCHANNEL` 事件，助理繼續說。
+- 快速路徑（收到就做）：webrtcvad 判定這一幀是否有使用者語音（兩個 20 ms 子幀任一為語音，且幀的
+  能量不低於這段語音峰值減 30 dB：webrtcvad 在語音結束後會多報 4–6 幀），更新使用者語音段落。
+  助理說話中使用者開口（連續 `onset_frames` 幀語音）就先停住（hold）助理的音訊與文字：模型照常
+  產生，訊息存在會話裡不送出。語音持續到 `backchannel_max_seconds` 是打斷（barge-in）：送出
+  `YIELDED`、丟掉停住的音訊、結束這一輪（伺服器同時丟掉送出佇列中還沒送出的音訊）；較短的語音
+  在兩個靜音幀後判定為附和：送出 `BACKCHANNEL`、依序放出停住的音訊，同一輪從停住處繼續
+  （幀號連續、不丟不重複；播放比原定晚了停住的時間）。
 - 模型路徑（每 `chunk_frames` 幀一次）：對目前為止的使用者音訊算梅爾並以區塊因果遮罩跑 Whisper
   編碼器（與訓練的串流遮罩相同），得到這一區塊各幀的使用者串流；逐幀呼叫 `frame_step`（KV 快取，
   自由執行：上一幀的文字、語音碼回饋為下一幀的輸入）。
@@ -19,11 +22,11 @@
 
 輪替策略：
 
-- `vad`：規則決定何時說話——使用者說完（語音後靜音 ≥ `end_silence_ms`）下一幀開始說，最多
-  `max_reply_seconds`；內容（語音碼、文字）仍由模型產生。未訓練的小模型也能得到可重現的輪替，
+- `vad`：規則決定何時說話——使用者說完（最後一個語音幀後靜音滿 `end_silence_ms`）的那一幀開始說，
+  最多 `max_reply_seconds`；內容（語音碼、文字）仍由模型產生。未訓練的小模型也能得到可重現的輪替，
   測試用這個策略。
-- `model`：輪替頭決定（動作為 speak／continue／backchannel 時說話）；輪替頭在使用者說話時輸出
-  yield 也算打斷。被打斷後到使用者說完之前不再說話。
+- `model`：輪替頭決定（動作為 speak／continue／backchannel 時說話）；停住、打斷與附和的判定與
+  `vad` 相同，輪替頭在使用者說話時輸出 yield 也算打斷。被打斷後到使用者說完之前不再說話。
 
 增量解碼的近似：Voila-Tokenizer（EncodecModel）的解碼器是因果卷積加 LSTM，這裡每幀把最近
 `decode_window_frames` 幀的語音碼一起解碼、只取最後一幀的 640 個樣本，而不是保留解碼器的內部狀態；
@@ -33,6 +36,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,12 @@ FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
 COSYVOICE2_RATE = 24000  # CosyVoice2 token2wav（HiFT）的輸出取樣率
 YIELD_ACTION = 3
 POLICIES = ("vad", "model")
+# webrtcvad 在語音結束後還會回報 4–6 幀（160–240 ms）的語音（內部的 overhang），連數位靜音也是；
+# 只把能量夠的幀算作語音：不低於 `VOICED_FLOOR_RMS`，且不低於這段語音峰值減 `VOICED_TAIL_DB`。
+VOICED_FLOOR_RMS = 1e-3
+VOICED_TAIL_DB = 30.0
+HISTORY_TURNS = 8
+BACKCHANNEL_GAP_FRAMES = 2  # 助理說話時，短語音之後靜音幾幀就判定為附和
 
 
 class SessionError(Exception):
@@ -237,6 +247,8 @@ class _Turn:
     compute: float = 0.0
     yielded: bool = False
     reaction_frames: int = -1
+    hold_frame: int = -1  # 因使用者開口而停住助理音訊的幀（-1：沒有停住）
+    done: bool = False  # 已產生完（停住期間到了結尾：等判定後才結束這一輪）
     codes: list[np.ndarray] = field(default_factory=list)
     # cosyvoice2：這一輪的 token2wav 串流、尚未湊滿一個封包的 24 kHz 樣本、第一個說話幀與已送封包數。
     t2w: Any = None
@@ -320,21 +332,30 @@ class DuplexSession:
         self.user_audio: list[np.ndarray] = []
         self.frame = 0  # 已收到的完整幀數
         self.model_frame = 0  # 已跑過模型的幀數
+        # 還沒跑模型的幀的抵達時間（第 arrival_base 幀起）。
         self.arrival: list[float] = []
+        self.arrival_base = 0
         # 使用者語音段落（快速路徑）。
         self.speech_run = 0
         self.silence_run = 0
+        self.run_start = 0
+        self.last_voiced = -1
+        self.seg_peak = 0.0  # 目前這段使用者語音的幀 RMS 峰值
         self.user_onset = -1
         self.user_active = False  # 目前在一段（≥ onset_frames 的）使用者語音中
+        # 助理說話時使用者開口：停住助理的音訊與文字（held），判定是附和就放出、是打斷就丟掉。
+        self.holding = False
+        self.held: list[pb.ServerMessage] = []
         self.user_spoke = False  # 上一次助理說話後使用者說過話（vad 策略的回應條件）
         self.yield_lock = False  # 被打斷後到使用者說完前不說話
         # 助理。
         self.turn: _Turn | None = None
         self.turn_count = 0
         self.plan: dict[int, int] = {}  # 幀 → 該幀說話所屬的輪次（vad 策略）
-        self.pending_compute = 0.0
         self.ended = False
-        self.history: list[_Turn] = []  # 已結束的輪次（含每幀語音碼；會話最長 28 秒，量很小）
+        self.trigger_times: dict[int, float] = {}  # 輪次 → 觸發幀抵達的時間（伺服器補量測用）
+        # 最近結束的輪次（含每幀語音碼）；只留最近幾輪，長會話的記憶體有上限。
+        self.history: deque[_Turn] = deque(maxlen=HISTORY_TURNS)
 
     # ---------------------------------------------------------------- 公開介面
 
@@ -379,21 +400,32 @@ class DuplexSession:
         out.append(self._event(pb.Event.SESSION_ENDED, self.frame, "session ended"))
         return out
 
+    def close_messages(self, reason: str) -> list[pb.ServerMessage]:
+        """伺服器主動結束會話（例如關機）時送的最後訊息；不動會話狀態，計算執行緒可能還在跑。"""
+        return [self._event(pb.Event.SESSION_ENDED, self.frame, reason)]
+
     # ---------------------------------------------------------------- 快速路徑
 
-    def _is_speech(self, frame: np.ndarray) -> bool:
+    def _voiced(self, frame: np.ndarray) -> bool:
+        """webrtcvad 判為語音（兩個 20 ms 子幀任一）且能量夠（見 `VOICED_TAIL_DB`）。"""
         pcm = (np.clip(frame, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
         half = len(pcm) // 2
-        return self.vad.is_speech(pcm[:half], SAMPLE_RATE) or self.vad.is_speech(
-            pcm[half:], SAMPLE_RATE
-        )
+        # 兩個子幀都要送進 VAD（它的雜訊估計與 overhang 是逐子幀更新的狀態）。
+        first = self.vad.is_speech(pcm[:half], SAMPLE_RATE)
+        second = self.vad.is_speech(pcm[half:], SAMPLE_RATE)
+        rms = float(np.sqrt(np.mean(np.square(frame, dtype=np.float64))))
+        floor = max(VOICED_FLOOR_RMS, self.seg_peak * 10.0 ** (-VOICED_TAIL_DB / 20.0))
+        if not (first or second) or rms < floor:
+            return False
+        self.seg_peak = max(self.seg_peak, rms)
+        return True
 
     def _on_frame(self, frame: np.ndarray, now: float) -> list[pb.ServerMessage]:
         t = self.frame
         self.user_audio.append(frame)
         self.arrival.append(now)
         self.frame += 1
-        out = self._update_vad(t, self._is_speech(frame), now)
+        out = self._update_vad(t, self._voiced(frame), now)
         if self.frame - self.model_frame >= self.s.chunk_frames:
             out += self._run_model(final=False)
         return out
@@ -406,57 +438,64 @@ class DuplexSession:
                 self.run_start = t
             self.speech_run += 1
             self.silence_run = 0
+            self.last_voiced = t
             if not self.user_active and self.speech_run >= s.onset_frames:
                 self.user_active = True
                 self.user_onset = self.run_start
-            if (
-                self.user_active
-                and self.turn is not None
-                and t - self.user_onset + 1 >= s.backchannel_max_frames
-            ):
-                # 使用者語音長到不是附和：打斷。
+                if self.turn is not None and not self.holding:
+                    # 使用者在助理說話時開口：先停住助理音訊（模型照常產生），等判定。
+                    self.holding = True
+                    self.turn.hold_frame = t
+            if self.holding and t - self.user_onset + 1 >= s.backchannel_max_frames:
+                # 使用者語音長到不是附和：打斷，停住的音訊丟掉。
                 self.yield_lock = True
                 out += self._end_turn(t, yielded=True, onset=self.user_onset, detail="barge-in")
         else:
             self.silence_run += 1
-            if self.silence_run >= 2:
+            if self.silence_run >= BACKCHANNEL_GAP_FRAMES:
                 self.speech_run = 0
-            if self.user_active and self.silence_run >= s.end_silence_frames:
-                # 使用者這段話結束。
-                length = t - self.silence_run + 1 - self.user_onset
-                self.user_active = False
-                if self.turn is not None and length < s.backchannel_max_frames:
-                    out.append(
-                        self._event(
-                            pb.Event.BACKCHANNEL,
-                            t,
-                            f"short user speech ({length} frames)",
-                            onset=self.user_onset,
-                        )
-                    )
-                else:
-                    self.user_spoke = True
-                    self.yield_lock = False
-            elif (
-                self.user_active
-                and self.turn is not None
-                and self.silence_run == 2
-                and t - 1 - self.user_onset < s.backchannel_max_frames
-            ):
-                # 助理說話時的短語音在靜音兩幀後就判定為附和（不必等 end_silence）。
-                length = t - 1 - self.user_onset
-                self.user_active = False
-                out.append(
-                    self._event(
-                        pb.Event.BACKCHANNEL,
-                        t,
-                        f"short user speech ({length} frames)",
-                        onset=self.user_onset,
-                    )
-                )
+                if not self.user_active:
+                    self.seg_peak = 0.0
+            if self.user_active:
+                length = self.last_voiced - self.user_onset + 1
+                if self.holding and self.silence_run >= BACKCHANNEL_GAP_FRAMES:
+                    # 短語音結束：附和。放出停住的音訊，同一輪從停住處繼續。
+                    self._end_segment()
+                    out.append(self._backchannel(t, length))
+                    out += self._release(t)
+                elif self.silence_run >= s.end_silence_frames:
+                    self._end_segment()
+                    if self.turn is not None and length < s.backchannel_max_frames:
+                        out.append(self._backchannel(t, length))
+                    else:
+                        self.user_spoke = True
+                        self.yield_lock = False
         if s.policy == "vad":
             out += self._vad_policy(t, now)
         return out
+
+    def _end_segment(self) -> None:
+        self.user_active = False
+        self.seg_peak = 0.0
+
+    def _backchannel(self, t: int, length: int) -> pb.ServerMessage:
+        return self._event(
+            pb.Event.BACKCHANNEL, t, f"short user speech ({length} frames)", onset=self.user_onset
+        )
+
+    def _release(self, t: int) -> list[pb.ServerMessage]:
+        """解除停住：依序放出停住的訊息；停住期間這一輪已產生完時接著結束它。"""
+        out, self.held, self.holding = self.held, [], False
+        if self.turn is not None and self.turn.done:
+            out += self._end_turn(t, yielded=False)
+        return out
+
+    def _speak(self, msgs: list[pb.ServerMessage]) -> list[pb.ServerMessage]:
+        """助理的音訊與文字：停住時先存起來，否則直接送出。"""
+        if self.holding:
+            self.held += msgs
+            return []
+        return msgs
 
     def _vad_policy(self, t: int, now: float) -> list[pb.ServerMessage]:
         out: list[pb.ServerMessage] = []
@@ -467,19 +506,21 @@ class DuplexSession:
             and not self.yield_lock
             and self.silence_run >= self.s.end_silence_frames
         ):
+            # 靜音滿 end_silence 的這一幀就開口（模型路徑在這一幀之後才跑到它）。
             out += self._start_turn(t, now)
-        if self.turn is not None and t + 1 - self.turn.trigger_frame <= self.s.max_reply_frames:
-            # 下一幀要說話（模型路徑說完最後一幀時結束這一輪）。
-            self.plan[t + 1] = self.turn.index
+        turn = self.turn
+        if turn is not None and not turn.done and t - turn.trigger_frame < self.s.max_reply_frames:
+            self.plan[t] = turn.index
         return out
 
     # ---------------------------------------------------------------- 輪次
 
     def _start_turn(self, t: int, now: float) -> list[pb.ServerMessage]:
         self.turn = _Turn(self.turn_count, t, now)
+        self.trigger_times[self.turn.index] = now
         self.turn_count += 1
         self.user_spoke = False
-        return [self._event(pb.Event.SPEAKING, t + 1, "assistant turn")]
+        return [self._event(pb.Event.SPEAKING, t, "assistant turn")]
 
     def _end_turn(
         self, t: int, yielded: bool, onset: int = -1, detail: str = ""
@@ -488,6 +529,11 @@ class DuplexSession:
         if turn is None:
             return []
         out: list[pb.ServerMessage] = []
+        if self.holding:
+            # 打斷時停住的音訊丟掉；其他結束（finish、正常結尾）依序放出。
+            if not yielded:
+                out += self.held
+            self.held, self.holding = [], False
         if turn.t2w is not None:
             if yielded:
                 # 打斷：丟掉這一輪還沒解碼或還沒送出的音訊。
@@ -499,10 +545,13 @@ class DuplexSession:
                 turn.compute += time.perf_counter() - t0
         self.turn = None
         self.history.append(turn)
+        self.trigger_times.pop(turn.index - HISTORY_TURNS, None)
         self.plan = {k: v for k, v in self.plan.items() if v != turn.index}
         turn.yielded = yielded
         if yielded:
-            turn.reaction_frames = t - onset if onset >= 0 else -1
+            # 反應 = 起點 → 助理音訊停住（hold）的幀；沒停住（明確打斷、輪替頭）則到結束的幀。
+            stop = turn.hold_frame if turn.hold_frame >= 0 else t
+            turn.reaction_frames = stop - onset if onset >= 0 else -1
             out.append(self._event(pb.Event.YIELDED, t, detail or "yield", onset=onset))
         out.append(self._metrics(turn))
         out.append(self._event(pb.Event.LISTENING, t))
@@ -553,6 +602,8 @@ class DuplexSession:
         for f in range(start, min(stop, user.shape[1])):
             out += self._step(f, user[:, f : f + 1], enc_time)
         self.model_frame = stop
+        del self.arrival[: stop - self.arrival_base]
+        self.arrival_base = stop
         return out
 
     def _step(self, f: int, user_t: torch.Tensor, enc_time: float) -> list[pb.ServerMessage]:
@@ -565,8 +616,10 @@ class DuplexSession:
         out: list[pb.ServerMessage] = []
         if self.s.policy == "model":
             out += self._model_policy(f, act)
-        speaking = self.turn is not None and (
-            self.s.policy == "model" or self.plan.get(f) == self.turn.index
+        speaking = (
+            self.turn is not None
+            and not self.turn.done
+            and (self.s.policy == "model" or self.plan.get(f) == self.turn.index)
         )
         if speaking:
             turn = self.turn
@@ -576,17 +629,14 @@ class DuplexSession:
             else:
                 window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
                 wave = eng.voila.decode_codes(window)[-FRAME_SAMPLES:]
-                out.append(self._audio(wave, SAMPLE_RATE, f))
+                out += self._speak([self._audio(wave, SAMPLE_RATE, f)])
                 if turn.first_audio_frame < 0:
                     turn.first_audio_frame = f
                     turn.first_audio_time = time.perf_counter()
             if tok not in eng.special_ids:
                 piece = eng.tokenizer.decode([tok]) if eng.tokenizer is not None else ""
-                out.append(
-                    pb.ServerMessage(
-                        text=pb.TextPartial(text=piece, token_ids=[tok], frame=f, turn=turn.index)
-                    )
-                )
+                text = pb.TextPartial(text=piece, token_ids=[tok], frame=f, turn=turn.index)
+                out += self._speak([pb.ServerMessage(text=text)])
             turn.frames += 1
         self.prev = {
             "text": torch.tensor([[tok]], dtype=torch.long, device=eng.device),
@@ -596,9 +646,19 @@ class DuplexSession:
         }
         if self.turn is not None and speaking:
             self.turn.compute += time.perf_counter() - t0 + enc_time
-            if self.s.policy == "vad" and f - self.turn.trigger_frame >= self.s.max_reply_frames:
-                out += self._end_turn(f, yielded=False)
+            if (
+                self.s.policy == "vad"
+                and f - self.turn.trigger_frame >= self.s.max_reply_frames - 1
+            ):
+                out += self._turn_complete(f)
         return out
+
+    def _turn_complete(self, f: int) -> list[pb.ServerMessage]:
+        """這一輪產生完：停住中就等判定（附和時放出再結束，打斷時丟掉），否則直接結束。"""
+        if self.holding:
+            self.turn.done = True
+            return []
+        return self._end_turn(f, yielded=False)
 
     @staticmethod
     def _audio(wave: np.ndarray, rate: int, seq: int) -> pb.ServerMessage:
@@ -623,7 +683,7 @@ class DuplexSession:
         out: list[pb.ServerMessage] = []
         while len(buf) >= n:
             seq = turn.audio_start + turn.packets
-            out.append(self._audio(buf[:n], eng.output_rate, seq))
+            out += self._speak([self._audio(buf[:n], eng.output_rate, seq)])
             buf = buf[n:]
             turn.packets += 1
             if turn.first_audio_frame < 0:
@@ -639,10 +699,11 @@ class DuplexSession:
             self.yield_lock = True
             return self._end_turn(f, yielded=True, onset=self.user_onset, detail="turn head")
         if want and self.turn is None:
-            arrival = self.arrival[f] if f < len(self.arrival) else time.perf_counter()
+            arrival = self.arrival[f - self.arrival_base]
             self.turn = _Turn(self.turn_count, f, arrival)
+            self.trigger_times[self.turn.index] = arrival
             self.turn_count += 1
             out.append(self._event(pb.Event.SPEAKING, f, "assistant turn (turn head)"))
-        elif not want and self.turn is not None:
-            out += self._end_turn(f, yielded=False)
+        elif not want and self.turn is not None and not self.turn.done:
+            out += self._turn_complete(f)
         return out

@@ -10,6 +10,8 @@
   取 `log10(max(mel, 1e-10))`。
 - 每一筆（整段、含補零區域）以其最大值減 8 為下限截斷，最後 `(x + 4) / 4`。
 
+jnp 版在第一次呼叫時才匯入 JAX：只用 numpy 版的程式（例如 PyTorch 服務端）不會載入 JAX。
+
 批次時各筆各自計算最大值（與 transformers 的批次 torch 路徑相同）。
 `pad_to_seconds=None` 時不補齊也不截斷，等同 `WhisperFeatureExtractor(..., padding="longest",
 truncation=False)` 對單筆輸入的結果。
@@ -21,10 +23,12 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -172,8 +176,18 @@ def log_mel_np(
 # ---------------------------------------------------------------- jnp 版
 
 
-@functools.partial(jax.jit, static_argnames=("n_mels", "target"))
+@functools.cache
+def _log_mel_jnp_jit() -> Any:
+    """jit 過的 jnp 實作（第一次呼叫時才匯入 JAX 並建立）。"""
+    import jax
+
+    return jax.jit(_log_mel_jnp_impl, static_argnames=("n_mels", "target"))
+
+
 def _log_mel_jnp_impl(x: jax.Array, n_mels: int, target: int) -> jax.Array:
+    import jax
+    import jax.numpy as jnp
+
     n = x.shape[-1]
     if n > target:
         x = x[:, :target]
@@ -205,6 +219,8 @@ def log_mel_jnp(
     以 float32 計算；`n_mels` 與 `pad_to_seconds` 為靜態值，可在 `jax.jit` 內呼叫。
     批次中每筆各自以其最大值截斷（與 transformers 相同）。
     """
+    import jax.numpy as jnp
+
     x = jnp.asarray(audio)
     if x.ndim not in (1, 2):
         raise ValueError(f"log_mel_jnp 需要 [samples] 或 [B, samples]，收到形狀 {x.shape}")
@@ -214,7 +230,7 @@ def log_mel_jnp(
     xb = x[None] if single else x
     target = _target_samples(xb.shape[-1], pad_to_seconds)
     _check_length(target)
-    out = _log_mel_jnp_impl(xb.astype(jnp.float32), int(n_mels), int(target))
+    out = _log_mel_jnp_jit()(xb.astype(jnp.float32), n_mels=int(n_mels), target=int(target))
     return out[0] if single else out
 
 
