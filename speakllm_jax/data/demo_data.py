@@ -88,18 +88,19 @@ def turn_dialogue_manifest(
     n: int = DEFAULT_TURN_DIALOGUES,
     seed: int = 0,
     split: str | None = None,
+    compact: bool = False,
 ) -> Path:
-    """輪替示範對話（`demo_dialogues.make_turn_dialogues`）的正規化清單；對話不存在或 n、種子
-    不同時重新生成。`split=None` 時包含所有切分。"""
+    """輪替示範對話（`demo_dialogues.make_turn_dialogues`）的正規化清單；對話不存在或 n、種子、
+    `compact` 不同時重新生成。`split=None` 時包含所有切分。"""
     root = Path(demo_dir) if demo_dir else default_demo_dir()
     info_path = root / DIALOGUE_INFO
     info = json.loads(info_path.read_text("utf-8")) if info_path.is_file() else {}
-    if info.get("n") != n or info.get("seed") != seed:
+    if (info.get("n"), info.get("seed"), info.get("compact")) != (n, seed, compact):
         shutil.rmtree(root / DIALOGUE_DIR, ignore_errors=True)
         for old in (root / "manifests").glob("duplex_dialogue*.jsonl"):
             old.unlink()
         print(f"生成 {n} 段輪替示範對話到 {root / DIALOGUE_DIR}（espeak-ng）…")
-        make_turn_dialogues(root, n, seed)
+        make_turn_dialogues(root, n, seed, compact)
     name = "duplex_dialogue" + (f".{split}" if split else "")
     return _norm_manifest(root, ["duplex_dialogue"], name, split)
 

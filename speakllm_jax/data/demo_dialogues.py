@@ -271,8 +271,14 @@ def _user_turn(
     return wave, f"{part1}{text_mid}{part2}", ann
 
 
-def make_turn_dialogue(rng: np.random.Generator, lang: str, split: str) -> dict[str, Any]:
-    """一段輪替示範對話：回傳 {wave [2, T], turns, overlaps, pauses, duration, language, ...}。"""
+def make_turn_dialogue(
+    rng: np.random.Generator, lang: str, split: str, compact: bool = False
+) -> dict[str, Any]:
+    """一段輪替示範對話：回傳 {wave [2, T], turns, overlaps, pauses, duration, language, ...}。
+
+    `compact=True` 只有一個交換：使用者（含停頓）→ 助理回答（中間先附和、後搶話）→ 簡短回應，
+    約一半長，供快速的端到端測試。
+    """
     uvoice = _jitter(rng, _choice(rng, USER_VOICES[split]))
     avoice = _jitter(rng, _choice(rng, ASSISTANT_VOICES[split]))
     clauses = split_pool(USER_CLAUSES[lang], split)
@@ -295,39 +301,55 @@ def make_turn_dialogue(rng: np.random.Generator, lang: str, split: str) -> dict[
             )
         return end
 
+    def backchannel(a_start: int, a_len: int, frac: tuple[float, float]) -> None:
+        word = _choice(rng, BACKCHANNEL_WORDS[lang])
+        wave = _backchannel(rng, word, uvoice)
+        bc_start = a_start + int(a_len * rng.uniform(*frac))
+        bc_end = b.put("user", wave, bc_start, word, "backchannel")
+        b.overlaps.append(
+            {
+                "start": _t(bc_start),
+                "end": _t(min(bc_end, a_start + a_len)),
+                "kind": "backchannel",
+                "by": "user",
+                "onset": _t(bc_start),
+            }
+        )
+
+    def barge_into(a: np.ndarray, a_start: int, text: str, frac: tuple[float, float]) -> int:
+        """使用者在助理回答的 `frac` 處搶話，錄音中的助理反應後淡出停下；回傳搶話結束。"""
+        barge = a_start + int(len(a) * rng.uniform(*frac))
+        stop = barge + gap(BARGE_REACTION_S)
+        cut = a[: stop - a_start].copy()
+        fade = min(len(cut), int(SR * 0.02))
+        cut[-fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+        b.put("assistant", cut, a_start, text, "interrupted")
+        b.overlaps.append(
+            {
+                "start": _t(barge),
+                "end": _t(stop),
+                "kind": "barge_in",
+                "by": "user",
+                "onset": _t(barge),
+            }
+        )
+        return b.put("user", synth(barge_txt, *uvoice), barge, barge_txt, "utterance")
+
     # 第一輪：使用者（含停頓）→ 助理回答，回答中使用者附和。
     u1_end = user_turn(c1, gap((0.3, 0.6)), True)
     a1 = synth(r1, *avoice)
     a1_start = u1_end + gap(RESPONSE_GAP_S)
-    a1_end = b.put("assistant", a1, a1_start, r1, "utterance")
-    bc_word = _choice(rng, BACKCHANNEL_WORDS[lang])
-    bc = _backchannel(rng, bc_word, uvoice)
-    bc_start = a1_start + int(len(a1) * rng.uniform(0.3, 0.6))
-    bc_end = b.put("user", bc, bc_start, bc_word, "backchannel")
-    b.overlaps.append(
-        {
-            "start": _t(bc_start),
-            "end": _t(min(bc_end, a1_end)),
-            "kind": "backchannel",
-            "by": "user",
-            "onset": _t(bc_start),
-        }
-    )
-    # 第二輪：使用者在間隔後再說 → 助理回答，使用者中途搶話，錄音中的助理反應後停下。
-    u2_end = user_turn(c2, a1_end + gap(USER_GAP_S), bool(rng.random() < 0.5))
-    a2 = synth(r2, *avoice)
-    a2_start = u2_end + gap(RESPONSE_GAP_S)
-    barge = a2_start + int(len(a2) * rng.uniform(*BARGE_POINT))
-    stop = barge + gap(BARGE_REACTION_S)
-    cut = a2[: stop - a2_start].copy()
-    fade = min(len(cut), int(SR * 0.02))
-    cut[-fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
-    b.put("assistant", cut, a2_start, r2, "interrupted")
-    bw = synth(barge_txt, *uvoice)
-    b_end = b.put("user", bw, barge, barge_txt, "utterance")
-    b.overlaps.append(
-        {"start": _t(barge), "end": _t(stop), "kind": "barge_in", "by": "user", "onset": _t(barge)}
-    )
+    if compact:
+        # 精簡版：同一個回答裡先附和、後搶話。
+        backchannel(a1_start, len(a1), (0.2, 0.35))
+        b_end = barge_into(a1, a1_start, r1, (0.55, 0.8))
+    else:
+        a1_end = b.put("assistant", a1, a1_start, r1, "utterance")
+        backchannel(a1_start, len(a1), (0.3, 0.6))
+        # 第二輪：使用者在間隔後再說 → 助理回答，使用者中途搶話。
+        u2_end = user_turn(c2, a1_end + gap(USER_GAP_S), bool(rng.random() < 0.5))
+        a2 = synth(r2, *avoice)
+        b_end = barge_into(a2, u2_end + gap(RESPONSE_GAP_S), r2, BARGE_POINT)
     a3 = synth(short, *avoice)
     a3_end = b.put("assistant", a3, b_end + gap(RESPONSE_GAP_S), short, "utterance")
     total = a3_end + int(SR * 0.5)
@@ -349,11 +371,14 @@ def make_turn_dialogue(rng: np.random.Generator, lang: str, split: str) -> dict[
     }
 
 
-def make_turn_dialogues(output_dir: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
+def make_turn_dialogues(
+    output_dir: str | Path, n: int, seed: int = 0, compact: bool = False
+) -> dict[str, Any]:
     """在 `output_dir/duplex_dialogues/` 建立 n 段輪替示範對話；回傳並寫出
     `output_dir/duplex_info.json`（{n, seed, splits, languages}）。
 
     語言依序 zh、en、mixed；切分依序 train、train、train、dev、test。同一種子產出相同檔案。
+    `compact` 見 `make_turn_dialogue`。
     """
     if not has_espeak():
         raise RuntimeError("找不到 espeak-ng；示範對話需要它（Debian 套件 espeak-ng）")
@@ -368,7 +393,7 @@ def make_turn_dialogues(output_dir: str | Path, n: int, seed: int = 0) -> dict[s
         lang = LANG_CYCLE[i % len(LANG_CYCLE)]
         split = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
         did = f"fdx{i:04d}"
-        dia = make_turn_dialogue(rng, lang, split)
+        dia = make_turn_dialogue(rng, lang, split, compact)
         write_audio(d / f"{did}.wav", dia.pop("wave"), SR)
         meta = {
             "id": did,
@@ -381,6 +406,12 @@ def make_turn_dialogues(output_dir: str | Path, n: int, seed: int = 0) -> dict[s
         (d / f"{did}.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), "utf-8")
         splits[split] = splits.get(split, 0) + 1
         langs[lang] = langs.get(lang, 0) + 1
-    info = {"n": int(n), "seed": int(seed), "splits": splits, "languages": langs}
+    info = {
+        "n": int(n),
+        "seed": int(seed),
+        "compact": bool(compact),
+        "splits": splits,
+        "languages": langs,
+    }
     (d.parent / DIALOGUE_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=1), "utf-8")
     return info
