@@ -173,3 +173,21 @@ def test_turn_dialogues_schema_and_oracle(dialogue_rows) -> None:
     lat = [s["latency_ms"] for d in m["dialogues"] for s in d["smooth"] if s["takeover"]]
     assert lat and all(80.0 <= x <= 320.0 for x in lat)  # 120–280 ms，幀格取整 ±40 ms
     assert set(m["by_language"]) == {"zh", "en", "cs"}
+
+
+def test_turn_dialogues_deterministic(tmp_path) -> None:
+    """同一種子產出逐位元相同的對話；不同種子不同。"""
+    from speakllm_jax.data.demo_corpus import has_espeak
+    from speakllm_jax.data.demo_dialogues import DIALOGUE_DIR, make_turn_dialogues
+
+    if not has_espeak():
+        pytest.skip("需要 espeak-ng")
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        make_turn_dialogues(tmp_path / name, 1, seed=seed, compact=True)
+
+    def files(name: str) -> list[bytes]:
+        d = tmp_path / name / DIALOGUE_DIR
+        return [p.read_bytes() for p in sorted(d.iterdir())]
+
+    assert files("a") == files("b")
+    assert files("a") != files("c")
