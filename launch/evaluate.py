@@ -79,9 +79,13 @@ def _duplex_server(a: argparse.Namespace) -> int:
     decoders = {"voila_dir": a.voila_dir, "token2wav_dir": a.token2wav_dir}
     if not (a.voila_dir or a.token2wav_dir):
         decoders.update(demo_decoder_dir(model_dir, a.out))
-    report = evaluate_duplex_server(
-        model_dir, a.manifest, a.out, policies, realtime=a.realtime, **decoders
-    )
+    try:
+        report = evaluate_duplex_server(
+            model_dir, a.manifest, a.out, policies, realtime=a.realtime, **decoders
+        )
+    except ValueError as e:  # 清單沒有對話列、對話太長等使用者輸入問題
+        print(f"錯誤：{e}", file=sys.stderr)
+        return 2
     print((Path(a.out) / "turn_taking.md").read_text("utf-8"))
     print(f"{report['n_dialogues']} 段對話；報表：{Path(a.out) / 'turn_taking.json'}")
     return 0

@@ -88,3 +88,8 @@ def test_bad_policies_and_missing_manifest(tmp_path: Path, capsys) -> None:
     (tmp_path / "m.jsonl").write_text("", "utf-8")
     assert evaluate_main(base + ["--manifest", str(tmp_path / "m.jsonl"), "--policies", "x"]) == 2
     assert capsys.readouterr().err.startswith("錯誤：--policies")
+    # 清單裡沒有雙聲道對話列：在載入模型之前就以一行錯誤結束。
+    dirs = ["--model_dir", str(tmp_path), "--voila_dir", str(tmp_path)]
+    assert evaluate_main(base + ["--manifest", str(tmp_path / "m.jsonl")] + dirs) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("錯誤：") and "沒有雙聲道對話列" in err and "\n" not in err
