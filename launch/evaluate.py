@@ -1,4 +1,10 @@
-"""評估入口：`python launch/evaluate.py --workdir RUN [--step N]`，報表寫到 `RUN/eval/step_N/`。"""
+"""評估入口：`python launch/evaluate.py --workdir RUN [--step N]`，報表寫到 `RUN/eval/step_N/`。
+
+全雙工伺服器評估（Full-Duplex-Bench 式，經 loopback gRPC 伺服器）：
+`python launch/evaluate.py --workdir RUN --duplex-server --manifest M.jsonl --policies model,vad
+--out DIR [--model_dir EXPORTED] [--voila_dir D | --token2wav_dir D] [--realtime]`；
+沒給 `--model_dir` 時先把 RUN 匯出到 `DIR/export`。報表見 `export/serving/duplex_eval.py`。
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,25 @@ from speakllm_jax.eval.evaluate import evaluate_run  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="訓練執行資料夾（含 config.json 與 checkpoints/）")
+    p.add_argument(
+        "--workdir", required=True, help="訓練執行資料夾（含 config.json 與 checkpoints/）"
+    )
     p.add_argument("--step", type=int, default=None, help="評估哪一步（預設最新）")
     p.add_argument("--max_utts", type=int, default=32)
     p.add_argument("--max_dialogues", type=int, default=4)
+    p.add_argument("--duplex-server", action="store_true", help="經真正的伺服器做輪替評估")
+    p.add_argument(
+        "--manifest", default="", help="--duplex-server：對話清單（turns、overlaps、pauses）"
+    )
+    p.add_argument("--policies", default="model,vad", help="--duplex-server：並列的策略")
+    p.add_argument("--out", default="", help="--duplex-server：輸出資料夾")
+    p.add_argument("--model_dir", default="", help="--duplex-server：已匯出的模型（不再匯出 RUN）")
+    p.add_argument("--voila_dir", default="", help="Voila-Tokenizer（預設：示範解碼器）")
+    p.add_argument("--token2wav_dir", default="", help="CosyVoice2 token2wav（預設：示範解碼器）")
+    p.add_argument("--realtime", action="store_true", help="依音訊時間串流（預設加速時鐘）")
     a = p.parse_args(argv)
+    if a.duplex_server:
+        return _duplex_server(a)
     report = evaluate_run(a.workdir, a.step, a.max_utts, a.max_dialogues)
     summary = {k: v for k, v in report.items() if k not in ("asr", "duplex")}
     if "asr" in report:
@@ -28,6 +48,46 @@ def main(argv: list[str] | None = None) -> int:
         if "emotion" in report["duplex"]:
             summary["emotion_accuracy"] = report["duplex"]["emotion"]["accuracy"]
     print(json.dumps(summary, ensure_ascii=False, indent=2, default=float))
+    return 0
+
+
+def _duplex_server(a: argparse.Namespace) -> int:
+    from export.serving.duplex_eval import (
+        demo_decoder_dir,
+        evaluate_duplex_server,
+        parse_policies,
+    )
+
+    try:
+        policies = parse_policies(a.policies)
+    except ValueError as e:
+        print(f"錯誤：{e}", file=sys.stderr)
+        return 2
+    for flag, value in (("--manifest", a.manifest), ("--out", a.out)):
+        if not value:
+            print(f"錯誤：--duplex-server 需要 {flag}", file=sys.stderr)
+            return 2
+    if not Path(a.manifest).is_file():
+        print(f"錯誤：--manifest {a.manifest} 不存在", file=sys.stderr)
+        return 2
+    model_dir = a.model_dir
+    if not model_dir:
+        from export.to_torch import export_run
+
+        model_dir = str(Path(a.out) / "export")
+        export_run(a.workdir, model_dir, a.step, parity_seed=None)
+    decoders = {"voila_dir": a.voila_dir, "token2wav_dir": a.token2wav_dir}
+    if not (a.voila_dir or a.token2wav_dir):
+        decoders.update(demo_decoder_dir(model_dir, a.out))
+    try:
+        report = evaluate_duplex_server(
+            model_dir, a.manifest, a.out, policies, realtime=a.realtime, **decoders
+        )
+    except ValueError as e:  # 清單沒有對話列、對話太長等使用者輸入問題
+        print(f"錯誤：{e}", file=sys.stderr)
+        return 2
+    print((Path(a.out) / "turn_taking.md").read_text("utf-8"))
+    print(f"{report['n_dialogues']} 段對話；報表：{Path(a.out) / 'turn_taking.json'}")
     return 0
 
 

@@ -7,7 +7,7 @@
     librispeech    LibriSpeech/{subset}/{spk}/{chapter}/*.trans.txt + *.flac
     wenetspeech    WenetSpeech.json（audios[].segments[] 的 begin_time/end_time）
     magicdata_ramc WAV/*.wav + TXT/*.txt（"[start,end]\\t說話人\\t性別,口音\\t文字"）
-    dialogue       本專案的雙聲道對話：{id}.wav + {id}.json（turns、overlaps）
+    dialogue       本專案的雙聲道對話：{id}.wav + {id}.json（turns、overlaps，可選 pauses）
     instructions   本專案的語音指令：instructions.jsonl（指令音訊、回應文字、回應音訊）
     vad_truth      本專案的長檔：vad_truth.json（每段語音的時間與文字，成為 turns）
     jsonl          通用 JSONL 清單；缺少的 duration／sample_rate／channels 由音訊標頭補上
@@ -514,7 +514,8 @@ def dialogue(
     expected_sr: int | None = None,
     **_: Any,
 ) -> Iterator[dict]:
-    """本專案的雙聲道對話：每段一個 {id}.json（turns、overlaps、channel_roles）與立體聲音檔。"""
+    """本專案的雙聲道對話：每段一個 {id}.json（turns、overlaps、channel_roles，可選 pauses、
+    language、split）與立體聲音檔。"""
     root = Path(root)
     metas = sorted(root.glob("*.json"))
     if not metas:
@@ -549,7 +550,9 @@ def dialogue(
             sp,
             channel_roles=roles,
             turns=turns,
+            language=meta.get("language"),
             overlaps=meta.get("overlaps", []),
+            pauses=meta.get("pauses"),
             task="duplex_dialogue",
             emotion=meta.get("emotion"),
             response_style=meta.get("response_style"),

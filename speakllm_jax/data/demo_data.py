@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from speakllm_jax.data.adapters import build_manifests
 from speakllm_jax.data.demo_corpus import DEMO_DIR, make_demo_corpus
+from speakllm_jax.data.demo_dialogues import DIALOGUE_DIR, DIALOGUE_INFO, make_turn_dialogues
 from speakllm_jax.text.manifest_text import normalize_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +24,10 @@ DEMO_CORPORA: dict[str, dict[str, str]] = {
     "commonvoice_en": {"adapter": "commonvoice", "root": "commonvoice/cv-corpus-0.0-demo/en"},
     "dialogue": {"adapter": "dialogue", "root": "dialogues"},
     "instructions": {"adapter": "instructions", "root": "instructions"},
+    # 輪替示範對話（`make_demo_corpus.py --dialogues N`；不在預設語料裡）。
+    "duplex_dialogue": {"adapter": "dialogue", "root": DIALOGUE_DIR},
 }
+DEFAULT_TURN_DIALOGUES = 10
 
 
 def default_demo_dir() -> Path:
@@ -50,6 +56,11 @@ def demo_manifest(
         raise ValueError(f"未知的示範語料 {unknown}；可用：{sorted(DEMO_CORPORA)}")
     root = ensure_demo_corpus(demo_dir, seed)
     name = "_".join(corpora) + (f".{split}" if split else "")
+    return _norm_manifest(root, corpora, name, split)
+
+
+def _norm_manifest(root: Path, corpora: Sequence[str], name: str, split: str | None) -> Path:
+    """以轉接器建立 `root/manifests/{name}.norm.jsonl`（OpenCC t2s 正規化）；已存在就沿用。"""
     out_dir = root / "manifests"
     final = out_dir / f"{name}.norm.jsonl"
     if final.exists():
@@ -70,6 +81,28 @@ def demo_manifest(
     normalize_manifest(raw, tmp, conversion="t2s")
     tmp.replace(final)
     return final
+
+
+def turn_dialogue_manifest(
+    demo_dir: str | os.PathLike | None = None,
+    n: int = DEFAULT_TURN_DIALOGUES,
+    seed: int = 0,
+    split: str | None = None,
+    compact: bool = False,
+) -> Path:
+    """輪替示範對話（`demo_dialogues.make_turn_dialogues`）的正規化清單；對話不存在或 n、種子、
+    `compact` 不同時重新生成。`split=None` 時包含所有切分。"""
+    root = Path(demo_dir) if demo_dir else default_demo_dir()
+    info_path = root / DIALOGUE_INFO
+    info = json.loads(info_path.read_text("utf-8")) if info_path.is_file() else {}
+    if (info.get("n"), info.get("seed"), info.get("compact")) != (n, seed, compact):
+        shutil.rmtree(root / DIALOGUE_DIR, ignore_errors=True)
+        for old in (root / "manifests").glob("duplex_dialogue*.jsonl"):
+            old.unlink()
+        print(f"生成 {n} 段輪替示範對話到 {root / DIALOGUE_DIR}（espeak-ng）…")
+        make_turn_dialogues(root, n, seed, compact)
+    name = "duplex_dialogue" + (f".{split}" if split else "")
+    return _norm_manifest(root, ["duplex_dialogue"], name, split)
 
 
 DEMO_SPEECH_TOKENIZERS = ("voila", "cosyvoice2")

@@ -15,7 +15,8 @@
 
 選用欄位：text_raw、emotion（說話人的情緒）、response_style（助理回應的情緒／風格標籤）、task、instruction、response_text、response_audio、
 channel_roles（例如 ["user", "assistant"]）、turns（[{speaker, start, end, text, kind}]）、
-overlaps（[{start, end, kind: "backchannel"|"barge_in", by, onset}]），以及 source_* 來源欄位
+overlaps（[{start, end, kind: "backchannel"|"barge_in", by, onset}]）、pauses（使用者句中停頓的
+靜音區間 [{start, end, kind: "filler"|"comma", text}]），以及 source_* 來源欄位
 （例如 source_id、source_start、source_end）。
 """
 
@@ -57,6 +58,7 @@ OPTIONAL_FIELDS = (
     "channel_roles",
     "turns",
     "overlaps",
+    "pauses",
 )
 LANGUAGES = ("zh", "en", "mixed")
 OVERLAP_KINDS = ("backchannel", "barge_in")
@@ -159,6 +161,8 @@ def validate_row(
     d = dur if _is_number(dur) else None
     if row.get("turns") is not None:
         probs += _check_times(row["turns"], "turns", d, ("speaker", "start", "end", "text"))
+    if row.get("pauses") is not None:
+        probs += _check_times(row["pauses"], "pauses", d, ("start", "end"))
     if row.get("overlaps") is not None:
         probs += _check_times(row["overlaps"], "overlaps", d, ("start", "end", "kind"))
         if isinstance(row["overlaps"], list):
@@ -184,7 +188,12 @@ def validate_row(
                 )
             )
     text_fields = (
-        "text_raw", "emotion", "response_style", "task", "instruction", "response_text",
+        "text_raw",
+        "emotion",
+        "response_style",
+        "task",
+        "instruction",
+        "response_text",
         "response_audio",
     )
     for k in text_fields:

@@ -55,7 +55,7 @@ class TurnTakingAnnotation:
 
         使用者發言段 = speaker 為 user 且 kind 不是 backchannel 的 turn；附和 = by user 的
         backchannel overlap；搶話 = by user 的 barge_in overlap，結束取該使用者發言段的結束
-        （找不到則取 overlap 的 end）；停頓取列中的 `pauses`（[[start, end], ...]，沒有則為空）。
+        （找不到則取 overlap 的 end）；停頓取列中的 `pauses`（[{start, end, kind, text}]，沒有則為空）。
         """
         turns = row.get("turns")
         if turns is None:
@@ -63,7 +63,7 @@ class TurnTakingAnnotation:
         user = [t for t in turns if t.get("speaker") == "user" and t.get("kind") != "backchannel"]
         ann = cls(id=str(row.get("id", "")))
         ann.user_turns = [(float(t["start"]), float(t["end"])) for t in user]
-        ann.pauses = [(float(a), float(b)) for a, b in row.get("pauses", [])]
+        ann.pauses = [(float(p["start"]), float(p["end"])) for p in row.get("pauses") or []]
         for o in row.get("overlaps", []):
             if o.get("by", "user") != "user":
                 continue
