@@ -28,6 +28,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     cfg.model_dir, cfg.voila_dir = map(str, assets)
     cfg.port = 0
     cfg.policy = "vad"
+    # 這裡只看幀號上的性質：不必依即時節流（節流另有測試）。
+    cfg.pace_realtime = False
     with ServerThread(cfg, load_engine(*assets)) as st:
         yield st
 

@@ -204,6 +204,8 @@ def evaluate_duplex_server(
         str(token2wav_dir),
     )
     cfg.port = 0
+    # 加速時鐘：幀語義由幀號決定，伺服器不必依即時到期時間節流。
+    cfg.pace_realtime = bool(realtime)
     for k, v in (overrides or {}).items():
         cfg[k] = v
     limit = float(cfg.max_session_seconds)
