@@ -176,10 +176,12 @@ class WhisperConfig:
     def to_hf_dict(self, architecture: str = "WhisperForConditionalGeneration") -> dict[str, Any]:
         """transformers `WhisperConfig` 能讀的 config.json 內容。"""
         out: dict[str, Any] = {k: json.loads(v) for k, v in self.hf_extra}
-        # 沒有給特殊符號 id 的設定（例如隨機的小模型）明寫 null：transformers 的預設 id
-        # （50256、50257）不在小詞表內，載入時每個 id 各警告一次。
-        for key in _HF_TOKEN_KEYS:
-            out.setdefault(key, None)
+        # 詞表小到放不下官方特殊符號 id 的設定（隨機的小模型）若沒給 id，明寫詞表最後一個 id：
+        # 否則 transformers 套用預設 id（50256、50257），載入時每個 id 各警告一次
+        # （decoder_start_token_id 必須是整數，不能寫 null）。
+        if self.vocab_size <= max(_MEDIUM_TOKENS.values()):
+            for key in _MEDIUM_TOKENS:
+                out.setdefault(key, self.vocab_size - 1)
         out.update({k: getattr(self, k) for k in _HF_DEFAULTS})
         dtype_name = jnp.dtype(self.param_dtype).name
         if dtype_name not in _DTYPE_NAMES:
@@ -203,9 +205,6 @@ class WhisperConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-# config.json 中的特殊符號 id 欄位（不屬於本類別，存於 hf_extra）。
-_HF_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 # 官方 token 編號（medium 與 large-v3 的 config.json）。
 _MEDIUM_TOKENS = {
