@@ -234,7 +234,9 @@ def test_evaluate_cli_on_all_demo_dialogues(run_dir: Path, demo_dir: Path) -> No
     assert frames == [math.ceil(r["duration"] / 0.04 - 1e-9) for r in rows]
     assert max(frames) > 750  # 超過一個編碼窗（750 幀 = 30 秒）
     assert duplex["emotion"]["segments"] == 3
-    assert len(duplex["timelines"]) == 3 and all(Path(p).exists() for p in report["plots"])
+    names = sorted(Path(p).name for p in report["plots"])
+    assert names == ["emotion_confusion.png"] + [f"timeline_{r['id']}.png" for r in rows]
+    assert all(Path(p).exists() for p in report["plots"])
 
 
 def test_exported_folder_loads_quietly(exported: Path) -> None:
