@@ -1,7 +1,7 @@
 """抽取語音符號（旗標沿用種子文件的 extract_voila_tokens.py）。
 
 python data/extract_speech_tokens.py --tokenizer voila --manifest M.jsonl --output OUT \
-    --checkpoint /path/to/Voila-Tokenizer [--batch_size 8] [--device cpu]
+    --checkpoint /path/to/Voila-Tokenizer [--batch_size 8] [--device cpu] [--no_progress]
 python data/extract_speech_tokens.py --tokenizer cosyvoice2 --manifest M.jsonl --output OUT \
     --checkpoint DIR   # DIR 內有 s3tokenizer 版面的 speech_tokenizer_v2.pt（25 Hz，碼本 6561）
 
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=8, help="每批語句數")
     p.add_argument("--device", default="cpu", help="PyTorch 裝置：cpu、cuda、cuda:0")
     p.add_argument("--max_seconds", type=float, default=60.0, help="長於此秒數的語句略過")
+    p.add_argument(
+        "--no_progress", action="store_true", help="不顯示進度條（預設在終端機上顯示於 stderr）"
+    )
     a = p.parse_args(argv)
     try:
         report = extract_speech_tokens(
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=a.batch_size,
             device=a.device,
             max_seconds=a.max_seconds,
+            progress=False if a.no_progress else None,
         )
     except (NotImplementedError, S3CheckpointError) as e:
         print(f"錯誤：{e}", file=sys.stderr)

@@ -9,7 +9,11 @@ transformers 載入 LLM 與 Whisper 編碼器並與 JAX 比對 logits／隱狀�
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -197,6 +201,53 @@ def test_torch_twin_matches_jax(exported: Path, jax_run) -> None:
         )
         step_ref = np.asarray(ref["text"][:, t : t + 1])
         assert float(np.max(np.abs(step_ref - out["text"].numpy()))) <= TOL, t
+
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ("pad_token_id", "must be `None` or an integer", "Metadata file does not exist")
+
+
+def _run_quiet(args: list[str]) -> subprocess.CompletedProcess:
+    """在子程序執行，回傳結果；stderr 中不應有程式庫的無用警告。"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in QUIET:
+        assert noise not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def test_evaluate_cli_on_all_demo_dialogues(run_dir: Path, demo_dir: Path) -> None:
+    # 第 3 階段 = 第 2 階段的全雙工模型 + 情緒頭：評估所有示範對話，其中 dlg0002 約 45 秒，
+    # 超過 Whisper 編碼器的 30 秒窗，逐窗編碼後整段評估，不當掉、不略過。
+    from speakllm_jax.data.manifest import read_manifest
+
+    _run_quiet(["launch/evaluate.py", "--workdir", str(run_dir)])
+    report = json.loads((run_dir / "eval" / "step_2" / "report.json").read_text())
+    rows = read_manifest(demo_dir / "duplex" / "dialogue.jsonl")
+    duplex = report["duplex"]
+    assert len(rows) == 3 and max(r["duration"] for r in rows) > 30.0
+    assert duplex["dialogues"] == 3 and duplex["skipped"] == {} and duplex["skipped_items"] == []
+    frames = [d["num_frames"] for d in duplex["metrics"]["dialogues"]]
+    assert frames == [math.ceil(r["duration"] / 0.04 - 1e-9) for r in rows]
+    assert max(frames) > 750  # 超過一個編碼窗（750 幀 = 30 秒）
+    assert duplex["emotion"]["segments"] == 3
+    names = sorted(Path(p).name for p in report["plots"])
+    assert names == ["emotion_confusion.png"] + [f"timeline_{r['id']}.png" for r in rows]
+    assert all(Path(p).exists() for p in report["plots"])
+
+
+def test_exported_folder_loads_quietly(exported: Path) -> None:
+    # 伺服器啟動時以 load_exported 讀匯出資料夾：transformers 不再對特殊符號 id 警告。
+    cfg = json.loads((exported / "whisper_encoder" / "config.json").read_text())
+    ids = [
+        cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    ]
+    assert all(0 <= i < cfg["vocab_size"] for i in ids)
+    code = f"from export.torch_model import load_exported; load_exported({str(exported)!r})"
+    _run_quiet(["-c", code])
 
 
 def test_bad_export_dir_is_named(exported: Path, tmp_path: Path) -> None:

@@ -98,10 +98,16 @@ def test_decode_length(tok, corpus):
 
 
 @pytest.mark.parametrize("out_name", ["codes", "codes.npz"])
-def test_extract_is_resumable_and_counts_bad_audio(tmp_path, corpus, tok64, out_name):
+def test_extract_is_resumable_and_counts_bad_audio(tmp_path, corpus, tok64, out_name, capsys):
     tok = tok64
     out = tmp_path / out_name
-    r1 = extract_speech_tokens(corpus / "m.jsonl", out, None, batch_size=2, speech_tokenizer=tok)
+    r1 = extract_speech_tokens(
+        corpus / "m.jsonl", out, None, batch_size=2, speech_tokenizer=tok, progress=True
+    )
+    # 進度條在 stderr，逐句前進到清單的總列數。
+    rows = len((corpus / "m.jsonl").read_text().splitlines())
+    err = capsys.readouterr().err
+    assert "抽取語音符號" in err and f"{rows}/{rows}" in err
     assert r1.encoded == 3 and r1.already_done == 0
     assert dict(r1.skips.counts) == {"corrupt": 1, "missing": 1}
     first = load_codes(out)

@@ -15,6 +15,7 @@ from speakllm_jax.eval.turn_taking import (
     activity_from_turns,
     dialogue_events,
     plot_timeline,
+    timeline_figure,
     turn_taking_metrics,
 )
 
@@ -106,6 +107,23 @@ def test_plot_timeline(tmp_path):
     out = plot_timeline(ANN_B, ACT_B, tmp_path / "plots" / "b.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_timeline_has_legend_for_every_mark():
+    import matplotlib.pyplot as plt
+
+    fig = timeline_figure(ANN_B, ACT_B)
+    legend = fig.axes[0].get_legend()
+    assert legend is not None
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == [
+        "user speech",
+        "user backchannel",
+        "assistant speaking (model)",
+        "user pause",
+        "barge-in onset",
+    ]
+    plt.close(fig)
 
 
 @pytest.mark.skipif(not has_espeak(), reason="需要 espeak-ng")

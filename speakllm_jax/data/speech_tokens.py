@@ -22,12 +22,14 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from speakllm_jax.audio.io import AudioError, SkipCounter, load_audio
 from speakllm_jax.data.cosyvoice2_tokens import CosyVoice2Tokenizer
@@ -379,10 +381,13 @@ def extract_speech_tokens(
     max_seconds: float | None = 60.0,
     speech_tokenizer: SpeechTokenizer | None = None,
     channel: int | None = None,
+    progress: bool | None = None,
 ) -> ExtractReport:
     """讀清單、依長度分批抽碼並寫入輸出（見模組說明）；壞音訊略過並依原因計數。
 
     `channel` 給定時只取該聲道（例如雙聲道對話的助理聲道 1），否則混成單聲道。
+    `progress`：stderr 上逐句的 tqdm 進度條（每讀完一句前進一格，每累積 4 批編碼一次）；
+    None 為 stderr 是終端機時才顯示，False 關閉。
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size 必須為正，收到 {batch_size}")
@@ -394,7 +399,14 @@ def extract_speech_tokens(
     todo: list[tuple[str, np.ndarray]] = []
     ids: list[str] = []
     seen: set[str] = set()
-    for row in rows:
+    bar = tqdm(
+        rows,
+        desc="抽取語音符號",
+        unit="句",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,
+    )
+    for row in bar:
         rid = row.get("id")
         if not isinstance(rid, str) or not rid:
             report.skips.add(f"{manifest}:{rid!r}", "bad_row", "缺少 id")
@@ -439,6 +451,7 @@ def extract_speech_tokens(
             _flush(tok, store, todo, batch_size, report)
             todo = []
     _flush(tok, store, todo, batch_size, report)
+    bar.close()
     store.write_index(ids)
     report.skips.write_jsonl(store.skips_path())
     return report

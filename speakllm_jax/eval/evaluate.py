@@ -2,16 +2,25 @@
 寫出 JSON 報表與圖（錯誤率長條圖、每段對話的時間軸）。
 
 `launch/evaluate.py --workdir RUN [--step N]` 的全部邏輯。模型由執行資料夾的 `config.json` 重建，
-參數由 Orbax 檢查點恢復（形狀不符的參數會報錯）。沒有指定評估清單時使用示範語料的 test 切分
-與示範對話。
+參數由 Orbax 檢查點恢復（形狀不符的參數會報錯）。評估資料取 `data.eval_manifests`（ASR 為語句清單、
+全雙工為對話清單，逗號分隔）；沒有指定時 ASR 用示範語料的 test 切分、全雙工用示範對話。
+
+任意長度的對話：全雙工評估以 `models.streaming.run_streaming` 逐幀自由執行，使用者聲道切成
+不超過 Whisper 編碼器上限（30 秒）的連續編碼窗，各窗獨立編碼後串接幀特徵，LLM 的 KV 快取
+跨窗連續（見 `models/streaming.py`）；情緒預測同樣逐窗編碼後在整段有效幀上平均。
+ASR 的單句超過編碼器上限時略過（`too_long`）。無法評估的語句／對話略過、依原因計數並列出 id；
+`report.json` 一定寫出（評估途中出錯時也寫出已有的部分與 `error`，再把錯誤往上拋）。
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -30,18 +39,24 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Any, An
         raise FileNotFoundError(f"{workdir} 不是訓練執行資料夾：缺少 config.json")
     cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
     task = get_task(cfg)
-    model = task.build_model(nnx.Rngs(int(cfg.seed)))
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints 中沒有完整的檢查點")
     source = ckpt.restore_params(step)
     ckpt.close()
-    state = nnx.as_pure(nnx.state(model))
-    new, copied, bad = overlay_params(state, source)
+    # 先建抽象模型（不初始化）；檢查點涵蓋所有變數時直接由它組出模型，省下逐一初始化的時間。
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(int(cfg.seed))))
+    graphdef, state = nnx.split(abstract)
+    new, copied, bad = overlay_params(nnx.as_pure(state), source)
     if bad:
         raise ValueError(f"檢查點與模型形狀不符：{bad[:5]}")
-    nnx.update(model, new)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(new)):
+        model = task.build_model(nnx.Rngs(int(cfg.seed)))
+        new, _, _ = overlay_params(nnx.as_pure(nnx.state(model)), source)
+        nnx.update(model, new)
+    else:
+        model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, new))
     return cfg, task, model, int(step)
 
 
@@ -70,7 +85,10 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
     from speakllm_jax.eval.tone_accuracy import tone_accuracy_text
 
     rows = _asr_rows(cfg)[:max_utts]
-    refs, hyps, items, skipped = [], [], [], {}
+    refs, hyps, items = [], [], []
+    skipped: dict[str, int] = {}
+    skipped_items: list[dict[str, str]] = []
+    max_mel = 2 * model.encoder.config.max_source_positions
     for row in tqdm(rows, desc="ASR", disable=len(rows) < 4):
         try:
             wave = load_audio(
@@ -80,10 +98,14 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
                 duration=row.get("duration"),
             )
         except AudioError as err:
-            skipped[err.reason] = skipped.get(err.reason, 0) + 1
+            _skip(skipped, skipped_items, row, err.reason, str(err))
             continue
         mel = log_mel_np(wave, n_mels=int(cfg.data.n_mels), pad_to_seconds=None)
         mel = mel[:, : mel.shape[1] - mel.shape[1] % 4]
+        if mel.shape[1] > max_mel:
+            detail = f"{mel.shape[1] / 100:.1f} 秒，超過編碼器上限 {max_mel / 100:.0f} 秒"
+            _skip(skipped, skipped_items, row, "too_long", detail)
+            continue
         hyp = transcribe(model, task.tokenizer, mel[None], int(cfg.data.max_text_tokens))[0]
         refs.append(str(row["text"]))
         hyps.append(hyp)
@@ -91,7 +113,7 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
             {"id": row["id"], "ref": row["text"], "hyp": hyp, "language": row.get("language")}
         )
     if not refs:
-        return {"utterances": 0, "skipped": skipped}
+        return {"utterances": 0, "skipped": skipped, "skipped_items": skipped_items}
 
     def rate(langs: tuple[str, ...]) -> float | None:
         pairs = [(r, h) for r, h, it in zip(refs, hyps, items) if it["language"] in langs]
@@ -103,6 +125,7 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
     return {
         "utterances": len(refs),
         "skipped": skipped,
+        "skipped_items": skipped_items,
         "mer": counts.rate,
         "cer": rate(("zh",)),
         "wer": rate(("en",)),
@@ -112,39 +135,91 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
     }
 
 
+def _skip(
+    counts: dict[str, int], items: list[dict[str, str]], row: dict, reason: str, detail: str
+) -> None:
+    """略過一列：依原因計數、記下 id 與原因，並在 stderr 印一行。"""
+    rid = str(row.get("id", "?"))
+    counts[reason] = counts.get(reason, 0) + 1
+    items.append({"id": rid, "reason": reason, "detail": detail})
+    print(f"略過 {rid}（{reason}）：{detail}", file=sys.stderr)
+
+
+def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
+    """全雙工評估的對話列：`data.eval_manifests`（音訊相對路徑相對於清單檔）或示範對話。"""
+    from speakllm_jax.data.manifest import read_manifest, resolve_audio
+
+    if cfg.data.eval_manifests:
+        rows: list[dict] = []
+        for m in (x for x in str(cfg.data.eval_manifests).split(",") if x):
+            base = Path(m).resolve().parent
+            for r in read_manifest(m):
+                if isinstance(r.get("audio"), str) and r["audio"]:
+                    r = dict(r, audio=str(resolve_audio(r, base)))
+                rows.append(r)
+        return rows
+    from speakllm_jax.training.duplex_task import ensure_demo_duplex
+
+    paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
+    return read_manifest(paths["dialogue"])
+
+
 def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogues: int = 4) -> dict:
-    """在對話上自由執行串流推論，計算輪替指標並畫時間軸。"""
+    """在對話上自由執行串流推論（任意長度，逐編碼窗），計算輪替指標並畫時間軸。
+
+    無法評估的對話（音訊壞、清單列缺欄位）略過，依原因計數於 `skipped`、id 列於 `skipped_items`；
+    `dialogues` 為實際評估的段數。
+    """
     from speakllm_jax.audio.features import log_mel_np
+    from speakllm_jax.audio.io import AudioError
     from speakllm_jax.data.duplex import build_duplex_example
-    from speakllm_jax.data.manifest import read_manifest
     from speakllm_jax.eval.turn_taking import (
         TurnTakingAnnotation,
         plot_timeline,
         turn_taking_metrics,
     )
     from speakllm_jax.models.streaming import run_streaming
-    from speakllm_jax.training.duplex_task import ensure_demo_duplex
 
-    paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
-    rows = read_manifest(paths["dialogue"])[:max_dialogues]
+    rows = _dialogue_rows(cfg, task)[:max_dialogues]
     anns, acts, plots = [], [], []
     emo_true: list[str] = []
     emo_pred: list[str] = []
-    for row in rows:
-        ex = build_duplex_example(row, task.tokenizer, pad_id=task.pad_id)
+    skipped: dict[str, int] = {}
+    skipped_items: list[dict[str, str]] = []
+    for row in tqdm(rows, desc="對話", disable=len(rows) < 4):
+        try:
+            ann = TurnTakingAnnotation.from_row(row)
+            ex = build_duplex_example(row, task.tokenizer, pad_id=task.pad_id)
+        except AudioError as err:
+            _skip(skipped, skipped_items, row, err.reason, str(err))
+            continue
+        except (ValueError, KeyError, TypeError) as err:
+            _skip(skipped, skipped_items, row, "bad_row", str(err))
+            continue
         mel = log_mel_np(ex.user_audio, n_mels=int(cfg.data.n_mels), pad_to_seconds=None)
         n = min(ex.num_frames, mel.shape[1] // 4)
-        out = run_streaming(model, mel[None, :, : 4 * n], n, chunk_frames=25, pad_id=task.pad_id)
+        if n < 1:
+            _skip(skipped, skipped_items, row, "too_short", "不到一幀（40 毫秒）的音訊")
+            continue
+        feats = mel[None, :, : 4 * n]
+        out = run_streaming(
+            model, feats, n, chunk_frames=25, pad_id=task.pad_id, keep_text_logits=False
+        )
         speaking = np.isin(out.turn[0], (1, 2, 4))
-        ann = TurnTakingAnnotation.from_row(row)
         anns.append(ann)
         acts.append(speaking)
         plots.append(str(plot_timeline(ann, speaking, out_dir / f"timeline_{row['id']}.png")))
         if getattr(model, "emotion_head", None) is not None and row.get("emotion"):
             emo_true.append(str(row["emotion"]))
-            emo_pred.append(predict_emotion(model, mel[None, :, : 4 * n], n))
+            emo_pred.append(predict_emotion(model, feats, n))
     metrics = turn_taking_metrics(anns, acts)
-    report = {"dialogues": len(rows), "metrics": metrics, "timelines": plots}
+    report = {
+        "dialogues": len(anns),
+        "skipped": skipped,
+        "skipped_items": skipped_items,
+        "metrics": metrics,
+        "timelines": plots,
+    }
     if emo_true:
         from speakllm_jax.eval.emotion import emotion_report, plot_confusion
         from speakllm_jax.training.duplex_task import EMOTIONS
@@ -155,13 +230,15 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
 
 
 def predict_emotion(model: Any, mel: Any, num_frames: int) -> str:
-    """整段使用者聲道梅爾 `[1, n_mels, 4N]` → 情緒頭預測的標籤（與訓練時的前向相同）。"""
-    import jax.numpy as jnp
+    """整段使用者聲道梅爾 `[1, n_mels, 4N]` → 情緒頭預測的標籤。
 
+    與訓練時的前向相同（窗內全注意力）；超過編碼器上限時逐窗編碼後串接，在全部幀上平均。
+    """
+    from speakllm_jax.models.streaming import encode_user_stream
     from speakllm_jax.training.duplex_task import EMOTIONS
 
-    user, mask = model.encode_audio(jnp.asarray(mel))
-    logits = model.emotion_logits(user[:, :num_frames], mask[:, :num_frames])
+    user = encode_user_stream(model, mel, num_frames)
+    logits = model.emotion_logits(user, jnp.ones(user.shape[:2], bool))
     return EMOTIONS[int(np.argmax(np.asarray(logits)[0]))]
 
 
@@ -192,14 +269,20 @@ def evaluate_run(
     out_dir = Path(workdir) / "eval" / f"step_{step}"
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"workdir": str(workdir), "step": step, "phase": cfg.phase}
-    if cfg.task == "asr_connector":
-        report["asr"] = evaluate_asr(cfg, task, model, max_utts)
-        plot = _plot_error_rates(report["asr"], out_dir / "error_rates.png")
-        report["plots"] = [str(plot)] if plot else []
-    else:
-        report["duplex"] = evaluate_duplex(cfg, task, model, out_dir, max_dialogues)
-        report["plots"] = report["duplex"]["timelines"]
-    (out_dir / "report.json").write_text(
-        json.dumps(report, ensure_ascii=False, indent=2, default=float) + "\n", encoding="utf-8"
-    )
+    try:
+        if cfg.task == "asr_connector":
+            report["asr"] = evaluate_asr(cfg, task, model, max_utts)
+            plot = _plot_error_rates(report["asr"], out_dir / "error_rates.png")
+            report["plots"] = [str(plot)] if plot else []
+        else:
+            report["duplex"] = evaluate_duplex(cfg, task, model, out_dir, max_dialogues)
+            report["plots"] = report["duplex"]["timelines"]
+    except Exception as err:
+        report["error"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        (out_dir / "report.json").write_text(
+            json.dumps(report, ensure_ascii=False, indent=2, default=float) + "\n",
+            encoding="utf-8",
+        )
     return report

@@ -21,7 +21,8 @@
 - 回應延遲：每個使用者發言段結束 e 之後第一個開口 t ∈ [e, e + `max_response_s`]，延遲 (t - e)·0.04 秒；
   smooth TOR = 有回應的發言段比例（越高越好）。
 
-`plot_timeline` 以 matplotlib（Agg）畫出使用者／助理的說話區段與事件，回傳 PNG 路徑。
+`timeline_figure` 以 matplotlib（Agg）畫出使用者／助理的說話區段與事件（含圖例），
+`plot_timeline` 存成 PNG 並回傳路徑。
 """
 
 from __future__ import annotations
@@ -264,19 +265,20 @@ def turn_taking_metrics(
     }
 
 
-def plot_timeline(
+def timeline_figure(
     ann: TurnTakingAnnotation,
     speaking: Any,
-    path: str | os.PathLike,
     user_activity: Any | None = None,
     title: str | None = None,
-) -> Path:
-    """畫出一段對話的時間軸：使用者（標註或 `user_activity`）與助理的說話區段，
-    停頓（灰底）、附和（綠）、搶話起點（紅線）。存成 PNG 並回傳路徑。"""
+) -> Any:
+    """一段對話的時間軸圖（matplotlib `Figure`）：使用者（標註或 `user_activity`）與助理的
+    說話區段，停頓（灰底）、附和（綠）、搶話起點（紅線），圖例標出這些圖元。"""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     sp = np.asarray(speaking, dtype=bool).reshape(-1)
     n = len(sp)
@@ -307,12 +309,40 @@ def plot_timeline(
         ax.axvspan(a, b, color="0.85", zorder=0)
     for a, _ in ann.barge_ins:
         ax.axvline(a, color="tab:red", lw=1.5)
+    handles = [
+        Patch(color="tab:blue", label="user speech"),
+        Patch(color="tab:green", label="user backchannel"),
+        Patch(color="tab:orange", label="assistant speaking (model)"),
+        Patch(color="0.85", label="user pause"),
+        Line2D([], [], color="tab:red", lw=1.5, label="barge-in onset"),
+    ]
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize="small",
+        frameon=False,
+    )
     ax.set_yticks([4, 14], labels=["assistant", "user"])
     ax.set_xlim(0, n * fs)
     ax.set_xlabel("time (s)")
     if title or ann.id:
         ax.set_title(title or ann.id)
     fig.tight_layout()
+    return fig
+
+
+def plot_timeline(
+    ann: TurnTakingAnnotation,
+    speaking: Any,
+    path: str | os.PathLike,
+    user_activity: Any | None = None,
+    title: str | None = None,
+) -> Path:
+    """畫出 `timeline_figure` 的時間軸並存成 PNG，回傳路徑。"""
+    import matplotlib.pyplot as plt
+
+    fig = timeline_figure(ann, speaking, user_activity, title)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=80)

@@ -1,9 +1,15 @@
 """全雙工幀模型的 JAX 串流推論：逐 40 ms 幀前進、LLM 用 KV 快取、Whisper 以區塊編碼。
 
-這是評估與 PyTorch 服務端行為的參考實作。每個區塊（`chunk_frames` 個 LLM 幀）：
-使用者聲道的梅爾累積到足夠後，以區塊因果遮罩編碼目前為止的音訊，取出這一區塊的使用者串流
-（區塊因果遮罩讓先前區塊的輸出不受後來音訊影響，結果與整段以同一遮罩編碼相同）；
+這是評估與 PyTorch 服務端行為的參考實作。使用者聲道以區塊因果遮罩編碼（`chunk_frames` 個
+LLM 幀一區塊）：區塊 c 的輸出只看得到區塊 0..c 的音訊與卷積的 1 框前瞻，所以「每區塊重編目前
+為止的音訊」與「整窗一次以同一遮罩編碼」的結果相同；這裡每窗只編碼一次（形狀固定，只編譯一次）。
 然後逐幀呼叫單一編譯好的 `frame_step`：組輸入 → LLM 一步（KV 快取）→ 各頭。
+
+任意長度：Whisper 編碼器一次最多 `max_source_positions` 個輸出框（30 秒）。更長的音訊切成
+連續、不重疊的編碼窗（`encoder_window_frames`：窗長為編碼器上限內最多的整區塊數，預設 750 幀
+＝ 30 秒），每窗獨立編碼（位置表從 0 起，與訓練時 ≤ 30 秒的片段相同；窗的最後一框沒有跨窗的
+前瞻），各窗的幀特徵依序串接；LLM 的 KV 快取則跨窗連續，整段對話只有一個上下文。
+不超過一窗的音訊與不切窗完全相同。
 
 助理上一幀的輸出可以是模型自己的（自由執行：貪婪選文字與輪替、深度 Transformer 產生語音碼），
 也可以由呼叫端給定（教師強制）；教師強制時每幀的 logits 與 `SpeakLLM.duplex_forward`
@@ -31,7 +37,7 @@ from speakllm_jax.models.speakllm import SpeakLLM
 class StreamOutputs:
     """串流結果（N 幀）。"""
 
-    text_logits: np.ndarray  # [B, N, V]
+    text_logits: np.ndarray | None  # [B, N, V]（keep_text_logits=False 時為 None）
     turn_logits: np.ndarray  # [B, N, 5]
     code_logits: np.ndarray | None  # [B, N, Q, C]（教師強制時）
     text: np.ndarray  # [B, N] 每幀輸出的文字符號
@@ -44,14 +50,59 @@ def mel_frames_needed(chunk_index: int, chunk_frames: int, total_mel: int) -> in
     return min(4 * chunk_frames * (chunk_index + 1) + 1, total_mel)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "mel_len", "chunk_enc"))
-def _encode_prefix(
-    graphdef: Any, state: Any, mel: jax.Array, mel_len: int, chunk_enc: int
+def encoder_window_frames(model: SpeakLLM, chunk_frames: int = 1) -> int:
+    """一個編碼窗最多幾個 LLM 幀：編碼器上限 `max_source_positions` 個輸出框 ÷ `connector.stack`，
+    向下取到 `chunk_frames` 的倍數（區塊不跨窗）。"""
+    per_window = model.encoder.config.max_source_positions // model.connector.stack
+    w = per_window // int(chunk_frames) * int(chunk_frames)
+    if w < 1:
+        raise ValueError(
+            f"chunk_frames={chunk_frames} 大於編碼器一窗可容納的 {per_window} 個 LLM 幀"
+        )
+    return w
+
+
+@partial(jax.jit, static_argnames=("graphdef", "chunk_enc"))
+def _encode_window(
+    graphdef: Any, state: Any, mel: jax.Array, mask: jax.Array, chunk_enc: int | None
 ) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    feats = mel[:, :, :mel_len]
-    user, _ = model.encode_audio(feats, None, chunk_frames=chunk_enc)
+    user, _ = model.encode_audio(mel, mask, chunk_frames=chunk_enc)
     return user
+
+
+def encode_user_stream(
+    model: SpeakLLM,
+    features: Any,
+    num_frames: int,
+    chunk_frames: int | None = None,
+    window_frames: int | None = None,
+) -> jax.Array:
+    """使用者聲道梅爾 `[B, n_mels, ≥4N]` → 幀特徵 `[B, N, d]`，逐編碼窗編碼後串接（見模組說明）。
+
+    `chunk_frames`（LLM 幀）給定時窗內用區塊因果遮罩（串流），否則窗內全注意力（與訓練的
+    `duplex_forward` 相同）。每窗補零到固定長度並以鍵遮罩遮掉補齊處，所有窗共用一次編譯。
+    """
+    features = jnp.asarray(features)
+    b, n_mels, _ = features.shape
+    n = int(num_frames)
+    stack = model.connector.stack
+    mel_per_frame = 2 * stack
+    w = int(window_frames or encoder_window_frames(model, chunk_frames or 1))
+    chunk_enc = None if chunk_frames is None else int(chunk_frames) * stack
+    graphdef, state = nnx.split(model)
+    parts = []
+    for start in range(0, n, w):
+        stop = min(start + w, n)
+        mel = features[:, :, start * mel_per_frame : stop * mel_per_frame]
+        real = mel.shape[2]
+        mel = jnp.pad(mel, ((0, 0), (0, 0), (0, w * mel_per_frame - real)))
+        mask = jnp.broadcast_to(jnp.arange(w * mel_per_frame) < real, (b, w * mel_per_frame))
+        user = _encode_window(graphdef, state, mel, mask, chunk_enc)
+        parts.append(user[:, : stop - start])
+    if not parts:
+        raise ValueError("num_frames 必須 ≥ 1")
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 @partial(jax.jit, static_argnames=("graphdef", "teacher", "use_cond"))
@@ -108,21 +159,21 @@ def run_streaming(
     teacher: dict[str, Any] | None = None,
     cond_ids: Any = None,
     pad_id: int = 0,
+    keep_text_logits: bool = True,
 ) -> StreamOutputs:
-    """逐幀執行整段對話。
+    """逐幀執行整段對話（任意長度：使用者聲道逐編碼窗編碼，見模組說明）。
 
     `features [B, n_mels, ≥4N]` 為使用者聲道梅爾；`chunk_frames` 為每區塊的 LLM 幀數（25 Hz）。
     `teacher` 給定時（`text_in [B,N]`、`tones_in [B,N,K]`、`codes_in [B,N,Q]`、`codes_in_valid [B,N]`、
     `codes_target [B,N,Q]`）以之作為助理上一幀的輸出；否則自由執行。
     `speech_head="cosyvoice2"` 時 talker 另以自己的 KV 快取逐幀前向；教師強制需要
     `teacher["text_out"] [B,N]`（與 `duplex_forward` 的 `text_out` 相同），自由執行時用每幀
-    貪婪選出的文字。
+    貪婪選出的文字。`keep_text_logits=False` 時不保留每幀的文字 logits（`text_logits` 為 None；
+    長對話時 `[B, N, V]` 很大），評估只需要輪替與文字符號。
     """
     features = jnp.asarray(features)
     b = features.shape[0]
     n = int(num_frames)
-    stack = model.connector.stack
-    chunk_enc = chunk_frames * stack
     graphdef, state = nnx.split(model)
     cache = model.llm.init_cache(b, n)
     k = model.cfg.max_chars_per_token
@@ -140,13 +191,8 @@ def run_streaming(
     use_cond = cond_ids is not None
     cond = jnp.zeros((b,), jnp.int32) if cond_ids is None else jnp.asarray(cond_ids, jnp.int32)
     text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
-    total_mel = features.shape[2]
-    user = None
+    user = encode_user_stream(model, features, n, chunk_frames)
     for t in range(n):
-        c = t // chunk_frames
-        if t % chunk_frames == 0:
-            mel_len = mel_frames_needed(c, chunk_frames, total_mel)
-            user = _encode_prefix(graphdef, state, features, mel_len, chunk_enc)
         user_t = user[:, t : t + 1]
         if teacher is not None:
             prev = {
@@ -177,7 +223,8 @@ def run_streaming(
             talker_cache = out.pop("talker_cache")
         tok = jnp.argmax(out["text"][:, 0], axis=-1).astype(jnp.int32)
         act = jnp.argmax(out["turn"][:, 0], axis=-1).astype(jnp.int32)
-        text_l.append(np.asarray(out["text"][:, 0]))
+        if keep_text_logits:
+            text_l.append(np.asarray(out["text"][:, 0]))
         turn_l.append(np.asarray(out["turn"][:, 0]))
         if "codes" in out:
             code_l.append(np.asarray(out["codes"][:, 0]))
@@ -194,7 +241,7 @@ def run_streaming(
                 "codes_valid": speaking[:, None],
             }
     return StreamOutputs(
-        text_logits=np.stack(text_l, 1),
+        text_logits=np.stack(text_l, 1) if text_l else None,
         turn_logits=np.stack(turn_l, 1),
         code_logits=np.stack(code_l, 1) if code_l else None,
         text=np.stack(texts, 1),

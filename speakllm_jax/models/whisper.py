@@ -176,6 +176,12 @@ class WhisperConfig:
     def to_hf_dict(self, architecture: str = "WhisperForConditionalGeneration") -> dict[str, Any]:
         """transformers `WhisperConfig` 能讀的 config.json 內容。"""
         out: dict[str, Any] = {k: json.loads(v) for k, v in self.hf_extra}
+        # 詞表小到放不下官方特殊符號 id 的設定（隨機的小模型）若沒給 id，明寫詞表最後一個 id：
+        # 否則 transformers 套用預設 id（50256、50257），載入時每個 id 各警告一次
+        # （decoder_start_token_id 必須是整數，不能寫 null）。
+        if self.vocab_size <= max(_MEDIUM_TOKENS.values()):
+            for key in _MEDIUM_TOKENS:
+                out.setdefault(key, self.vocab_size - 1)
         out.update({k: getattr(self, k) for k in _HF_DEFAULTS})
         dtype_name = jnp.dtype(self.param_dtype).name
         if dtype_name not in _DTYPE_NAMES:

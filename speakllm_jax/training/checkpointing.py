@@ -85,15 +85,17 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory} 中沒有完整的檢查點")
         # 以本機單一裝置為目標恢復，與存檔時的網格／程序數無關。
+        # 直接用 state 項目的處理器讀：步驟層級的 `_CHECKPOINT_METADATA` 在上一層資料夾，
+        # 以 `StandardCheckpointer` 開項目資料夾會找不到它而警告（absl「Metadata file does not exist」）。
         path = self.directory / str(step) / "state"
-        checkpointer = ocp.StandardCheckpointer()
-        tree = checkpointer.metadata(path).item_metadata
+        handler = ocp.StandardCheckpointHandler()
+        tree = handler.metadata(path)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree
         )
-        state = checkpointer.restore(path, target)
-        checkpointer.close()
+        state = handler.restore(path, args=ocp.args.StandardRestore(target))
+        handler.close()
         return {"params": state["params"], "frozen": state["frozen"]}
 
     def reached_preemption(self, step: int) -> bool:
