@@ -1,9 +1,17 @@
 """全雙工幀模型的 JAX 串流推論：逐 40 ms 幀前進、LLM 用 KV 快取、Whisper 以區塊編碼。
 
 這是評估與 PyTorch 服務端行為的參考實作。每個區塊（`chunk_frames` 個 LLM 幀）：
-使用者聲道的梅爾累積到足夠後，以區塊因果遮罩編碼目前為止的音訊，取出這一區塊的使用者串流
-（區塊因果遮罩讓先前區塊的輸出不受後來音訊影響，結果與整段以同一遮罩編碼相同）；
-然後逐幀呼叫單一編譯好的 `frame_step`：組輸入 → LLM 一步（KV 快取）→ 各頭。
+使用者聲道的梅爾累積到足夠後編碼這一區塊，取出這一區塊的使用者串流；然後逐幀呼叫單一
+編譯好的 `frame_step`：組輸入 → LLM 一步（KV 快取）→ 各頭。
+
+長對話的方案（`SpeakLLMConfig` 的欄位，與訓練的整段前向同一個遮罩）：
+
+- `encoder_left_chunks = L ≥ 1`：編碼器帶 KV 快取逐區塊編碼（`SpeakLLM.stream_audio`），
+  每區塊只看左方 L 個區塊，成本與記憶體固定；位置為框號對 `max_source_positions` 取模。
+  `L = 0` 時退回舊作法：每區塊以區塊因果遮罩重新編碼目前為止的整段音訊（成本隨長度增長，
+  且限 30 秒）。
+- `llm_window_frames = W > 0`：LLM 用環狀 KV 快取，每幀看最前面 `llm_sink_frames` 幀
+  （注意力槽）與含自己在內最近的 W 幀；RoPE 位置不重設，一直增長。
 
 助理上一幀的輸出可以是模型自己的（自由執行：貪婪選文字與輪替、深度 Transformer 產生語音碼），
 也可以由呼叫端給定（教師強制）；教師強制時每幀的 logits 與 `SpeakLLM.duplex_forward`
@@ -52,6 +60,26 @@ def _encode_prefix(
     feats = mel[:, :, :mel_len]
     user, _ = model.encode_audio(feats, None, chunk_frames=chunk_enc)
     return user
+
+
+def mel_chunk(features: jax.Array, chunk: int, chunk_enc: int) -> tuple[jax.Array, int]:
+    """第 `chunk` 個區塊的梅爾視窗 `[B, n_mels, 2·chunk_enc + 1]`（含一框前瞻，超出處補零）
+    與其中真實的框數。"""
+    size = 2 * chunk_enc + 1
+    lo = 2 * chunk_enc * chunk
+    win = features[:, :, lo : lo + size]
+    valid = int(win.shape[2])
+    if valid < size:
+        win = jnp.pad(win, ((0, 0), (0, 0), (0, size - valid)))
+    return win, valid
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _encode_chunk(
+    graphdef: Any, state: Any, enc_state: Any, mel: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, Any]:
+    model = nnx.merge(graphdef, state)
+    return model.stream_audio(enc_state, mel, valid)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "teacher", "use_cond"))
@@ -124,7 +152,9 @@ def run_streaming(
     stack = model.connector.stack
     chunk_enc = chunk_frames * stack
     graphdef, state = nnx.split(model)
-    cache = model.llm.init_cache(b, n)
+    cache = model.llm.init_cache(b, n, window=model.cfg.llm_window)
+    streamed = model.cfg.encoder_left_chunks > 0
+    enc_state = model.init_audio_stream(b, chunk_frames) if streamed else None
     k = model.cfg.max_chars_per_token
     q = model.cfg.speech.num_codebooks
     prev = {
@@ -144,10 +174,13 @@ def run_streaming(
     user = None
     for t in range(n):
         c = t // chunk_frames
-        if t % chunk_frames == 0:
+        if t % chunk_frames == 0 and streamed:
+            win, valid = mel_chunk(features, c, chunk_enc)
+            user, enc_state = _encode_chunk(graphdef, state, enc_state, win, jnp.int32(valid))
+        elif t % chunk_frames == 0:
             mel_len = mel_frames_needed(c, chunk_frames, total_mel)
             user = _encode_prefix(graphdef, state, features, mel_len, chunk_enc)
-        user_t = user[:, t : t + 1]
+        user_t = user[:, t % chunk_frames : t % chunk_frames + 1] if streamed else user[:, t : t + 1]
         if teacher is not None:
             prev = {
                 "text": jnp.asarray(teacher["text_in"])[:, t : t + 1],
