@@ -8,10 +8,7 @@ from speakllm_jax.cpu_simulation import widen_cpu_thread_pool as _widen
 # 模擬多裝置時放大 XLA CPU 執行緒池（要在 JAX 建立後端之前）。
 _widen()
 
-from flax import nnx as _nnx  # noqa: E402
-
-# 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；
-# 分片一律由 `speakllm_jax.training.sharding` 依規則表對應到網格。
-_nnx.use_eager_sharding(False)
+# 這裡不匯入 jax／flax：服務端（PyTorch）會匯入 `speakllm_jax.audio.features` 的 numpy 部分。
+# Flax 的全域設定在 `speakllm_jax.models` 匯入時設定（所有 NNX 模組都在那裡建立）。
 
 __version__ = "0.1.0"
