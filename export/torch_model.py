@@ -60,6 +60,7 @@ class HeadsConfig:
     num_emotions: int = 0
     pad_id: int = 0
     # 長對話方案（與 JAX `SpeakLLMConfig` 同名欄位相同，見 docs/inference_system.md）。
+    stream_chunk_frames: int = 0
     encoder_left_chunks: int = 0
     llm_sink_frames: int = 0
     llm_window_frames: int = 0
@@ -321,13 +322,10 @@ class TorchSpeakLLM(nn.Module):
 
     def _check_window(self, chunk_enc: int) -> None:
         left = self.cfg.encoder_left_chunks
-        p = self.encoder.config.max_source_positions
         if chunk_enc <= 0 or left <= 0:
             raise ValueError(
                 f"串流編碼需要 chunk_frames ≥ 1、encoder_left_chunks ≥ 1，收到 {chunk_enc}、{left}"
             )
-        if (left + 1) * chunk_enc > p:
-            raise ValueError(f"編碼器視窗 {(left + 1) * chunk_enc} 框超過 max_source_positions={p}")
 
     def init_audio_stream(self, batch: int, chunk_frames: int) -> dict[str, Any]:
         """同 JAX `SpeakLLM.init_audio_stream`：前一區塊最後兩個梅爾框、每層左方

@@ -30,11 +30,23 @@ def test_streaming_equals_full_forward_per_frame() -> None:
     valid = jnp.asarray(rng.random((b, n)) > 0.3)
     target = jnp.asarray(rng.integers(0, 64, (b, n, 4)), jnp.int32)
     full = model.duplex_forward(
-        feats, jnp.ones((b, 4 * n), bool), text_in, tones_in, codes_in, valid, target,
-        jnp.ones((b, n), bool), chunk_frames=chunk * model.connector.stack,
+        feats,
+        jnp.ones((b, 4 * n), bool),
+        text_in,
+        tones_in,
+        codes_in,
+        valid,
+        target,
+        jnp.ones((b, n), bool),
+        chunk_frames=chunk * model.connector.stack,
     )
-    teacher = dict(text_in=text_in, tones_in=tones_in, codes_in=codes_in, codes_in_valid=valid,
-                   codes_target=target)
+    teacher = dict(
+        text_in=text_in,
+        tones_in=tones_in,
+        codes_in=codes_in,
+        codes_in_valid=valid,
+        codes_target=target,
+    )
     out = run_streaming(model, feats, n, chunk, teacher=teacher)
     np.testing.assert_allclose(out.text_logits, np.asarray(full["text"]), atol=1e-4)
     np.testing.assert_allclose(out.turn_logits, np.asarray(full["turn"]), atol=1e-4)
@@ -42,8 +54,15 @@ def test_streaming_equals_full_forward_per_frame() -> None:
 
     # 不同區塊大小的整段前向確實不同：等式不是因為遮罩沒作用。
     other = model.duplex_forward(
-        feats, jnp.ones((b, 4 * n), bool), text_in, tones_in, codes_in, valid, target,
-        jnp.ones((b, n), bool), chunk_frames=None,
+        feats,
+        jnp.ones((b, 4 * n), bool),
+        text_in,
+        tones_in,
+        codes_in,
+        valid,
+        target,
+        jnp.ones((b, n), bool),
+        chunk_frames=None,
     )
     assert np.abs(np.asarray(other["text"]) - out.text_logits).max() > 1e-5
 
@@ -84,8 +103,14 @@ def _full(model: SpeakLLM, feats, tch: dict, chunk_enc: int | None) -> dict:
     b, _, m = feats.shape
     n = tch["text_in"].shape[1]
     return model.duplex_forward(
-        feats, jnp.ones((b, m), bool), tch["text_in"], tch["tones_in"], tch["codes_in"],
-        tch["codes_in_valid"], tch["codes_target"], jnp.ones((b, n), bool),
+        feats,
+        jnp.ones((b, m), bool),
+        tch["text_in"],
+        tch["tones_in"],
+        tch["codes_in"],
+        tch["codes_in_valid"],
+        tch["codes_target"],
+        jnp.ones((b, n), bool),
         chunk_frames=chunk_enc,
     )
 
@@ -124,9 +149,14 @@ def test_bounded_stream_equals_full_forward_and_torch_twin(tmp_path) -> None:
     for key in ("text_logits", "turn_logits", "code_logits"):
         np.testing.assert_allclose(got[key], getattr(out, key), atol=1e-4)
     tfull = tm.duplex_forward(
-        np.asarray(feats), np.ones((b, m), bool), *(np.asarray(tch[k]) for k in (
-            "text_in", "tones_in", "codes_in", "codes_in_valid", "codes_target")),
-        np.ones((b, n), bool), chunk_frames=chunk * 2,
+        np.asarray(feats),
+        np.ones((b, m), bool),
+        *(
+            np.asarray(tch[k])
+            for k in ("text_in", "tones_in", "codes_in", "codes_in_valid", "codes_target")
+        ),
+        np.ones((b, n), bool),
+        chunk_frames=chunk * 2,
     )
     np.testing.assert_allclose(tfull["text"].numpy(), np.asarray(full["text"]), atol=1e-4)
 

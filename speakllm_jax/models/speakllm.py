@@ -53,6 +53,9 @@ class SpeakLLMConfig:
     # 長對話的串流方案（訓練的遮罩、JAX 串流與 PyTorch 孿生共用，見 docs/inference_system.md）：
     # 編碼器區塊因果遮罩的左方脈絡區塊數（0 為不限），LLM 的注意力槽（最前面幾幀）與滑動視窗
     # （含目前這一幀的最近幾幀；0 為不限）。
+    # `stream_chunk_frames` 為訓練時編碼器區塊因果遮罩的區塊（以 LLM 幀計，0 為整段注意力），
+    # 應等於服務端的 `chunk_frames`。
+    stream_chunk_frames: int = 0
     encoder_left_chunks: int = 0
     llm_sink_frames: int = 0
     llm_window_frames: int = 0
@@ -401,8 +404,13 @@ def _streaming_fields(model: Any) -> dict[str, int]:
     st = model.get("streaming", None)
     if st is None:
         return {}
-    names = ("encoder_left_chunks", "llm_sink_frames", "llm_window_frames")
-    out = {k: int(st[k]) for k in names if k in st}
+    names = {
+        "chunk_frames": "stream_chunk_frames",
+        "encoder_left_chunks": "encoder_left_chunks",
+        "llm_sink_frames": "llm_sink_frames",
+        "llm_window_frames": "llm_window_frames",
+    }
+    out = {field: int(st[key]) for key, field in names.items() if key in st}
     for k, v in out.items():
         if v < 0:
             raise ValueError(f"model.streaming.{k} 不可為負：{v}")

@@ -180,7 +180,9 @@ def run_streaming(
         elif t % chunk_frames == 0:
             mel_len = mel_frames_needed(c, chunk_frames, total_mel)
             user = _encode_prefix(graphdef, state, features, mel_len, chunk_enc)
-        user_t = user[:, t % chunk_frames : t % chunk_frames + 1] if streamed else user[:, t : t + 1]
+        user_t = (
+            user[:, t % chunk_frames : t % chunk_frames + 1] if streamed else user[:, t : t + 1]
+        )
         if teacher is not None:
             prev = {
                 "text": jnp.asarray(teacher["text_in"])[:, t : t + 1],

@@ -542,15 +542,12 @@ class WhisperEncoder(nnx.Module):
     # ---------------------------------------------------------------- 串流
 
     def check_window(self, chunk_frames: int, left_chunks: int) -> None:
-        """串流視窗（左方 `left_chunks` 個區塊加自己的區塊）不可超過位置表長度。"""
-        p = self.config.max_source_positions
+        """串流編碼需要正的區塊大小與左方脈絡。視窗（`(left_chunks + 1) · chunk_frames` 框）
+        宜不超過 `max_source_positions`，否則同一視窗內會有位置相同的框（仍是良好定義的，
+        訓練、JAX 串流與 PyTorch 相同）。"""
         if chunk_frames <= 0 or left_chunks <= 0:
             raise ValueError(
                 f"串流編碼需要 chunk_frames ≥ 1、left_chunks ≥ 1，收到 {chunk_frames}、{left_chunks}"
-            )
-        if (left_chunks + 1) * chunk_frames > p:
-            raise ValueError(
-                f"編碼器視窗 {(left_chunks + 1) * chunk_frames} 框超過 max_source_positions={p}"
             )
 
     def init_stream(self, batch: int, chunk_frames: int, left_chunks: int) -> dict[str, jax.Array]:
