@@ -467,7 +467,7 @@ class TorchSpeakLLM(nn.Module):
         if codes_in is None or codes_in_valid is None:
             raise ValueError("speech_head='cosyvoice2' 需要上一幀語音碼 codes_in／codes_in_valid")
         logits = self.talker.forward_frames(
-            hidden, text_out, codes_in[..., 0], codes_in_valid, frame_mask
+            hidden, text_out, codes_in[..., 0], codes_in_valid, frame_mask, self.llm_window
         )
         return logits[:, :, None]
 
@@ -676,14 +676,19 @@ class TorchSpeakLLM(nn.Module):
             if codes_target is None:
                 text_out = torch.argmax(out["text"], dim=-1)
             logits, talker_cache = self.talker.step(
-                talker_cache, hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"]
+                talker_cache,
+                hidden,
+                text_out.long(),
+                prev["codes"][..., 0],
+                prev["codes_valid"],
+                position,
             )
             if codes_target is not None:
                 out["codes"] = logits[:, :, None]
                 out["code_ids"] = codes_target
             else:
                 out["code_ids"] = self.talker.greedy_codes(logits)[..., None]
-            return DuplexCache(self._trim(res.cache), talker_cache), out
+            return DuplexCache(self._trim(res.cache), self._trim(talker_cache)), out
         if codes_target is not None:
             out["codes"] = self.depth_logits(hidden, codes_target)
             out["code_ids"] = codes_target
@@ -880,9 +885,11 @@ class Streamer:
         return out
 
     def cache_sizes(self) -> dict[str, int]:
-        """目前的狀態大小：LLM 快取長度、編碼器 KV 框數、待編碼梅爾框數、增量梅爾的樣本數。"""
+        """目前的狀態大小：LLM 快取長度、talker 快取長度（cosyvoice2）、編碼器 KV 框數、待編碼梅爾框數、增量梅爾的樣本數。"""
+        talker = self.cache.talker.get_seq_length() if isinstance(self.cache, DuplexCache) else 0
         return {
             "llm": int(self.cache.get_seq_length()),
+            "talker": int(talker),
             "encoder": int(self.encoder["k"][0].shape[2]),
             "mel": int(self.mel.shape[2]),
             "samples": self.logmel.buffered_samples,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs.models import model_config
@@ -203,3 +204,67 @@ def test_long_session_through_streamer_stays_bounded(tmp_path) -> None:
     assert max(dict(s)["mel"] for s in sizes) < 2 * 2 * 4 * 2 + 1
     assert max(dict(s)["samples"] for s in sizes) < 400 + 640
     assert st.position == frames
+
+
+@pytest.mark.slow
+def test_bounded_cosyvoice2_talker_follows_the_same_window(tmp_path) -> None:
+    """cosyvoice2：talker 的 KV 快取與思考者同一個注意力槽加視窗方案；JAX 串流 = 整段 =
+    PyTorch 串流，PyTorch 的 talker 快取大小有界。"""
+    import torch
+
+    from export.to_torch import export_model
+    from export.torch_model import Streamer, load_exported
+
+    speech = 61
+    mc = model_config("tiny")
+    mc.speech_head = "cosyvoice2"
+    mc.qwen.vocab_size = 256
+    mc.talker.qwen.vocab_size = 256
+    mc.talker.speech_token_size = speech
+    mc.streaming = dict(encoder_left_chunks=2, llm_sink_frames=2, llm_window_frames=5)
+    model = SpeakLLM(build_speakllm_config(mc), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    b, n, chunk = 1, 12, 2
+    feats = jnp.asarray(rng.standard_normal((b, 80, 4 * n)).astype(np.float32))
+    tch = dict(
+        text_in=jnp.asarray(rng.integers(0, 256, (b, n)), jnp.int32),
+        tones_in=jnp.asarray(rng.integers(0, 6, (b, n, 4)), jnp.int32),
+        codes_in=jnp.asarray(rng.integers(0, speech, (b, n, 1)), jnp.int32),
+        codes_in_valid=jnp.asarray(rng.random((b, n)) > 0.3),
+        codes_target=jnp.asarray(rng.integers(0, speech, (b, n, 1)), jnp.int32),
+        text_out=jnp.asarray(rng.integers(0, 256, (b, n)), jnp.int32),
+    )
+    full = model.duplex_forward(
+        feats,
+        jnp.ones((b, 4 * n), bool),
+        *(tch[k] for k in ("text_in", "tones_in", "codes_in", "codes_in_valid", "codes_target")),
+        jnp.ones((b, n), bool),
+        chunk_frames=chunk * 2,
+        text_out=tch["text_out"],
+    )
+    out = run_streaming(model, feats, n, chunk, teacher=tch)
+    np.testing.assert_allclose(out.code_logits, np.asarray(full["codes"]), atol=1e-4)
+    np.testing.assert_allclose(out.text_logits, np.asarray(full["text"]), atol=1e-4)
+
+    export_model(model, tmp_path / "exp", parity_seed=None)
+    tm = load_exported(tmp_path / "exp")
+    got = tm.stream(np.asarray(feats), n, chunk, teacher={k: np.asarray(v) for k, v in tch.items()})
+    np.testing.assert_allclose(got["code_logits"], out.code_logits, atol=1e-4)
+    free_j = run_streaming(model, feats, n, chunk)
+    free_t = tm.stream(np.asarray(feats), n, chunk)
+    np.testing.assert_array_equal(free_t["codes"], free_j.codes)
+
+    # 經 Streamer 自由執行逐幀前進（最後一個區塊等前瞻，所以少一個區塊）：快取有界。
+    st = Streamer(tm, chunk)
+    frames = st.push_mel(np.asarray(feats))
+    prev = {
+        "text": torch.zeros((1, 1), dtype=torch.long),
+        "tones": torch.zeros((1, 1, 4), dtype=torch.long),
+        "codes": torch.zeros((1, 1, 1), dtype=torch.long),
+        "codes_valid": torch.zeros((1, 1), dtype=torch.bool),
+    }
+    for f in range(frames.shape[1]):
+        res = st.step(frames[:, f : f + 1], prev)
+        prev = {**prev, "text": res["text"].argmax(-1), "codes": res["code_ids"].long()}
+    sizes = st.cache_sizes()
+    assert frames.shape[1] == n - chunk and sizes["llm"] == sizes["talker"] == 2 + 5 - 1

@@ -292,7 +292,13 @@ class SpeakLLM(nnx.Module):
             raise ValueError("speech_head='cosyvoice2' 需要 text_out（思考者每幀輸出的文字符號）")
         prev = None if codes_in is None else codes_in[..., 0]
         return self.speech_head(
-            hidden, codes_target, text_out, prev, codes_in_valid, mask=frame_mask
+            hidden,
+            codes_target,
+            text_out,
+            prev,
+            codes_in_valid,
+            mask=frame_mask,
+            window=self.cfg.llm_window,
         )
 
     def emotion_logits(self, user: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:

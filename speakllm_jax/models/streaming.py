@@ -164,7 +164,8 @@ def run_streaming(
         "codes_valid": jnp.zeros((b, 1), bool),
     }
     cosy = model.cfg.speech_head == "cosyvoice2"
-    talker_cache = model.speech_head.init_cache(b, n) if cosy else None
+    window = model.cfg.llm_window
+    talker_cache = model.speech_head.init_cache(b, n, window=window) if cosy else None
     if cosy and teacher is not None and "text_out" not in teacher:
         raise ValueError("speech_head='cosyvoice2' 的教師強制串流需要 teacher['text_out']")
     use_cond = cond_ids is not None
