@@ -18,7 +18,8 @@
 以同一區塊遮罩做整段前向的結果相同（測試驗證）。
 
 Whisper 梅爾的正規化（整段最大值減 8 的下限）不是因果的：這裡假設呼叫端給的是整段計算好的
-梅爾，或以固定下限計算的串流梅爾；伺服器端用後者。
+梅爾，或因果正規化的串流梅爾（`speakllm_jax.audio.features.IncrementalLogMel`，PyTorch 的
+`Streamer` 用它：下限為目前為止的最大值減 8，框輸出後不再改變）。
 """
 
 from __future__ import annotations
