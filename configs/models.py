@@ -117,6 +117,13 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
             talker_path="",
             max_chars_per_token=4,
             num_emotions=0,
+            # 長對話的串流方案（訓練遮罩、JAX 串流、PyTorch 孿生共用；docs/inference_system.md）：
+            # 編碼器區塊 = chunk_frames 個 LLM 幀（服務端 chunk_frames 應相同），左方脈絡
+            # encoder_left_chunks 個區塊（2 幀區塊時 100 塊 = 8 秒）；LLM 看最前面
+            # llm_sink_frames 幀（注意力槽）與最近 llm_window_frames 幀（3000 幀 = 2 分鐘）。
+            streaming=dict(
+                chunk_frames=2, encoder_left_chunks=100, llm_sink_frames=4, llm_window_frames=3000
+            ),
         )
     )
 

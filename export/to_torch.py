@@ -62,6 +62,10 @@ def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
         max_chars_per_token=int(c.max_chars_per_token),
         num_emotions=int(c.num_emotions),
         pad_id=int(pad_id),
+        stream_chunk_frames=int(c.stream_chunk_frames),
+        encoder_left_chunks=int(c.encoder_left_chunks),
+        llm_sink_frames=int(c.llm_sink_frames),
+        llm_window_frames=int(c.llm_window_frames),
     )
 
 

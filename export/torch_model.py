@@ -59,6 +59,11 @@ class HeadsConfig:
     max_chars_per_token: int = 4
     num_emotions: int = 0
     pad_id: int = 0
+    # 長對話方案（與 JAX `SpeakLLMConfig` 同名欄位相同，見 docs/inference_system.md）。
+    stream_chunk_frames: int = 0
+    encoder_left_chunks: int = 0
+    llm_sink_frames: int = 0
+    llm_window_frames: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +111,26 @@ def positions_from_mask(mask: torch.Tensor, start: torch.Tensor | int = 0) -> to
         pos = pos[:, None]
     pos = pos + torch.cumsum(m, dim=-1) - 1
     return torch.where(m > 0, pos, torch.ones_like(pos))
+
+
+def encoder_positions(start: int, length: int, period: int, device: Any = None) -> torch.Tensor:
+    """與 JAX `whisper.encoder_positions` 相同：框號對 `period`（`max_source_positions`）取模。"""
+    return (torch.arange(length, device=device) + int(start)) % int(period)
+
+
+def trim_window(cache: Any, sinks: int, window: int) -> Any:
+    """LLM 快取的長對話方案：保留最前面 `sinks` 個詞與最近的 `window - 1` 個詞（下一幀再加上
+    自己共 `window` 個），與 JAX 的環狀快取（`Qwen2ForCausalLM.init_cache(window=...)`）相同。
+    鍵以寫入時的 RoPE 位置旋轉後存放，位置不重設。就地修改 transformers 的 `DynamicCache`。"""
+    keep = int(sinks) + int(window) - 1
+    for layer in cache.layers:
+        if layer.get_seq_length() > keep:
+            tail = window - 1
+            layer.keys = torch.cat([layer.keys[:, :, :sinks], layer.keys[:, :, -tail:]], dim=2)
+            layer.values = torch.cat(
+                [layer.values[:, :, :sinks], layer.values[:, :, -tail:]], dim=2
+            )
+    return cache
 
 
 class TorchConnector(nn.Module):
@@ -221,8 +246,10 @@ class TorchSpeakLLM(nn.Module):
         self,
         embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """無快取的 LLM 前向，回傳最終正規化後的隱狀態（位置與遮罩同 JAX）。"""
+        """無快取的 LLM 前向，回傳最終正規化後的隱狀態（位置與遮罩同 JAX）；
+        `window=(sinks, w)` 時第 i 個位置只看 `j < sinks` 或 `i - j < w`（同 JAX）。"""
         b, t, _ = embeds.shape
         mask = (
             torch.ones((b, t), dtype=torch.bool, device=embeds.device)
@@ -231,6 +258,9 @@ class TorchSpeakLLM(nn.Module):
         )
         pos = positions_from_mask(mask)
         causal = torch.tril(torch.ones((t, t), dtype=torch.bool, device=embeds.device))
+        if window is not None:
+            i = torch.arange(t, device=embeds.device)
+            causal = causal & ((i[None, :] < window[0]) | (i[:, None] - i[None, :] < window[1]))
         allowed = causal[None] & mask[:, None, :]
         bias = additive_mask(allowed[:, None], embeds.dtype)
         out = self.llm.model(
@@ -254,18 +284,25 @@ class TorchSpeakLLM(nn.Module):
         x = F.gelu(enc.conv1(features))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
         n = x.shape[1]
-        if n > enc.config.max_source_positions:
+        period = enc.config.max_source_positions
+        left = self.cfg.encoder_left_chunks if chunk_frames is not None else 0
+        if left:
+            self._check_window(int(chunk_frames))
+        if n > period and not left:
             raise ValueError(
-                f"{features.shape[2]} 個梅爾框得到 {n} 個輸出框，超過 max_source_positions="
-                f"{enc.config.max_source_positions}"
+                f"{features.shape[2]} 個梅爾框得到 {n} 個輸出框，超過 max_source_positions={period}"
             )
-        x = x + enc.embed_positions.weight[:n].to(x.dtype)
+        pos = encoder_positions(0, n, period, x.device)
+        x = x + enc.embed_positions.weight[pos].to(x.dtype)
         allowed = None
         if chunk_frames is not None:
             if chunk_frames <= 0:
                 raise ValueError(f"chunk_frames 必須為正整數，收到 {chunk_frames}")
             block = torch.arange(n, device=x.device) // int(chunk_frames)
-            allowed = (block[None, :] <= block[:, None])[None, None]
+            allowed = block[None, :] <= block[:, None]
+            if left:
+                allowed = allowed & (block[None, :] >= block[:, None] - left)
+            allowed = allowed[None, None]
         if feature_mask is not None:
             if tuple(feature_mask.shape) != (features.shape[0], features.shape[2]):
                 raise ValueError(
@@ -280,6 +317,72 @@ class TorchSpeakLLM(nn.Module):
         for layer in enc.layers:
             x = layer(x, bias)
         return enc.layer_norm(x)
+
+    # ---------------------------------------------------------------- 串流編碼器
+
+    def _check_window(self, chunk_enc: int) -> None:
+        left = self.cfg.encoder_left_chunks
+        if chunk_enc <= 0 or left <= 0:
+            raise ValueError(
+                f"串流編碼需要 chunk_frames ≥ 1、encoder_left_chunks ≥ 1，收到 {chunk_enc}、{left}"
+            )
+
+    def init_audio_stream(self, batch: int, chunk_frames: int) -> dict[str, Any]:
+        """同 JAX `SpeakLLM.init_audio_stream`：前一區塊最後兩個梅爾框、每層左方
+        `encoder_left_chunks` 個區塊的 KV、已編碼的框數。大小固定。"""
+        enc = self.encoder
+        c = int(chunk_frames) * self.cfg.connector_stack
+        self._check_window(c)
+        w = self.cfg.encoder_left_chunks * c
+        cfg = enc.config
+        h = cfg.encoder_attention_heads
+        shape = (batch, h, w, cfg.d_model // h)
+        z = {"device": self.device, "dtype": self.dtype}
+        return {
+            "mel": torch.zeros((batch, cfg.num_mel_bins, 2), **z),
+            "k": [torch.zeros(shape, **z) for _ in enc.layers],
+            "v": [torch.zeros(shape, **z) for _ in enc.layers],
+            "index": 0,
+        }
+
+    @torch.no_grad()
+    def stream_audio(
+        self, state: dict[str, Any], mel: torch.Tensor, valid: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """同 JAX `SpeakLLM.stream_audio`：`mel [B, n_mels, 2c+1]`（這一區塊的梅爾加一框前瞻，
+        超出音訊處補零，`valid` 為真實框數）→ (`[B, c / stack, hidden]`, 新狀態)。"""
+        enc = self.encoder
+        b, _, m = mel.shape
+        c = (m - 1) // 2
+        index = int(state["index"])
+        valid = m if valid is None else int(valid)
+        full = torch.cat([state["mel"], mel.to(self.dtype)], dim=2)
+        x = F.gelu(F.conv1d(full, enc.conv1.weight, enc.conv1.bias))
+        local = torch.arange(2 * c + 1, device=x.device)
+        keep = ((local > 0) | (index > 0)) & (local <= valid)
+        x = x * keep.to(x.dtype)
+        x = F.gelu(F.conv1d(x, enc.conv2.weight, enc.conv2.bias, stride=2)).permute(0, 2, 1)
+        pos = encoder_positions(index, c, enc.config.max_source_positions, x.device)
+        x = x + enc.embed_positions.weight[pos].to(x.dtype)
+        w = state["k"][0].shape[2]
+        slot = index - w + torch.arange(w + c, device=x.device)
+        bias = additive_mask((slot >= 0)[None, None, None, :], x.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(enc.layers):
+            a = layer.self_attn
+            h = layer.self_attn_layer_norm(x)
+            split = (b, c, a.num_heads, a.head_dim)
+            q = (a.q_proj(h) * a.scaling).view(split).transpose(1, 2)
+            k = torch.cat([state["k"][i], a.k_proj(h).view(split).transpose(1, 2)], dim=2)
+            v = torch.cat([state["v"][i], a.v_proj(h).view(split).transpose(1, 2)], dim=2)
+            weights = torch.softmax(q @ k.transpose(2, 3) + bias, dim=-1)
+            o = (weights @ v).transpose(1, 2).reshape(b, c, -1)
+            x = x + a.out_proj(o)
+            x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+            new_k.append(k[:, :, c:])
+            new_v.append(v[:, :, c:])
+        new = {"mel": full[:, :, -3:-1], "k": new_k, "v": new_v, "index": index + c}
+        return self.heads.connector(enc.layer_norm(x)), new
 
     # ---------------------------------------------------------------- 與 JAX 同名的方法
 
@@ -340,6 +443,13 @@ class TorchSpeakLLM(nn.Module):
             raise ValueError("此模型沒有語音頭（speech_head='none'），不能做全雙工前向")
 
     @property
+    def llm_window(self) -> tuple[int, int] | None:
+        """LLM 的（注意力槽幀數, 視窗幀數）；未設定視窗時為 None（同 JAX）。"""
+        if self.cfg.llm_window_frames <= 0:
+            return None
+        return (self.cfg.llm_sink_frames, self.cfg.llm_window_frames)
+
+    @property
     def is_cosyvoice2(self) -> bool:
         return self.cfg.speech_head == "cosyvoice2"
 
@@ -357,7 +467,7 @@ class TorchSpeakLLM(nn.Module):
         if codes_in is None or codes_in_valid is None:
             raise ValueError("speech_head='cosyvoice2' 需要上一幀語音碼 codes_in／codes_in_valid")
         logits = self.talker.forward_frames(
-            hidden, text_out, codes_in[..., 0], codes_in_valid, frame_mask
+            hidden, text_out, codes_in[..., 0], codes_in_valid, frame_mask, self.llm_window
         )
         return logits[:, :, None]
 
@@ -397,14 +507,23 @@ class TorchSpeakLLM(nn.Module):
 
     def depth_generate(self, hidden: torch.Tensor) -> torch.Tensor:
         """逐碼本貪婪產生：`hidden [M, d]` → `codes [M, Q]`（與 JAX 相同的計算順序）。"""
+        from transformers import DynamicCache
+
         m = hidden.shape[0]
         q = self.cfg.num_codebooks
         codes = torch.zeros((m, q), dtype=torch.long, device=hidden.device)
+        # 深度 Transformer 的 KV 快取：每個碼本只前向一個位置（與整段重算相同）。
+        cache = DynamicCache(config=self.depth.config)
+        pos_emb = self.heads.codebook_pos
+        x = self.heads.depth_in_proj(hidden)[:, None]
         for k in range(q):
-            x = self.depth_inputs(hidden, codes)
-            out = self.depth.model(inputs_embeds=x[:, : k + 1], use_cache=False).last_hidden_state
-            logits = self.depth.lm_head(out[:, k]).float()
+            x = x + pos_emb[k].to(x.dtype)
+            pos = torch.full((m, 1), k, dtype=torch.long, device=hidden.device)
+            res = self.depth.model(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True)
+            cache = res.cache
+            logits = self.depth.lm_head(res.last_hidden_state[:, 0]).float()
             codes[:, k] = torch.argmax(logits, dim=-1)
+            x = self.depth.get_input_embeddings()(codes[:, k : k + 1])
         return codes
 
     @torch.no_grad()
@@ -485,7 +604,7 @@ class TorchSpeakLLM(nn.Module):
             cond,
         )
         fmask = self._in(frame_mask).bool()
-        hidden = self.llm_hidden(x, fmask)
+        hidden = self.llm_hidden(x, fmask, self.llm_window)
         extra = {}
         if self.is_cosyvoice2:
             extra = {
@@ -557,20 +676,29 @@ class TorchSpeakLLM(nn.Module):
             if codes_target is None:
                 text_out = torch.argmax(out["text"], dim=-1)
             logits, talker_cache = self.talker.step(
-                talker_cache, hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"]
+                talker_cache,
+                hidden,
+                text_out.long(),
+                prev["codes"][..., 0],
+                prev["codes_valid"],
+                position,
             )
             if codes_target is not None:
                 out["codes"] = logits[:, :, None]
                 out["code_ids"] = codes_target
             else:
                 out["code_ids"] = self.talker.greedy_codes(logits)[..., None]
-            return DuplexCache(res.cache, talker_cache), out
+            return DuplexCache(self._trim(res.cache), self._trim(talker_cache)), out
         if codes_target is not None:
             out["codes"] = self.depth_logits(hidden, codes_target)
             out["code_ids"] = codes_target
         else:
             out["code_ids"] = self.depth_generate(hidden.reshape(b, -1)).reshape(b, 1, -1)
-        return res.cache, out
+        return self._trim(res.cache), out
+
+    def _trim(self, cache: Any) -> Any:
+        window = self.llm_window
+        return cache if window is None else trim_window(cache, *window)
 
     @torch.no_grad()
     def stream(
@@ -587,8 +715,6 @@ class TorchSpeakLLM(nn.Module):
         回傳 numpy：`text_logits [B,N,V]`、`turn_logits [B,N,5]`、`code_logits`（教師強制時
         `[B,N,Q,C]`，否則 None）、`text [B,N]`、`turn [B,N]`、`codes [B,N,Q]`。
         """
-        from speakllm_jax.models.streaming import mel_frames_needed
-
         self._require_speech()
         feats = self._in(features, self.dtype)
         dev = feats.device
@@ -611,11 +737,19 @@ class TorchSpeakLLM(nn.Module):
         cache = self.new_cache()
         text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
         total_mel = feats.shape[2]
-        user = None
+        if self.cfg.encoder_left_chunks > 0:
+            # 有界左方脈絡：逐區塊帶 KV 快取編碼（同 JAX `SpeakLLM.stream_audio`）。
+            streamer = Streamer(self, chunk_frames, batch=b)
+            user = torch.cat([streamer.push_mel(feats), streamer.flush()], dim=1)
+        else:
+            # 舊作法：每區塊以區塊因果遮罩重新編碼目前為止的整段（限 30 秒）。
+            parts = []
+            for c in range(-(-n // chunk_frames)):
+                mel_len = min(2 * chunk_enc * (c + 1) + 1, total_mel)
+                enc, _ = self.encode_audio(feats[:, :, :mel_len], None, chunk_enc)
+                parts.append(enc[:, c * chunk_frames : (c + 1) * chunk_frames])
+            user = torch.cat(parts, dim=1)
         for t in range(n):
-            if t % chunk_frames == 0:
-                mel_len = mel_frames_needed(t // chunk_frames, chunk_frames, total_mel)
-                user, _ = self.encode_audio(feats[:, :, :mel_len], None, chunk_enc)
             user_t = user[:, t : t + 1]
             target = None
             text_out = None
@@ -656,6 +790,109 @@ class TorchSpeakLLM(nn.Module):
             "text": np.stack(texts, 1),
             "turn": np.stack(turns, 1),
             "codes": np.stack(codes, 1),
+        }
+
+
+class Streamer:
+    """一段（或一批同步前進的）對話的串流狀態：狀態在模型、輪替策略在會話、傳輸在伺服器。
+
+    擁有增量對數梅爾（`IncrementalLogMel`，因果正規化）、編碼器串流狀態（左方
+    `encoder_left_chunks` 個區塊的 KV）、LLM 快取（注意力槽加滑動視窗，`llm_window_frames`）
+    與幀位置。每個區塊的成本與記憶體固定，不隨對話長度增長。
+
+    - `push_audio(samples)`：餵 16 kHz 波形（批次 1），回傳新完成區塊的使用者串流 `[1, k, d]`。
+    - `push_mel(mel)`：直接餵梅爾 `[B, n_mels, f]`（可批次），回傳同上 `[B, k, d]`。
+    - `flush()`：串流結束，把剩下不足一個區塊的梅爾補零編碼。
+    - `step(user_t, prev, ...)`：一幀 `frame_step`（批次 `[B, 1, d]`），自己管快取與 RoPE 位置。
+    - `cache_sizes()`：各狀態目前的大小（測試用來確認有界）。
+    """
+
+    def __init__(
+        self,
+        model: TorchSpeakLLM,
+        chunk_frames: int,
+        batch: int = 1,
+        cond_ids: torch.Tensor | None = None,
+    ) -> None:
+        from speakllm_jax.audio.features import IncrementalLogMel
+
+        if model.cfg.encoder_left_chunks <= 0:
+            raise ValueError(
+                "Streamer 需要 encoder_left_chunks ≥ 1（heads_config.json；有界的編碼器左方脈絡）"
+            )
+        self.model = model
+        self.chunk_frames = int(chunk_frames)
+        self.chunk_enc = self.chunk_frames * model.cfg.connector_stack
+        self.batch = int(batch)
+        n_mels = model.encoder.config.num_mel_bins
+        self.logmel = IncrementalLogMel(n_mels)
+        self.mel = torch.zeros((self.batch, n_mels, 0), dtype=model.dtype, device=model.device)
+        self.encoder = model.init_audio_stream(self.batch, self.chunk_frames)
+        self.cache = model.new_cache()
+        self.position = 0
+        self.cond = cond_ids
+
+    def _encode_ready(self, final: bool) -> torch.Tensor:
+        size = 2 * self.chunk_enc + 1
+        out = []
+        while self.mel.shape[2] >= size or (final and self.mel.shape[2] > 0):
+            win = self.mel[:, :, :size]
+            valid = win.shape[2]
+            if valid < size:
+                win = F.pad(win, (0, size - valid))
+            user, self.encoder = self.model.stream_audio(self.encoder, win, valid)
+            out.append(user)
+            self.mel = self.mel[:, :, 2 * self.chunk_enc :]
+            if final and valid <= 2 * self.chunk_enc:
+                self.mel = self.mel[:, :, :0]
+        d = self.model.cfg.llm_hidden
+        if not out:
+            return torch.zeros((self.batch, 0, d), dtype=self.model.dtype, device=self.model.device)
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def push_mel(self, mel: Any) -> torch.Tensor:
+        """餵梅爾框 `[B, n_mels, f]` → 新完成區塊的使用者串流 `[B, k·chunk_frames, d]`。"""
+        m = self.model._in(mel, self.model.dtype)
+        self.mel = torch.cat([self.mel, m], dim=2)
+        return self._encode_ready(final=False)
+
+    def push_audio(self, samples: np.ndarray) -> torch.Tensor:
+        """餵 16 kHz float32 波形（批次 1）→ 新完成區塊的使用者串流 `[1, k, d]`。"""
+        if self.batch != 1:
+            raise ValueError("push_audio 只用於批次 1；批次請以 push_mel 餵各自的梅爾")
+        return self.push_mel(self.logmel.push(samples)[None])
+
+    @torch.no_grad()
+    def flush(self, audio: bool = False) -> torch.Tensor:
+        """串流結束：（`audio=True` 時先結算增量梅爾）把剩下的梅爾補零編碼。"""
+        if audio:
+            self.mel = torch.cat([self.mel, self.model._in(self.logmel.finish()[None])], dim=2)
+        return self._encode_ready(final=True)
+
+    def step(
+        self,
+        user_t: torch.Tensor,
+        prev: dict[str, torch.Tensor],
+        codes_target: torch.Tensor | None = None,
+        text_out: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """一幀（同 `TorchSpeakLLM.frame_step`）；位置自動遞增，LLM 快取依長對話方案截斷。"""
+        self.cache, out = self.model.frame_step(
+            self.cache, self.position, user_t, prev, codes_target, self.cond, text_out
+        )
+        self.position += 1
+        return out
+
+    def cache_sizes(self) -> dict[str, int]:
+        """目前的狀態大小：LLM 快取長度、talker 快取長度（cosyvoice2）、編碼器 KV 框數、待編碼梅爾框數、增量梅爾的樣本數。"""
+        talker = self.cache.talker.get_seq_length() if isinstance(self.cache, DuplexCache) else 0
+        return {
+            "llm": int(self.cache.get_seq_length()),
+            "talker": int(talker),
+            "encoder": int(self.encoder["k"][0].shape[2]),
+            "mel": int(self.mel.shape[2]),
+            "samples": self.logmel.buffered_samples,
         }
 
 

@@ -144,3 +144,38 @@ def test_bad_inputs_raise():
         log_mel_np(np.zeros(16000, np.int16), 80)
     with pytest.raises(ValueError, match="第 1 筆"):
         WhisperFrontend()([np.zeros(16000, np.float32), np.zeros((2, 5), np.float32)])
+
+
+def test_incremental_log_mel_matches_log_mel_np_in_any_chunking() -> None:
+    """任意切段餵入：框數與數值和整段 `log_mel_np` 相同（最大聲的段落在開頭時正規化也相同），
+    且保留的樣本數有界。"""
+    from speakllm_jax.audio.features import IncrementalLogMel
+
+    rng = np.random.default_rng(0)
+    for n in (16000, 12345, 401):
+        x = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        x[300:340] = 0.9
+        ref = log_mel_np(x, pad_to_seconds=None)
+        inc = IncrementalLogMel(80)
+        parts, i = [], 0
+        while i < n:
+            k = int(rng.integers(1, 900))
+            parts.append(inc.push(x[i : i + k]))
+            i += k
+            assert inc.buffered_samples < 400 + 900
+        parts.append(inc.finish())
+        got = np.concatenate(parts, axis=1)
+        assert got.shape == ref.shape
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_features_import_loads_no_jax() -> None:
+    """服務端（PyTorch）匯入梅爾前端時不載入 jax／flax。"""
+    import sys
+
+    code = (
+        "import sys; import speakllm_jax.audio.features as f; f.IncrementalLogMel(80); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

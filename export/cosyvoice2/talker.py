@@ -128,8 +128,14 @@ class CosyVoice2TalkerTorch(nn.Module):
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm_decoder(hidden).float()
 
-    def backbone(self, embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """無快取前向 → 最終正規化後的隱狀態（位置與遮罩同 JAX）。"""
+    def backbone(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        window: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """無快取前向 → 最終正規化後的隱狀態（位置與遮罩同 JAX）；`window=(sinks, w)` 時第 i 個
+        位置只看 `j < sinks` 或 `i - j < w`（長對話方案，同思考者）。"""
         b, t, _ = embeds.shape
         m = (
             torch.ones((b, t), dtype=torch.bool, device=embeds.device)
@@ -137,6 +143,9 @@ class CosyVoice2TalkerTorch(nn.Module):
             else mask.bool()
         )
         causal = torch.tril(torch.ones((t, t), dtype=torch.bool, device=embeds.device))
+        if window is not None:
+            i = torch.arange(t, device=embeds.device)
+            causal = causal & ((i[None, :] < window[0]) | (i[:, None] - i[None, :] < window[1]))
         bias = _additive((causal[None] & m[:, None, :])[:, None], embeds.dtype)
         out = self.llm.model.model(
             inputs_embeds=embeds, attention_mask=bias, position_ids=_positions(m), use_cache=False
@@ -194,10 +203,11 @@ class CosyVoice2TalkerTorch(nn.Module):
         prev_codes: torch.Tensor,
         prev_valid: torch.Tensor,
         mask: torch.Tensor | None = None,
+        window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """整段幀模式（幀上因果）→ logits `[B, N, 6564]`（fp32）。"""
         x = self.frame_inputs(thinker_hidden, text_out, prev_codes, prev_valid)
-        return self.decode(self.backbone(x, mask))
+        return self.decode(self.backbone(x, mask, window))
 
     def new_cache(self) -> Any:
         """空的 transformers KV 快取。"""
@@ -212,14 +222,19 @@ class CosyVoice2TalkerTorch(nn.Module):
         text_out: torch.Tensor,
         prev_codes: torch.Tensor,
         prev_valid: torch.Tensor,
+        position: int | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """一幀（`[B, T]` 輸入）以 KV 快取前向；之前的幀全部有效。回傳（logits, 快取）。"""
+        """一幀（`[B, T]` 輸入）以 KV 快取前向；之前的幀全部有效。回傳（logits, 快取）。
+
+        `position` 為這一段第一幀的 RoPE 位置（預設為快取長度；快取被長對話方案截斷後
+        由呼叫端給）。"""
         x = self.frame_inputs(thinker_hidden, text_out, prev_codes, prev_valid)
         b, t, _ = x.shape
         past = cache.get_seq_length()
+        start = past if position is None else int(position)
         causal = torch.ones((t, past + t), dtype=torch.bool, device=x.device).tril(past)
         bias = _additive(causal[None, None].expand(b, 1, t, past + t), x.dtype)
-        pos = torch.arange(past, past + t, device=x.device)[None].expand(b, t)
+        pos = torch.arange(start, start + t, device=x.device)[None].expand(b, t)
         res = self.llm.model.model(
             inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
         )

@@ -173,6 +173,77 @@ def log_mel_np(
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
+class IncrementalLogMel:
+    """逐段收到的 16 kHz 波形 → 因果的對數梅爾框（串流用），記憶體有界。
+
+    框 t 的 STFT 窗（補邊座標 `[160t, 160t + 400)`）完全落在已收到的音訊內才輸出，輸出後不再
+    改變；開頭與 `log_mel_np` 相同以反射補邊，`finish()` 以反射補右端並輸出剩下的框，總框數為
+    `樣本數 // 160`，未截斷的 log10 梅爾與 `log_mel_np(audio, pad_to_seconds=None)` 逐框相同。
+    正規化是因果的：下限為目前為止輸出過的框（含這一批）的最大值減 8，而不是整段的最大值；
+    整段最大聲的框出現之後兩者相同。只保留還沒輸出的框需要的樣本。
+    """
+
+    def __init__(self, n_mels: int = 80) -> None:
+        if n_mels <= 0:
+            raise ValueError(f"n_mels 必須為正，收到 {n_mels}")
+        self.n_mels = int(n_mels)
+        self.filters = _mel_filters_f64(self.n_mels, SAMPLE_RATE, N_FFT)
+        self.window = _hann(N_FFT)
+        self.head = np.zeros(0, np.float64)  # 反射補邊前（≤ n_fft/2 個樣本）先存在這裡
+        self.buf = np.zeros(0, np.float64)  # 補邊座標中第 `frames` 框起的樣本
+        self.frames = 0  # 已輸出的框數
+        self.samples = 0  # 已收到的樣本數
+        self.peak = -np.inf
+
+    @property
+    def buffered_samples(self) -> int:
+        """目前保留的樣本數（有界：少於一個窗加上最近一段輸入）。"""
+        return int((0 if self.head is None else self.head.size) + self.buf.size)
+
+    def _emit(self, padded: np.ndarray, count: int) -> np.ndarray:
+        if count <= 0:
+            return np.zeros((self.n_mels, 0), np.float32)
+        frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:count]
+        spec = np.fft.rfft(frames * self.window, axis=-1)
+        power = spec.real**2 + spec.imag**2
+        log_spec = np.log10(np.maximum(self.filters @ power.T, LOG_FLOOR))
+        self.peak = max(self.peak, float(log_spec.max()))
+        self.frames += count
+        log_spec = np.maximum(log_spec, self.peak - 8.0)
+        return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        """餵一段波形（float，-1..1）→ 這次新確定的梅爾框 `[n_mels, k]`（k 可為 0）。"""
+        x = np.asarray(audio)
+        if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"IncrementalLogMel 需要一維浮點波形，收到 {x.shape} {x.dtype}")
+        x = x.astype(np.float32).astype(np.float64)
+        self.samples += x.size
+        half = N_FFT // 2
+        if self.head is not None:
+            self.head = np.concatenate([self.head, x])
+            if self.head.size <= half:
+                return np.zeros((self.n_mels, 0), np.float32)
+            self.buf = np.concatenate([self.head[1 : half + 1][::-1], self.head])
+            self.head = None
+        else:
+            self.buf = np.concatenate([self.buf, x])
+        count = (self.buf.size - N_FFT) // HOP_LENGTH + 1 if self.buf.size >= N_FFT else 0
+        out = self._emit(self.buf, count)
+        self.buf = self.buf[count * HOP_LENGTH :]
+        return out
+
+    def finish(self) -> np.ndarray:
+        """音訊結束：以反射補右端，輸出剩下的框（之後不可再 `push`）。"""
+        half = N_FFT // 2
+        if self.head is not None:  # 不到 n_fft/2 個樣本：與 log_mel_np 一樣無法反射補邊
+            return np.zeros((self.n_mels, 0), np.float32)
+        padded = np.concatenate([self.buf, self.buf[-2 : -half - 2 : -1]])
+        out = self._emit(padded, self.samples // HOP_LENGTH - self.frames)
+        self.buf = np.zeros(0, np.float64)
+        return out
+
+
 # ---------------------------------------------------------------- jnp 版
 
 
@@ -207,6 +278,8 @@ def _log_mel_jnp_impl(x: jax.Array, n_mels: int, target: int) -> jax.Array:
     peak = jnp.max(log_spec, axis=(1, 2), keepdims=True)
     log_spec = jnp.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
 
 
 def log_mel_jnp(

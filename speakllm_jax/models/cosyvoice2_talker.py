@@ -249,15 +249,23 @@ class CosyVoice2Talker(nnx.Module):
         prev_codes: jax.Array,
         prev_valid: jax.Array,
         mask: jax.Array | None = None,
+        window: tuple[int, int] | None = None,
     ) -> jax.Array:
-        """整段幀模式前向（幀上因果）→ logits `[B, N, 6564]`（fp32）。"""
+        """整段幀模式前向（幀上因果）→ logits `[B, N, 6564]`（fp32）；`window=(sinks, w)` 為與
+        思考者相同的長對話遮罩（見 `Qwen2ForCausalLM.forward_embeds`）。"""
         x = self.frame_inputs(thinker_hidden, text_out, prev_codes, prev_valid)
-        hidden, _ = self.llm.forward_embeds(x, attention_mask=mask)
+        hidden, _ = self.llm.forward_embeds(x, attention_mask=mask, window=window)
         return self.decode(hidden)
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """幀模式串流用的空 KV 快取。"""
-        return self.llm.init_cache(batch, max_len, dtype)
+    def init_cache(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: Any = None,
+        window: tuple[int, int] | None = None,
+    ) -> KVCache:
+        """幀模式串流用的空 KV 快取；`window` 時為有界的環狀快取（同思考者）。"""
+        return self.llm.init_cache(batch, max_len, dtype, window=window)
 
     def step(
         self,
@@ -287,6 +295,7 @@ class CosyVoice2Talker(nnx.Module):
         prev_codes: jax.Array | None = None,
         prev_valid: jax.Array | None = None,
         mask: jax.Array | None = None,
+        window: tuple[int, int] | None = None,
     ) -> jax.Array:
         """全雙工模型的說話頭介面：回傳 `[B, N, 1, 6564]`（與深度 Transformer 的輸出同形）。
 
@@ -301,5 +310,5 @@ class CosyVoice2Talker(nnx.Module):
             prev_valid = jnp.broadcast_to(prev_valid, tgt.shape)
         elif prev_valid is None:
             raise ValueError("給了 prev_codes 就必須同時給 prev_valid")
-        logits = self.forward_frames(hidden, text_out, prev_codes, prev_valid, mask)
+        logits = self.forward_frames(hidden, text_out, prev_codes, prev_valid, mask, window)
         return logits[:, :, None]

@@ -264,7 +264,11 @@ class KVCache:
 
     `k`、`v`：`[layers, batch, max_len, kv_heads, head_dim]`；`valid`：`[batch, max_len]`
     標記哪些槽位是真實（非填充）的詞；`next_pos`：`[batch]` 每列下一個詞的 RoPE 位置；
-    `index`：純量，下一次寫入的槽位（整批共用）。
+    `index`：純量，已寫入的詞數（整批共用；非環狀時即下一次寫入的槽位）。
+
+    `sinks`、`ring`（靜態）：`ring=True` 時為長對話的有界快取——前 `sinks` 個槽固定放最前面的
+    詞（注意力槽），其餘 `max_len - sinks` 個槽是環狀的滑動視窗，新詞覆寫視窗中最舊的詞；
+    RoPE 位置不重設，照 `next_pos` 一直增長（鍵以寫入時的位置旋轉後存放）。
     """
 
     k: jax.Array
@@ -272,6 +276,8 @@ class KVCache:
     valid: jax.Array
     next_pos: jax.Array
     index: jax.Array
+    sinks: int = flax.struct.field(pytree_node=False, default=0)
+    ring: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def max_len(self) -> int:
@@ -502,9 +508,26 @@ class Qwen2ForCausalLM(nnx.Module):
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """建立空的 KV 快取（預設為計算精度）。"""
+    def init_cache(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: Any = None,
+        window: tuple[int, int] | None = None,
+    ) -> KVCache:
+        """建立空的 KV 快取（預設為計算精度）。
+
+        `window=(sinks, w)` 時建立有界的環狀快取（`sinks + w` 個槽，忽略 `max_len`）：
+        每一步看最前面 `sinks` 個詞與含自己在內最近的 `w` 個詞，與整段前向的
+        `forward_embeds(..., window=(sinks, w))` 相同。
+        """
         cfg = self.cfg
+        ring = window is not None
+        if ring:
+            sinks, w = int(window[0]), int(window[1])
+            if sinks < 0 or w < 1:
+                raise ValueError(f"window=(sinks, w) 需要 sinks ≥ 0、w ≥ 1，收到 {window}")
+            max_len = sinks + w
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         dt = dtype if dtype is not None else cfg.dtype
         return KVCache(
@@ -513,6 +536,8 @@ class Qwen2ForCausalLM(nnx.Module):
             valid=jnp.zeros((batch, max_len), jnp.bool_),
             next_pos=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            sinks=int(window[0]) if ring else 0,
+            ring=ring,
         )
 
     def __call__(
@@ -531,6 +556,7 @@ class Qwen2ForCausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        window: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """由輸入嵌入前向，回傳（最終正規化後的隱狀態, 更新後的快取或 None）。
 
@@ -538,6 +564,8 @@ class Qwen2ForCausalLM(nnx.Module):
         累加得到（有快取時接續 `cache.next_pos`）。給了 `cache` 時，這一段寫入快取中
         `cache.index` 起的槽位，並可看見快取中先前所有有效的槽位；呼叫端須確保
         `cache.index + length <= cache.max_len`（在 jit 中索引是動態值，超出時無法檢查）。
+        `window=(sinks, w)`（無快取時）：第 i 個槽只看 `j < sinks` 或 `i - j < w` 的槽
+        （注意力槽加滑動視窗）；環狀快取（`init_cache(..., window=...)`）一次只能前進一個詞。
         """
         cfg = self.cfg
         b, t, _ = embeds.shape
@@ -549,12 +577,23 @@ class Qwen2ForCausalLM(nnx.Module):
             if attention_mask is None
             else jnp.asarray(attention_mask).astype(jnp.bool_)
         )
+        write = None
         if cache is None:
             if positions is None:
                 positions = positions_from_mask(mask)
             key_valid = mask
             q_slot = jnp.arange(t)
             k_slot = jnp.arange(t)
+        elif cache.ring:
+            if t != 1:
+                raise ValueError(f"環狀 KV 快取一次只能前進 1 個詞，收到 {t}")
+            if positions is None:
+                positions = positions_from_mask(mask, cache.next_pos)
+            s_, w_ = cache.sinks, cache.max_len - cache.sinks
+            write = jnp.where(cache.index < s_, cache.index, s_ + (cache.index - s_) % w_)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, write))
+            q_slot = jnp.full((1,), cache.max_len)
+            k_slot = jnp.arange(cache.max_len)
         else:
             if positions is None:
                 positions = positions_from_mask(mask, cache.next_pos)
@@ -562,6 +601,9 @@ class Qwen2ForCausalLM(nnx.Module):
             q_slot = cache.index + jnp.arange(t)
             k_slot = jnp.arange(cache.max_len)
         allowed = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
+        if window is not None and cache is None:
+            near = (k_slot[None, :] < window[0]) | (q_slot[:, None] - k_slot[None, :] < window[1])
+            allowed = allowed & near[None]
         bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
@@ -587,13 +629,16 @@ class Qwen2ForCausalLM(nnx.Module):
                 unroll=unroll,
                 transform_metadata=meta,
             )
-            x, (k, v) = scan(self.layers, x, cache.k, cache.v, cos, sin, bias, cache.index)
+            slot = cache.index if write is None else write
+            x, (k, v) = scan(self.layers, x, cache.k, cache.v, cos, sin, bias, slot)
             new_cache = KVCache(
                 k=k,
                 v=v,
                 valid=key_valid,
                 next_pos=cache.next_pos + jnp.sum(mask, axis=-1, dtype=jnp.int32),
                 index=cache.index + t,
+                sinks=cache.sinks,
+                ring=cache.ring,
             )
         return self.norm(x), new_cache
 

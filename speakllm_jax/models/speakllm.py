@@ -50,6 +50,22 @@ class SpeakLLMConfig:
     talker: TalkerConfig | None = None
     max_chars_per_token: int = 4
     num_emotions: int = 0
+    # 長對話的串流方案（訓練的遮罩、JAX 串流與 PyTorch 孿生共用，見 docs/inference_system.md）：
+    # 編碼器區塊因果遮罩的左方脈絡區塊數（0 為不限），LLM 的注意力槽（最前面幾幀）與滑動視窗
+    # （含目前這一幀的最近幾幀；0 為不限）。
+    # `stream_chunk_frames` 為訓練時編碼器區塊因果遮罩的區塊（以 LLM 幀計，0 為整段注意力），
+    # 應等於服務端的 `chunk_frames`。
+    stream_chunk_frames: int = 0
+    encoder_left_chunks: int = 0
+    llm_sink_frames: int = 0
+    llm_window_frames: int = 0
+
+    @property
+    def llm_window(self) -> tuple[int, int] | None:
+        """LLM 的（注意力槽幀數, 視窗幀數）；未設定視窗時為 None。"""
+        if self.llm_window_frames <= 0:
+            return None
+        return (self.llm_sink_frames, self.llm_window_frames)
 
 
 def _checked_talker(cfg: SpeakLLMConfig) -> TalkerConfig:
@@ -133,11 +149,32 @@ class SpeakLLM(nnx.Module):
         b, _, f = features.shape
         if feature_mask is None:
             feature_mask = jnp.ones((b, f), jnp.bool_)
-        enc = self.encoder(features, attention_mask=feature_mask, chunk_frames=chunk_frames)
+        enc = self.encoder(
+            features,
+            attention_mask=feature_mask,
+            chunk_frames=chunk_frames,
+            left_chunks=self.cfg.encoder_left_chunks if chunk_frames is not None else 0,
+        )
         enc_mask = feature_mask[:, ::2][:, : enc.shape[1]]
         emb = self.connector(enc)
         mask = Connector.mask(enc_mask, self.connector.stack)
         return emb, mask
+
+    def init_audio_stream(self, batch: int, chunk_frames: int) -> dict[str, jax.Array]:
+        """使用者聲道的串流編碼狀態；`chunk_frames` 以 LLM 幀計（每區塊 `chunk_frames·stack`
+        個編碼器框），左方脈絡為 `cfg.encoder_left_chunks` 個區塊。"""
+        left = self.cfg.encoder_left_chunks
+        if left <= 0:
+            raise ValueError("串流編碼需要 encoder_left_chunks ≥ 1（有界的左方脈絡）")
+        return self.encoder.init_stream(batch, chunk_frames * self.connector.stack, left)
+
+    def stream_audio(
+        self, state: dict[str, jax.Array], mel: jax.Array, valid: Any = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """編碼下一個區塊（見 `WhisperEncoder.stream_chunk`）→ (`[B, chunk_frames, hidden]`, 新狀態)；
+        與 `encode_audio(..., chunk_frames)` 整段結果的對應幀相同。"""
+        enc, state = self.encoder.stream_chunk(state, mel, valid)
+        return self.connector(enc), state
 
     def asr_logits(
         self,
@@ -225,7 +262,9 @@ class SpeakLLM(nnx.Module):
         user = user[:, :n] * user_mask[:, :n, None].astype(user.dtype)
         cond = None if cond_ids is None else self.llm.embed(cond_ids)
         x = self.frame_inputs(user, text_in, tones_in, codes_in, codes_in_valid, cond)
-        hidden, _ = self.llm.forward_embeds(x, attention_mask=frame_mask)
+        hidden, _ = self.llm.forward_embeds(
+            x, attention_mask=frame_mask, window=self.cfg.llm_window
+        )
         return self.heads(
             hidden,
             codes_target,
@@ -253,7 +292,13 @@ class SpeakLLM(nnx.Module):
             raise ValueError("speech_head='cosyvoice2' 需要 text_out（思考者每幀輸出的文字符號）")
         prev = None if codes_in is None else codes_in[..., 0]
         return self.speech_head(
-            hidden, codes_target, text_out, prev, codes_in_valid, mask=frame_mask
+            hidden,
+            codes_target,
+            text_out,
+            prev,
+            codes_in_valid,
+            mask=frame_mask,
+            window=self.cfg.llm_window,
         )
 
     def emotion_logits(self, user: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
@@ -356,4 +401,23 @@ def build_speakllm_config(model: Any, lora: Any = None) -> SpeakLLMConfig:
         talker=talker,
         max_chars_per_token=int(model.get("max_chars_per_token", 4)),
         num_emotions=int(model.get("num_emotions", 0)),
+        **_streaming_fields(model),
     )
+
+
+def _streaming_fields(model: Any) -> dict[str, int]:
+    """`config.model.streaming`（可省略）→ `SpeakLLMConfig` 的長對話欄位。"""
+    st = model.get("streaming", None)
+    if st is None:
+        return {}
+    names = {
+        "chunk_frames": "stream_chunk_frames",
+        "encoder_left_chunks": "encoder_left_chunks",
+        "llm_sink_frames": "llm_sink_frames",
+        "llm_window_frames": "llm_window_frames",
+    }
+    out = {field: int(st[key]) for key, field in names.items() if key in st}
+    for k, v in out.items():
+        if v < 0:
+            raise ValueError(f"model.streaming.{k} 不可為負：{v}")
+    return out

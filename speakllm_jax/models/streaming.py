@@ -1,9 +1,19 @@
 """全雙工幀模型的 JAX 串流推論：逐 40 ms 幀前進、LLM 用 KV 快取、Whisper 以區塊編碼。
 
-這是評估與 PyTorch 服務端行為的參考實作。使用者聲道以區塊因果遮罩編碼（`chunk_frames` 個
-LLM 幀一區塊）：區塊 c 的輸出只看得到區塊 0..c 的音訊與卷積的 1 框前瞻，所以「每區塊重編目前
-為止的音訊」與「整窗一次以同一遮罩編碼」的結果相同；這裡每窗只編碼一次（形狀固定，只編譯一次）。
-然後逐幀呼叫單一編譯好的 `frame_step`：組輸入 → LLM 一步（KV 快取）→ 各頭。
+這是評估與 PyTorch 服務端行為的參考實作。每個區塊（`chunk_frames` 個 LLM 幀）：
+使用者聲道的梅爾累積到足夠後編碼這一區塊，取出這一區塊的使用者串流；然後逐幀呼叫單一
+編譯好的 `frame_step`：組輸入 → LLM 一步（KV 快取）→ 各頭。
+
+長對話的方案（`SpeakLLMConfig` 的欄位，與訓練的整段前向同一個遮罩）：
+
+- `encoder_left_chunks = L ≥ 1`：編碼器帶 KV 快取逐區塊編碼（`SpeakLLM.stream_audio`），
+  每區塊只看左方 L 個區塊，成本與記憶體固定；位置為框號對 `max_source_positions` 取模。
+  `L = 0` 時退回舊作法：每區塊以區塊因果遮罩重新編碼目前為止的整段音訊（成本隨長度增長，
+  且限 30 秒）。
+- `llm_window_frames = W > 0`：LLM 用環狀 KV 快取，每幀看最前面 `llm_sink_frames` 幀
+  （注意力槽）與含自己在內最近的 W 幀；RoPE 位置不重設，一直增長。
+
+`encoder_left_chunks = 0`（舊匯出）時改用下面的切窗作法。
 
 任意長度：Whisper 編碼器一次最多 `max_source_positions` 個輸出框（30 秒）。更長的音訊切成
 連續、不重疊的編碼窗（`encoder_window_frames`：窗長為編碼器上限內最多的整區塊數，預設 750 幀
@@ -16,7 +26,8 @@ LLM 幀一區塊）：區塊 c 的輸出只看得到區塊 0..c 的音訊與卷�
 以同一區塊遮罩做整段前向的結果相同（測試驗證）。
 
 Whisper 梅爾的正規化（整段最大值減 8 的下限）不是因果的：這裡假設呼叫端給的是整段計算好的
-梅爾，或以固定下限計算的串流梅爾；伺服器端用後者。
+梅爾，或因果正規化的串流梅爾（`speakllm_jax.audio.features.IncrementalLogMel`，PyTorch 的
+`Streamer` 用它：下限為目前為止的最大值減 8，框輸出後不再改變）。
 """
 
 from __future__ import annotations
@@ -105,6 +116,26 @@ def encode_user_stream(
     return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
+def mel_chunk(features: jax.Array, chunk: int, chunk_enc: int) -> tuple[jax.Array, int]:
+    """第 `chunk` 個區塊的梅爾視窗 `[B, n_mels, 2·chunk_enc + 1]`（含一框前瞻，超出處補零）
+    與其中真實的框數。"""
+    size = 2 * chunk_enc + 1
+    lo = 2 * chunk_enc * chunk
+    win = features[:, :, lo : lo + size]
+    valid = int(win.shape[2])
+    if valid < size:
+        win = jnp.pad(win, ((0, 0), (0, 0), (0, size - valid)))
+    return win, valid
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _encode_chunk(
+    graphdef: Any, state: Any, enc_state: Any, mel: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, Any]:
+    model = nnx.merge(graphdef, state)
+    return model.stream_audio(enc_state, mel, valid)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "teacher", "use_cond"))
 def _frame_step(
     graphdef: Any,
@@ -175,7 +206,9 @@ def run_streaming(
     b = features.shape[0]
     n = int(num_frames)
     graphdef, state = nnx.split(model)
-    cache = model.llm.init_cache(b, n)
+    cache = model.llm.init_cache(b, n, window=model.cfg.llm_window)
+    streamed = model.cfg.encoder_left_chunks > 0
+    enc_state = model.init_audio_stream(b, chunk_frames) if streamed else None
     k = model.cfg.max_chars_per_token
     q = model.cfg.speech.num_codebooks
     prev = {
@@ -185,15 +218,23 @@ def run_streaming(
         "codes_valid": jnp.zeros((b, 1), bool),
     }
     cosy = model.cfg.speech_head == "cosyvoice2"
-    talker_cache = model.speech_head.init_cache(b, n) if cosy else None
+    window = model.cfg.llm_window
+    talker_cache = model.speech_head.init_cache(b, n, window=window) if cosy else None
     if cosy and teacher is not None and "text_out" not in teacher:
         raise ValueError("speech_head='cosyvoice2' 的教師強制串流需要 teacher['text_out']")
     use_cond = cond_ids is not None
     cond = jnp.zeros((b,), jnp.int32) if cond_ids is None else jnp.asarray(cond_ids, jnp.int32)
     text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
-    user = encode_user_stream(model, features, n, chunk_frames)
+    chunk_enc = chunk_frames * model.connector.stack
+    user = None if streamed else encode_user_stream(model, features, n, chunk_frames)
     for t in range(n):
-        user_t = user[:, t : t + 1]
+        if streamed:
+            if t % chunk_frames == 0:
+                win, valid = mel_chunk(features, t // chunk_frames, chunk_enc)
+                user, enc_state = _encode_chunk(graphdef, state, enc_state, win, jnp.int32(valid))
+            user_t = user[:, t % chunk_frames : t % chunk_frames + 1]
+        else:
+            user_t = user[:, t : t + 1]
         if teacher is not None:
             prev = {
                 "text": jnp.asarray(teacher["text_in"])[:, t : t + 1],

@@ -425,12 +425,37 @@ def _run_layers(
 # ---------------------------------------------------------------- 編碼器
 
 
-def chunk_causal_mask(num_frames: int, chunk_frames: int) -> jax.Array:
-    """區塊因果遮罩 `[T, T]`：框 i 可看框 j 若且唯若 `j // c <= i // c`。"""
+def chunk_causal_mask(num_frames: int, chunk_frames: int, left_chunks: int = 0) -> jax.Array:
+    """區塊因果遮罩 `[T, T]`：框 i 可看框 j 若且唯若 `j // c <= i // c`；`left_chunks = L > 0` 時
+    另限 `j // c >= i // c - L`（只看自己的區塊與左邊 L 個區塊），`0` 為不限。"""
     if chunk_frames <= 0:
         raise ValueError(f"chunk_frames 必須為正整數，收到 {chunk_frames}")
+    if left_chunks < 0:
+        raise ValueError(f"left_chunks 不可為負：{left_chunks}")
     block = jnp.arange(num_frames) // chunk_frames
-    return block[None, :] <= block[:, None]
+    allowed = block[None, :] <= block[:, None]
+    if left_chunks:
+        allowed = allowed & (block[None, :] >= block[:, None] - left_chunks)
+    return allowed
+
+
+def encoder_positions(start: Any, length: int, period: int) -> jax.Array:
+    """框 `start..start+length-1` 的位置表索引：`(start + i) mod period`。
+
+    `period` 為 `max_source_positions`（1500 框 = 30 秒）：30 秒內與 Whisper 的絕對位置相同，
+    更長的串流每 30 秒繞回一次。左方脈絡有界時（`left_chunks`），每個框的位置只取決於它自己的
+    框號，編碼器 KV 快取中的鍵不必重算。
+    """
+    return (jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)) % period
+
+
+def _conv_valid(conv: nnx.Conv, x: jax.Array, stride: int) -> jax.Array:
+    """以模組的核與偏置做無補邊（VALID）的一維卷積：`x [B, T, C_in]`。"""
+    kernel = conv.kernel[...].astype(x.dtype)
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    return y + conv.bias[...].astype(x.dtype)
 
 
 class WhisperEncoder(nnx.Module):
@@ -461,11 +486,14 @@ class WhisperEncoder(nnx.Module):
         input_features: jax.Array,
         attention_mask: jax.Array | None = None,
         chunk_frames: int | None = None,
+        left_chunks: int = 0,
     ) -> jax.Array:
         """`input_features [B, n_mels, frames]` → `[B, ceil(frames / 2), d_model]`。
 
         `attention_mask [B, frames]`（梅爾框，1 為有效）會遮掉補齊區域的鍵；
-        `chunk_frames`（以輸出框計）啟用區塊因果遮罩。
+        `chunk_frames`（以輸出框計）啟用區塊因果遮罩，`left_chunks > 0` 再限制左方脈絡
+        （見 `chunk_causal_mask`）。位置為 `encoder_positions(0, T, max_source_positions)`；
+        只有左方脈絡有界時才允許超過 `max_source_positions` 框（`stream_chunk` 的整段對照）。
         """
         cfg = self.config
         if input_features.ndim != 3 or input_features.shape[1] != cfg.num_mel_bins:
@@ -473,7 +501,10 @@ class WhisperEncoder(nnx.Module):
                 f"input_features 形狀應為 [B, {cfg.num_mel_bins}, frames]，收到 {input_features.shape}"
             )
         n_out = encoder_output_frames(input_features.shape[2])
-        if n_out > cfg.max_source_positions:
+        bounded = chunk_frames is not None and left_chunks > 0
+        if bounded:
+            self.check_window(int(chunk_frames), left_chunks)
+        if n_out > cfg.max_source_positions and not bounded:
             raise ValueError(
                 f"輸入 {input_features.shape[2]} 個梅爾框得到 {n_out} 個輸出框，超過 "
                 f"max_source_positions={cfg.max_source_positions}"
@@ -481,12 +512,13 @@ class WhisperEncoder(nnx.Module):
         x = jnp.transpose(input_features, (0, 2, 1)).astype(cfg.dtype)
         x = _gelu(self.conv1(x))
         x = _gelu(self.conv2(x))
-        pos = self.embed_positions[...][:n_out].astype(x.dtype)
+        table = self.embed_positions[...]
+        pos = table[encoder_positions(0, n_out, cfg.max_source_positions)].astype(x.dtype)
         x = x + pos[None]
 
         mask = None
         if chunk_frames is not None:
-            mask = chunk_causal_mask(n_out, int(chunk_frames))[None, None]
+            mask = chunk_causal_mask(n_out, int(chunk_frames), left_chunks)[None, None]
         if attention_mask is not None:
             if attention_mask.shape != (input_features.shape[0], input_features.shape[2]):
                 raise ValueError(
@@ -508,9 +540,85 @@ class WhisperEncoder(nnx.Module):
         input_features: jax.Array,
         attention_mask: jax.Array | None = None,
         chunk_frames: int | None = None,
+        left_chunks: int = 0,
     ) -> jax.Array:
         """與 `__call__` 相同。"""
-        return self(input_features, attention_mask, chunk_frames)
+        return self(input_features, attention_mask, chunk_frames, left_chunks)
+
+    # ---------------------------------------------------------------- 串流
+
+    def check_window(self, chunk_frames: int, left_chunks: int) -> None:
+        """串流編碼需要正的區塊大小與左方脈絡。視窗（`(left_chunks + 1) · chunk_frames` 框）
+        宜不超過 `max_source_positions`，否則同一視窗內會有位置相同的框（仍是良好定義的，
+        訓練、JAX 串流與 PyTorch 相同）。"""
+        if chunk_frames <= 0 or left_chunks <= 0:
+            raise ValueError(
+                f"串流編碼需要 chunk_frames ≥ 1、left_chunks ≥ 1，收到 {chunk_frames}、{left_chunks}"
+            )
+
+    def init_stream(self, batch: int, chunk_frames: int, left_chunks: int) -> dict[str, jax.Array]:
+        """串流狀態：前一區塊最後兩個梅爾框、每層左方 `left_chunks * chunk_frames` 框的 KV、
+        已編碼的輸出框數 `index`。大小固定，與串流長度無關。"""
+        self.check_window(chunk_frames, left_chunks)
+        cfg = self.config
+        w = left_chunks * chunk_frames
+        h = cfg.encoder_attention_heads
+        shape = (cfg.encoder_layers, batch, w, h, cfg.encoder_head_dim)
+        return {
+            "mel": jnp.zeros((batch, cfg.num_mel_bins, 2), cfg.dtype),
+            "k": jnp.zeros(shape, cfg.dtype),
+            "v": jnp.zeros(shape, cfg.dtype),
+            "index": jnp.zeros((), jnp.int32),
+        }
+
+    def stream_chunk(
+        self, state: dict[str, jax.Array], mel: jax.Array, valid: Any = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """編碼下一個區塊（`c` 個輸出框）→ (`[B, c, d_model]`, 新狀態)。
+
+        `mel [B, n_mels, 2c + 1]` 為這一區塊的 `2c` 個梅爾框加一框前瞻（卷積的 10 ms 前瞻）；
+        串流結束時超出音訊的部分補零，`valid` 為其中真實的框數（預設全部）。結果與整段
+        `__call__(..., chunk_frames=c, left_chunks=L)` 的對應區塊相同：卷積的左邊界取自狀態中
+        的兩個梅爾框，注意力看快取中左方 `L` 個區塊與這一區塊。
+        """
+        cfg = self.config
+        b, _, m = mel.shape
+        c = (m - 1) // 2
+        w = state["k"].shape[2]
+        if m != 2 * c + 1 or c <= 0 or w % c:
+            raise ValueError(f"mel 應有 2c+1 框且 c 整除快取長度 {w}，收到 {m} 框")
+        valid = m if valid is None else valid
+        index = state["index"]
+        full = jnp.concatenate([state["mel"], mel.astype(cfg.dtype)], axis=2)
+        x = jnp.transpose(full, (0, 2, 1))
+        x = _gelu(_conv_valid(self.conv1, x, 1))  # 全域卷積框 2·index−1 … 2·index+2c−1
+        local = jnp.arange(2 * c + 1)
+        keep = ((local > 0) | (index > 0)) & (local <= valid)
+        x = jnp.where(keep[None, :, None], x, 0.0).astype(x.dtype)
+        x = _gelu(_conv_valid(self.conv2, x, 2))
+        table = self.embed_positions[...]
+        x = x + table[encoder_positions(index, c, cfg.max_source_positions)].astype(x.dtype)[None]
+        slot = index - w + jnp.arange(w + c)
+        mask = (slot >= 0)[None, None, None, :]
+
+        def body(
+            layer: WhisperEncoderLayer, h: jax.Array, kv: tuple[jax.Array, jax.Array]
+        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            a = layer.self_attn
+            n = layer.self_attn_layer_norm(h)
+            k, v = a.key_value(n)
+            keys = jnp.concatenate([kv[0], k.astype(kv[0].dtype)], axis=1)
+            values = jnp.concatenate([kv[1], v.astype(kv[1].dtype)], axis=1)
+            h = h + a.output(_attend(a.query(n), keys, values, mask))
+            n = layer.final_layer_norm(h)
+            h = h + layer.fc2(_gelu(layer.fc1(n)))
+            return h, (keys[:, c:], values[:, c:])
+
+        x, (k, v) = _run_layers(
+            self.layers, body, x, (state["k"], state["v"]), cfg.encoder_layers, cfg
+        )
+        new = {"mel": full[:, :, -3:-1], "k": k, "v": v, "index": index + c}
+        return self.layer_norm(x), new
 
     @staticmethod
     def output_mask(attention_mask: jax.Array) -> jax.Array:

@@ -142,6 +142,8 @@ class DuplexTask(Task):
         from speakllm_jax.models.speakllm import build_speakllm_config
 
         self.model_cfg = build_speakllm_config(config.model, config.lora)
+        chunk = self.model_cfg.stream_chunk_frames
+        self.stream_chunk_enc = chunk * self.model_cfg.connector_stack if chunk > 0 else None
         from speakllm_jax.data.demo_data import DEMO_SPEECH_TOKENIZERS
 
         # 語音頭與它所用的語音符號同名（voila：4 層 RVQ；cosyvoice2：單碼本 FSQ），
@@ -234,6 +236,8 @@ class DuplexTask(Task):
             batch["codes_target"],
             batch["frame_mask"],
             cond_ids=cond,
+            # 與串流推論相同的編碼器遮罩（區塊因果、有界左方脈絡；見 SpeakLLMConfig）。
+            chunk_frames=self.stream_chunk_enc,
             # cosyvoice2 的 talker 融合思考者隱狀態與該幀輸出的文字（教師強制即文字目標）。
             text_out=text_t if self.model_cfg.speech_head == "cosyvoice2" else None,
         )
