@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from speakllm_jax.labels import EMOTIONS, SPEAKING_ACTIONS
 from speakllm_jax.training.checkpointing import Checkpointer, overlay_params
 
 
@@ -135,7 +136,7 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
         mel = log_mel_np(ex.user_audio, n_mels=int(cfg.data.n_mels), pad_to_seconds=None)
         n = min(ex.num_frames, mel.shape[1] // 4)
         out = run_streaming(model, mel[None, :, : 4 * n], n, chunk_frames=25, pad_id=task.pad_id)
-        speaking = np.isin(out.turn[0], (1, 2, 4))
+        speaking = np.isin(out.turn[0], SPEAKING_ACTIONS)
         ann = TurnTakingAnnotation.from_row(row)
         anns.append(ann)
         acts.append(speaking)
@@ -147,7 +148,6 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     report = {"dialogues": len(rows), "metrics": metrics, "timelines": plots}
     if emo_true:
         from speakllm_jax.eval.emotion import emotion_report, plot_confusion
-        from speakllm_jax.training.duplex_task import EMOTIONS
 
         report["emotion"] = emotion_report(emo_true, emo_pred, EMOTIONS)
         plots.append(str(plot_confusion(report["emotion"], out_dir / "emotion_confusion.png")))
@@ -157,8 +157,6 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
 def predict_emotion(model: Any, mel: Any, num_frames: int) -> str:
     """整段使用者聲道梅爾 `[1, n_mels, 4N]` → 情緒頭預測的標籤（與訓練時的前向相同）。"""
     import jax.numpy as jnp
-
-    from speakllm_jax.training.duplex_task import EMOTIONS
 
     user, mask = model.encode_audio(jnp.asarray(mel))
     logits = model.emotion_logits(user[:, :num_frames], mask[:, :num_frames])

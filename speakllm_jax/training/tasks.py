@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from speakllm_jax.training.losses import text_loss, weighted_correct
 from speakllm_jax.training.task import DataIterator, Task, register_task
 
 
@@ -124,8 +125,6 @@ class AsrConnectorTask(Task):
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
-        from speakllm_jax.models.speakllm import cross_entropy_sum
-
         del rng
         logits = model.asr_logits(
             batch["mel"],
@@ -135,7 +134,8 @@ class AsrConnectorTask(Task):
             batch["text_ids"],
             batch["text_mask"],
         )
-        total, weight, correct = cross_entropy_sum(logits, batch["text_ids"], batch["text_mask"])
+        total, weight = text_loss(logits, batch["text_ids"], batch["text_mask"])
+        correct = weighted_correct(logits, batch["text_ids"], batch["text_mask"])
         return total, weight, {"token_accuracy": correct}
 
     def pipeline_config(self, process_count: int) -> dict[str, Any]:
