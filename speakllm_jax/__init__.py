@@ -11,7 +11,7 @@ _widen()
 from flax import nnx as _nnx  # noqa: E402
 
 # 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；
-# 分片一律由 `speakllm_jax.training.sharding` 依規則表對應到網格。
+# 分片一律由 `speakllm_jax.models.sharding` 依規則表對應到網格。
 _nnx.use_eager_sharding(False)
 
 __version__ = "0.1.0"

@@ -21,8 +21,14 @@ from flax import nnx
 
 from speakllm_jax.labels import EMOTIONS, emotion_token
 from speakllm_jax.training.losses import LossWeights, duplex_loss
-from speakllm_jax.training.task import DataIterator, Task, register_task
-from speakllm_jax.training.tasks import GrainBatches, _tokenizer
+from speakllm_jax.training.task import (
+    DataIterator,
+    GrainBatches,
+    Task,
+    load_pretrained_parts,
+    register_task,
+    text_tokenizer,
+)
 
 
 class DuplexTransform:
@@ -150,7 +156,7 @@ class DuplexTask(Task):
                 f"duplex 任務需要 model.speech_head 為 {DEMO_SPEECH_TOKENIZERS} 之一，得到 {head!r}"
             )
         self.speech_tokens = head
-        self.tokenizer = _tokenizer(config)
+        self.tokenizer = text_tokenizer(config)
         self.pad_id = int(self.tokenizer.eos_id)
         self.loss_w = LossWeights.from_config(config.loss)
 
@@ -160,8 +166,6 @@ class DuplexTask(Task):
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def load_pretrained(self, model: nnx.Module) -> nnx.Module:
-        from speakllm_jax.training.tasks import load_pretrained_parts
-
         return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
     def _rows_and_codes(self) -> tuple[list[dict], dict[str, np.ndarray]]:
