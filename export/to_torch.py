@@ -191,7 +191,7 @@ def export_run(
     parity_seed: int | None = 0,
 ) -> dict[str, Any]:
     """由訓練執行資料夾（`config.json` + Orbax 檢查點）匯出；回傳一致性檢查結果。"""
-    from speakllm_jax.eval.evaluate import load_run
+    from speakllm_jax.training.runs import load_run
 
     cfg, task, model, step = load_run(checkpoint, step)
     pad_id = int(getattr(task, "pad_id", task.tokenizer.eos_id))

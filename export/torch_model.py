@@ -32,16 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speakllm_jax.labels import NUM_TONES, NUM_TURN_ACTIONS, SPEAKING_ACTIONS
+
 HEADS_FILE = "heads.safetensors"
 HEADS_CONFIG = "heads_config.json"
 TALKER_DIR = "talker"
 TALKER_WEIGHTS = "llm.safetensors"
 TALKER_CONFIG = "talker_config.json"
 SPEECH_HEADS = ("none", "voila", "cosyvoice2")
-NUM_TURN_ACTIONS = 5
-NUM_TONES = 6
-# 自由執行時「在說話」的輪替動作：speak、continue、backchannel（與 JAX 串流相同）。
-SPEAKING_ACTIONS = (1, 2, 4)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 def configure_flax() -> None:
     """Flax 的全域設定，由 `models`、`training`、`checkpoints` 套件匯入時呼叫（只做一次）。
 
-    參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；分片一律由 `speakllm_jax.training.sharding`
+    參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；分片一律由 `speakllm_jax.models.sharding`
     依規則表對應到網格。不放在本檔頂層，是為了讓只用 numpy 的部分（音訊特徵、文字、資料清單）
     與 PyTorch 服務端匯入時不載入 JAX／Flax。
     """

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.eval.evaluate import load_run
 from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
+from speakllm_jax.training.runs import load_run
 
 
 def test_phase1_cosyvoice2_trains_and_loss_falls(demo_dir: Path, tmp_path: Path) -> None:

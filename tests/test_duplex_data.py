@@ -19,9 +19,10 @@ from speakllm_jax.data.interleave import (
     seconds_to_end_frame,
     seconds_to_frame,
 )
+from speakllm_jax.data.overlap import OverlapConfig
+from speakllm_jax.labels import TurnAction
 from speakllm_jax.text.normalize import normalize_zh
 from speakllm_jax.text.tokenizer import TextTokenizer
-from speakllm_jax.training.losses import OverlapConfig, TurnAction
 
 pytestmark = pytest.mark.skipif(not has_espeak(), reason="需要 espeak-ng")
 

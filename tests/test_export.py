@@ -24,10 +24,10 @@ from flax import nnx
 
 from export import to_torch
 from export.torch_model import HEADS_CONFIG, load_exported
-from speakllm_jax.eval.evaluate import load_run
 from speakllm_jax.models.lora import LoRALinear
 from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
+from speakllm_jax.training.runs import load_run
 
 TOL = 1e-4
 
@@ -283,7 +283,7 @@ def test_bf16_model_is_checked_in_fp32(exported: Path, jax_run) -> None:
 
 
 def test_phase0_model_exports_without_speech_head(demo_dir: Path, tmp_path: Path) -> None:
-    from speakllm_jax.training.task import get_task
+    from speakllm_jax.training.tasks import get_task
 
     task = get_task(load_config("phase0", []))
     model = task.build_model(nnx.Rngs(0))
@@ -302,7 +302,7 @@ def test_phase0_model_exports_without_speech_head(demo_dir: Path, tmp_path: Path
 @pytest.fixture(scope="module")
 def cosy(tmp_path_factory: pytest.TempPathFactory):
     """`speech_head="cosyvoice2"` 的 tiny 全雙工模型（第 2 階段設定、隨機初始化）與其匯出。"""
-    from speakllm_jax.training.task import get_task
+    from speakllm_jax.training.tasks import get_task
 
     task = get_task(load_config("phase2", ["--config.model.speech_head=cosyvoice2"]))
     model = task.build_model(nnx.Rngs(4))

@@ -1,4 +1,5 @@
-"""重疊感知逐幀目標（手算）、JAX 損失（以均勻 logits 的 log V 等手算值驗證）與聲調正確率。"""
+"""重疊感知逐幀目標（手算）、訓練所用的各損失項（以均勻 logits 的 log V 等手算值驗證）、
+一批真實資料的訓練損失等於文件中的加權總和，以及聲調正確率。"""
 
 from __future__ import annotations
 
@@ -8,20 +9,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import soundfile as sf
 
+from speakllm_jax.data.demo_corpus import has_espeak
+from speakllm_jax.data.overlap import OverlapConfig, overlap_aware_targets
 from speakllm_jax.eval.tone_accuracy import (
     tone_accuracy_from_predictions,
     tone_accuracy_text,
     tone_confusion,
 )
+from speakllm_jax.labels import EMOTIONS, NUM_EMOTIONS, TurnAction
 from speakllm_jax.training.losses import (
-    OverlapConfig,
-    TurnAction,
-    dual_scale_loss,
+    LossWeights,
+    duplex_loss,
+    emotion_loss,
+    frame_text_loss,
     masked_cross_entropy,
-    overlap_aware_targets,
+    speech_code_loss,
+    text_loss,
     tone_aux_loss,
     turn_loss,
+    weighted_correct,
 )
 
 L, S, C, Y, B = (int(a) for a in TurnAction)  # 0 1 2 3 4
@@ -95,6 +103,14 @@ def test_barge_in_outside_assistant_speech_and_assistant_backchannel():
         overlap_aware_targets([{"speaker": "user", "start": 0}], [], 40)
 
 
+def _np_ce(logits, targets):
+    """NumPy 的逐位置交叉熵（float64），作為 JAX 損失的獨立參考。"""
+    lg = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    t = np.where(np.asarray(targets) < 0, 0, np.asarray(targets))
+    return lse - np.take_along_axis(lg, t[..., None], -1)[..., 0]
+
+
 def test_masked_cross_entropy_uniform_logits():
     V = 8
     logits = jnp.zeros((4, V))
@@ -108,47 +124,57 @@ def test_masked_cross_entropy_uniform_logits():
     rng = np.random.default_rng(0)
     lg = rng.normal(size=(2, 3, V)).astype(np.float32)
     tg = rng.integers(0, V, size=(2, 3))
-    lsm = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
-    ref = -np.take_along_axis(lsm, tg[..., None], -1)[..., 0].sum()
     total, wsum = jax.jit(masked_cross_entropy)(lg, tg, None)
-    assert float(total) == pytest.approx(float(ref), rel=1e-5) and float(wsum) == 6.0
+    assert float(total) == pytest.approx(float(_np_ce(lg, tg).sum()), rel=1e-5)
+    assert float(wsum) == 6.0
 
 
-def test_dual_scale_loss_and_weights():
-    N, V = 5, 10
-    text_logits = jnp.zeros((N, V))
-    text_targets = jnp.array([3, 0, 0, 7, 0])
-    text_mask = jnp.array([1, 0, 0, 1, 0])
-    code_logits = np.zeros((N, 4, 2048), np.float32)
-    code_logits[4, :, 0] = 50.0  # 第 5 幀預測錯得離譜，但權重為 0，不影響
-    code_targets = jnp.full((N, 4), 7)
-    code_weight = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
-    out = jax.jit(dual_scale_loss, static_argnames=())(
-        text_logits, text_targets, text_mask, code_logits, code_targets, code_weight, 0.5, 2.0
+def test_text_loss_and_token_accuracy():
+    logits = np.zeros((1, 3, 5), np.float32)
+    logits[0, 0, 2] = 30.0  # 對
+    logits[0, 1, 4] = 30.0  # 錯（目標 1）
+    targets = jnp.array([[2, 1, 3]])
+    mask = jnp.array([[1, 1, 0]])
+    total, count = text_loss(logits, targets, mask)
+    assert float(count) == 2.0
+    assert float(total) == pytest.approx(float(_np_ce(logits, targets)[0, :2].sum()), rel=1e-5)
+    assert float(weighted_correct(logits, targets, mask)) == 1.0
+
+
+def test_frame_text_loss_weights_pad_frames():
+    # 4 幀：文字幀 0、2；無文字幀 1；填充到固定長度的幀 3（frame_mask = 0）
+    V, pad_w = 10, 0.5
+    total, weight = frame_text_loss(
+        jnp.zeros((1, 4, V)),
+        jnp.array([[3, 9, 7, 9]]),
+        jnp.array([[1, 0, 1, 0]]),
+        jnp.array([[1, 1, 1, 0]]),
+        pad_weight=pad_w,
     )
-    assert float(out["text_loss"]) == pytest.approx(math.log(10), rel=1e-6)
-    assert float(out["code_loss"]) == pytest.approx(math.log(2048), rel=1e-6)
-    assert float(out["loss"]) == pytest.approx(0.5 * math.log(10) + 2 * math.log(2048), rel=1e-6)
-    assert float(out["text_count"]) == 2 and float(out["code_count"]) == 12
-    assert np.allclose(np.asarray(out["code_loss_per_codebook"]), math.log(2048), rtol=1e-6)
-    # 碼本權重：只算語義碼本（第一個）時 code_count = 3
-    sem = dual_scale_loss(
-        text_logits,
-        text_targets,
-        text_mask,
-        code_logits,
-        code_targets,
-        code_weight,
-        codebook_weights=(1.0, 0.0, 0.0, 0.0),
+    assert float(weight) == pytest.approx(2 + pad_w)
+    assert float(total) == pytest.approx((2 + pad_w) * math.log(V), rel=1e-6)
+
+
+def test_speech_code_loss_frame_and_codebook_weights():
+    N, Q, K = 5, 4, 2048
+    code_logits = np.zeros((1, N, Q, K), np.float32)
+    code_logits[0, 4, :, 0] = 50.0  # 第 5 幀預測錯得離譜，但權重為 0，不影響
+    code_targets = jnp.full((1, N, Q), 7)
+    code_weight = jnp.array([[1.0, 1.0, 1.0, 0.0, 0.0]])  # 搶話後的幀 speech_weight = 0
+    frame = jnp.array([[1, 1, 0, 1, 1]])  # 第 3 幀是補齊的
+    total, weight = jax.jit(speech_code_loss)(code_logits, code_targets, code_weight, frame)
+    assert float(weight) == 2 * Q
+    assert float(total) == pytest.approx(2 * Q * math.log(K), rel=1e-6)
+    # 碼本權重：只算語義碼本（第一個）
+    sem = speech_code_loss(code_logits, code_targets, code_weight, frame, (1.0, 0.0, 0.0, 0.0))
+    assert float(sem[1]) == 2
+    with pytest.raises(ValueError, match="codebook_weights"):
+        speech_code_loss(code_logits, code_targets, code_weight, frame, (1.0, 1.0))
+    # 梯度只流到有權重的幀
+    g = jax.grad(lambda x: speech_code_loss(x, code_targets, code_weight, frame)[0])(
+        jnp.asarray(code_logits)
     )
-    assert float(sem["code_count"]) == 3
-    # 梯度有限
-    g = jax.grad(
-        lambda x: dual_scale_loss(
-            text_logits, text_targets, text_mask, x, code_targets, code_weight
-        )["loss"]
-    )(jnp.asarray(code_logits))
-    assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g[3:]).sum()) == 0.0
+    assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g[:, 2:]).sum()) == 0.0
 
 
 def test_tone_aux_loss_ignores_toneless_positions():
@@ -157,29 +183,224 @@ def test_tone_aux_loss_ignores_toneless_positions():
     logits[0, 0, 2] = 10.0  # 正確
     logits[2, 0, 1] = 10.0  # 錯（參考為 5）
     logits[1, :, 4] = 99.0  # 無聲調位置：不論 logits 為何都不計
-    out = tone_aux_loss(logits, tones)
-    assert float(out["count"]) == 3
+    total, count = tone_aux_loss(logits, tones)
+    assert float(count) == 3
     # 位置 (2, 1) 的 logits 均勻 → CE = log 6；兩個 10 分的位置用 log-softmax 手算
     ce_right = -(10 - math.log(math.exp(10) + 5))
     ce_wrong = -(0 - math.log(math.exp(10) + 5))
-    assert float(out["loss"]) == pytest.approx((ce_right + ce_wrong + math.log(6)) / 3, rel=1e-5)
-    # 正確率：(0,0) 對、(2,0) 錯、(2,1) 均勻 argmax = 0 ≠ 3 錯 → 1/3
-    assert float(out["accuracy"]) == pytest.approx(1 / 3)
-    masked = tone_aux_loss(logits, tones, weights=jnp.array([1.0, 1.0, 0.0]))
-    assert float(masked["count"]) == 1 and float(masked["accuracy"]) == 1.0
+    assert float(total) == pytest.approx(ce_right + ce_wrong + math.log(6), rel=1e-5)
+    # 符號權重：第三個符號不計 → 只剩 (0, 0)
+    total, count = tone_aux_loss(logits, tones, jnp.array([1.0, 1.0, 0.0]))
+    assert float(count) == 1 and float(total) == pytest.approx(ce_right, abs=1e-6)
 
 
 def test_turn_loss_weighted():
-    logits = np.zeros((3, 5), np.float32)
-    logits[0, Y] = 20.0  # 近乎 0 的 CE
-    targets = jnp.array([Y, C, -1])
-    weights = jnp.array([2.0, 1.0, 5.0])
-    out = turn_loss(logits, targets, weights)
+    logits = np.zeros((1, 4, 5), np.float32)
+    logits[0, 0, Y] = 20.0  # 近乎 0 的 CE
+    targets = jnp.array([[Y, C, -1, L]])
+    weights = jnp.array([[2.0, 1.0, 5.0, 3.0]])
+    frame = jnp.array([[1, 1, 1, 0]])
+    total, wsum = turn_loss(logits, targets, weights, frame)
     ce0 = -(20 - math.log(math.exp(20) + 4))
-    # Σ w·CE / Σ w = (2·ce0 + 1·log 5) / 3（第三個目標忽略）
-    assert float(out["loss"]) == pytest.approx((2 * ce0 + math.log(5)) / 3, rel=1e-5)
-    assert float(out["weight_sum"]) == 3.0
-    assert float(out["accuracy"]) == pytest.approx(2 / 3)
+    # Σ v·CE = 2·ce0 + 1·log 5（第三個目標忽略、第四幀是補齊的）
+    assert float(total) == pytest.approx(2 * ce0 + math.log(5), rel=1e-5)
+    assert float(wsum) == 3.0
+
+
+def test_emotion_loss_weights_by_valid_frames():
+    logits = jnp.zeros((2, NUM_EMOTIONS))
+    frame = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
+    total, weight = emotion_loss(logits, jnp.array([1, 4]), frame)
+    assert float(weight) == 4.0
+    assert float(total) == pytest.approx(4 * math.log(NUM_EMOTIONS), rel=1e-6)
+
+
+def test_duplex_loss_is_weighted_sum_over_frames():
+    rng = np.random.default_rng(1)
+    B, N, V, Q, K, T = 2, 6, 11, 2, 8, 3
+    out = {
+        "text": rng.normal(size=(B, N, V)).astype(np.float32),
+        "codes": rng.normal(size=(B, N, Q, K)).astype(np.float32),
+        "turn": rng.normal(size=(B, N, 5)).astype(np.float32),
+        "tones": rng.normal(size=(B, N, T, 6)).astype(np.float32),
+        "emotion": rng.normal(size=(B, NUM_EMOTIONS)).astype(np.float32),
+    }
+    batch = _random_batch(rng, B, N, V, Q, K, T)
+    w = LossWeights(text=1.0, code=0.7, turn=1.3, tone=0.2, emotion=0.5, pad_weight=0.25)
+    total, weight, metrics = duplex_loss(out, batch, w)
+    ref = _reference_terms(out, batch, w.pad_weight)
+    assert float(weight) == batch["frame_mask"].sum()
+    assert sorted(metrics) == sorted(f"{k}_loss" for k in ref)
+    for k, v in ref.items():
+        assert float(metrics[f"{k}_loss"]) == pytest.approx(v, rel=1e-5), k
+    expect = sum(getattr(w, k) * v for k, v in ref.items())
+    assert float(total) == pytest.approx(expect, rel=1e-5)
+    # 沒有情緒頭：沒有情緒項
+    no_emo = {k: v for k, v in out.items() if k != "emotion"}
+    assert "emotion_loss" not in duplex_loss(no_emo, batch, w)[2]
+
+
+def _random_batch(rng, B, N, V, Q, K, T):
+    frame = np.zeros((B, N), bool)
+    frame[0, :] = True
+    frame[1, : N - 2] = True
+    return {
+        "frame_mask": frame,
+        "text_target": rng.integers(0, V, (B, N)).astype(np.int32),
+        "text_is_token": rng.random((B, N)) < 0.5,
+        "tones_target": rng.integers(0, 6, (B, N, T)).astype(np.int32),
+        "codes_target": rng.integers(0, K, (B, N, Q)).astype(np.int32),
+        "code_weight": (rng.random((B, N)) < 0.7).astype(np.float32),
+        "turn_target": rng.integers(0, 5, (B, N)).astype(np.int32),
+        "turn_weight": rng.choice([1.0, 1.5, 2.0], (B, N)).astype(np.float32),
+        "emotion": rng.integers(0, NUM_EMOTIONS, (B,)).astype(np.int32),
+    }
+
+
+def _reference_terms(out, batch, pad_weight):
+    """`docs/research_modules.md` 的各項總和 S_k（NumPy，與 `losses.py` 無共用程式碼）。"""
+    f = np.asarray(batch["frame_mask"], np.float64)
+    tok = np.asarray(batch["text_is_token"], np.float64)
+    tones = np.asarray(batch["tones_target"])
+    ref = {
+        "text": (_np_ce(out["text"], batch["text_target"]) * (tok + (1 - tok) * pad_weight) * f),
+        "code": _np_ce(out["codes"], batch["codes_target"])
+        * (np.asarray(batch["code_weight"]) * f)[..., None],
+        "turn": _np_ce(out["turn"], batch["turn_target"]) * np.asarray(batch["turn_weight"]) * f,
+        "tone": _np_ce(out["tones"], tones) * (tones > 0) * (tok * f)[..., None],
+    }
+    ref = {k: float(v.sum()) for k, v in ref.items()}
+    if "emotion" in out:
+        ref["emotion"] = float((_np_ce(out["emotion"], batch["emotion"]) * f.sum(1)).sum())
+    return ref
+
+
+def _shift(x, fill):
+    """第 t 幀的輸入是第 t-1 幀的輸出（文件中的右移一格）。"""
+    return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+
+
+def _crop_dialogue(row, start, end, path):
+    """取一段真實示範對話的 [start, end) 秒（寫出新的雙聲道檔），只留完全落在其中的 turns／overlaps。"""
+    wave, sr = sf.read(row["audio"], dtype="float32", always_2d=True)
+    sf.write(path, wave[int(start * sr) : int(end * sr)], sr)
+
+    def inside(items):
+        out = []
+        for x in items:
+            if start <= x["start"] and x["end"] <= end:
+                y = dict(x, start=x["start"] - start, end=x["end"] - start)
+                if "onset" in x:
+                    y["onset"] = x["onset"] - start
+                out.append(y)
+        return out
+
+    return dict(
+        row,
+        id=f"{row['id']}_crop",
+        audio=str(path),
+        duration=end - start,
+        turns=inside(row["turns"]),
+        overlaps=inside(row["overlaps"]),
+    )
+
+
+@pytest.mark.skipif(not has_espeak(), reason="需要 espeak-ng")
+def test_training_loss_equals_documented_weighted_sum(tmp_path_factory, qwen_tokenizer_dir):
+    """第 3 階段（含情緒頭）的一批真實對話：訓練步記錄的損失 = Σ λ_k S_k / Σ frame_mask。
+
+    走訓練真正的路徑（`DuplexTransform` → `DuplexTask.loss` → `make_train_step`，梯度累積 2 步），
+    參考值由模型輸出依文件公式以 NumPy 計算；改一個權重（`loss.tone`），訓練損失跟著變。
+    只訓練輪替頭，讓反向傳播（與編譯）保持便宜；損失本身與可訓練參數的選擇無關。
+    """
+    import optax
+    from flax import nnx
+
+    from configs.phase3_emotion import get_config
+    from speakllm_jax.data.adapters import run_adapter
+    from speakllm_jax.data.demo_corpus import ensure_demo_corpus
+    from speakllm_jax.training.duplex_task import DuplexTask, DuplexTransform
+    from speakllm_jax.training.train_state import make_train_step, state_from_model
+
+    root = ensure_demo_corpus(tmp_path_factory.getbasetemp() / "demo_corpus")
+    by_id = {r["id"]: r for r in run_adapter("dialogue", root / "dialogues")}
+    tmp = tmp_path_factory.mktemp("crop")
+    # 兩段各含一次搶話（被截斷的助理段 + 使用者接話）的真實片段，幀數小、編譯快。
+    rows = [
+        _crop_dialogue(by_id["dlg0001"], 12.3, 18.3, tmp / "a.wav"),
+        _crop_dialogue(by_id["dlg0000"], 15.7, 24.7, tmp / "b.wav"),
+    ]
+    assert all(any(o["kind"] == "barge_in" for o in r["overlaps"]) for r in rows)
+    rows[1]["emotion"] = EMOTIONS[2]
+    cfg = get_config("tiny")
+    cfg.model.tokenizer_path = str(qwen_tokenizer_dir)
+    cfg.data.max_frames = 232
+    cfg.train.batch_size = 2
+    cfg.trainable = ("turn_head/.*",)
+
+    changed = cfg.copy_and_resolve_references()
+    changed.loss.tone = float(cfg.loss.tone) + 1.0
+    task, task2 = DuplexTask(cfg), DuplexTask(changed)
+    q = task.model_cfg.speech.num_codebooks
+    rng = np.random.default_rng(0)
+    codes = {
+        r["id"]: rng.integers(0, 2048, (q, math.ceil(r["duration"] / 0.04))).astype(np.int16)
+        for r in rows
+    }
+    tf = DuplexTransform(cfg, task.tokenizer, codes, {}, q)
+    items = [tf(r) for r in rows]
+    assert all(x is not None for x in items)
+    batch = {k: np.stack([x[k] for x in items]) for k in items[0]}
+    tx = optax.sgd(0.0)
+    model = task.build_model(nnx.Rngs(0))
+    state = state_from_model(model, cfg.trainable, tx, 0)
+    graphdef = nnx.graphdef(model)
+    sched = optax.constant_schedule(0.0)
+    step = make_train_step(task, graphdef, tx, sched, 2)
+    step2 = make_train_step(task2, graphdef, tx, sched, 2)
+
+    @jax.jit
+    def run(st, b):
+        # 兩個設定的訓練步與參考用的前向放在同一次編譯（相同的子圖由 XLA 合併）。
+        m = nnx.merge(graphdef, st.params, st.frozen)
+        out = m.duplex_forward(
+            b["mel"],
+            b["mel_mask"],
+            _shift(b["text_target"], task.pad_id),
+            _shift(b["tones_target"], 0),
+            _shift(b["codes_target"], 0),
+            _shift(b["code_weight"] > 0, False),
+            b["codes_target"],
+            b["frame_mask"],
+            cond_ids=b["emotion_token"],
+        )
+        return step(st, b)[1], step2(st, b)[1], out
+
+    metrics, metrics2, out = jax.tree.map(np.asarray, run(state, batch))
+    ref = _reference_terms(out, batch, float(cfg.loss.pad_weight))
+    assert set(ref) == {"text", "code", "turn", "tone", "emotion"}
+    assert all(v > 0 for v in ref.values()), ref
+    assert (batch["turn_weight"] > 1).any() and (batch["code_weight"] == 0).any()
+    frames = float(batch["frame_mask"].sum())
+    expect = sum(float(cfg.loss[k]) * v for k, v in ref.items()) / frames
+    assert float(metrics["weight"]) == frames
+    assert float(metrics["loss"]) == pytest.approx(expect, rel=1e-4)
+    for k, v in ref.items():
+        assert float(metrics[f"{k}_loss"]) == pytest.approx(v / frames, rel=1e-4), k
+
+    assert float(metrics2["loss"]) == pytest.approx(expect + ref["tone"] / frames, rel=1e-4)
+    assert float(metrics2["loss"]) > float(metrics["loss"])
+
+
+def test_emotion_labels_are_defined_once():
+    from configs.phase3_emotion import get_config
+    from speakllm_jax.data.demo_corpus import DEMO_EMOTIONS, EMOTION_STYLES
+    from speakllm_jax.text.tokenizer import SPECIAL_TOKENS
+
+    assert get_config("tiny").model.num_emotions == len(EMOTIONS)
+    assert tuple(EMOTION_STYLES) == tuple(DEMO_EMOTIONS) == EMOTIONS
+    emo = [t for t in SPECIAL_TOKENS if t.startswith("<|emo_")]
+    assert emo == [f"<|emo_{e}|>" for e in EMOTIONS]
 
 
 def test_tone_accuracy_text_and_predictions():

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from speakllm_jax.eval.evaluate import evaluate_asr, load_run
+from speakllm_jax.eval.evaluate import evaluate_asr
 from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
+from speakllm_jax.training.runs import load_run
 
 
 def test_phase0_overfit_loss_halves_and_cer_drops(demo_dir: Path, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ from flax import nnx
 
 from speakllm_jax.checkpoints.hf import load_qwen2
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, generate
-from speakllm_jax.training.sharding import activation_spec, make_mesh
+from speakllm_jax.models.sharding import activation_spec
+from speakllm_jax.training.sharding import make_mesh
 
 TINY = dict(
     vocab_size=256,

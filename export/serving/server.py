@@ -548,7 +548,7 @@ def build_demo_assets(
 
         from export.to_torch import export_model
         from speakllm_jax.training.config_io import load_config
-        from speakllm_jax.training.task import get_task
+        from speakllm_jax.training.tasks import get_task
 
         overrides = [] if speech_head == "voila" else [f"--config.model.speech_head={speech_head}"]
         task = get_task(load_config(phase, overrides))

@@ -54,12 +54,13 @@ from speakllm_jax.audio.features import (
     _hann,
     _mel_filters_f64,
 )
+from speakllm_jax.labels import TurnAction
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 640  # 40 ms：一個 LLM 幀、一個 Voila 語音碼幀
 FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
 COSYVOICE2_RATE = 24000  # CosyVoice2 token2wav（HiFT）的輸出取樣率
-YIELD_ACTION = 3
+YIELD_ACTION = int(TurnAction.YIELD)
 POLICIES = ("vad", "model")
 # webrtcvad 在語音結束後還會回報 4–6 幀（160–240 ms）的語音（內部的 overhang），連數位靜音也是；
 # 只把能量夠的幀算作語音：不低於 `VOICED_FLOOR_RMS`，且不低於這段語音峰值減 `VOICED_TAIL_DB`。

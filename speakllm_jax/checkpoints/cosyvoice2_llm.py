@@ -41,7 +41,7 @@ from speakllm_jax.models.cosyvoice2_talker import (
     TalkerConfig,
     TalkerFusion,
 )
-from speakllm_jax.training.sharding import DEFAULT_RULES
+from speakllm_jax.models.sharding import DEFAULT_RULES, shard_model
 
 # 官方主幹鍵的前綴：Qwen2LM.llm（Qwen2Encoder）.model（Qwen2ForCausalLM）。
 BACKBONE_PREFIX = "llm.model."
@@ -205,8 +205,6 @@ def load_cosyvoice2_llm(
         )
         model.cfg = cfg
         if mesh is not None:
-            from speakllm_jax.training.sharding import shard_model
-
             shard_model(model.fusion, mesh, DEFAULT_RULES if rules is None else rules)
     return model
 

@@ -21,7 +21,7 @@ F64/F32/F16/BF16/F8 與整數型別（bf16 經 `ml_dtypes`），讀取時不會�
   缺少的鍵、多出的鍵（不符合 `ignore` 中任何正規表示式者）、形狀不符的鍵、
   以及沒有對應的 NNX 參數，一律以 `ValueError` 報錯並指名鍵與兩邊形狀。
   浮點參數轉為 `dtype`（未給時用抽象模型的參數型別）。給了 `mesh` 時，每個參數依
-  `speakllm_jax.training.sharding.state_shardings` 的分片，以
+  `speakllm_jax.models.sharding.state_shardings` 的分片，以
   `jax.make_array_from_callback` 從記憶體映射逐參數放置，不會在單一裝置上組出整個模型；
   未給 `mesh` 時放在預設裝置。
 - `save_params(model, key_map, path, config=None, max_shard_bytes=..., dtype=None)`：
@@ -49,7 +49,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.training.sharding import DEFAULT_RULES, state_shardings
+from speakllm_jax.models.sharding import DEFAULT_RULES, state_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

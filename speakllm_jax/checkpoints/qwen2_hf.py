@@ -28,7 +28,7 @@ from speakllm_jax.checkpoints.hf_io import (
     transposed,
 )
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
-from speakllm_jax.training.sharding import DEFAULT_RULES
+from speakllm_jax.models.sharding import DEFAULT_RULES
 
 # 檢查點中允許存在但不載入的鍵：舊版存檔的 RoPE 緩衝區。
 _IGNORE_ALWAYS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\..*")

@@ -43,8 +43,8 @@ from speakllm_jax.checkpoints.hf_io import (
     stacked_keys,
     transposed,
 )
+from speakllm_jax.models.sharding import DEFAULT_RULES
 from speakllm_jax.models.whisper import Whisper, WhisperConfig, WhisperEncoder
-from speakllm_jax.training.sharding import DEFAULT_RULES
 
 CONV_PERM = (2, 1, 0)  # HF [out, in, k] → NNX [k, in, out]
 

@@ -8,7 +8,7 @@
   （`apply_text_lead`，下限為 max(段起點 - lead, 上一段最後一個文字幀 + 1, 0)）。
   被搶話截斷的段（kind "interrupted"）：音訊只有前半，文字卻是整句，因此音節起點以同一段對話中
   完整助理段的平均每單位幀數推算（沒有完整段時退回整段均勻分布），超出段尾的符號不放入。
-- 輪替目標與權重：`losses.overlap_aware_targets`；搶話後語音權重為 0 的幀，`text_mask` 也設為 False
+- 輪替目標與權重：`data.overlap.overlap_aware_targets`；搶話後語音權重為 0 的幀，`text_mask` 也設為 False
   （`text_ids` 不變，方便比對）。
 - 語音碼：`codes [Q, M]`（Voila Q=4，第一個碼本為語義碼本；CosyVoice2 Q=1）由助理聲道抽出，
   可選；M 與 N 最多差 2 幀，不足補 0 且權重為 0。
@@ -36,7 +36,7 @@ from speakllm_jax.data.interleave import (
     seconds_to_frame,
     speech_units,
 )
-from speakllm_jax.training.losses import OverlapConfig, overlap_aware_targets
+from speakllm_jax.data.overlap import OverlapConfig, overlap_aware_targets
 
 NUM_CODEBOOKS = 4
 SAMPLE_RATE = 16000

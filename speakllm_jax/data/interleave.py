@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from speakllm_jax.labels import IGNORE_ID, KIND_SOS, KIND_SPEECH, KIND_TASK, KIND_TEXT
 from speakllm_jax.text.codeswitch import split_spans
 
 FRAME_SECONDS = 0.04
 FRAME_RATE = 25
-IGNORE_ID = -1
 _EPS = 1e-6
 
 
@@ -291,11 +291,7 @@ def apply_text_lead(text_frames: Any, lead: int, segment_start: int = 0) -> np.n
     return out
 
 
-# CosyVoice2 的輸入種類（本模組自訂，用來查不同的嵌入表）
-KIND_TEXT = 0
-KIND_SPEECH = 1
-KIND_SOS = 2
-KIND_TASK = 3
+# CosyVoice2 的輸入種類 KIND_*（查不同的嵌入表）定義在 `speakllm_jax.labels`。
 
 
 def interleave_fixed(

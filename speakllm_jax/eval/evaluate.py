@@ -19,45 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-from speakllm_jax.training.checkpointing import Checkpointer, overlay_params
-
-
-def load_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Any, Any, int]:
-    """由執行資料夾重建 (設定, 任務, 模型, 步數)。"""
-    from speakllm_jax.training.task import get_task
-
-    workdir = Path(workdir)
-    cfg_path = workdir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{workdir} 不是訓練執行資料夾：缺少 config.json")
-    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-    task = get_task(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints 中沒有完整的檢查點")
-    source = ckpt.restore_params(step)
-    ckpt.close()
-    # 先建抽象模型（不初始化）；檢查點涵蓋所有變數時直接由它組出模型，省下逐一初始化的時間。
-    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(int(cfg.seed))))
-    graphdef, state = nnx.split(abstract)
-    new, copied, bad = overlay_params(nnx.as_pure(state), source)
-    if bad:
-        raise ValueError(f"檢查點與模型形狀不符：{bad[:5]}")
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(new)):
-        model = task.build_model(nnx.Rngs(int(cfg.seed)))
-        new, _, _ = overlay_params(nnx.as_pure(nnx.state(model)), source)
-        nnx.update(model, new)
-    else:
-        model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, new))
-    return cfg, task, model, int(step)
+from speakllm_jax.labels import EMOTIONS, SPEAKING_ACTIONS
+from speakllm_jax.training.runs import load_run
 
 
 def _asr_rows(cfg: Any) -> list[dict[str, Any]]:
@@ -205,7 +172,7 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
         out = run_streaming(
             model, feats, n, chunk_frames=25, pad_id=task.pad_id, keep_text_logits=False
         )
-        speaking = np.isin(out.turn[0], (1, 2, 4))
+        speaking = np.isin(out.turn[0], SPEAKING_ACTIONS)
         anns.append(ann)
         acts.append(speaking)
         plots.append(str(plot_timeline(ann, speaking, out_dir / f"timeline_{row['id']}.png")))
@@ -222,7 +189,6 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     }
     if emo_true:
         from speakllm_jax.eval.emotion import emotion_report, plot_confusion
-        from speakllm_jax.training.duplex_task import EMOTIONS
 
         report["emotion"] = emotion_report(emo_true, emo_pred, EMOTIONS)
         plots.append(str(plot_confusion(report["emotion"], out_dir / "emotion_confusion.png")))
@@ -235,7 +201,6 @@ def predict_emotion(model: Any, mel: Any, num_frames: int) -> str:
     與訓練時的前向相同（窗內全注意力）；超過編碼器上限時逐窗編碼後串接，在全部幀上平均。
     """
     from speakllm_jax.models.streaming import encode_user_stream
-    from speakllm_jax.training.duplex_task import EMOTIONS
 
     user = encode_user_stream(model, mel, num_frames)
     logits = model.emotion_logits(user, jnp.ones(user.shape[:2], bool))

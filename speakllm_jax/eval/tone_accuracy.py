@@ -20,8 +20,9 @@ from typing import Any
 import jiwer
 import numpy as np
 
+from speakllm_jax.labels import NUM_TONES
 from speakllm_jax.text.codeswitch import is_han
-from speakllm_jax.text.tones import NUM_TONES, char_tones
+from speakllm_jax.text.tones import char_tones
 
 
 def han_tones(text: str) -> tuple[list[str], list[int]]:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from speakllm_jax.data.interleave import KIND_SOS, KIND_TASK, KIND_TEXT
+from speakllm_jax.labels import KIND_SOS, KIND_TASK, KIND_TEXT
 from speakllm_jax.models.layers import dense, partitioned
 from speakllm_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 

@@ -2,7 +2,7 @@
 
 慣例：
 - 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `AXES`），
-  由 `speakllm_jax.training.sharding` 的規則表對應到網格軸。
+  由 `speakllm_jax.models.sharding` 的規則表對應到網格軸。
 - `dtype` 是計算精度，`param_dtype` 是參數（主權重）精度。
 - 堆疊的層以 `nnx.vmap` 建立、以 `nnx.scan` 前向；其前綴軸名為 `"layers"`。
 """
@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from speakllm_jax.models.sharding import logical_to_spec
 
 # 專案使用的邏輯軸名稱。新增名稱時也要在 sharding 規則表中補上。
 AXES = (
@@ -79,9 +81,7 @@ class RMSNorm(nnx.Module):
     ) -> None:
         self.eps = eps
         self.dtype = dtype
-        self.weight = nnx.Param(
-            jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",)
-        )
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -103,21 +103,15 @@ class LayerNorm(nnx.Module):
     ) -> None:
         self.eps = eps
         self.dtype = dtype
-        self.weight = nnx.Param(
-            jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",)
-        )
-        self.bias = nnx.Param(
-            jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",)
-        )
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(
-            jnp.float32
-        )
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -133,9 +127,7 @@ REMAT_POLICIES: dict[str, Any] = {
 def remat_policy(name: str) -> Any:
     """依設定字串取得 `jax.checkpoint` 的保存策略；未知名稱明確報錯。"""
     if name not in REMAT_POLICIES:
-        raise ValueError(
-            f"未知的 remat 策略 {name!r}；可用：{sorted(REMAT_POLICIES)}"
-        )
+        raise ValueError(f"未知的 remat 策略 {name!r}；可用：{sorted(REMAT_POLICIES)}")
     return REMAT_POLICIES[name]
 
 
@@ -150,12 +142,10 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """依邏輯軸名稱約束活化值的分片（只在 `jax.set_mesh` 設定了網格時生效）。
 
     沒有這個約束時，FSDP 網格上 XLA 可能保持權重分片而把整個全域批次的活化值收集到每個
-    裝置，記憶體隨全域批次而非每裝置批次成長。規則表用 `training.sharding.DEFAULT_RULES`。
+    裝置，記憶體隨全域批次而非每裝置批次成長。規則表用 `models.sharding.DEFAULT_RULES`。
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    from speakllm_jax.training.sharding import logical_to_spec
-
     spec = logical_to_spec(tuple(names), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)

@@ -24,15 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from speakllm_jax.labels import NUM_EMOTIONS, NUM_TONES, NUM_TURN_ACTIONS
 from speakllm_jax.models.connector import Connector
 from speakllm_jax.models.cosyvoice2_talker import CosyVoice2Talker, TalkerConfig
 from speakllm_jax.models.layers import dense, partitioned
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from speakllm_jax.models.speech_heads import AudioEmbedding, DepthTransformer, SpeechHeadConfig
 from speakllm_jax.models.whisper import WhisperConfig, WhisperEncoder
-
-NUM_TURN_ACTIONS = 5
-NUM_TONES = 6
 
 
 @dataclass(frozen=True)
@@ -351,18 +349,6 @@ def _masked_mean(x: jax.Array, frame_mask: jax.Array | None) -> jax.Array:
     )
 
 
-def cross_entropy_sum(
-    logits: jax.Array, targets: jax.Array, mask: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """回傳 (遮罩內交叉熵總和, 有效 token 數, 預測正確數)；以 fp32 計算。"""
-    logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    m = mask.astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * m
-    return jnp.sum(nll * m), jnp.sum(m), jnp.sum(correct)
-
-
 def build_speakllm_config(model: Any, lora: Any = None) -> SpeakLLMConfig:
     """由 `config.model`（見 `configs/models.py`）與 `config.lora` 建立 `SpeakLLMConfig`。"""
     dtype = jnp.dtype(model.dtype)
@@ -391,6 +377,12 @@ def build_speakllm_config(model: Any, lora: Any = None) -> SpeakLLMConfig:
         t_qwen = Qwen2Config(**dict(tk.pop("qwen")), **common)
         talker = TalkerConfig(qwen=t_qwen, thinker_hidden=qwen.hidden_size, **tk)
         speech_cfg = SpeechHeadConfig(num_codebooks=1, codebook_size=talker.num_speech_tokens)
+    num_emotions = int(model.get("num_emotions", 0))
+    if num_emotions not in (0, NUM_EMOTIONS):
+        raise ValueError(
+            f"model.num_emotions 應為 0（無情緒頭）或 {NUM_EMOTIONS}（labels.EMOTIONS），"
+            f"得到 {num_emotions}"
+        )
     return SpeakLLMConfig(
         whisper=whisper,
         qwen=qwen,
@@ -400,7 +392,7 @@ def build_speakllm_config(model: Any, lora: Any = None) -> SpeakLLMConfig:
         speech=speech_cfg,
         talker=talker,
         max_chars_per_token=int(model.get("max_chars_per_token", 4)),
-        num_emotions=int(model.get("num_emotions", 0)),
+        num_emotions=num_emotions,
         **_streaming_fields(model),
     )
 

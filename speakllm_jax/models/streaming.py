@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from speakllm_jax.labels import SPEAKING_ACTIONS
 from speakllm_jax.models.speakllm import SpeakLLM
 
 
@@ -274,7 +275,7 @@ def run_streaming(
         codes.append(np.asarray(out["code_ids"][:, 0]))
         if teacher is None:
             # 自由執行：助理這一幀「在說話」時（輪替為 speak／continue／backchannel）語音碼才有效。
-            speaking = (act == 1) | (act == 2) | (act == 4)
+            speaking = jnp.isin(act, jnp.asarray(SPEAKING_ACTIONS))
             prev = {
                 "text": tok[:, None],
                 "tones": jnp.zeros((b, 1, k), jnp.int32),

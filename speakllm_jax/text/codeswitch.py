@@ -18,6 +18,8 @@ _SPAN_RE = re.compile(
     re.S,
 )
 _HAN_CHAR = re.compile(rf"[{HAN}]")
+_CJK = rf"{HAN}，、。？！：；“”‘’（）《》〈〉…"
+_CJK_SPACE_RE = re.compile(rf"(?<=[{_CJK}]) | (?=[{_CJK}])")
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ CODESWITCH_LEXICON: dict[str, str] = {
 }
 
 
-def codeswitch_augment(text: str, rng: np.random.Generator, prob: float = 0.5,
-                       lexicon: dict[str, str] | None = None) -> str:
+def codeswitch_augment(
+    text: str, rng: np.random.Generator, prob: float = 0.5, lexicon: dict[str, str] | None = None
+) -> str:
     """以機率 `prob` 把詞典中的中文詞換成英文詞（前後加空白以保持英文詞完整）；由 `rng` 決定，可重現。"""
     lex = lexicon or CODESWITCH_LEXICON
     keys = sorted(lex, key=len, reverse=True)
@@ -119,6 +122,11 @@ def codeswitch_augment(text: str, rng: np.random.Generator, prob: float = 0.5,
         else:
             out.append(text[i])
             i += 1
-    from speakllm_jax.text.normalize import fix_spaces
-
     return fix_spaces("".join(out))
+
+
+def fix_spaces(text: str) -> str:
+    """整理空白：漢字與漢字、漢字與英文、標點兩側都不留空白；英文詞之間留一個。"""
+    text = re.sub(r"\s+", " ", text).strip()
+    # 空白旁邊是漢字或全形標點時刪除；英文片段內的空白保留
+    return _CJK_SPACE_RE.sub("", text)

@@ -4,10 +4,9 @@
 由 `data.duplex.build_duplex_example` 放上 25 Hz 幀格，再補齊到 `data.max_frames` 幀。
 助理第 t 幀的輸入是它第 t-1 幀的輸出（文字符號、聲調、語音碼），目標是第 t 幀的輸出。
 
-損失（每項都是「加權總和」，引擎以有效幀數相除）：
-`w_text·CE(文字) + w_code·CE(語音碼) + w_turn·CE(輪替) + w_tone·CE(聲調) + w_emotion·CE(情緒)`。
-文字目標在無文字的幀為填充符號，權重 `pad_weight`；搶話後被遮掉的幀也以填充符號為目標
-（助理應該停下）。各研究模組的消融開關在 `config.research`。
+損失由 `training.losses.duplex_loss` 計算（各項的定義與正規化見該模組與
+`docs/research_modules.md`）。文字目標在無文字的幀為填充符號，權重 `pad_weight`；搶話後被遮掉的幀
+也以填充符號為目標（助理應該停下）。各研究模組的消融開關在 `config.research`。
 """
 
 from __future__ import annotations
@@ -20,11 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.training.losses import masked_cross_entropy
-from speakllm_jax.training.task import DataIterator, Task, register_task
-from speakllm_jax.training.tasks import GrainBatches, _tokenizer
-
-EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised")
+from speakllm_jax.labels import EMOTIONS, emotion_token
+from speakllm_jax.training.losses import LossWeights, duplex_loss
+from speakllm_jax.training.task import (
+    DataIterator,
+    GrainBatches,
+    Task,
+    load_pretrained_parts,
+    register_task,
+    text_tokenizer,
+)
 
 
 class DuplexTransform:
@@ -39,7 +43,7 @@ class DuplexTransform:
         num_codebooks: int = 4,
     ):
         from speakllm_jax.data.duplex import DuplexConfig
-        from speakllm_jax.training.losses import OverlapConfig
+        from speakllm_jax.data.overlap import OverlapConfig
 
         r = config.research
         self.cfg = DuplexConfig(
@@ -60,7 +64,7 @@ class DuplexTransform:
         self.max_frames = int(config.data.max_frames)
         self.n_mels = int(config.data.n_mels)
         self.pad_id = int(tokenizer.eos_id)
-        self.emotion_ids = [tokenizer.special_id(f"<|emo_{e}|>") for e in EMOTIONS]
+        self.emotion_ids = [tokenizer.special_id(emotion_token(e)) for e in EMOTIONS]
 
     def _skip(self, reason: str) -> None:
         self.skips[reason] = self.skips.get(reason, 0) + 1
@@ -154,9 +158,9 @@ class DuplexTask(Task):
                 f"duplex 任務需要 model.speech_head 為 {DEMO_SPEECH_TOKENIZERS} 之一，得到 {head!r}"
             )
         self.speech_tokens = head
-        self.tokenizer = _tokenizer(config)
+        self.tokenizer = text_tokenizer(config)
         self.pad_id = int(self.tokenizer.eos_id)
-        self.loss_w = config.loss
+        self.loss_w = LossWeights.from_config(config.loss)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from speakllm_jax.models.speakllm import SpeakLLM
@@ -164,8 +168,6 @@ class DuplexTask(Task):
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def load_pretrained(self, model: nnx.Module) -> nnx.Module:
-        from speakllm_jax.training.tasks import load_pretrained_parts
-
         return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
     def _rows_and_codes(self) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -218,8 +220,6 @@ class DuplexTask(Task):
 
     def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
         del rng
-        w = self.loss_w
-        frame = batch["frame_mask"].astype(jnp.float32)
         text_t = batch["text_target"]
         text_in = _shift(text_t, self.pad_id)
         tones_in = _shift(batch["tones_target"], 0)
@@ -241,38 +241,7 @@ class DuplexTask(Task):
             # cosyvoice2 的 talker 融合思考者隱狀態與該幀輸出的文字（教師強制即文字目標）。
             text_out=text_t if self.model_cfg.speech_head == "cosyvoice2" else None,
         )
-        is_tok = batch["text_is_token"].astype(jnp.float32)
-        text_w = (is_tok + (1.0 - is_tok) * float(w.pad_weight)) * frame
-        t_sum, _ = masked_cross_entropy(out["text"], text_t, text_w)
-        c_sum, _ = masked_cross_entropy(
-            out["codes"], batch["codes_target"], (batch["code_weight"] * frame)[..., None]
-        )
-        turn_sum, _ = masked_cross_entropy(
-            out["turn"], batch["turn_target"], batch["turn_weight"] * frame
-        )
-        tones = batch["tones_target"]
-        tone_w = (tones > 0).astype(jnp.float32) * (is_tok * frame)[..., None]
-        tone_sum, _ = masked_cross_entropy(out["tones"], tones, tone_w)
-        total = (
-            float(w.text) * t_sum
-            + float(w.code) * c_sum
-            + float(w.turn) * turn_sum
-            + float(w.tone) * tone_sum
-        )
-        metrics = {
-            "text_loss": t_sum,
-            "code_loss": c_sum,
-            "turn_loss": turn_sum,
-            "tone_loss": tone_sum,
-        }
-        if "emotion" in out:
-            # 情緒是每段一個標籤：以該段的有效幀數加權，與其他逐幀損失同尺度。
-            e_sum, _ = masked_cross_entropy(
-                out["emotion"], batch["emotion"], jnp.sum(frame, axis=1)
-            )
-            total = total + float(w.emotion) * e_sum
-            metrics["emotion_loss"] = e_sum
-        return total, jnp.sum(frame), metrics
+        return duplex_loss(out, batch, self.loss_w)
 
 
 def ensure_demo_duplex(demo_dir: str | None, tokenizer: str = "voila") -> dict[str, Any]:

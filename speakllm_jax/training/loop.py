@@ -26,7 +26,8 @@ from speakllm_jax.training.config_io import config_to_dict, write_resolved
 from speakllm_jax.training.metrics_log import MetricsLogger
 from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
 from speakllm_jax.training.sharding import make_mesh
-from speakllm_jax.training.task import Task, get_task
+from speakllm_jax.training.task import Task
+from speakllm_jax.training.tasks import get_task
 from speakllm_jax.training.train_state import (
     TrainState,
     batch_shardings,

@@ -254,7 +254,7 @@ def plan(
 
     from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
     from speakllm_jax.training.sharding import make_mesh
-    from speakllm_jax.training.task import get_task
+    from speakllm_jax.training.tasks import get_task
     from speakllm_jax.training.train_state import (
         batch_shardings,
         count_params,

@@ -1,6 +1,7 @@
-"""訓練任務的介面：模型怎麼建、損失怎麼算、資料從哪來。
+"""訓練任務的介面：模型怎麼建、損失怎麼算、資料從哪來；以及各任務共用的資料迭代器與載入函式。
 
-訓練引擎（`loop.py`）只認得這個介面；各階段（ASR 連接器、SFT、雙工、情緒）各自實作。
+訓練引擎（`loop.py`）只認得這個介面；各階段（ASR 連接器、SFT、雙工、情緒）各自實作，
+內建任務與 `get_task` 在 `tasks.py`。
 損失回傳「總和」與「權重」（例如有效 token 數），引擎在梯度累積與多主機之間
 先加總再相除，所以切分方式不同時結果仍一致。
 """
@@ -8,11 +9,13 @@
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 TASKS: dict[str, type[Task]] = {}
@@ -97,11 +100,78 @@ class Task(abc.ABC):
         return int(first.shape[0])
 
 
-def get_task(config: ml_collections.ConfigDict) -> Task:
-    """依 `config.task` 建立任務；名稱不明時列出可用任務。"""
-    # 匯入以登錄內建任務。
-    from speakllm_jax.training import tasks  # noqa: F401
+class GrainBatches(DataIterator):
+    """把 Grain 批次迭代器包成引擎用的迭代器，狀態以 JSON bytes 存入檢查點。
 
-    if config.task not in TASKS:
-        raise KeyError(f"未知的任務 {config.task!r}；可用：{sorted(TASKS)}")
-    return TASKS[config.task](config)
+    `fields` 給定時只留這些數值欄位（否則整批原樣傳回）。略過數累計在 `skipped`：批次自帶的
+    `skipped` 欄位會加進來；也可傳入與逐筆轉換共用的計數字典。恢復時就地更新該字典。
+    """
+
+    def __init__(
+        self,
+        iterator: Any,
+        fields: tuple[str, ...] | None = None,
+        skipped: dict[str, int] | None = None,
+    ):
+        self.iterator = iterator
+        self.fields = fields
+        self.skipped: dict[str, int] = {} if skipped is None else skipped
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.iterator)
+        for k, v in batch.get("skipped", {}).items():
+            self.skipped[k] = self.skipped.get(k, 0) + int(v)
+        if self.fields is None:
+            return batch
+        return {k: np.asarray(batch[k]) for k in self.fields}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"inner": self.iterator.get_state(), "skipped": self.skipped}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        d = json.loads(state.decode() if isinstance(state, bytes) else state)
+        self.iterator.set_state(d["inner"])
+        self.skipped.clear()
+        self.skipped.update(d.get("skipped", {}))
+
+    def skip_report(self) -> dict[str, int]:
+        return dict(self.skipped)
+
+
+def text_tokenizer(cfg: Any) -> Any:
+    """任務用的文字分詞器：`model.tokenizer_path`、`model.qwen_path` 或內建的 Qwen 詞表。"""
+    from speakllm_jax.text.tokenizer import TextTokenizer
+
+    if cfg.model.tokenizer_path:
+        return TextTokenizer.from_dir(cfg.model.tokenizer_path)
+    if cfg.model.qwen_path:
+        return TextTokenizer.from_dir(cfg.model.qwen_path)
+    return TextTokenizer.default()
+
+
+def load_pretrained_parts(model: Any, c: Any, model_cfg: Any) -> Any:
+    """把設定中指定的官方權重載入 SpeakLLM 的各部分（兩個任務共用）。
+
+    `c.whisper_path`（Whisper HF 資料夾，只取編碼器）、`c.qwen_path`（Qwen2.5 HF 資料夾）、
+    `c.talker_path`（CosyVoice2 的 `llm.pt` 或同鍵 safetensors；只在 speech_head="cosyvoice2"）。
+    """
+    if c.get("whisper_path", ""):
+        from speakllm_jax.checkpoints.whisper_hf import load_whisper
+
+        src = load_whisper(c.whisper_path, dtype=model_cfg.whisper.param_dtype, encoder_only=True)
+        nnx.update(model.encoder, nnx.state(getattr(src, "encoder", src)))
+    if c.get("qwen_path", ""):
+        from speakllm_jax.checkpoints.qwen2_hf import load_qwen2
+
+        src = load_qwen2(c.qwen_path, dtype=model_cfg.qwen.param_dtype)
+        nnx.update(model.llm, nnx.state(src))
+    if c.get("talker_path", ""):
+        if model_cfg.speech_head != "cosyvoice2":
+            raise ValueError(
+                f"model.talker_path 只用於 speech_head='cosyvoice2'，目前為 {model_cfg.speech_head!r}"
+            )
+        from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm
+
+        src = load_cosyvoice2_llm(c.talker_path, model_cfg.talker)
+        nnx.update(model.speech_head, nnx.state(src))
+    return model

@@ -1,12 +1,11 @@
-"""內建訓練任務。
+"""內建訓練任務與 `get_task`。
 
 `asr_connector`（第 0 階段）：Whisper 編碼器 → 連接器 → Qwen2，以轉寫文字的交叉熵
-對齊語音與文字；預設只訓練連接器。
+對齊語音與文字；預設只訓練連接器。`duplex`（第 1–3 階段）在 `duplex_task.py`。
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
@@ -14,55 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.training.task import DataIterator, Task, register_task
-
-
-class GrainBatches(DataIterator):
-    """把 Grain 批次迭代器包成引擎用的迭代器，狀態以 JSON bytes 存入檢查點。
-
-    `fields` 給定時只留這些數值欄位（否則整批原樣傳回）。略過數累計在 `skipped`：批次自帶的
-    `skipped` 欄位會加進來；也可傳入與逐筆轉換共用的計數字典。恢復時就地更新該字典。
-    """
-
-    def __init__(
-        self,
-        iterator: Any,
-        fields: tuple[str, ...] | None = None,
-        skipped: dict[str, int] | None = None,
-    ):
-        self.iterator = iterator
-        self.fields = fields
-        self.skipped: dict[str, int] = {} if skipped is None else skipped
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self.iterator)
-        for k, v in batch.get("skipped", {}).items():
-            self.skipped[k] = self.skipped.get(k, 0) + int(v)
-        if self.fields is None:
-            return batch
-        return {k: np.asarray(batch[k]) for k in self.fields}
-
-    def get_state(self) -> bytes:
-        return json.dumps({"inner": self.iterator.get_state(), "skipped": self.skipped}).encode()
-
-    def set_state(self, state: bytes) -> None:
-        d = json.loads(state.decode() if isinstance(state, bytes) else state)
-        self.iterator.set_state(d["inner"])
-        self.skipped.clear()
-        self.skipped.update(d.get("skipped", {}))
-
-    def skip_report(self) -> dict[str, int]:
-        return dict(self.skipped)
-
-
-def _tokenizer(cfg: Any) -> Any:
-    from speakllm_jax.text.tokenizer import TextTokenizer
-
-    if cfg.model.tokenizer_path:
-        return TextTokenizer.from_dir(cfg.model.tokenizer_path)
-    if cfg.model.qwen_path:
-        return TextTokenizer.from_dir(cfg.model.qwen_path)
-    return TextTokenizer.default()
+from speakllm_jax.training.duplex_task import DuplexTask
+from speakllm_jax.training.losses import text_loss, weighted_correct
+from speakllm_jax.training.task import (
+    TASKS,
+    DataIterator,
+    GrainBatches,
+    Task,
+    load_pretrained_parts,
+    register_task,
+    text_tokenizer,
+)
 
 
 def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list[str]:
@@ -104,7 +65,7 @@ class AsrConnectorTask(Task):
         from speakllm_jax.models.speakllm import build_speakllm_config
 
         self.model_cfg = build_speakllm_config(config.model, config.lora)
-        self.tokenizer = _tokenizer(config)
+        self.tokenizer = text_tokenizer(config)
         if self.tokenizer.vocab_size > self.model_cfg.qwen.vocab_size:
             raise ValueError(
                 f"分詞器詞表 {self.tokenizer.vocab_size} 大於模型詞表 {self.model_cfg.qwen.vocab_size}"
@@ -124,8 +85,6 @@ class AsrConnectorTask(Task):
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
-        from speakllm_jax.models.speakllm import cross_entropy_sum
-
         del rng
         logits = model.asr_logits(
             batch["mel"],
@@ -135,7 +94,8 @@ class AsrConnectorTask(Task):
             batch["text_ids"],
             batch["text_mask"],
         )
-        total, weight, correct = cross_entropy_sum(logits, batch["text_ids"], batch["text_mask"])
+        total, weight = text_loss(logits, batch["text_ids"], batch["text_mask"])
+        correct = weighted_correct(logits, batch["text_ids"], batch["text_mask"])
         return total, weight, {"token_accuracy": correct}
 
     def pipeline_config(self, process_count: int) -> dict[str, Any]:
@@ -195,33 +155,11 @@ class AsrConnectorTask(Task):
         return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
 
-def load_pretrained_parts(model: Any, c: Any, model_cfg: Any) -> Any:
-    """把設定中指定的官方權重載入 SpeakLLM 的各部分（兩個任務共用）。
-
-    `c.whisper_path`（Whisper HF 資料夾，只取編碼器）、`c.qwen_path`（Qwen2.5 HF 資料夾）、
-    `c.talker_path`（CosyVoice2 的 `llm.pt` 或同鍵 safetensors；只在 speech_head="cosyvoice2"）。
-    """
-    if c.get("whisper_path", ""):
-        from speakllm_jax.checkpoints.whisper_hf import load_whisper
-
-        src = load_whisper(c.whisper_path, dtype=model_cfg.whisper.param_dtype, encoder_only=True)
-        nnx.update(model.encoder, nnx.state(getattr(src, "encoder", src)))
-    if c.get("qwen_path", ""):
-        from speakllm_jax.checkpoints.qwen2_hf import load_qwen2
-
-        src = load_qwen2(c.qwen_path, dtype=model_cfg.qwen.param_dtype)
-        nnx.update(model.llm, nnx.state(src))
-    if c.get("talker_path", ""):
-        if model_cfg.speech_head != "cosyvoice2":
-            raise ValueError(
-                f"model.talker_path 只用於 speech_head='cosyvoice2'，目前為 {model_cfg.speech_head!r}"
-            )
-        from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm
-
-        src = load_cosyvoice2_llm(c.talker_path, model_cfg.talker)
-        nnx.update(model.speech_head, nnx.state(src))
-    return model
+def get_task(config: Any) -> Task:
+    """依 `config.task` 建立任務；名稱不明時列出可用任務。"""
+    if config.task not in TASKS:
+        raise KeyError(f"未知的任務 {config.task!r}；可用：{sorted(TASKS)}")
+    return TASKS[config.task](config)
 
 
-# 登錄全雙工任務（第 1–3 階段）。
-from speakllm_jax.training import duplex_task  # noqa: E402,F401
+__all__ = ["AsrConnectorTask", "DuplexTask", "get_task", "subset_manifest"]

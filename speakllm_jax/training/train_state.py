@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from speakllm_jax.training.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
+from speakllm_jax.models.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
 from speakllm_jax.training.task import Task
 
 

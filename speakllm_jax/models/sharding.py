@@ -1,0 +1,124 @@
+"""邏輯分片規則：模型、檢查點與訓練共用的分片原語（位於 models 層，不依賴訓練）。
+
+模型參數只帶邏輯軸名稱（例如 `("embed", "mlp")`）；本模組以規則表把邏輯軸
+對應到網格軸 `(data, fsdp, tensor)`，得到 `NamedSharding`。某一維無法被對應的
+網格軸大小整除時，該維改為複製（不分片），讓小模型也能放在大網格上。
+建立網格的 `make_mesh` 在 `speakllm_jax.training.sharding`。
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# 邏輯軸 → 網格軸（或網格軸的元組、或 None 表示複製）。
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("kernel", None),
+    ("codebook", None),
+)
+
+
+def _axis_size(mesh: Mesh, mesh_axes: Any) -> int:
+    if mesh_axes is None:
+        return 1
+    if isinstance(mesh_axes, str):
+        mesh_axes = (mesh_axes,)
+    return int(np.prod([mesh.shape[a] for a in mesh_axes]))
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int] | None,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+) -> PartitionSpec:
+    """把一組邏輯軸名稱轉成 `PartitionSpec`。
+
+    同一網格軸不會被用兩次；不能整除的維度改為複製。
+    """
+    if not names:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out: list[Any] = []
+    for i, name in enumerate(names):
+        target = table.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+        size = _axis_size(mesh, axes) if axes else 1
+        if not axes or size == 1 or (shape is not None and shape[i] % size):
+            out.append(None)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def _names_of(var: nnx.Variable) -> tuple | None:
+    meta = var.get_metadata()
+    return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+
+
+def state_shardings(
+    state: nnx.State,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+) -> Any:
+    """回傳與 `state` 同結構的 `NamedSharding` 樹（值可為陣列或 ShapeDtypeStruct）。"""
+
+    def one(var: Any) -> Any:
+        if isinstance(var, nnx.Variable):
+            value = var.get_value()
+            names = _names_of(var)
+            spec = logical_to_spec(names, getattr(value, "shape", None), mesh, rules)
+            return var.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def activation_spec(
+    names: Sequence[str | None],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+) -> NamedSharding:
+    """活化值（例如批次 `("batch", "length")`）的 `NamedSharding`。"""
+    return NamedSharding(mesh, logical_to_spec(names, None, mesh, rules))
+
+
+def shard_model(
+    model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> nnx.Module:
+    """把已存在的模型參數依規則放到網格上（原地更新並回傳模型）。"""
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh, rules)
+    new_state = jax.tree.map(
+        lambda x, s: jax.device_put(x, s),
+        nnx.to_pure_dict(state),
+        nnx.to_pure_dict(shardings),
+    )
+    nnx.replace_by_pure_dict(state, new_state)
+    nnx.update(model, state)
+    return model
