@@ -1,17 +1,24 @@
 """SpeakLLM-JAX：中文優先的全雙工語音大模型研究程式庫。
 
 在 TPU／CPU 上以 JAX 與 Flax NNX 訓練，匯出至 PyTorch 於 GPU 上服務。
+匯入本套件本身不匯入 JAX／Flax，所以不需要 JAX 的子模組（`cli`、`audio.io`、`text`）可單獨使用。
 """
+
+import os as _os
+import sys as _sys
 
 from speakllm_jax.cpu_simulation import widen_cpu_thread_pool as _widen
 
 # 模擬多裝置時放大 XLA CPU 執行緒池（要在 JAX 建立後端之前）。
 _widen()
 
-from flax import nnx as _nnx  # noqa: E402
+# 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；分片一律由 `speakllm_jax.training.sharding`
+# 依規則表對應到網格。Flax 尚未匯入時以它讀取的環境變數設定（不在此匯入 Flax）。
+if "flax" in _sys.modules:
+    from flax import nnx as _nnx
 
-# 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；
-# 分片一律由 `speakllm_jax.training.sharding` 依規則表對應到網格。
-_nnx.use_eager_sharding(False)
+    _nnx.use_eager_sharding(False)
+else:
+    _os.environ["FLAX_ALWAYS_SHARD_VARIABLE"] = "false"
 
 __version__ = "0.1.0"
