@@ -13,13 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
 from speakllm_jax.data.demo_corpus import make_demo_corpus  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True, help="輸出資料夾")
     p.add_argument("--seed", type=int, default=0, help="句子抽選的種子（同種子產出相同檔案）")
     p.add_argument("--scale", type=int, default=1, help="規模倍數（>= 1）")
@@ -27,9 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     info = make_demo_corpus(a.output_dir, seed=a.seed, scale=a.scale)
     print(json.dumps(info, ensure_ascii=False))
-    print(f"完成：{a.output_dir}（{time.perf_counter() - t0:.1f} 秒）")
+    print_summary(
+        f"完成：示範語料（{time.perf_counter() - t0:.1f} 秒）",
+        [("資料夾", a.output_dir)],
+        [
+            f"python data/build_manifests.py --config configs/data/demo.py --data_root "
+            f"{a.output_dir} --output manifests/demo.jsonl"
+        ],
+    )
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

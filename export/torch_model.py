@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speakllm_jax.cli import UserFileError
+
 HEADS_FILE = "heads.safetensors"
 HEADS_CONFIG = "heads_config.json"
 TALKER_DIR = "talker"
@@ -663,7 +665,7 @@ def load_heads_config(path: str | Path) -> HeadsConfig:
     """讀 `heads_config.json`。"""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"缺少 {p}")
+        raise UserFileError(f"缺少 {p}（需要 python -m export.to_torch 的輸出資料夾）")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -734,7 +736,9 @@ def load_exported(
     root = Path(directory)
     for name in ("llm", "whisper_encoder", HEADS_FILE, HEADS_CONFIG):
         if not (root / name).exists():
-            raise FileNotFoundError(f"匯出資料夾 {root} 缺少 {name}")
+            raise UserFileError(
+                f"匯出資料夾 {root} 缺少 {name}（需要 python -m export.to_torch 的輸出資料夾）"
+            )
     cfg = load_heads_config(root / HEADS_CONFIG)
     kw = dict(attn_implementation=attn_implementation, dtype=dtype)
     encoder = WhisperEncoder.from_pretrained(root / "whisper_encoder", **kw)

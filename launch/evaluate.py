@@ -15,7 +15,9 @@ from speakllm_jax.training.config_io import require_run_dir  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="訓練執行資料夾（含 config.json 與 checkpoints/）")
+    p.add_argument(
+        "--workdir", required=True, help="訓練執行資料夾（含 config.json 與 checkpoints/）"
+    )
     p.add_argument("--step", type=int, default=None, help="評估哪一步（預設最新）")
     p.add_argument("--max_utts", type=int, default=32)
     p.add_argument("--max_dialogues", type=int, default=4)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -18,6 +17,8 @@ from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from speakllm_jax.cli import ArgumentParser, run_cli  # noqa: E402  套件本身不匯入 JAX
 
 
 def _load_planner_without_jax() -> ModuleType:
@@ -32,7 +33,7 @@ def _load_planner_without_jax() -> ModuleType:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
     parser.add_argument(
         "--mesh",
@@ -102,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
