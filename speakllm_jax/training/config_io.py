@@ -205,3 +205,27 @@ def require_run_dir(workdir: str | Path, step: int | None = None, flag: str = "-
     if step is not None and int(step) not in steps:
         raise UserFileError(f"--step {step}：{d / 'checkpoints'} 沒有這一步；可用：{steps}")
     return d
+
+
+def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
+    """訓練開始前檢查設定中的本機輸入路徑（初始化檢查點、預訓練權重、清單），錯誤時拋出 `UserError`。
+
+    含 `://` 的路徑（例如 gs://）不檢查。
+    """
+
+    def local(value: Any) -> bool:
+        return bool(value) and "://" not in str(value)
+
+    init = cfg.checkpoint.get("init_from", "")
+    if local(init):
+        require_run_dir(init, flag="--config.checkpoint.init_from")
+    for key in ("whisper_path", "qwen_path", "talker_path"):
+        value = cfg.model.get(key, "")
+        if local(value) and not Path(value).exists():
+            raise UserFileError(
+                f"--config.model.{key}={value}：路徑不存在（需要本機的官方權重資料夾）"
+            )
+    for key in ("train_manifests", "eval_manifests"):
+        for item in str(cfg.data.get(key, "")).split(","):
+            if local(item.strip()) and not Path(item.strip()).is_file():
+                raise UserFileError(f"--config.data.{key}：清單不存在：{item.strip()}")
