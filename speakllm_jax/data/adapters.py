@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import re
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1049,4 +1048,4 @@ def build_single(
     """單一語料的捷徑（`--corpus NAME --root DIR`）。"""
     spec = {"name": corpus or adapter, "adapter": adapter, "root": str(Path(root).resolve())}
     spec.update(options)
-    return build_manifests({"corpora": [spec]}, output, log=lambda s: print(s, file=sys.stderr))
+    return build_manifests({"corpora": [spec]}, output, log=print)
