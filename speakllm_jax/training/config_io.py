@@ -75,7 +75,7 @@ def _coerce(text: str, old: Any, key: str) -> Any:
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise bad("bool（true/false）")
+        raise bad("bool（布林值 true/false）")
     if isinstance(old, int):
         try:
             value = float(text) if "e" in text.lower() else int(text)
