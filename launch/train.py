@@ -10,6 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,35 +34,19 @@ def _logged_losses(workdir: Path) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
-    parser.add_argument("--workdir", default="", help="執行資料夾（預設 runs/<階段>）")
-    parser.add_argument("--no_progress", action="store_true", help="不顯示進度條")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-    check_input_paths(cfg)
-    workdir = Path(args.workdir or Path("runs") / cfg.phase)
-
-    # 設定無誤後才匯入 JAX 與訓練迴圈，錯誤訊息不必等待編譯。
-    from speakllm_jax.training.loop import TooManyBadSteps, train
-
-    try:
-        result = train(cfg, workdir, progress=not args.no_progress)
-    except TooManyBadSteps as err:
-        print(f"錯誤：{err}", file=sys.stderr)
-        return 3
+def print_train_summary(result: Any, workdir: Path, steps: int) -> None:
+    """訓練結尾（或重跑已完成的 workdir 時）的摘要：寫了什麼、TensorBoard 指令與下一步。"""
     losses = result.losses
     if result.resumed_from is None or result.final_step > result.resumed_from:
         title = f"完成：第 {result.final_step} 步"
     else:
-        title = f"已訓練完成（第 {result.final_step} 步，train.steps={cfg.train.steps}），未再訓練"
+        title = f"已訓練完成（第 {result.final_step} 步，train.steps={steps}），未再訓練"
         losses = _logged_losses(workdir)
     if result.preempted:
         title = f"已中止並存檔：第 {result.final_step} 步（同一指令重跑即恢復）"
     if losses:
         title += f"，損失 {losses[0]:.4f} → {losses[-1]:.4f}"
-    written = [
+    written: list[tuple[str, Any]] = [
         ("執行資料夾", workdir),
         ("設定", workdir / "config.json"),
         ("檢查點", workdir / "checkpoints"),
@@ -81,6 +66,27 @@ def main(argv: list[str] | None = None) -> int:
             f"python -m export.to_torch --checkpoint {quoted} --out exported/{workdir.name}",
         ],
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
+    parser.add_argument("--workdir", default="", help="執行資料夾（預設 runs/<階段>）")
+    parser.add_argument("--no_progress", action="store_true", help="不顯示進度條")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    check_input_paths(cfg)
+    workdir = Path(args.workdir or Path("runs") / cfg.phase)
+
+    # 設定無誤後才匯入 JAX 與訓練迴圈，錯誤訊息不必等待編譯。
+    from speakllm_jax.training.loop import TooManyBadSteps, train
+
+    try:
+        result = train(cfg, workdir, progress=not args.no_progress)
+    except TooManyBadSteps as err:
+        print(f"錯誤：{err}", file=sys.stderr)
+        return 3
+    print_train_summary(result, workdir, int(cfg.train.steps))
     return 0
 
 

@@ -12,6 +12,7 @@ import difflib
 import os
 import sys
 import traceback
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -115,13 +116,18 @@ def run_cli(main: Callable[..., int | None], argv: Sequence[str] | None = None) 
     return int(code or 0)
 
 
+def display_width(text: str) -> int:
+    """終端機上的顯示寬度（全形字算 2 欄）。"""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def print_summary(
     title: str, written: Sequence[tuple[str, Any]], next_commands: Sequence[str] = ()
 ) -> None:
     """印出結尾摘要：寫了哪些東西（標籤：路徑）與下一步的指令。"""
     print(title)
-    width = max((len(label) for label, _ in written), default=0)
+    width = max((display_width(label) for label, _ in written), default=0)
     for label, value in written:
-        print(f"  {label.ljust(width)}  {value}")
+        print(f"  {label}{' ' * (width - display_width(label))}  {value}")
     for i, cmd in enumerate(next_commands):
         print(("下一步：" if i == 0 else "        ") + cmd)
