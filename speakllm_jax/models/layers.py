@@ -79,7 +79,9 @@ class RMSNorm(nnx.Module):
     ) -> None:
         self.eps = eps
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
+        self.weight = nnx.Param(
+            jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -101,15 +103,21 @@ class LayerNorm(nnx.Module):
     ) -> None:
         self.eps = eps
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",))
+        self.weight = nnx.Param(
+            jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",)
+        )
+        self.bias = nnx.Param(
+            jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(
+            jnp.float32
+        )
         return y.astype(self.dtype)
 
 
@@ -125,7 +133,9 @@ REMAT_POLICIES: dict[str, Any] = {
 def remat_policy(name: str) -> Any:
     """依設定字串取得 `jax.checkpoint` 的保存策略；未知名稱明確報錯。"""
     if name not in REMAT_POLICIES:
-        raise ValueError(f"未知的 remat 策略 {name!r}；可用：{sorted(REMAT_POLICIES)}")
+        raise ValueError(
+            f"未知的 remat 策略 {name!r}；可用：{sorted(REMAT_POLICIES)}"
+        )
     return REMAT_POLICIES[name]
 
 

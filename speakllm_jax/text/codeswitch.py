@@ -100,9 +100,8 @@ CODESWITCH_LEXICON: dict[str, str] = {
 }
 
 
-def codeswitch_augment(
-    text: str, rng: np.random.Generator, prob: float = 0.5, lexicon: dict[str, str] | None = None
-) -> str:
+def codeswitch_augment(text: str, rng: np.random.Generator, prob: float = 0.5,
+                       lexicon: dict[str, str] | None = None) -> str:
     """以機率 `prob` 把詞典中的中文詞換成英文詞（前後加空白以保持英文詞完整）；由 `rng` 決定，可重現。"""
     lex = lexicon or CODESWITCH_LEXICON
     keys = sorted(lex, key=len, reverse=True)

@@ -19,35 +19,17 @@ from speakllm_jax.text.codeswitch import HAN
 CONVERSIONS = ("t2s", "s2t", "tw2s", "hk2s", "t2tw", "none")
 
 _ANNOTATION_RE = re.compile(
-    r"\[[^\[\]]{0,40}\]"  # [noise] [laughter] [+] 等
-    r"|<[^<>\s|]{0,20}>"  # <unk> <sil>（不碰 <|special|> 類符號）
+    r"\[[^\[\]]{0,40}\]"          # [noise] [laughter] [+] 等
+    r"|<[^<>\s|]{0,20}>"           # <unk> <sil>（不碰 <|special|> 類符號）
     r"|\((?:laughter|noise|cough|breath|unk|music|sil)\)"
     r"|[#*~^]",
     re.I,
 )
 # 中文標點統一表（半形或變體 → 正規全形）；只在鄰近漢字時套用。
 _ZH_PUNCT = {
-    ",": "，",
-    "、": "、",
-    ".": "。",
-    "．": "。",
-    "?": "？",
-    "!": "！",
-    ":": "：",
-    ";": "；",
-    "「": "“",
-    "」": "”",
-    "『": "‘",
-    "』": "’",
-    "〝": "“",
-    "〞": "”",
-    "(": "（",
-    ")": "）",
-    "﹐": "，",
-    "﹑": "、",
-    "﹒": "。",
-    "﹖": "？",
-    "﹗": "！",
+    ",": "，", "、": "、", ".": "。", "．": "。", "?": "？", "!": "！", ":": "：", ";": "；",
+    "「": "“", "」": "”", "『": "‘", "』": "’", "〝": "“", "〞": "”",
+    "(": "（", ")": "）", "﹐": "，", "﹑": "、", "﹒": "。", "﹖": "？", "﹗": "！",
 }
 _ALL_PUNCT = "，、。？！：；“”‘’（）,.?!:;\"'()「」『』《》〈〉…—-·"
 _HAN_RE = re.compile(rf"[{HAN}]")
@@ -98,12 +80,7 @@ def _normalize_punct(text: str) -> str:
     for i, ch in enumerate(chars):
         if ch not in _ZH_PUNCT:
             continue
-        if (
-            ch == "."
-            and 0 < i < len(chars) - 1
-            and chars[i - 1].isdigit()
-            and chars[i + 1].isdigit()
-        ):
+        if ch == "." and 0 < i < len(chars) - 1 and chars[i - 1].isdigit() and chars[i + 1].isdigit():
             continue  # 小數點
         prev_han = i > 0 and bool(_HAN_RE.match(chars[i - 1]))
         next_han = i + 1 < len(chars) and bool(_HAN_RE.match(chars[i + 1]))
@@ -157,14 +134,8 @@ def normalize_zh(
 
 def strip_punct(text: str) -> str:
     """去除標點（評分用）；英文縮寫的撇號保留。"""
-    t = re.sub(
-        r"(?<=[A-Za-z])['’](?=[A-Za-z])|(?<=[0-9])\.(?=[0-9])",
-        lambda m: "\0" if m.group() != "." else "\1",
-        text,
-    )
-    t = "".join(
-        " " if (ch in _ALL_PUNCT or unicodedata.category(ch).startswith("P")) else ch for ch in t
-    )
+    t = re.sub(r"(?<=[A-Za-z])['’](?=[A-Za-z])|(?<=[0-9])\.(?=[0-9])", lambda m: "\0" if m.group() != "." else "\1", text)
+    t = "".join(" " if (ch in _ALL_PUNCT or unicodedata.category(ch).startswith("P")) else ch for ch in t)
     return fix_spaces(t.replace("\0", "'").replace("\1", "."))
 
 

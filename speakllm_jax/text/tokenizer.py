@@ -72,13 +72,9 @@ def build_qwen_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    backend = TikTokenConverter(
-        vocab_file=str(qwen_tiktoken_path()), pattern=QWEN2_PATTERN
-    ).converted()
+    backend = TikTokenConverter(vocab_file=str(qwen_tiktoken_path()), pattern=QWEN2_PATTERN).converted()
     backend.normalizer = normalizers.NFC()
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]
-    )
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     for tok, idx in QWEN_SPECIAL_TOKENS.items():
         if backend.token_to_id(tok) != idx:
             raise RuntimeError(f"特殊符號 {tok} 的編號應為 {idx}，得到 {backend.token_to_id(tok)}")
@@ -120,21 +116,16 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 def add_special_tokens(tokenizer: Any, tokens: tuple[str, ...] = SPECIAL_TOKENS) -> int:
     """把專案特殊符號加入分詞器，回傳實際新增的數量（已存在者不重複加入）。"""
-    return int(
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False
-        )
-        if _accepts_replace(tokenizer)
-        else tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
-    )
+    return int(tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)},
+                                            replace_extra_special_tokens=False)
+               if _accepts_replace(tokenizer) else
+               tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}))
 
 
 def _accepts_replace(tokenizer: Any) -> bool:
     import inspect
 
-    return (
-        "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
-    )
+    return "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
 
 
 def save_with_special_tokens(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Any:
@@ -193,11 +184,7 @@ class TextTokenizer:
     def special_id(self, name: str) -> int:
         """特殊符號的編號；未知符號明確報錯。"""
         idx = self.tok.convert_tokens_to_ids(name)
-        if (
-            idx is None
-            or idx == self.tok.unk_token_id
-            or self.tok.convert_ids_to_tokens(idx) != name
-        ):
+        if idx is None or idx == self.tok.unk_token_id or self.tok.convert_ids_to_tokens(idx) != name:
             raise KeyError(f"分詞器中沒有特殊符號 {name!r}")
         return int(idx)
 

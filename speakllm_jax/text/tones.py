@@ -70,9 +70,8 @@ class ToneAlignment:
     syllables: list[Syllable]
 
 
-def align_tones_to_tokens(
-    text: str, token_bytes: list[bytes], max_chars_per_token: int = 4
-) -> ToneAlignment:
+def align_tones_to_tokens(text: str, token_bytes: list[bytes],
+                          max_chars_per_token: int = 4) -> ToneAlignment:
     """把逐字聲調對齊到 BPE 符號（`token_bytes` 為每個符號的原始位元組，特殊符號為空位元組）。
 
     符號位元組串接後必須等於 `text` 的 UTF-8 編碼（分詞器會做 NFC 正規化，
@@ -92,7 +91,7 @@ def align_tones_to_tokens(
     byte_token = np.empty(len(data), dtype=np.int64)
     pos = 0
     for t, b in enumerate(token_bytes):
-        byte_token[pos : pos + len(b)] = t
+        byte_token[pos:pos + len(b)] = t
         pos += len(b)
     tones_per_char = char_tones(text)
     n = len(token_bytes)
