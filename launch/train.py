@@ -15,7 +15,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
-from speakllm_jax.training.config_io import check_input_paths, load_config  # noqa: E402
+from speakllm_jax.training.config_io import check_train_config, load_config  # noqa: E402
 
 
 def _logged_losses(workdir: Path) -> list[float]:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_progress", action="store_true", help="不顯示進度條")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    check_input_paths(cfg)
+    check_train_config(cfg)
     workdir = Path(args.workdir or Path("runs") / cfg.phase)
 
     # 設定無誤後才匯入 JAX 與訓練迴圈，錯誤訊息不必等待編譯。

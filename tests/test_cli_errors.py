@@ -81,6 +81,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["launch/train.py", "--config.data.train_manifests={missing}.jsonl"],
         ["--config.data.train_manifests", "{missing}.jsonl"],
     ),
+    (
+        "train_bad_mesh",
+        ["launch/train.py", "--config.mesh.fsdp=0"],
+        ["--config.mesh.fsdp=0"],
+    ),
+    (
+        "train_unknown_preset",
+        ["launch/train.py", "--config.preset=huge"],
+        ["--config.preset=huge", "tiny"],
+    ),
     ("evaluate_no_workdir_flag", ["launch/evaluate.py"], ["--workdir"]),
     ("evaluate_missing_workdir", ["launch/evaluate.py", "--workdir", "{missing}"], ["{missing}"]),
     (

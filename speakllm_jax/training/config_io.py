@@ -157,7 +157,10 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     preset = [v for k, v in pairs if k == "preset"]
     params = inspect.signature(module.get_config).parameters
     if preset and "preset" in params:
-        cfg = module.get_config(preset=preset[-1])
+        try:
+            cfg = module.get_config(preset=preset[-1])
+        except ValueError as err:
+            raise UserValueError(f"--config.preset={preset[-1]}：{err}") from err
     else:
         cfg = module.get_config()
     for key, value in pairs:
@@ -207,11 +210,16 @@ def require_run_dir(workdir: str | Path, step: int | None = None, flag: str = "-
     return d
 
 
-def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
-    """訓練開始前檢查設定中的本機輸入路徑（初始化檢查點、預訓練權重、清單），錯誤時拋出 `UserError`。
+def check_train_config(cfg: ml_collections.ConfigDict) -> None:
+    """訓練開始前（匯入 JAX 之前）檢查網格大小與本機輸入路徑，錯誤時拋出 `UserError`。
 
-    含 `://` 的路徑（例如 gs://）不檢查。
+    路徑為初始化檢查點、預訓練權重與清單；含 `://` 的路徑（例如 gs://）不檢查。
     """
+    for axis, size in cfg.get("mesh", {}).items():
+        if int(size) < 1 and int(size) != -1:
+            raise UserValueError(
+                f"--config.mesh.{axis}={size}：網格軸的大小必須 ≥ 1（-1 表示用剩下的裝置）"
+            )
 
     def local(value: Any) -> bool:
         return bool(value) and "://" not in str(value)
