@@ -293,3 +293,18 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
         assert proc.returncode == 2
         assert "Traceback" in proc.stderr and "UserFileError" in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("錯誤：--config phase9")
+
+
+def test_cli_helpers_do_not_import_jax() -> None:
+    # 客戶端、錯誤處理與設定解析不匯入 JAX／Flax；之後匯入 Flax 時仍關閉立即分片。
+    code = (
+        "import sys, export.serving.client, speakllm_jax.cli, speakllm_jax.audio.io\n"
+        "from speakllm_jax.training.config_io import load_config\n"
+        "load_config('phase2', ['--config.train.steps=3'])\n"
+        "print(sorted(m for m in ('jax', 'flax', 'torch') if m in sys.modules))\n"
+        "from flax import nnx\n"
+        "print(nnx.using_eager_sharding())\n"
+    )
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]", "False"]
