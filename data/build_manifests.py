@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.cli import ArgumentParser, empty_manifest, print_summary, run_cli  # noqa: E402
 from speakllm_jax.data.adapters import ADAPTERS, build_manifests, build_single  # noqa: E402
 from speakllm_jax.data.registry import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="資料設定檔（configs/data/*.py；.yaml 名稱會對應到同名 .py）")
     p.add_argument("--output", required=True, help="輸出清單 JSONL")
     p.add_argument("--data_root", help="覆寫設定中的 data_root（語料根目錄）")
@@ -43,8 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         p.error("需要 --config，或同時給 --corpus 與 --root")
     print(json.dumps(summary, ensure_ascii=False))
-    return 0 if summary["rows"] else 1
+    if not summary["rows"]:
+        n = summary["skipped"]["total"]
+        raise empty_manifest(a.output, f"略過 {n} 筆，原因見 {summary['skipped_file']}")
+    out = Path(a.output)
+    normed = out.with_name(out.stem + "_norm.jsonl")
+    print_summary(
+        f"完成：{summary['rows']} 列",
+        [("清單", out), ("略過紀錄", summary["skipped_file"])],
+        [
+            f"python data/normalize_text_zh.py --manifest {shlex.quote(str(out))} "
+            f"--output {shlex.quote(str(normed))} --conversion t2s"
+        ],
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

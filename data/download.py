@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
 from speakllm_jax.data.registry import (  # noqa: E402
     REGISTRY,
     DownloadError,
@@ -26,9 +27,7 @@ from speakllm_jax.data.registry import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="資料設定檔（其 download 欄列出登錄表名稱）")
     p.add_argument("--names", nargs="*", help=f"直接指定語料：{sorted(REGISTRY)}")
     p.add_argument("--output_dir", help="下載目的地（預設為設定的 data_root）")
@@ -53,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--local 需為 NAME=DIR，收到 {item!r}")
             reg = register_local(name, path, out)
             print(f"已註冊 {name} → {Path(path).resolve()}（{reg}）")
+        print_summary("完成：已註冊本機副本", [("登記檔", reg)], [_next_command(a.config, out)])
         return 0
     if not names:
         p.error("沒有要下載的語料：給 --config 或 --names")
@@ -74,8 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{len(failed)} 個語料未完成：{sorted(failed)}", file=sys.stderr)
         return 2
+    if not a.dry_run:
+        print_summary("完成：語料已下載", [("資料夾", out)], [_next_command(a.config, out)])
     return 0
 
 
+def _next_command(config: str | None, out: Path) -> str:
+    """下一步：由資料設定建立清單。"""
+    cfg = config or "configs/data/asr_zh.py"
+    return (
+        f"python data/build_manifests.py --config {cfg} --data_root {out} "
+        f"--output manifests/{Path(cfg).stem}.jsonl"
+    )
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

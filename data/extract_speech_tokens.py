@@ -11,12 +11,22 @@ OUT 為資料夾（每句一個 .npy）或單一 .npz；重跑時已完成的語
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.cli import (  # noqa: E402
+    ArgumentParser,
+    UserError,
+    empty_manifest,
+    print_summary,
+    require_dir,
+    run_cli,
+)
 from speakllm_jax.data.cosyvoice2_tokens import S3CheckpointError  # noqa: E402
+from speakllm_jax.data.manifest import require_rows  # noqa: E402
 from speakllm_jax.data.speech_tokens import (  # noqa: E402
     SUPPORTED_TOKENIZERS,
     extract_speech_tokens,
@@ -24,9 +34,7 @@ from speakllm_jax.data.speech_tokens import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--tokenizer", default="voila", choices=SUPPORTED_TOKENIZERS, help="語音符號抽取器"
     )
@@ -44,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no_progress", action="store_true", help="不顯示進度條（預設在終端機上顯示於 stderr）"
     )
     a = p.parse_args(argv)
+    require_rows(a.manifest)
+    require_dir(a.checkpoint, "--checkpoint", "需要本機的語音符號抽取器資料夾（見 --help）")
     try:
         report = extract_speech_tokens(
             a.manifest,
@@ -56,11 +66,20 @@ def main(argv: list[str] | None = None) -> int:
             progress=False if a.no_progress else None,
         )
     except (NotImplementedError, S3CheckpointError) as e:
-        print(f"錯誤：{e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--checkpoint {a.checkpoint}：{e}") from e
     print(report.table())
+    if not report.encoded and not report.already_done:
+        raise empty_manifest(a.manifest, f"沒有任何語句抽出語音碼；略過 {len(report.skips)} 筆")
+    print_summary(
+        f"完成：新抽 {report.encoded} 句、已完成 {report.already_done} 句",
+        [("語音碼", a.output)],
+        [
+            "python launch/train.py --config phase2 --config.data.train_manifests="
+            f"{shlex.quote(a.manifest)} --config.data.codes_dirs={shlex.quote(a.output)}"
+        ],
+    )
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

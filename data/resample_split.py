@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.audio.vad import VadConfig, resample_split  # noqa: E402
+from speakllm_jax.cli import ArgumentParser, empty_manifest, print_summary, run_cli  # noqa: E402
+from speakllm_jax.data.demo_data import duplex_paths  # noqa: E402
+from speakllm_jax.data.manifest import require_rows  # noqa: E402
 
 
 def _bool(s: str) -> bool:
@@ -26,10 +30,16 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"需為 True/False，收到 {s!r}")
 
 
+def tokenizer_hint() -> str:
+    """下一步指令的 `--checkpoint`：主任務建好的示範 Voila-Tokenizer，沒有時為說明文字。"""
+    demo = duplex_paths()["tokenizer"]
+    if demo.is_dir():
+        return f"{shlex.quote(str(demo))}  # 示範用隨機模型；真實資料改用 Voila-Tokenizer 資料夾"
+    return "<Voila-Tokenizer 資料夾>"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="輸入清單 JSONL")
     p.add_argument("--output_dir", required=True, help="輸出資料夾")
     p.add_argument("--target_sr", type=int, default=16000, help="目標取樣率")
@@ -39,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hangover_ms", type=int, default=300, help="短於此長度的靜音不切斷")
     p.add_argument("--output_manifest", help="輸出清單路徑（預設 OUTPUT_DIR/manifest.jsonl）")
     a = p.parse_args(argv)
+    require_rows(a.manifest)
     cfg = VadConfig(aggressiveness=a.aggressiveness, hangover_ms=a.hangover_ms)
     summary = resample_split(
         a.manifest,
@@ -50,8 +61,27 @@ def main(argv: list[str] | None = None) -> int:
         output_manifest=a.output_manifest,
     )
     print(json.dumps(summary, ensure_ascii=False))
-    return 0 if summary["output_rows"] else 1
+    out = Path(a.output_manifest or Path(a.output_dir) / "manifest.jsonl")
+    if not summary["output_rows"]:
+        raise empty_manifest(
+            out, f"輸入 {a.manifest} 的每一列都被略過，原因見 {summary['skipped_file']}"
+        )
+    codes = Path(a.output_dir) / "codes"
+    print_summary(
+        f"完成：寫出 {summary['output_rows']} 列",
+        [
+            ("清單", out),
+            ("音訊", Path(a.output_dir) / "audio"),
+            ("略過紀錄", summary["skipped_file"]),
+        ],
+        [
+            f"python data/extract_speech_tokens.py --tokenizer voila --manifest "
+            f"{shlex.quote(str(out))} --output {shlex.quote(str(codes))} --checkpoint "
+            + tokenizer_hint()
+        ],
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

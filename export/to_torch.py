@@ -29,8 +29,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from export.torch_model import (
     TALKER_WEIGHTS,
     HeadsConfig,
 )
+from speakllm_jax.cli import ArgumentParser, print_summary, run_cli
 
 
 def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
@@ -205,7 +206,7 @@ def export_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m export.to_torch",
         description="把訓練執行資料夾的 Orbax 檢查點匯出成 PyTorch／Hugging Face 資料夾",
     )
@@ -217,14 +218,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="一致性檢查的隨機種子")
     p.add_argument("--skip-parity", action="store_true", help="不做一致性檢查（不寫 parity.json）")
     args = p.parse_args(argv)
+    from speakllm_jax.training.config_io import require_run_dir
+
+    require_run_dir(args.checkpoint, args.step, flag="--checkpoint")
     report = export_run(
         args.checkpoint, args.out, args.step, None if args.skip_parity else args.seed
     )
     if report:
         print(json.dumps({"max_abs_diff": report.get("max_abs_diff")}, indent=2))
-    print(f"已匯出到 {args.out}")
+    out = Path(args.out)
+    info = json.loads((out / "export_info.json").read_text(encoding="utf-8"))
+    written = [("匯出資料夾", out)]
+    if report:
+        written.append(("一致性檢查", out / "parity.json"))
+    print_summary(
+        f"已匯出：第 {info['step']} 步",
+        written,
+        [serve_command(out, info["checkpoint"])],
+    )
     return 0
 
 
+def serve_command(model_dir: Path, run_dir: str | Path) -> str:
+    """匯出後啟動服務的指令：依語音頭選 Voila-Tokenizer 或 token2wav；示範資料的執行用示範解碼器。"""
+    head = json.loads((model_dir / HEADS_CONFIG).read_text(encoding="utf-8"))["speech_head"]
+    cmd = f"python -m export.serving.server --config serving --config.model_dir={shlex.quote(str(model_dir))}"
+    if head == "cosyvoice2":
+        return cmd + " --config.token2wav_dir=<CosyVoice2 token2wav 資料夾（flow.pt、hift.pt）>"
+    if head != "voila":
+        return (
+            f"（speech_head={head!r} 的模型沒有語音頭，不能啟動語音服務；請匯出第 1–3 階段的執行）"
+        )
+    from speakllm_jax.data.demo_data import duplex_paths
+
+    run_cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    data = run_cfg.get("data", {})
+    demo = duplex_paths(data.get("demo_dir") or None)["tokenizer"]
+    if not data.get("codes_dirs") and demo.is_dir():
+        return cmd + f" --config.voila_dir={shlex.quote(str(demo))}  # 示範 Voila-Tokenizer"
+    return cmd + " --config.voila_dir=<Voila-Tokenizer 資料夾>"
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

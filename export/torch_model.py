@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speakllm_jax.cli import UserFileError
 from speakllm_jax.labels import NUM_TONES, NUM_TURN_ACTIONS, SPEAKING_ACTIONS
 
 HEADS_FILE = "heads.safetensors"
@@ -898,7 +899,7 @@ def load_heads_config(path: str | Path) -> HeadsConfig:
     """讀 `heads_config.json`。"""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"缺少 {p}")
+        raise UserFileError(f"缺少 {p}（需要 python -m export.to_torch 的輸出資料夾）")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -969,7 +970,9 @@ def load_exported(
     root = Path(directory)
     for name in ("llm", "whisper_encoder", HEADS_FILE, HEADS_CONFIG):
         if not (root / name).exists():
-            raise FileNotFoundError(f"匯出資料夾 {root} 缺少 {name}")
+            raise UserFileError(
+                f"匯出資料夾 {root} 缺少 {name}（需要 python -m export.to_torch 的輸出資料夾）"
+            )
     cfg = load_heads_config(root / HEADS_CONFIG)
     kw = dict(attn_implementation=attn_implementation, dtype=dtype)
     encoder = WhisperEncoder.from_pretrained(root / "whisper_encoder", **kw)

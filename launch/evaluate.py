@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speakllm_jax.eval.evaluate import evaluate_run  # noqa: E402
+from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
+from speakllm_jax.training.config_io import require_run_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--workdir", required=True, help="訓練執行資料夾（含 config.json 與 checkpoints/）"
     )
@@ -39,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.duplex_server:
         return _duplex_server(a)
-    report = evaluate_run(a.workdir, a.step, a.max_utts, a.max_dialogues)
+    workdir = require_run_dir(a.workdir, a.step)
+
+    from speakllm_jax.eval.evaluate import evaluate_run
+
+    report = evaluate_run(workdir, a.step, a.max_utts, a.max_dialogues)
     summary = {k: v for k, v in report.items() if k not in ("asr", "duplex")}
     if "asr" in report:
         summary["asr"] = {k: v for k, v in report["asr"].items() if k != "items"}
@@ -48,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         if "emotion" in report["duplex"]:
             summary["emotion_accuracy"] = report["duplex"]["emotion"]["accuracy"]
     print(json.dumps(summary, ensure_ascii=False, indent=2, default=float))
+    out_dir = workdir / "eval" / f"step_{report['step']}"
+    written = [("報表", out_dir / "report.json")]
+    written += [("圖", plot) for plot in report.get("plots", [])]
+    quoted = shlex.quote(str(workdir))
+    print_summary(
+        f"評估完成：第 {report['step']} 步",
+        written,
+        [f"python -m export.to_torch --checkpoint {quoted} --out exported/{workdir.name}"],
+    )
     return 0
 
 
@@ -92,4 +107,4 @@ def _duplex_server(a: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

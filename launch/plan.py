@@ -7,32 +7,20 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _load_planner_without_jax() -> ModuleType:
-    path = REPO / "speakllm_jax" / "training" / "planner.py"
-    spec = importlib.util.spec_from_file_location("_speakllm_planner_light", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"無法載入 {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass 需要在 sys.modules 中找到模組
-    spec.loader.exec_module(module)
-    return module
+from speakllm_jax.cli import ArgumentParser, run_cli  # noqa: E402  套件本身不匯入 JAX
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
     parser.add_argument(
         "--mesh",
@@ -57,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leaves", action="store_true", help="JSON 中附上每個葉節點的分片明細")
     args, overrides = parser.parse_known_args(argv)
 
-    # 先解析網格，再在匯入 JAX 之前設定模擬裝置數。套件的 __init__ 會匯入 Flax（連帶 JAX），
-    # 所以這裡直接由檔案載入不匯入 JAX 的 planner 模組來解析。
-    planner_light = _load_planner_without_jax()
+    # 先解析網格，再在匯入 JAX 之前設定模擬裝置數（套件與 planner 模組本身不匯入 JAX；
+    # full 預設的設定會匯入模型，所以設定在設好環境變數之後才載入）。
+    from speakllm_jax.training import planner as planner_light
+
     try:
         mesh = planner_light.parse_mesh(args.mesh)
     except ValueError as err:
@@ -102,4 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

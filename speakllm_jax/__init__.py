@@ -1,6 +1,7 @@
 """SpeakLLM-JAX：中文優先的全雙工語音大模型研究程式庫。
 
 在 TPU／CPU 上以 JAX 與 Flax NNX 訓練，匯出至 PyTorch 於 GPU 上服務。
+匯入本套件本身不匯入 JAX／Flax，所以不需要 JAX 的子模組（`cli`、`audio.io`、`text`）可單獨使用。
 """
 
 import functools

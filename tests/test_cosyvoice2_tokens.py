@@ -183,6 +183,7 @@ def test_batched_equals_one_by_one(corpus, model, model64):
 
 def test_cli_resumable_and_skips(tmp_path, corpus, s3_dir, model, capsys):
     from data.extract_speech_tokens import main
+    from speakllm_jax.cli import run_cli
 
     out = tmp_path / "codes"
     args = ["--tokenizer", "cosyvoice2", "--manifest", str(corpus / "m.jsonl")]
@@ -213,10 +214,12 @@ def test_cli_resumable_and_skips(tmp_path, corpus, s3_dir, model, capsys):
     other = save_random_s3tokenizer(tmp_path / "other", S3TokenizerV2Config.tiny(n_layer=1))
     with pytest.raises(ValueError, match="n_layer"):
         extract_speech_tokens(corpus / "m.jsonl", out, other, tokenizer="cosyvoice2")
-    # 沒有權重的資料夾：CLI 回傳 2 並說明
+    # 沒有權重的資料夾：CLI 回傳 2 並以一行說明
     args[args.index(str(s3_dir))] = str(tmp_path)
-    assert main(args) == 2
-    assert CHECKPOINT_NAME in capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli(main, args) == 2
+    err = capsys.readouterr().err
+    assert CHECKPOINT_NAME in err and err.startswith("錯誤：--checkpoint") and err.count("\n") == 1
 
 
 def test_demo_tokenizer_gives_varied_codes(tmp_path, corpus):

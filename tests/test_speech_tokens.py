@@ -149,6 +149,7 @@ def test_meta_mismatch_refuses_to_mix(tmp_path, corpus, voila_dir, tok):
 
 def test_cli(tmp_path, corpus, voila_dir, capsys):
     from data.extract_speech_tokens import main
+    from speakllm_jax.cli import run_cli
 
     out = tmp_path / "o"
     assert (
@@ -171,8 +172,10 @@ def test_cli(tmp_path, corpus, voila_dir, capsys):
         == 0
     )
     assert len(load_codes(out)) == 3
+    capsys.readouterr()
     assert (
-        main(
+        run_cli(
+            main,
             [
                 "--tokenizer",
                 "cosyvoice2",
@@ -182,8 +185,9 @@ def test_cli(tmp_path, corpus, voila_dir, capsys):
                 str(tmp_path / "c"),
                 "--checkpoint",
                 str(voila_dir),
-            ]
+            ],
         )
         == 2
     )
-    assert "CosyVoice2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "CosyVoice2" in err and err.startswith("錯誤：--checkpoint")

@@ -98,6 +98,15 @@ def test_overrides_and_errors() -> None:
         load_config("phase9")
     with pytest.raises(ValueError, match="布林"):
         load_config("phase0", ["--config.logging.plot=maybe"])
+    with pytest.raises(ValueError, match=r"--config\.train\.steps 需要 int，收到 'abc'"):
+        load_config("phase0", ["--config.train.steps=abc"])
+    with pytest.raises(ValueError, match="需要 int"):
+        load_config("phase0", ["--config.train.steps=1.5"])
+    assert load_config("phase0", ["--config.train.steps=1e3"]).train.steps == 1000
+    with pytest.raises(KeyError, match="你是不是要 optim.lr"):
+        load_config("phase0", ["--config.optim.lrr=1"])
+    with pytest.raises(KeyError, match="不是區塊"):
+        load_config("phase0", ["--config.train.steps.x=1"])
 
 
 def test_phase0_on_8_devices_loss_falls(demo_env, tmp_path: Path) -> None:
@@ -256,8 +265,12 @@ def test_two_process_gloo_matches_single_process(demo_env, tmp_path: Path, nproc
 
 
 def test_bf16_compute_keeps_fp32_master_weights(demo_env, tmp_path: Path) -> None:
-    cfg = _cfg("--config.train.steps=2", "--config.model.dtype=bfloat16",
-               "--config.checkpoint.every_steps=100", "--config.train.grad_accum=2")
+    cfg = _cfg(
+        "--config.train.steps=2",
+        "--config.model.dtype=bfloat16",
+        "--config.checkpoint.every_steps=100",
+        "--config.train.grad_accum=2",
+    )
     result = train(cfg, tmp_path, progress=False, keep_state=True)
     assert result.final_step == 2 and all(np.isfinite(result.losses))
     dtypes = {x.dtype for x in jax.tree.leaves(result.state.params)}

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
@@ -184,9 +183,10 @@ def stream_audio(
 def main(argv: list[str] | None = None) -> int:
     import soundfile as sf
 
-    from speakllm_jax.audio.io import load_audio
+    from speakllm_jax.audio.io import AudioError, load_audio
+    from speakllm_jax.cli import ArgumentParser, UserError, require_file
 
-    p = argparse.ArgumentParser(prog="python -m export.serving.client", description=__doc__)
+    p = ArgumentParser(prog="python -m export.serving.client", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stream", help="串流一個音檔並存下回覆")
     s.add_argument("--audio", required=True, help="輸入音檔（任何取樣率，轉單聲道 16 kHz）")
@@ -198,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--policy", default="", help="vad 或 model（空白：伺服器預設）")
     s.add_argument("--json", default="", help="另把量測寫成 JSON")
     args = p.parse_args(argv)
-    wave = load_audio(args.audio, SAMPLE_RATE)
+    require_file(args.audio, "--audio")
+    try:
+        wave = load_audio(args.audio, SAMPLE_RATE)
+    except (
+        AudioError,
+        RuntimeError,
+    ) as err:  # soundfile 讀不了的格式是 LibsndfileError（RuntimeError）
+        raise UserError(f"--audio {args.audio}：無法讀取音檔（{err}）") from err
     res = stream_audio(
         args.target,
         wave,
@@ -208,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         tail_seconds=args.tail_seconds,
         policy=args.policy,
     )
+    if res.status == grpc.StatusCode.UNAVAILABLE and not res.messages:
+        raise UserError(f"--target {args.target}：連不上伺服器（{res.detail}）；伺服器啟動了嗎？")
+    if res.status != grpc.StatusCode.OK:
+        # 串流以錯誤結束：不寫回覆檔，一行印出狀態與說明。
+        raise UserError(f"串流以 {res.status.name} 結束：{res.detail}；未寫出 {args.out}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     sf.write(args.out, res.reply_wave(), res.output_rate, subtype="PCM_16")
     summ = res.summary()
@@ -235,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reply written to {args.out}")
     if args.json:
         Path(args.json).write_text(json.dumps(summ, ensure_ascii=False, indent=2) + "\n")
-    return 0 if res.status == grpc.StatusCode.OK else 1
+        print(f"metrics written to {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from speakllm_jax.cli import run_cli
+
+    raise SystemExit(run_cli(main))

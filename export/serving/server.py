@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -588,10 +587,46 @@ async def _serve(cfg: Any) -> None:
     print("stopped", flush=True)
 
 
+def check_model_paths(cfg: Any) -> None:
+    """啟動前檢查模型與語音解碼器的資料夾，錯誤時拋出指出設定欄位的 `UserError`。"""
+    from speakllm_jax.cli import UserFileError, UserValueError
+
+    demo = "，或以 --demo-assets DIR 使用示範模型"
+    if not str(cfg.model_dir):
+        raise UserValueError(
+            f"--config.model_dir 是空的：需要 python -m export.to_torch 匯出的資料夾{demo}"
+        )
+    heads = Path(cfg.model_dir) / "heads_config.json"
+    if not heads.is_file():
+        raise UserFileError(
+            f"--config.model_dir={cfg.model_dir}：找不到 {heads.name}，"
+            f"需要 python -m export.to_torch 匯出的資料夾{demo}"
+        )
+    head = json.loads(heads.read_text(encoding="utf-8")).get("speech_head", "")
+    if head == "voila":
+        field, need = "voila_dir", ("config.json",)
+        what = "Voila-Tokenizer（EncodecModel）資料夾"
+    elif head == "cosyvoice2":
+        field, need = "token2wav_dir", ("flow.pt", "hift.pt")
+        what = "CosyVoice2 token2wav 資料夾（flow.pt、hift.pt）"
+    else:
+        raise UserValueError(
+            f"--config.model_dir={cfg.model_dir}：模型沒有語音頭（speech_head={head!r}），"
+            "不能做語音對話；請匯出第 1–3 階段的執行"
+        )
+    value = str(cfg[field])
+    if not value:
+        raise UserValueError(f"--config.{field} 是空的：speech_head={head!r} 需要{what}{demo}")
+    for name in need:
+        if not (Path(value) / name).is_file():
+            raise UserFileError(f"--config.{field}={value}：找不到 {name}，需要{what}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from speakllm_jax.cli import ArgumentParser
     from speakllm_jax.training.config_io import load_config
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m export.serving.server", description="全雙工語音對話 gRPC 伺服器"
     )
     p.add_argument("--config", default="serving", help="設定名稱或 .py 路徑（預設 serving）")
@@ -612,9 +647,12 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.token2wav_dir = str(dec_dir)
             else:
                 cfg.voila_dir = str(dec_dir)
+    check_model_paths(cfg)
     asyncio.run(_serve(cfg))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from speakllm_jax.cli import run_cli
+
+    sys.exit(run_cli(main))

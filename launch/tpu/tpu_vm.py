@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from speakllm_jax.cli import ArgumentParser, UserError, run_cli  # noqa: E402
 from speakllm_jax.training.tpu_commands import (  # noqa: E402
     ACTIONS,
     GcloudNotFound,
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1 :]
     doc = __doc__ or ""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_commands(commands, spec)
     except GcloudNotFound as err:
-        print(f"錯誤：{err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from err
     except subprocess.CalledProcessError as err:
         print(f"錯誤：指令失敗（結束碼 {err.returncode}）：{err.cmd}", file=sys.stderr)
         return 1
@@ -97,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -19,6 +19,7 @@ import numpy as np
 import webrtcvad
 
 from speakllm_jax.audio.io import resample
+from speakllm_jax.cli import UserValueError
 
 VAD_RATES = (8000, 16000, 32000, 48000)
 
@@ -36,7 +37,7 @@ class VadConfig:
 
     def __post_init__(self) -> None:
         if self.aggressiveness not in (0, 1, 2, 3):
-            raise ValueError(f"aggressiveness 必須為 0–3，收到 {self.aggressiveness}")
+            raise UserValueError(f"aggressiveness 必須為 0–3，收到 {self.aggressiveness}")
         if self.frame_ms not in (10, 20, 30):
             raise ValueError(f"frame_ms 必須為 10、20 或 30，收到 {self.frame_ms}")
 
@@ -139,7 +140,7 @@ def split_utterances(
     單一語音段本身超過上限時（中間沒有夠長的靜音），只能等分硬切。
     """
     if max_seconds <= 0:
-        raise ValueError(f"max_seconds 必須 > 0，收到 {max_seconds}")
+        raise UserValueError(f"max_seconds 必須 > 0，收到 {max_seconds}")
     limit = max(max_seconds - 2 * pad, max_seconds / 2)
     segs: list[tuple[float, float]] = []
     for s, e in segments:

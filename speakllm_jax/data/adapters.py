@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import re
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from speakllm_jax.audio.io import (
     check_audio_detail,
     load_audio,
 )
+from speakllm_jax.cli import UserFileError, UserValueError, suggest
 from speakllm_jax.data.manifest import resolve_path, validate_row, write_manifest
 from speakllm_jax.data.registry import LOCAL_REGISTRY, read_local_registry
 from speakllm_jax.text.codeswitch import language_of
@@ -58,7 +58,9 @@ def register_adapter(name: str) -> Callable[[Adapter], Adapter]:
 def get_adapter(name: str) -> Adapter:
     """依名稱取得轉接器；未知名稱拋出 ValueError 並列出可用者。"""
     if name not in ADAPTERS:
-        raise ValueError(f"未知的轉接器 {name!r}；可用：{sorted(ADAPTERS)}")
+        raise UserValueError(
+            f"未知的轉接器 {name!r}{suggest(name, ADAPTERS)}；可用：{sorted(ADAPTERS)}"
+        )
     return ADAPTERS[name]
 
 
@@ -158,7 +160,7 @@ def _find(root: Path, rel: str) -> Path:
     hits = sorted(root.glob(f"*/{rel}"))
     if hits:
         return hits[0]
-    raise FileNotFoundError(f"{root}: 找不到 {rel}；請確認 root 指向語料解壓後的資料夾")
+    raise UserFileError(f"{root}: 找不到 {rel}；請確認 root 指向語料解壓後的資料夾")
 
 
 def _want(split: str, splits: Any) -> bool:
@@ -247,7 +249,7 @@ def aishell3(
                 source_pinyin=" ".join(pinyin),
             )
     if not found:
-        raise FileNotFoundError(f"{root}: 找不到 train/content.txt 或 test/content.txt")
+        raise UserFileError(f"{root}: 找不到 train/content.txt 或 test/content.txt")
 
 
 CV_SPLITS = ("train", "dev", "test")
@@ -275,7 +277,7 @@ def commonvoice(
     else:
         locales = sorted(p for p in root.iterdir() if (p / "clips").is_dir())
     if not locales or not all((d / "clips").is_dir() for d in locales):
-        raise FileNotFoundError(f"{root}: 找不到 Common Voice 的 clips/ 資料夾（locale={locale}）")
+        raise UserFileError(f"{root}: 找不到 Common Voice 的 clips/ 資料夾（locale={locale}）")
     probe = _Prober(skips, expected_sr)
     for ldir in locales:
         for split in splits or CV_SPLITS:
@@ -351,7 +353,7 @@ def librispeech(
         root = root / "LibriSpeech"
     trans_files = sorted(root.glob("*/*/*/*.trans.txt"))
     if not trans_files:
-        raise FileNotFoundError(f"{root}: 找不到 */*/*/*.trans.txt（LibriSpeech 目錄格式）")
+        raise UserFileError(f"{root}: 找不到 */*/*/*.trans.txt（LibriSpeech 目錄格式）")
     probe = _Prober(skips, expected_sr)
     for tf in trans_files:
         subset = tf.parents[2].name
@@ -401,7 +403,7 @@ def wenetspeech(
     root = Path(root)
     meta = root / "WenetSpeech.json"
     if not meta.is_file():
-        raise FileNotFoundError(f"{root}: 找不到 WenetSpeech.json")
+        raise UserFileError(f"{root}: 找不到 WenetSpeech.json")
     with meta.open(encoding="utf-8") as f:
         data = json.load(f)
     probe = _Prober(skips, expected_sr)
@@ -464,7 +466,7 @@ def magicdata_ramc(
     if not (root / "TXT").is_dir() and (root / "MDT2021S003").is_dir():
         root = root / "MDT2021S003"
     if not (root / "TXT").is_dir():
-        raise FileNotFoundError(f"{root}: 找不到 TXT/ 資料夾（MagicData-RAMC 目錄格式）")
+        raise UserFileError(f"{root}: 找不到 TXT/ 資料夾（MagicData-RAMC 目錄格式）")
     probe = _Prober(skips, expected_sr)
     for txt in sorted((root / "TXT").rglob("*.txt")):
         rel = txt.relative_to(root / "TXT")
@@ -519,7 +521,7 @@ def dialogue(
     root = Path(root)
     metas = sorted(root.glob("*.json"))
     if not metas:
-        raise FileNotFoundError(f"{root}: 找不到對話 JSON")
+        raise UserFileError(f"{root}: 找不到對話 JSON")
     probe = _Prober(skips, expected_sr)
     for mp in metas:
         try:
@@ -575,7 +577,7 @@ def instructions(
     root = Path(root)
     src = root / filename
     if not src.is_file():
-        raise FileNotFoundError(f"{root}: 找不到 {filename}")
+        raise UserFileError(f"{root}: 找不到 {filename}")
     probe = _Prober(skips, expected_sr)
     for lineno, line in _read_lines(src, skips):
         key = f"{src}:{lineno}"
@@ -627,7 +629,7 @@ def vad_truth(
     root = Path(root)
     src = root / "vad_truth.json"
     if not src.is_file():
-        raise FileNotFoundError(f"{root}: 找不到 vad_truth.json")
+        raise UserFileError(f"{root}: 找不到 vad_truth.json")
     if not _want(split, splits):
         return
     probe = _Prober(skips, expected_sr)
@@ -660,7 +662,7 @@ def libritts(
         root = root / "LibriTTS"
     files = sorted(root.glob("*/*/*/*.trans.tsv"))
     if not files:
-        raise FileNotFoundError(f"{root}: 找不到 */*/*/*.trans.tsv（LibriTTS 目錄格式）")
+        raise UserFileError(f"{root}: 找不到 */*/*/*.trans.tsv（LibriTTS 目錄格式）")
     probe = _Prober(skips, expected_sr)
     for tf in files:
         subset = tf.parents[2].name
@@ -712,7 +714,7 @@ def kaldi(
         [root] if (root / "wav.scp").is_file() else sorted(p.parent for p in root.rglob("wav.scp"))
     )
     if not dirs:
-        raise FileNotFoundError(f"{root}: 找不到 wav.scp（Kaldi 資料夾格式）")
+        raise UserFileError(f"{root}: 找不到 wav.scp（Kaldi 資料夾格式）")
     probe = _Prober(skips, expected_sr)
     for d in dirs:
         sp = split or _libri_split(d.name)
@@ -781,7 +783,7 @@ def emilia(
         return
     metas = sorted(root.rglob("*.json"))
     if not metas:
-        raise FileNotFoundError(f"{root}: 找不到 Emilia 的 JSON 標註")
+        raise UserFileError(f"{root}: 找不到 Emilia 的 JSON 標註")
     probe = _Prober(skips, expected_sr)
     for mp in metas:
         try:
@@ -853,7 +855,7 @@ def esd(
     root = Path(root)
     spk_dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / f"{p.name}.txt").is_file())
     if not spk_dirs:
-        raise FileNotFoundError(f"{root}: 找不到 ESD 說話人資料夾（{{spk}}/{{spk}}.txt）")
+        raise UserFileError(f"{root}: 找不到 ESD 說話人資料夾（{{spk}}/{{spk}}.txt）")
     probe = _Prober(skips, expected_sr)
     for sd in spk_dirs:
         tf = sd / f"{sd.name}.txt"
@@ -1049,4 +1051,4 @@ def build_single(
     """單一語料的捷徑（`--corpus NAME --root DIR`）。"""
     spec = {"name": corpus or adapter, "adapter": adapter, "root": str(Path(root).resolve())}
     spec.update(options)
-    return build_manifests({"corpora": [spec]}, output, log=lambda s: print(s, file=sys.stderr))
+    return build_manifests({"corpora": [spec]}, output, log=print)

@@ -28,6 +28,7 @@ import numpy as np
 import soundfile as sf
 
 from speakllm_jax.audio.io import resample, write_audio
+from speakllm_jax.cli import UserError, UserValueError
 from speakllm_jax.text.normalize import normalize_zh
 
 # 示範語料的預設資料夾（相對於專案根目錄）；訓練預設、資料設定 configs/data/demo.py 與
@@ -495,9 +496,9 @@ def _make_vad(ctx: _Ctx) -> None:
 def make_demo_corpus(output_dir: str | Path, seed: int = 0, scale: int = 1) -> dict[str, Any]:
     """建立示範語料；回傳 demo_info（種子、規模、各部分檔案數）。同一種子產出相同檔案。"""
     if not has_espeak():
-        raise RuntimeError("找不到 espeak-ng；示範語料需要它（Debian 套件 espeak-ng）")
+        raise UserError("找不到 espeak-ng；示範語料需要它（Debian 套件 espeak-ng）")
     if scale < 1:
-        raise ValueError(f"scale 必須 >= 1，收到 {scale}")
+        raise UserValueError(f"--scale 必須 >= 1，收到 {scale}")
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     ctx = _Ctx(root, np.random.default_rng(seed), int(scale), {})

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from speakllm_jax.cli import UserValueError
 from speakllm_jax.data.adapters import build_manifests
 from speakllm_jax.data.demo_corpus import DEMO_DIR, make_demo_corpus
 from speakllm_jax.data.demo_dialogues import DIALOGUE_DIR, DIALOGUE_INFO, make_turn_dialogues
@@ -53,7 +54,7 @@ def demo_manifest(
     """建立（或沿用）示範語料的正規化清單，回傳路徑。"""
     unknown = [c for c in corpora if c not in DEMO_CORPORA]
     if unknown:
-        raise ValueError(f"未知的示範語料 {unknown}；可用：{sorted(DEMO_CORPORA)}")
+        raise UserValueError(f"未知的示範語料 {unknown}；可用：{sorted(DEMO_CORPORA)}")
     root = ensure_demo_corpus(demo_dir, seed)
     name = "_".join(corpora) + (f".{split}" if split else "")
     return _norm_manifest(root, corpora, name, split)
@@ -118,7 +119,7 @@ def duplex_paths(
     `cosyvoice2` 為 `duplex/codes_cosyvoice2_{dialogue,instructions}`（[1, frames]，碼本 6561）。
     """
     if tokenizer not in DEMO_SPEECH_TOKENIZERS:
-        raise ValueError(f"未知的語音符號 {tokenizer!r}；可用：{DEMO_SPEECH_TOKENIZERS}")
+        raise UserValueError(f"未知的語音符號 {tokenizer!r}；可用：{DEMO_SPEECH_TOKENIZERS}")
     root = Path(demo_dir) if demo_dir else default_demo_dir()
     d = root / "duplex"
     if tokenizer == "cosyvoice2":

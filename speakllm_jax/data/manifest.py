@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from speakllm_jax.audio.io import AudioError, SkipCounter, audio_info
+from speakllm_jax.cli import UserFileError, empty_manifest
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def iter_manifest(
     """逐列讀取清單；非 UTF-8 或無法解析的行會略過，並以「檔名:行號」記入 `skips`。"""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"清單不存在：{p}")
+        raise UserFileError(f"清單不存在：{p}")
     own = skips is None
     skips = SkipCounter() if own else skips
     n_bad = 0
@@ -286,6 +287,21 @@ def read_manifest(
 ) -> list[dict[str, Any]]:
     """讀取整份清單為 list；壞行略過並計數（見 `iter_manifest`）。"""
     return list(iter_manifest(path, skips))
+
+
+def require_rows(path: str | os.PathLike, flag: str = "--manifest") -> Path:
+    """清單必須存在且至少有一列 JSON 物件，否則拋出使用者錯誤（壞行以「檔名:行號」指出）。"""
+    p = Path(path)
+    if not p.is_file():
+        raise UserFileError(f"{flag} {p}：清單不存在")
+    skips = SkipCounter()
+    for _ in iter_manifest(p, skips):
+        return p
+    if not skips.items:
+        raise empty_manifest(p, "檔案是空的")
+    key, reason, detail = skips.items[0]
+    more = f"，共 {len(skips)} 行壞資料" if len(skips) > 1 else ""
+    raise empty_manifest(p, f"{key} {reason}：{detail}{more}")
 
 
 def write_manifest(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from speakllm_jax.cli import UserFileError, UserValueError, suggest
 from speakllm_jax.data.demo_corpus import DEMO_DIR, ensure_demo_corpus
 
 LOCAL_REGISTRY = "local_registry.json"
@@ -362,7 +363,9 @@ REGISTRY: dict[str, CorpusSpec] = {c.name: c for c in CORPORA}
 def get_corpus(name: str) -> CorpusSpec:
     """依名稱取得語料登錄資料；未知名稱拋出 ValueError 並列出可用者。"""
     if name not in REGISTRY:
-        raise ValueError(f"未知的語料 {name!r}；登錄表中有：{sorted(REGISTRY)}")
+        raise UserValueError(
+            f"未知的語料 {name!r}{suggest(name, REGISTRY)}；登錄表中有：{sorted(REGISTRY)}"
+        )
     return REGISTRY[name]
 
 
@@ -372,7 +375,7 @@ def load_config(path: str | os.PathLike) -> Any:
     if not p.is_file() and p.suffix in (".yaml", ".yml") and p.with_suffix(".py").is_file():
         p = p.with_suffix(".py")  # 種子文件的 configs/data/*.yaml 名稱對應到同名 .py
     if not p.is_file():
-        raise FileNotFoundError(f"設定檔不存在：{p}")
+        raise UserFileError(f"--config {p}：設定檔不存在")
     import sys
 
     root = str(p.resolve().parents[2])
@@ -382,7 +385,7 @@ def load_config(path: str | os.PathLike) -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if not hasattr(mod, "get_config"):
-        raise ValueError(f"{p}: 設定檔必須定義 get_config()")
+        raise UserValueError(f"--config {p}：設定檔必須定義 get_config()")
     return mod.get_config()
 
 
@@ -402,7 +405,7 @@ def register_local(name: str, path: str | os.PathLike, output_dir: str | os.Path
     spec = get_corpus(name)
     src = Path(path).expanduser().resolve()
     if not src.exists():
-        raise FileNotFoundError(f"--local {name}={path}: 路徑不存在")
+        raise UserFileError(f"--local {name}={path}：路徑不存在")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     reg = read_local_registry(out)

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from speakllm_jax.audio.io import AudioError, SkipCounter, load_audio
+from speakllm_jax.cli import UserFileError, UserValueError
 from speakllm_jax.data.cosyvoice2_tokens import CosyVoice2Tokenizer
 from speakllm_jax.data.manifest import read_manifest, resolve_audio
 
@@ -77,9 +78,7 @@ class VoilaTokenizer:
 
         path = Path(checkpoint)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path}：找不到 config.json（需要本機的 Voila-Tokenizer 資料夾）"
-            )
+            raise UserFileError(f"{path}：找不到 config.json（需要本機的 Voila-Tokenizer 資料夾）")
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
@@ -232,7 +231,7 @@ def load_speech_tokenizer(
         return VoilaTokenizer(checkpoint, device=device, **kwargs)
     if name == "cosyvoice2":
         return CosyVoice2Tokenizer(checkpoint, device=device, **kwargs)
-    raise ValueError(f"未知的語音符號抽取器 {name!r}；可用：{SUPPORTED_TOKENIZERS}")
+    raise UserValueError(f"未知的語音符號抽取器 {name!r}；可用：{SUPPORTED_TOKENIZERS}")
 
 
 # ---------------------------------------------------------------- 輸出儲存
@@ -276,7 +275,9 @@ class CodeStore:
                 self._check_meta(old)
         else:
             if self.path.exists() and not self.path.is_dir():
-                raise ValueError(f"輸出 {self.path} 已存在且不是資料夾（單一檔案請用 .npz 副檔名）")
+                raise UserValueError(
+                    f"輸出 {self.path} 已存在且不是資料夾（單一檔案請用 .npz 副檔名）"
+                )
             self.path.mkdir(parents=True, exist_ok=True)
             mp = self.path / "meta.json"
             if mp.exists():
@@ -288,7 +289,7 @@ class CodeStore:
     def _check_meta(self, old: dict[str, Any]) -> None:
         diff = {k: (old.get(k), v) for k, v in self.meta.items() if old and old.get(k) != v}
         if diff:
-            raise ValueError(f"{self.path}：既有輸出的設定與目前不同 {diff}；請換輸出位置")
+            raise UserValueError(f"{self.path}：既有輸出的設定與目前不同 {diff}；請換輸出位置")
 
     def file_for(self, utt_id: str) -> Path:
         return self.path / f"{safe_name(utt_id)}.npy"
@@ -390,7 +391,7 @@ def extract_speech_tokens(
     None 為 stderr 是終端機時才顯示，False 關閉。
     """
     if batch_size <= 0:
-        raise ValueError(f"batch_size 必須為正，收到 {batch_size}")
+        raise UserValueError(f"--batch_size 必須為正，收到 {batch_size}")
     tok = speech_tokenizer or load_speech_tokenizer(tokenizer, checkpoint, device=device)
     report = ExtractReport()
     rows = read_manifest(manifest, report.skips)

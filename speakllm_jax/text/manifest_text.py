@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from speakllm_jax.cli import UserFileError
 from speakllm_jax.text.normalize import normalize_zh
 
 
@@ -29,18 +30,29 @@ class NormalizeReport:
         return "\n".join(lines)
 
 
-def normalize_manifest(src: str | Path, dst: str | Path, conversion: str = "t2s",
-                       verbalize: bool = False, keep_punct: bool = True) -> NormalizeReport:
+def normalize_manifest(
+    src: str | Path,
+    dst: str | Path,
+    conversion: str = "t2s",
+    verbalize: bool = False,
+    keep_punct: bool = True,
+) -> NormalizeReport:
     """正規化整份清單，回傳計數報告。"""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise FileNotFoundError(f"清單不存在：{src}")
+        raise UserFileError(f"清單不存在：{src}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     rep = NormalizeReport()
-    skipped_path = dst.with_name(dst.name + ".skipped.jsonl") if dst.suffix != ".jsonl" else \
-        dst.with_suffix(".skipped.jsonl")
-    with src.open("rb") as fin, dst.open("w", encoding="utf-8") as fout, \
-            skipped_path.open("w", encoding="utf-8") as fskip:
+    skipped_path = (
+        dst.with_name(dst.name + ".skipped.jsonl")
+        if dst.suffix != ".jsonl"
+        else dst.with_suffix(".skipped.jsonl")
+    )
+    with (
+        src.open("rb") as fin,
+        dst.open("w", encoding="utf-8") as fout,
+        skipped_path.open("w", encoding="utf-8") as fskip,
+    ):
         for lineno, raw in enumerate(tqdm(fin, desc="normalize", unit="列"), start=1):
             if not raw.strip():
                 continue
@@ -68,11 +80,18 @@ def normalize_manifest(src: str | Path, dst: str | Path, conversion: str = "t2s"
                         reason = "empty_after_norm"
                     for turn in row.get("turns") or []:
                         if isinstance(turn.get("text"), str):
-                            turn["text"] = normalize_zh(turn["text"], conversion, verbalize, keep_punct)
+                            turn["text"] = normalize_zh(
+                                turn["text"], conversion, verbalize, keep_punct
+                            )
             if reason:
                 rep.skipped[reason] += 1
-                fskip.write(json.dumps({"line": lineno, "reason": reason,
-                                        "id": (row or {}).get("id")}, ensure_ascii=False) + "\n")
+                fskip.write(
+                    json.dumps(
+                        {"line": lineno, "reason": reason, "id": (row or {}).get("id")},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
                 continue
             fout.write(json.dumps(row, ensure_ascii=False) + "\n")
             rep.written += 1

@@ -18,6 +18,8 @@ from typing import Any
 
 import ml_collections
 
+from speakllm_jax.cli import UserFileError, UserKeyError, UserValueError, suggest
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PHASE_FILES = {
     "phase0": "phase0_connector.py",
@@ -37,8 +39,12 @@ def config_path(name: str) -> Path:
     candidate = CONFIG_DIR / f"{name}.py"
     if candidate.exists():
         return candidate
-    raise FileNotFoundError(
-        f"找不到設定 {name!r}；可用名稱：{sorted(PHASE_FILES)}，或給 configs/ 下的 .py 路徑"
+    known = sorted(PHASE_FILES) + sorted(
+        f.stem for f in CONFIG_DIR.glob("*.py") if f.stem[0] != "_"
+    )
+    raise UserFileError(
+        f"--config {name}：找不到這個設定{suggest(name, known)}；可用名稱：{sorted(PHASE_FILES)}，"
+        "或給 configs/ 下的 .py 路徑"
     )
 
 
@@ -53,23 +59,36 @@ def _load_module(path: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"設定檔 {path} 沒有 get_config()")
+        raise UserValueError(f"--config {path}：設定檔沒有 get_config()")
     return module
 
 
 def _coerce(text: str, old: Any, key: str) -> Any:
-    """依舊值的型別把命令列字串轉成新值。"""
+    """依舊值的型別把命令列字串轉成新值；轉不了時拋出指出欄位與型別的 `UserValueError`。"""
+
+    def bad(kind: str) -> UserValueError:
+        return UserValueError(f"--config.{key} 需要 {kind}，收到 {text!r}")
+
     if isinstance(old, bool):
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"設定 {key} 需要布林值，收到 {text!r}")
+        raise bad("bool（布林值 true/false）")
     if isinstance(old, int):
-        return int(float(text)) if "e" in text.lower() else int(text)
+        try:
+            value = float(text) if "e" in text.lower() else int(text)
+        except ValueError:
+            raise bad("int") from None
+        if isinstance(value, float) and not value.is_integer():
+            raise bad("int")
+        return int(value)
     if isinstance(old, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("float") from None
     if isinstance(old, (tuple, list)):
         try:
             value = ast.literal_eval(text)
@@ -93,14 +112,14 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--config."):
-            raise ValueError(f"無法辨識的參數 {arg!r}；覆寫請寫成 --config.欄位=值")
+            raise UserValueError(f"無法辨識的參數 {arg!r}；覆寫請寫成 --config.欄位=值")
         body = arg[len("--config.") :]
         if "=" in body:
             key, value = body.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
-                raise ValueError(f"{arg} 缺少值")
+                raise UserValueError(f"{arg} 缺少值")
             key, value = body, args[i + 1]
             i += 2
         out.append((key, value))
@@ -111,16 +130,22 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     """套用一個覆寫；路徑不存在時報錯並列出該層可用欄位。"""
     parts = key.split(".")
     node = cfg
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise UserKeyError(f"--config.{key}：{'.'.join(parts[:i])} 不是區塊，沒有子欄位")
         if part not in node:
-            raise KeyError(f"設定中沒有 {'.'.join(parts[: i + 1])}；可用：{sorted(node.keys())}")
-        node = node[part]
+            prefix = ".".join(parts[:i])
+            names = [f"{prefix}.{k}" if prefix else k for k in node.keys()]
+            raise UserKeyError(
+                f"--config.{key}：設定中沒有 {'.'.join(parts[: i + 1])}"
+                f"{suggest('.'.join(parts[: i + 1]), names)}；可用：{sorted(node.keys())}"
+            )
+        if i < len(parts) - 1:
+            node = node[part]
     leaf = parts[-1]
-    if leaf not in node:
-        raise KeyError(f"設定中沒有 {key}；可用：{sorted(node.keys())}")
     old = node[leaf]
     if isinstance(old, ml_collections.ConfigDict):
-        raise KeyError(f"{key} 是一個區塊，請覆寫其中的欄位")
+        raise UserKeyError(f"--config.{key} 是一個區塊，請覆寫其中的欄位")
     with node.unlocked():
         node[leaf] = _coerce(text, old, key)
 
@@ -132,7 +157,10 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     preset = [v for k, v in pairs if k == "preset"]
     params = inspect.signature(module.get_config).parameters
     if preset and "preset" in params:
-        cfg = module.get_config(preset=preset[-1])
+        try:
+            cfg = module.get_config(preset=preset[-1])
+        except ValueError as err:
+            raise UserValueError(f"--config.preset={preset[-1]}：{err}") from err
     else:
         cfg = module.get_config()
     for key, value in pairs:
@@ -153,3 +181,59 @@ def write_resolved(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config_to_dict(cfg), indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def saved_steps(workdir: str | Path) -> list[int]:
+    """`workdir/checkpoints/` 下已完成的步數（資料夾名為數字；不匯入 Orbax）。"""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name) for d in root.iterdir() if d.is_dir() and d.name.isdigit())
+
+
+def require_run_dir(workdir: str | Path, step: int | None = None, flag: str = "--workdir") -> Path:
+    """訓練執行資料夾必須有 `config.json` 與（指定的）檢查點，否則拋出 `UserFileError`。
+
+    在建立模型之前檢查，錯誤不必等 JAX 編譯；`flag` 是錯誤訊息中指出的命令列旗標。
+    """
+    d = Path(workdir)
+    hint = "先以 python launch/train.py --workdir 同一資料夾 訓練"
+    if not d.is_dir():
+        raise UserFileError(f"{flag} {d}：資料夾不存在；{hint}")
+    if not (d / "config.json").is_file():
+        raise UserFileError(f"{flag} {d}：不是訓練執行資料夾（缺少 config.json）；{hint}")
+    steps = saved_steps(d)
+    if not steps:
+        raise UserFileError(f"{flag} {d}：{d / 'checkpoints'} 中沒有完整的檢查點；{hint}")
+    if step is not None and int(step) not in steps:
+        raise UserFileError(f"--step {step}：{d / 'checkpoints'} 沒有這一步；可用：{steps}")
+    return d
+
+
+def check_train_config(cfg: ml_collections.ConfigDict) -> None:
+    """訓練開始前（匯入 JAX 之前）檢查網格大小與本機輸入路徑，錯誤時拋出 `UserError`。
+
+    路徑為初始化檢查點、預訓練權重與清單；含 `://` 的路徑（例如 gs://）不檢查。
+    """
+    for axis, size in cfg.get("mesh", {}).items():
+        if int(size) < 1 and int(size) != -1:
+            raise UserValueError(
+                f"--config.mesh.{axis}={size}：網格軸的大小必須 ≥ 1（-1 表示用剩下的裝置）"
+            )
+
+    def local(value: Any) -> bool:
+        return bool(value) and "://" not in str(value)
+
+    init = cfg.checkpoint.get("init_from", "")
+    if local(init):
+        require_run_dir(init, flag="--config.checkpoint.init_from")
+    for key in ("whisper_path", "qwen_path", "talker_path"):
+        value = cfg.model.get(key, "")
+        if local(value) and not Path(value).exists():
+            raise UserFileError(
+                f"--config.model.{key}={value}：路徑不存在（需要本機的官方權重資料夾）"
+            )
+    for key in ("train_manifests", "eval_manifests"):
+        for item in str(cfg.data.get(key, "")).split(","):
+            if local(item.strip()) and not Path(item.strip()).is_file():
+                raise UserFileError(f"--config.data.{key}：清單不存在：{item.strip()}")

@@ -260,6 +260,6 @@ def ensure_demo_duplex(demo_dir: str | None, tokenizer: str = "voila") -> dict[s
         cmd = [sys.executable, str(REPO_ROOT / "data" / "prepare_demo_speech.py")]
         if demo_dir:
             cmd += ["--demo_dir", str(demo_dir)]
-        cmd += ["--tokenizer", tokenizer]
+        cmd += ["--tokenizer", tokenizer, "--no_next"]
         subprocess.run(cmd, check=True)
     return paths
