@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mel_seconds", type=float, default=10.0)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"裝置：JAX {jax.devices()[0].platform} ×{jax.device_count()}，torch 執行緒 {torch.get_num_threads()}")
+    print(
+        f"裝置：JAX {jax.devices()[0].platform} ×{jax.device_count()}，torch 執行緒 {torch.get_num_threads()}"
+    )
     print(f"{'項目':<44}{'JAX':>12}{'PyTorch':>12}{'比值':>8}")
     for name, ours, ref in bench_qwen2(args):
         # 時間越小越好、吞吐越大越好：比值一律寫成「JAX 快幾倍」。
@@ -133,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<44}{ours:>12.4f}{ref:>12.4f}{ratio:>8.2f}")
     for name, o_np, o_jnp, ref in bench_log_mel(args):
         print(f"{name:<44}{'np ' + format(o_np, '.1f'):>12}{ref:>12.1f}{o_np / ref:>8.2f}")
-        print(f"{'  （jnp、jit、批次 8）':<44}{'jnp ' + format(o_jnp, '.1f'):>12}{ref:>12.1f}{o_jnp / ref:>8.2f}")
+        print(
+            f"{'  （jnp、jit、批次 8）':<44}{'jnp ' + format(o_jnp, '.1f'):>12}{ref:>12.1f}{o_jnp / ref:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,14 +18,21 @@ TARGETS = ("q_proj", "v_proj", "up_proj")
 
 def _cfg(**kw) -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, **kw,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **kw,
     )
 
 
 def test_lora_starts_equal_and_merges_exactly(tmp_path) -> None:
     base = Qwen2ForCausalLM(_cfg(), rngs=nnx.Rngs(0))
-    lora = Qwen2ForCausalLM(_cfg(lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS), rngs=nnx.Rngs(0))
+    lora = Qwen2ForCausalLM(
+        _cfg(lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS), rngs=nnx.Rngs(0)
+    )
     # 基底參數路徑相同：把原模型權重放進 LoRA 模型。
     nnx.update(lora, nnx.state(base))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 7)))

@@ -100,9 +100,19 @@ def test_cli_normalizes_and_reports(tmp_path):
         f.write(b"not json\n")
     out = tmp_path / "out.jsonl"
     res = subprocess.run(
-        [sys.executable, str(ROOT / "data/normalize_text_zh.py"), "--manifest", str(src),
-         "--output", str(out), "--conversion", "t2s"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "data/normalize_text_zh.py"),
+            "--manifest",
+            str(src),
+            "--output",
+            str(out),
+            "--conversion",
+            "t2s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     got = [json.loads(x) for x in out.read_text().splitlines()]

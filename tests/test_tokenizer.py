@@ -27,7 +27,8 @@ SENTENCES = [
 def test_same_ids_as_tiktoken(qwen_tokenizer_dir):
     tok = load_tokenizer(qwen_tokenizer_dir)
     enc = tiktoken.Encoding(
-        "qwen", pat_str=QWEN2_PATTERN,
+        "qwen",
+        pat_str=QWEN2_PATTERN,
         mergeable_ranks=load_tiktoken_bpe(str(qwen_tiktoken_path())),
         special_tokens=QWEN_SPECIAL_TOKENS,
     )
@@ -47,7 +48,7 @@ def test_special_tokens_saved_and_reloaded(qwen_tokenizer_dir, tmp_path):
     for t, i in ids.items():
         assert again.special_id(t) == i
         # 特殊符號在文字中是一個完整符號，不會被切開
-        assert again.encode(f"你好{t}") [-1] == i
+        assert again.encode(f"你好{t}")[-1] == i
     with pytest.raises(KeyError, match="no_such"):
         again.special_id("<|no_such|>")
 

@@ -16,13 +16,13 @@ def tt(qwen_tokenizer_dir):
 @pytest.mark.parametrize(
     "text,index,tone",
     [
-        ("我去银行取钱", 3, 2),   # 行 háng
-        ("他在路上行走", 4, 2),   # 行 xíng
-        ("这件事很重要", 4, 4),   # 重 zhòng
-        ("我们重新开始", 2, 2),   # 重 chóng
-        ("孩子长大了", 2, 3),     # 长 zhǎng
-        ("这条路的长度", 4, 2),   # 长 cháng
-        ("好的吧", 1, 5),         # 的 輕聲
+        ("我去银行取钱", 3, 2),  # 行 háng
+        ("他在路上行走", 4, 2),  # 行 xíng
+        ("这件事很重要", 4, 4),  # 重 zhòng
+        ("我们重新开始", 2, 2),  # 重 chóng
+        ("孩子长大了", 2, 3),  # 长 zhǎng
+        ("这条路的长度", 4, 2),  # 长 cháng
+        ("好的吧", 1, 5),  # 的 輕聲
     ],
 )
 def test_polyphones(text, index, tone):
@@ -46,10 +46,17 @@ def test_alignment_to_real_bpe_tokens(tt):
     # 每個符號的聲調等於它所含漢字的聲調（依序），非漢字符號為 0
     for piece, row in zip(pieces, r["tones"]):
         han = [c for c in piece if "\u4e00" <= c <= "\u9fff"]
-        expect = [char_tones(text)[text.index(piece) + k] for k in range(len(piece))
-                  if "\u4e00" <= piece[k] <= "\u9fff"] if han else []
+        expect = (
+            [
+                char_tones(text)[text.index(piece) + k]
+                for k in range(len(piece))
+                if "\u4e00" <= piece[k] <= "\u9fff"
+            ]
+            if han
+            else []
+        )
         assert list(row[: len(expect)]) == expect
-        assert not row[len(expect):].any()
+        assert not row[len(expect) :].any()
     # 「银行」在 Qwen 詞表中是一個符號，帶著兩個聲調 yin2 hang2
     idx = pieces.index("银行")
     assert list(r["tones"][idx][:2]) == [2, 2]

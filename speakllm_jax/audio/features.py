@@ -280,8 +280,6 @@ def _log_mel_jnp_impl(x: jax.Array, n_mels: int, target: int) -> jax.Array:
     return (log_spec + 4.0) / 4.0
 
 
-
-
 def log_mel_jnp(
     audio: jax.Array | np.ndarray,
     n_mels: int = 80,

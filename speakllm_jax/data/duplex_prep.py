@@ -77,7 +77,10 @@ def instruction_to_dialogue(
 
 
 def instructions_to_dialogues(
-    jsonl: str | os.PathLike, out_dir: str | os.PathLike, manifest: str | os.PathLike, gap: float = 0.6
+    jsonl: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    manifest: str | os.PathLike,
+    gap: float = 0.6,
 ) -> Path:
     """整份語音指令 JSONL → 雙聲道對話清單。"""
     src = Path(jsonl)

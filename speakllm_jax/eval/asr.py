@@ -51,7 +51,9 @@ def transcribe(
     )
     suffix = jnp.asarray([tokenizer.special_id("<|audio_end|>")], jnp.int32)
     graphdef, state = nnx.split(model)
-    ids = np.asarray(_decode(graphdef, state, jnp.asarray(features), prefix, suffix, max_new_tokens))
+    ids = np.asarray(
+        _decode(graphdef, state, jnp.asarray(features), prefix, suffix, max_new_tokens)
+    )
     out = []
     for row in ids:
         row = list(row)

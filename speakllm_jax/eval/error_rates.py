@@ -87,16 +87,21 @@ def count_errors(reference: str, hypothesis: str, normalize: bool = True) -> Err
         c.poi_errors = sum(poi)
     else:
         out = jiwer.process_words(" ".join(ref), " ".join(hyp))
-        c.substitutions, c.deletions, c.insertions = out.substitutions, out.deletions, out.insertions
+        c.substitutions, c.deletions, c.insertions = (
+            out.substitutions,
+            out.deletions,
+            out.insertions,
+        )
         for chunk in out.alignments[0]:
             if chunk.type in ("substitute", "delete"):
-                c.poi_errors += sum(poi[chunk.ref_start_idx:chunk.ref_end_idx])
+                c.poi_errors += sum(poi[chunk.ref_start_idx : chunk.ref_end_idx])
     c.per_utterance = [c.rate]
     return c
 
 
-def corpus_counts(references: Iterable[str], hypotheses: Iterable[str],
-                  normalize: bool = True) -> ErrorCounts:
+def corpus_counts(
+    references: Iterable[str], hypotheses: Iterable[str], normalize: bool = True
+) -> ErrorCounts:
     """整個語料的累加計數（錯誤總數 / 參考單位總數）。"""
     refs, hyps = list(references), list(hypotheses)
     if len(refs) != len(hyps):
@@ -107,28 +112,32 @@ def corpus_counts(references: Iterable[str], hypotheses: Iterable[str],
     return total
 
 
-def mer(references: Iterable[str] | str, hypotheses: Iterable[str] | str,
-        normalize: bool = True) -> float:
+def mer(
+    references: Iterable[str] | str, hypotheses: Iterable[str] | str, normalize: bool = True
+) -> float:
     """混合錯誤率（漢字與英文詞為單位）。"""
     if isinstance(references, str):
         references, hypotheses = [references], [hypotheses]
     return corpus_counts(references, hypotheses, normalize).rate
 
 
-def cer(references: Iterable[str] | str, hypotheses: Iterable[str] | str,
-        normalize: bool = True) -> float:
+def cer(
+    references: Iterable[str] | str, hypotheses: Iterable[str] | str, normalize: bool = True
+) -> float:
     """中文字錯誤率：句子只有漢字時與 MER 相同（英文詞若存在則以詞為單位）。"""
     return mer(references, hypotheses, normalize)
 
 
-def wer(references: Iterable[str] | str, hypotheses: Iterable[str] | str,
-        normalize: bool = True) -> float:
+def wer(
+    references: Iterable[str] | str, hypotheses: Iterable[str] | str, normalize: bool = True
+) -> float:
     """英文詞錯誤率：句子只有英文時與 MER 相同。"""
     return mer(references, hypotheses, normalize)
 
 
-def pier(references: Iterable[str] | str, hypotheses: Iterable[str] | str,
-         normalize: bool = True) -> float:
+def pier(
+    references: Iterable[str] | str, hypotheses: Iterable[str] | str, normalize: bool = True
+) -> float:
     """混說詞錯誤率（見模組說明）。"""
     if isinstance(references, str):
         references, hypotheses = [references], [hypotheses]

@@ -97,8 +97,13 @@ class DepthTransformer(nnx.Module):
     ) -> None:
         self.cfg = cfg
         self.in_proj = dense(
-            d_model, cfg.depth_hidden, ("embed", "mlp"), use_bias=False, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            d_model,
+            cfg.depth_hidden,
+            ("embed", "mlp"),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.codebook_pos = nnx.Param(
             partitioned(nnx.initializers.normal(0.02), (None, "mlp"))(
