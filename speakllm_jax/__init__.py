@@ -5,18 +5,29 @@
 """
 
 import functools
+import os as _os
+import sys as _sys
 
 from speakllm_jax.cpu_simulation import widen_cpu_thread_pool as _widen
 
 # 模擬多裝置時放大 XLA CPU 執行緒池（要在 JAX 建立後端之前）。
 _widen()
 
+# 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片（見 `configure_flax`）。Flax 尚未匯入時只設它
+# 匯入時讀取的環境變數，不在此匯入 Flax；已匯入時直接設定。
+if "flax" in _sys.modules:
+    from flax import nnx as _nnx
+
+    _nnx.use_eager_sharding(False)
+else:
+    _os.environ.setdefault("FLAX_ALWAYS_SHARD_VARIABLE", "false")
+
 __version__ = "0.1.0"
 
 
 @functools.cache
 def configure_flax() -> None:
-    """Flax 的全域設定，由 `models`、`training`、`checkpoints` 套件匯入時呼叫（只做一次）。
+    """Flax 的全域設定，由 `models` 套件匯入時呼叫（只做一次）。
 
     參數只帶邏輯軸名稱的中繼資料，建立時不立即分片；分片一律由 `speakllm_jax.models.sharding`
     依規則表對應到網格。不放在本檔頂層，是為了讓只用 numpy 的部分（音訊特徵、文字、資料清單）

@@ -209,7 +209,8 @@ def evaluate_duplex_server(
     for k, v in (overrides or {}).items():
         cfg[k] = v
     limit = float(cfg.max_session_seconds)
-    long = [r["id"] for r in rows if float(r["duration"]) + tail_seconds > limit]
+    # 0 表示不限會話長度。
+    long = [r["id"] for r in rows if limit > 0 and float(r["duration"]) + tail_seconds > limit]
     if long:
         raise ValueError(
             f"對話長於 max_session_seconds={limit} 秒（含 {tail_seconds} 秒尾端）：{long}"
