@@ -723,7 +723,6 @@ class TorchSpeakLLM(nn.Module):
         pad = self.cfg.pad_id if pad_id is None else int(pad_id)
         k = self.cfg.max_chars_per_token
         q = self.cfg.num_codebooks
-        chunk_enc = chunk_frames * self.cfg.connector_stack
         prev = {
             "text": torch.full((b, 1), pad, dtype=torch.long, device=dev),
             "tones": torch.zeros((b, 1, k), dtype=torch.long, device=dev),
@@ -736,19 +735,10 @@ class TorchSpeakLLM(nn.Module):
             raise ValueError("speech_head='cosyvoice2' 的教師強制串流需要 teacher['text_out']")
         cache = self.new_cache()
         text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
-        total_mel = feats.shape[2]
-        if self.cfg.encoder_left_chunks > 0:
-            # 有界左方脈絡：逐區塊帶 KV 快取編碼（同 JAX `SpeakLLM.stream_audio`）。
-            streamer = Streamer(self, chunk_frames, batch=b)
-            user = torch.cat([streamer.push_mel(feats), streamer.flush()], dim=1)
-        else:
-            # 舊作法：每區塊以區塊因果遮罩重新編碼目前為止的整段（限 30 秒）。
-            parts = []
-            for c in range(-(-n // chunk_frames)):
-                mel_len = min(2 * chunk_enc * (c + 1) + 1, total_mel)
-                enc, _ = self.encode_audio(feats[:, :, :mel_len], None, chunk_enc)
-                parts.append(enc[:, c * chunk_frames : (c + 1) * chunk_frames])
-            user = torch.cat(parts, dim=1)
+        # 有界左方脈絡時逐區塊帶 KV 快取編碼（同 JAX `SpeakLLM.stream_audio`）；舊匯出
+        # （encoder_left_chunks = 0）逐編碼窗以區塊因果遮罩重編窗內前綴（同 JAX 切窗）。
+        streamer = Streamer(self, chunk_frames, batch=b)
+        user = torch.cat([streamer.push_mel(feats), streamer.flush()], dim=1)
         for t in range(n):
             user_t = user[:, t : t + 1]
             target = None
@@ -816,10 +806,8 @@ class Streamer:
     ) -> None:
         from speakllm_jax.audio.features import IncrementalLogMel
 
-        if model.cfg.encoder_left_chunks <= 0:
-            raise ValueError(
-                "Streamer 需要 encoder_left_chunks ≥ 1（heads_config.json；有界的編碼器左方脈絡）"
-            )
+        if int(chunk_frames) < 1:
+            raise ValueError(f"chunk_frames 必須 ≥ 1，收到 {chunk_frames}")
         self.model = model
         self.chunk_frames = int(chunk_frames)
         self.chunk_enc = self.chunk_frames * model.cfg.connector_stack
@@ -827,15 +815,51 @@ class Streamer:
         n_mels = model.encoder.config.num_mel_bins
         self.logmel = IncrementalLogMel(n_mels)
         self.mel = torch.zeros((self.batch, n_mels, 0), dtype=model.dtype, device=model.device)
-        self.encoder = model.init_audio_stream(self.batch, self.chunk_frames)
+        # 舊匯出（encoder_left_chunks = 0）退回切窗編碼：`mel` 存目前編碼窗（≤ 30 秒）的梅爾，
+        # 每區塊以區塊因果遮罩重編窗內前綴，窗滿就換新窗（同 JAX `encode_user_stream`）。
+        self.windowed = model.cfg.encoder_left_chunks <= 0
+        self.window_chunks = 0
+        self.win_chunk = 0  # 目前窗內已編碼的區塊數
+        if self.windowed:
+            per_window = model.encoder.config.max_source_positions // model.cfg.connector_stack
+            self.window_chunks = per_window // self.chunk_frames
+            if self.window_chunks < 1:
+                raise ValueError(
+                    f"chunk_frames={chunk_frames} 大於編碼器一窗可容納的 {per_window} 個 LLM 幀"
+                )
+            self.encoder = None
+        else:
+            self.encoder = model.init_audio_stream(self.batch, self.chunk_frames)
         self.cache = model.new_cache()
         self.position = 0
         self.cond = cond_ids
 
+    def _encode_windowed(self, final: bool) -> list[torch.Tensor]:
+        """切窗編碼：湊滿一個區塊（加一框前瞻；窗的最後一區塊不跨窗前瞻）就重編窗內前綴。"""
+        step = 2 * self.chunk_enc
+        out = []
+        while True:
+            j = self.win_chunk
+            last = j + 1 == self.window_chunks
+            need = (j + 1) * step + (0 if last else 1)
+            have = self.mel.shape[2]
+            if have < need and not (final and have > j * step):
+                break
+            prefix = self.mel[:, :, : min(need, have)]
+            user, _ = self.model.encode_audio(prefix, None, self.chunk_enc)
+            out.append(user[:, j * self.chunk_frames : (j + 1) * self.chunk_frames])
+            self.win_chunk += 1
+            if last or have < need:
+                self.mel = self.mel[:, :, min((j + 1) * step, have) :]
+                self.win_chunk = 0
+        return out
+
     def _encode_ready(self, final: bool) -> torch.Tensor:
         size = 2 * self.chunk_enc + 1
-        out = []
-        while self.mel.shape[2] >= size or (final and self.mel.shape[2] > 0):
+        out = self._encode_windowed(final) if self.windowed else []
+        while not self.windowed and (
+            self.mel.shape[2] >= size or (final and self.mel.shape[2] > 0)
+        ):
             win = self.mel[:, :, :size]
             valid = win.shape[2]
             if valid < size:
@@ -890,7 +914,7 @@ class Streamer:
         return {
             "llm": int(self.cache.get_seq_length()),
             "talker": int(talker),
-            "encoder": int(self.encoder["k"][0].shape[2]),
+            "encoder": 0 if self.encoder is None else int(self.encoder["k"][0].shape[2]),
             "mel": int(self.mel.shape[2]),
             "samples": self.logmel.buffered_samples,
         }
