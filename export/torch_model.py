@@ -788,7 +788,8 @@ class Streamer:
 
     擁有增量對數梅爾（`IncrementalLogMel`，因果正規化）、編碼器串流狀態（左方
     `encoder_left_chunks` 個區塊的 KV）、LLM 快取（注意力槽加滑動視窗，`llm_window_frames`）
-    與幀位置。每個區塊的成本與記憶體固定，不隨對話長度增長。
+    與幀位置。每個區塊的成本與記憶體固定，不隨對話長度增長。舊匯出（`encoder_left_chunks = 0`）
+    退回 JAX 的切窗編碼：30 秒一窗，窗內每區塊以區塊因果遮罩重編前綴，窗滿換新窗。
 
     - `push_audio(samples)`：餵 16 kHz 波形（批次 1），回傳新完成區塊的使用者串流 `[1, k, d]`。
     - `push_mel(mel)`：直接餵梅爾 `[B, n_mels, f]`（可批次），回傳同上 `[B, k, d]`。
