@@ -921,6 +921,74 @@ class Streamer:
         }
 
 
+@torch.no_grad()
+def step_batch(
+    streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """多個各自前進的 `Streamer`（批次 1、位置與快取長度各不相同，例如不同時間開始的會話）
+    一次前進一幀，結果與逐一 `Streamer.step` 相同。
+
+    `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。各列的 LLM 快取
+    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；深度 Transformer 一次產生 N 列的
+    語音碼。之後把每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。只支援 voila 語音頭
+    （cosyvoice2 的 talker 快取尚未批次化）。
+    """
+    from transformers import DynamicCache
+
+    model = streamers[0].model
+    if any(st.model is not model or st.batch != 1 for st in streamers):
+        raise ValueError("step_batch 的 Streamer 必須共用同一個模型且批次為 1")
+    if model.is_cosyvoice2:
+        raise ValueError("step_batch 尚未支援 speech_head='cosyvoice2'（talker 快取）")
+    n = len(streamers)
+    if user_t.shape[0] != n:
+        raise ValueError(f"user_t 有 {user_t.shape[0]} 列，Streamer 有 {n} 個")
+    dev, dt = model.device, model.dtype
+    zero = torch.zeros((1, model.cfg.llm_hidden), dtype=dt, device=dev)
+    cond = torch.cat([zero if st.cond is None else model.embed(st.cond).to(dt) for st in streamers])
+    x = model.frame_inputs(
+        user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
+    )
+    lengths = [int(st.cache.get_seq_length()) for st in streamers]
+    longest = max(lengths)
+    cache = DynamicCache(config=model.llm.config)
+    if longest:
+        for i in range(len(streamers[0].cache.layers)):
+            ref = next(st.cache.layers[i].keys for st, m in zip(streamers, lengths) if m)
+            shape = (n, ref.shape[1], longest, ref.shape[3])
+            keys = torch.zeros(shape, dtype=ref.dtype, device=dev)
+            values = torch.zeros(shape, dtype=ref.dtype, device=dev)
+            for r, (st, m) in enumerate(zip(streamers, lengths)):
+                if m:
+                    keys[r, :, :m] = st.cache.layers[i].keys[0]
+                    values[r, :, :m] = st.cache.layers[i].values[0]
+            cache.update(keys, values, i)
+    slot = torch.arange(longest + 1, device=dev)
+    allowed = (slot[None] < torch.tensor(lengths, device=dev)[:, None]) | (slot[None] == longest)
+    bias = additive_mask(allowed[:, None, None], x.dtype)
+    pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
+    res = model.llm.model(
+        inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
+    )
+    hidden = res.last_hidden_state
+    out = {
+        "text": model.llm.lm_head(hidden).float(),
+        "turn": model.heads.turn_head(hidden).float(),
+        "code_ids": model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1),
+    }
+    for r, (st, m) in enumerate(zip(streamers, lengths)):
+        own = DynamicCache(config=model.llm.config)
+        for i, layer in enumerate(res.cache.layers):
+            keep = torch.cat([layer.keys[r : r + 1, :, :m], layer.keys[r : r + 1, :, longest:]], 2)
+            vals = torch.cat(
+                [layer.values[r : r + 1, :, :m], layer.values[r : r + 1, :, longest:]], 2
+            )
+            own.update(keep, vals, i)
+        st.cache = model._trim(own)
+        st.position += 1
+    return out
+
+
 def load_heads_config(path: str | Path) -> HeadsConfig:
     """讀 `heads_config.json`。"""
     p = Path(path)
