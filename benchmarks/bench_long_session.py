@@ -5,6 +5,9 @@
 計算時間，並記錄行程 RSS 與 Streamer 的快取大小。
 
     python benchmarks/bench_long_session.py --minutes 30 --marks 1,10,30
+
+`--session` 改為驅動服務端的 `DuplexSession`（同一個 `Streamer` 加上輪替策略與 Voila 解碼）：
+每 5 秒一次使用者發言（espeak-ng 中文 1.2 秒 + 靜音），vad 策略下助理每次回 3 秒。
 """
 
 from __future__ import annotations
@@ -100,6 +103,52 @@ def run(
     return results
 
 
+def run_session(
+    model_dir: Path, voila_dir: Path, minutes: float, marks: list[float], window: int
+) -> list[dict]:
+    """跑 `minutes` 分鐘的加速 `DuplexSession`（vad 策略），回傳每個量測點的結果。"""
+    import torch
+
+    from export.serving.session import FRAME_SAMPLES, DuplexSession, SessionSettings, load_engine
+    from speakllm_jax.data.demo_corpus import synth
+
+    torch.set_num_threads(1)
+    session = DuplexSession(load_engine(model_dir, voila_dir), SessionSettings(policy="vad"))
+    period = 125  # 5 秒
+    block = np.zeros(period * FRAME_SAMPLES, np.float32)
+    speech = synth("今天天氣很好，我們去公園散步吧。", "cmn")[: int(1.2 * 16000)]
+    block[: len(speech)] = speech
+    total = int(minutes * FRAMES_PER_MINUTE)
+    targets = sorted(int(m * FRAMES_PER_MINUTE) for m in marks)
+    times: list[float] = []
+    audio = 0
+    results = []
+    for f in range(total):
+        lo = (f % period) * FRAME_SAMPLES
+        t0 = time.perf_counter()
+        msgs = session.feed(block[lo : lo + FRAME_SAMPLES])
+        times.append(time.perf_counter() - t0)
+        audio += sum(m.WhichOneof("payload") == "audio" for m in msgs)
+        if targets and f + 1 >= targets[0]:
+            targets.pop(0)
+            res = {
+                "minute": (f + 1) / FRAMES_PER_MINUTE,
+                "ms_per_frame": 1000.0 * float(np.mean(times[-window:])),
+                "rss_mb": _rss_mb(),
+                "turns": session.turn_count,
+                "audio_frames": audio,
+                **session.cache_sizes(),
+            }
+            results.append(res)
+            print(
+                f"第 {res['minute']:.2f} 分鐘：每幀 {res['ms_per_frame']:.2f} ms，"
+                f"RSS {res['rss_mb']:.0f} MB，{res['turns']} 輪、{audio} 幀助理音訊，"
+                f"快取 {session.cache_sizes()}",
+                flush=True,
+            )
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
@@ -109,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm_sink_frames", type=int, default=4)
     p.add_argument("--llm_window_frames", type=int, default=3000)
     p.add_argument("--encoder_left_chunks", type=int, default=100)
+    p.add_argument("--session", action="store_true", help="驅動 DuplexSession（含輪替與解碼）")
     a = p.parse_args(argv)
     try:
         marks = [float(m) for m in a.marks.split(",") if m.strip()]
@@ -126,7 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                 Path(tmp) / "tiny", a.llm_sink_frames, a.llm_window_frames, a.encoder_left_chunks
             )
         )
-        res = run(model_dir, a.minutes, marks, a.window)
+        if a.session:
+            from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
+
+            voila_dir = Path(tmp) / "voila"
+            make_demo_voila_tokenizer(voila_dir, seed=0)
+            res = run_session(model_dir, voila_dir, a.minutes, marks, a.window)
+        else:
+            res = run(model_dir, a.minutes, marks, a.window)
     first, last = res[0], res[-1]
     print(
         f"每幀計算 第 {last['minute']:.1f} 分 / 第 {first['minute']:.1f} 分 = "

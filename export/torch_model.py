@@ -722,7 +722,6 @@ class TorchSpeakLLM(nn.Module):
         pad = self.cfg.pad_id if pad_id is None else int(pad_id)
         k = self.cfg.max_chars_per_token
         q = self.cfg.num_codebooks
-        chunk_enc = chunk_frames * self.cfg.connector_stack
         prev = {
             "text": torch.full((b, 1), pad, dtype=torch.long, device=dev),
             "tones": torch.zeros((b, 1, k), dtype=torch.long, device=dev),
@@ -735,19 +734,10 @@ class TorchSpeakLLM(nn.Module):
             raise ValueError("speech_head='cosyvoice2' 的教師強制串流需要 teacher['text_out']")
         cache = self.new_cache()
         text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
-        total_mel = feats.shape[2]
-        if self.cfg.encoder_left_chunks > 0:
-            # 有界左方脈絡：逐區塊帶 KV 快取編碼（同 JAX `SpeakLLM.stream_audio`）。
-            streamer = Streamer(self, chunk_frames, batch=b)
-            user = torch.cat([streamer.push_mel(feats), streamer.flush()], dim=1)
-        else:
-            # 舊作法：每區塊以區塊因果遮罩重新編碼目前為止的整段（限 30 秒）。
-            parts = []
-            for c in range(-(-n // chunk_frames)):
-                mel_len = min(2 * chunk_enc * (c + 1) + 1, total_mel)
-                enc, _ = self.encode_audio(feats[:, :, :mel_len], None, chunk_enc)
-                parts.append(enc[:, c * chunk_frames : (c + 1) * chunk_frames])
-            user = torch.cat(parts, dim=1)
+        # 有界左方脈絡時逐區塊帶 KV 快取編碼（同 JAX `SpeakLLM.stream_audio`）；舊匯出
+        # （encoder_left_chunks = 0）逐編碼窗以區塊因果遮罩重編窗內前綴（同 JAX 切窗）。
+        streamer = Streamer(self, chunk_frames, batch=b)
+        user = torch.cat([streamer.push_mel(feats), streamer.flush()], dim=1)
         for t in range(n):
             user_t = user[:, t : t + 1]
             target = None
@@ -797,7 +787,8 @@ class Streamer:
 
     擁有增量對數梅爾（`IncrementalLogMel`，因果正規化）、編碼器串流狀態（左方
     `encoder_left_chunks` 個區塊的 KV）、LLM 快取（注意力槽加滑動視窗，`llm_window_frames`）
-    與幀位置。每個區塊的成本與記憶體固定，不隨對話長度增長。
+    與幀位置。每個區塊的成本與記憶體固定，不隨對話長度增長。舊匯出（`encoder_left_chunks = 0`）
+    退回 JAX 的切窗編碼：30 秒一窗，窗內每區塊以區塊因果遮罩重編前綴，窗滿換新窗。
 
     - `push_audio(samples)`：餵 16 kHz 波形（批次 1），回傳新完成區塊的使用者串流 `[1, k, d]`。
     - `push_mel(mel)`：直接餵梅爾 `[B, n_mels, f]`（可批次），回傳同上 `[B, k, d]`。
@@ -815,10 +806,8 @@ class Streamer:
     ) -> None:
         from speakllm_jax.audio.features import IncrementalLogMel
 
-        if model.cfg.encoder_left_chunks <= 0:
-            raise ValueError(
-                "Streamer 需要 encoder_left_chunks ≥ 1（heads_config.json；有界的編碼器左方脈絡）"
-            )
+        if int(chunk_frames) < 1:
+            raise ValueError(f"chunk_frames 必須 ≥ 1，收到 {chunk_frames}")
         self.model = model
         self.chunk_frames = int(chunk_frames)
         self.chunk_enc = self.chunk_frames * model.cfg.connector_stack
@@ -826,15 +815,51 @@ class Streamer:
         n_mels = model.encoder.config.num_mel_bins
         self.logmel = IncrementalLogMel(n_mels)
         self.mel = torch.zeros((self.batch, n_mels, 0), dtype=model.dtype, device=model.device)
-        self.encoder = model.init_audio_stream(self.batch, self.chunk_frames)
+        # 舊匯出（encoder_left_chunks = 0）退回切窗編碼：`mel` 存目前編碼窗（≤ 30 秒）的梅爾，
+        # 每區塊以區塊因果遮罩重編窗內前綴，窗滿就換新窗（同 JAX `encode_user_stream`）。
+        self.windowed = model.cfg.encoder_left_chunks <= 0
+        self.window_chunks = 0
+        self.win_chunk = 0  # 目前窗內已編碼的區塊數
+        if self.windowed:
+            per_window = model.encoder.config.max_source_positions // model.cfg.connector_stack
+            self.window_chunks = per_window // self.chunk_frames
+            if self.window_chunks < 1:
+                raise ValueError(
+                    f"chunk_frames={chunk_frames} 大於編碼器一窗可容納的 {per_window} 個 LLM 幀"
+                )
+            self.encoder = None
+        else:
+            self.encoder = model.init_audio_stream(self.batch, self.chunk_frames)
         self.cache = model.new_cache()
         self.position = 0
         self.cond = cond_ids
 
+    def _encode_windowed(self, final: bool) -> list[torch.Tensor]:
+        """切窗編碼：湊滿一個區塊（加一框前瞻；窗的最後一區塊不跨窗前瞻）就重編窗內前綴。"""
+        step = 2 * self.chunk_enc
+        out = []
+        while True:
+            j = self.win_chunk
+            last = j + 1 == self.window_chunks
+            need = (j + 1) * step + (0 if last else 1)
+            have = self.mel.shape[2]
+            if have < need and not (final and have > j * step):
+                break
+            prefix = self.mel[:, :, : min(need, have)]
+            user, _ = self.model.encode_audio(prefix, None, self.chunk_enc)
+            out.append(user[:, j * self.chunk_frames : (j + 1) * self.chunk_frames])
+            self.win_chunk += 1
+            if last or have < need:
+                self.mel = self.mel[:, :, min((j + 1) * step, have) :]
+                self.win_chunk = 0
+        return out
+
     def _encode_ready(self, final: bool) -> torch.Tensor:
         size = 2 * self.chunk_enc + 1
-        out = []
-        while self.mel.shape[2] >= size or (final and self.mel.shape[2] > 0):
+        out = self._encode_windowed(final) if self.windowed else []
+        while not self.windowed and (
+            self.mel.shape[2] >= size or (final and self.mel.shape[2] > 0)
+        ):
             win = self.mel[:, :, :size]
             valid = win.shape[2]
             if valid < size:
@@ -889,10 +914,78 @@ class Streamer:
         return {
             "llm": int(self.cache.get_seq_length()),
             "talker": int(talker),
-            "encoder": int(self.encoder["k"][0].shape[2]),
+            "encoder": 0 if self.encoder is None else int(self.encoder["k"][0].shape[2]),
             "mel": int(self.mel.shape[2]),
             "samples": self.logmel.buffered_samples,
         }
+
+
+@torch.no_grad()
+def step_batch(
+    streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """多個各自前進的 `Streamer`（批次 1、位置與快取長度各不相同，例如不同時間開始的會話）
+    一次前進一幀，結果與逐一 `Streamer.step` 相同。
+
+    `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。各列的 LLM 快取
+    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；深度 Transformer 一次產生 N 列的
+    語音碼。之後把每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。只支援 voila 語音頭
+    （cosyvoice2 的 talker 快取尚未批次化）。
+    """
+    from transformers import DynamicCache
+
+    model = streamers[0].model
+    if any(st.model is not model or st.batch != 1 for st in streamers):
+        raise ValueError("step_batch 的 Streamer 必須共用同一個模型且批次為 1")
+    if model.is_cosyvoice2:
+        raise ValueError("step_batch 尚未支援 speech_head='cosyvoice2'（talker 快取）")
+    n = len(streamers)
+    if user_t.shape[0] != n:
+        raise ValueError(f"user_t 有 {user_t.shape[0]} 列，Streamer 有 {n} 個")
+    dev, dt = model.device, model.dtype
+    zero = torch.zeros((1, model.cfg.llm_hidden), dtype=dt, device=dev)
+    cond = torch.cat([zero if st.cond is None else model.embed(st.cond).to(dt) for st in streamers])
+    x = model.frame_inputs(
+        user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
+    )
+    lengths = [int(st.cache.get_seq_length()) for st in streamers]
+    longest = max(lengths)
+    cache = DynamicCache(config=model.llm.config)
+    if longest:
+        for i in range(len(streamers[0].cache.layers)):
+            ref = next(st.cache.layers[i].keys for st, m in zip(streamers, lengths) if m)
+            shape = (n, ref.shape[1], longest, ref.shape[3])
+            keys = torch.zeros(shape, dtype=ref.dtype, device=dev)
+            values = torch.zeros(shape, dtype=ref.dtype, device=dev)
+            for r, (st, m) in enumerate(zip(streamers, lengths)):
+                if m:
+                    keys[r, :, :m] = st.cache.layers[i].keys[0]
+                    values[r, :, :m] = st.cache.layers[i].values[0]
+            cache.update(keys, values, i)
+    slot = torch.arange(longest + 1, device=dev)
+    allowed = (slot[None] < torch.tensor(lengths, device=dev)[:, None]) | (slot[None] == longest)
+    bias = additive_mask(allowed[:, None, None], x.dtype)
+    pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
+    res = model.llm.model(
+        inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
+    )
+    hidden = res.last_hidden_state
+    out = {
+        "text": model.llm.lm_head(hidden).float(),
+        "turn": model.heads.turn_head(hidden).float(),
+        "code_ids": model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1),
+    }
+    for r, (st, m) in enumerate(zip(streamers, lengths)):
+        own = DynamicCache(config=model.llm.config)
+        for i, layer in enumerate(res.cache.layers):
+            keep = torch.cat([layer.keys[r : r + 1, :, :m], layer.keys[r : r + 1, :, longest:]], 2)
+            vals = torch.cat(
+                [layer.values[r : r + 1, :, :m], layer.values[r : r + 1, :, longest:]], 2
+            )
+            own.update(keep, vals, i)
+        st.cache = model._trim(own)
+        st.position += 1
+    return out
 
 
 def load_heads_config(path: str | Path) -> HeadsConfig:

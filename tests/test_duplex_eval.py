@@ -66,7 +66,9 @@ def test_duplex_server_end_to_end(assets, manifest: Path, tmp_path: Path, capsys
     vad = report["policies"]["vad"]
     # VAD 基線在使用者靜音 end_silence_ms（320 ms）後開口，最多 3 秒：至少接住一個輪次結束。
     assert vad["smooth_takeover_rate"] > 0
-    assert vad["smooth_latency_ms_p50"] >= 320.0
+    # 接話起點 = 最後一個語音幀 + 320 ms；VAD 的能量下限（峰值減 30 dB）把標註結尾的弱尾音算成
+    # 靜音，最後一個語音幀可早於標註的結尾至多約兩幀，所以下限是 320 − 80 ms。
+    assert vad["smooth_latency_ms_p50"] >= 320.0 - 80.0
     details = json.loads((out / "turn_taking_dialogues.json").read_text("utf-8"))
     assert [d["language"] for d in details] == ["en", "mixed"]
     for d in details:

@@ -152,16 +152,3 @@ def test_sixteen_concurrent_sessions(server, utterance) -> None:
         assert np.array_equal(r.reply_wave(), ref)
     assert wall < 60, f"16 個會話花了 {wall:.1f} 秒"
     assert server.server.active_sessions == 0
-
-
-def test_incremental_log_mel_equals_full(utterance) -> None:
-    """會話裡逐區塊增長的梅爾與整段一次算的 `log_mel_np` 完全相同（含最大值截斷）。"""
-    from export.serving.session import IncrementalLogMel
-    from speakllm_jax.audio.features import log_mel_np
-
-    wave = np.concatenate([utterance, np.zeros(3000, np.float32), utterance[::-1] * 2.0])
-    mel = IncrementalLogMel(80)
-    for n in [*range(640, len(wave), 1280), len(wave)]:
-        got = mel(wave[:n])
-        ref = log_mel_np(wave[:n], pad_to_seconds=None)
-        assert got.shape == ref.shape and np.array_equal(got, ref), n

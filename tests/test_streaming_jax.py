@@ -274,7 +274,7 @@ def test_bounded_cosyvoice2_talker_follows_the_same_window(tmp_path) -> None:
     assert frames.shape[1] == n - chunk and sizes["llm"] == sizes["talker"] == 2 + 5 - 1
 
 
-def test_audio_longer_than_encoder_window_is_encoded_in_windows() -> None:
+def test_audio_longer_than_encoder_window_is_encoded_in_windows(tmp_path) -> None:
     # 編碼器上限 16 個輸出框 → 一窗 8 個 LLM 幀；20 幀的音訊切成 8 + 8 + 4 三窗。
     mc = model_config("tiny")
     mc.speech_head = "voila"
@@ -321,3 +321,35 @@ def test_audio_longer_than_encoder_window_is_encoded_in_windows() -> None:
     np.testing.assert_allclose(out.turn_logits, np.asarray(full["turn"]), atol=1e-4)
     free = run_streaming(model, feats, n, chunk, keep_text_logits=False)
     assert free.text_logits is None and free.turn.shape == (b, n)
+
+    # PyTorch 孿生：heads_config.json 沒有串流欄位的舊匯出照樣載入，`Streamer` 退回同樣的切窗
+    # 編碼（梅爾分次餵入），逐窗特徵與教師強制的每幀 logits 都與 JAX 相同。
+    import json
+
+    import torch
+
+    from export.to_torch import export_model
+    from export.torch_model import Streamer, load_exported
+
+    export_model(model, tmp_path / "old", parity_seed=None)
+    path = tmp_path / "old" / "heads_config.json"
+    heads = json.loads(path.read_text(encoding="utf-8"))
+    for key in (
+        "stream_chunk_frames",
+        "encoder_left_chunks",
+        "llm_sink_frames",
+        "llm_window_frames",
+    ):
+        heads.pop(key)
+    path.write_text(json.dumps(heads), encoding="utf-8")
+    tm = load_exported(tmp_path / "old")
+    assert tm.cfg.encoder_left_chunks == 0 and tm.llm_window is None
+    st = Streamer(tm, chunk)
+    mel = np.asarray(feats)
+    pieces = [st.push_mel(mel[:, :, i : i + 5]) for i in range(0, mel.shape[2], 5)]
+    tuser = torch.cat([*pieces, st.flush()], dim=1)
+    np.testing.assert_allclose(tuser[:, :n].numpy(), np.asarray(user), atol=1e-4)
+    assert st.cache_sizes()["mel"] == 0 and st.cache_sizes()["encoder"] == 0
+    got = tm.stream(mel, n, chunk, teacher={k: np.asarray(v) for k, v in teacher.items()})
+    np.testing.assert_allclose(got["text_logits"], out.text_logits, atol=1e-4)
+    np.testing.assert_allclose(got["turn_logits"], out.turn_logits, atol=1e-4)

@@ -189,8 +189,8 @@ def evaluate_duplex_server(
 ) -> dict[str, Any]:
     """在 loopback 啟動伺服器（匯出的 `model_dir` 與語音解碼器），跑 `run_duplex_eval` 後關閉。
 
-    `overrides` 覆寫服務設定（`configs/serving.py` 的欄位）。使用者聲道加上 `tail_seconds` 超過
-    `max_session_seconds` 的對話會被伺服器拒絕，因此事先拋出 ValueError。
+    `overrides` 覆寫服務設定（`configs/serving.py` 的欄位）。`max_session_seconds` > 0 時，使用者
+    聲道加上 `tail_seconds` 超過它的對話會被伺服器拒絕，因此事先拋出 ValueError。
     """
     from configs.serving import get_config
     from export.serving.server import ServerThread
@@ -208,9 +208,8 @@ def evaluate_duplex_server(
     cfg.pace_realtime = bool(realtime)
     for k, v in (overrides or {}).items():
         cfg[k] = v
-    limit = float(cfg.max_session_seconds)
-    # 0 表示不限會話長度。
-    long = [r["id"] for r in rows if limit > 0 and float(r["duration"]) + tail_seconds > limit]
+    limit = float(cfg.max_session_seconds)  # 0 為不限
+    long = [r["id"] for r in rows if 0 < limit < float(r["duration"]) + tail_seconds]
     if long:
         raise ValueError(
             f"對話長於 max_session_seconds={limit} 秒（含 {tail_seconds} 秒尾端）：{long}"

@@ -9,9 +9,13 @@
   `YIELDED`、丟掉停住的音訊、結束這一輪（伺服器同時丟掉送出佇列中還沒送出的音訊）；較短的語音
   在兩個靜音幀後判定為附和：送出 `BACKCHANNEL`、依序放出停住的音訊，同一輪從停住處繼續
   （幀號連續、不丟不重複；播放比原定晚了停住的時間）。
-- 模型路徑（每 `chunk_frames` 幀一次）：對目前為止的使用者音訊算梅爾並以區塊因果遮罩跑 Whisper
-  編碼器（與訓練的串流遮罩相同），得到這一區塊各幀的使用者串流；逐幀呼叫 `frame_step`（KV 快取，
-  自由執行：上一幀的文字、語音碼回饋為下一幀的輸入）。
+- 模型路徑：每一幀的 640 個樣本交給 PyTorch 孿生的 `Streamer`（`export.torch_model`），串流狀態
+  都在它裡面：增量對數梅爾（因果正規化）、有界左方脈絡的編碼器快取、LLM（注意力槽加滑動視窗）
+  與深度／talker 的快取。每湊滿一個區塊（`chunk_frames` 幀；含梅爾窗與卷積的前瞻，比快速路徑
+  晚 1–2 幀）回傳這一區塊的使用者串流，會話逐幀呼叫 `Streamer.step`（自由執行：上一幀的文字、語音碼
+  回饋為下一幀的輸入）。每幀的成本與記憶體不隨對話長度增長，對話長度不受限。舊匯出
+  （`heads_config.json` 沒有串流欄位，`encoder_left_chunks = 0`）由 `Streamer` 退回切窗編碼。
+  會話只管輪替策略，伺服器只管傳輸。
 - 說話的幀把語音碼解成音訊送出：`speech_head="voila"` 每幀解成 16 kHz 的 640 個樣本；
   `speech_head="cosyvoice2"` 每幀的一個 CosyVoice2 語音碼推進這一輪的 token2wav 串流
   （`export.cosyvoice2.token2wav.Token2Wav`：分塊流匹配 + HiFT），解出的 24 kHz 波形切成
@@ -46,14 +50,7 @@ import torch
 import webrtcvad
 
 from export.serving import duplex_pb2 as pb
-from export.torch_model import SPEAKING_ACTIONS, TorchSpeakLLM, load_exported
-from speakllm_jax.audio.features import (
-    HOP_LENGTH,
-    LOG_FLOOR,
-    N_FFT,
-    _hann,
-    _mel_filters_f64,
-)
+from export.torch_model import SPEAKING_ACTIONS, Streamer, TorchSpeakLLM, load_exported
 from speakllm_jax.labels import TurnAction
 
 SAMPLE_RATE = 16000
@@ -258,49 +255,6 @@ class _Turn:
     packets: int = 0
 
 
-class IncrementalLogMel:
-    """逐步增長的波形的對數梅爾，與 `log_mel_np(audio, pad_to_seconds=None)` 相同。
-
-    STFT 框只看附近的樣本：右端以反射補邊的框在有更多音訊後會改變，其餘框不變，所以只快取
-    窗完全落在已收到音訊內的框（未截斷的 log10 梅爾），每次只重算尾端；最後的「最大值減 8」
-    截斷與縮放用全部框的最大值重做（便宜）。
-    """
-
-    def __init__(self, n_mels: int) -> None:
-        self.n_mels = n_mels
-        self.filters = _mel_filters_f64(n_mels, SAMPLE_RATE, N_FFT)
-        self.window = _hann(N_FFT)
-        self.cache = np.zeros((n_mels, 0), np.float64)
-        self.cache_max = -np.inf
-
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        x = np.asarray(audio, np.float32).astype(np.float64)
-        n = len(x)
-        total = n // HOP_LENGTH
-        half = N_FFT // 2
-        start = self.cache.shape[1]
-        if total > start:
-            lo = start * HOP_LENGTH  # 第 start 框在補邊座標中的起點
-            padded = np.pad(x, (half, half), mode="reflect")[lo : total * HOP_LENGTH + N_FFT]
-            frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
-            frames = frames[: total - start]
-            spec = np.fft.rfft(frames * self.window, axis=-1)
-            power = spec.real**2 + spec.imag**2
-            tail = np.log10(np.maximum(self.filters @ power.T, LOG_FLOOR))
-        else:
-            tail = np.zeros((self.n_mels, 0))
-        log_spec = np.concatenate([self.cache, tail], axis=1)
-        # 窗的右端（中心 + half）不超過 n 的框以後不會再變。
-        stable = min(total, max(0, (n - half) // HOP_LENGTH + 1))
-        if stable > start:
-            new = log_spec[:, start:stable]
-            self.cache = log_spec[:, :stable]
-            self.cache_max = max(self.cache_max, float(new.max()))
-        top = max(self.cache_max, float(tail.max()) if tail.size else -np.inf)
-        log_spec = np.maximum(log_spec, top - 8.0)
-        return ((log_spec + 4.0) / 4.0).astype(np.float32)
-
-
 class DuplexSession:
     """一段對話。方法都不是執行緒安全的：伺服器對同一會話依序呼叫。"""
 
@@ -319,7 +273,8 @@ class DuplexSession:
                 )
             self.cond = torch.tensor([int(cid)], dtype=torch.long, device=m.device)
         self.vad = webrtcvad.Vad(int(settings.vad_aggressiveness))
-        self.cache = m.new_cache()
+        # 串流狀態（梅爾、編碼器、LLM／深度／talker 快取）都在模型的 Streamer 裡。
+        self.streamer = Streamer(m, settings.chunk_frames, cond_ids=self.cond)
         k, q = m.cfg.max_chars_per_token, m.cfg.num_codebooks
         dev = m.device
         self.prev = {
@@ -328,9 +283,7 @@ class DuplexSession:
             "codes": torch.zeros((1, 1, q), dtype=torch.long, device=dev),
             "codes_valid": torch.zeros((1, 1), dtype=torch.bool, device=dev),
         }
-        self.pending = np.zeros(0, np.float32)
-        self.mel = IncrementalLogMel(m.encoder.config.num_mel_bins)
-        self.user_audio: list[np.ndarray] = []
+        self.pending = np.zeros(0, np.float32)  # 不足一幀的樣本
         self.frame = 0  # 已收到的完整幀數
         self.model_frame = 0  # 已跑過模型的幀數
         # 還沒跑模型的幀的抵達時間（第 arrival_base 幀起）。
@@ -394,12 +347,18 @@ class DuplexSession:
         """結束會話：把剩下的幀跑完（不足一個區塊也跑）、結算進行中的輪次。"""
         if self.ended:
             return []
-        out = self._run_model(final=True)
+        t0 = time.perf_counter()
+        user = self.streamer.flush(audio=True)
+        out = self._run_model(user, time.perf_counter() - t0)
         if self.turn is not None:
             out += self._end_turn(self.frame, yielded=False)
         self.ended = True
         out.append(self._event(pb.Event.SESSION_ENDED, self.frame, "session ended"))
         return out
+
+    def cache_sizes(self) -> dict[str, int]:
+        """串流狀態目前的大小（`Streamer.cache_sizes`；長對話時有上限）。"""
+        return self.streamer.cache_sizes()
 
     def close_messages(self, reason: str) -> list[pb.ServerMessage]:
         """伺服器主動結束會話（例如關機）時送的最後訊息；不動會話狀態，計算執行緒可能還在跑。"""
@@ -423,13 +382,12 @@ class DuplexSession:
 
     def _on_frame(self, frame: np.ndarray, now: float) -> list[pb.ServerMessage]:
         t = self.frame
-        self.user_audio.append(frame)
         self.arrival.append(now)
         self.frame += 1
         out = self._update_vad(t, self._voiced(frame), now)
-        if self.frame - self.model_frame >= self.s.chunk_frames:
-            out += self._run_model(final=False)
-        return out
+        t0 = time.perf_counter()
+        user = self.streamer.push_audio(frame)
+        return out + self._run_model(user, time.perf_counter() - t0)
 
     def _update_vad(self, t: int, speech: bool, now: float) -> list[pb.ServerMessage]:
         s = self.s
@@ -491,9 +449,12 @@ class DuplexSession:
             out += self._end_turn(t, yielded=False)
         return out
 
-    def _speak(self, msgs: list[pb.ServerMessage]) -> list[pb.ServerMessage]:
-        """助理的音訊與文字：停住時先存起來，否則直接送出。"""
-        if self.holding:
+    def _speak(self, msgs: list[pb.ServerMessage], frame: int) -> list[pb.ServerMessage]:
+        """助理第 `frame` 幀的音訊與文字：停住時，停住那一幀起的先存起來，否則直接送出。
+
+        模型路徑比快速路徑晚（區塊與前瞻），停住時可能還有停住之前的幀沒算完：它們照常送出
+        （在使用者開口之前就該播的音訊），幀號順序不變。"""
+        if self.holding and frame >= self.turn.hold_frame:
             self.held += msgs
             return []
         return msgs
@@ -588,29 +549,24 @@ class DuplexSession:
 
     # ---------------------------------------------------------------- 模型路徑
 
-    def _run_model(self, final: bool) -> list[pb.ServerMessage]:
-        m = self.engine.model
-        start, stop = self.model_frame, self.frame
-        if stop <= start or (not final and stop - start < self.s.chunk_frames):
+    def _run_model(self, user: torch.Tensor, enc_seconds: float) -> list[pb.ServerMessage]:
+        """Streamer 新編好的使用者串流 `[1, k, d]` 逐幀跑模型（最後補零的區塊只跑到收到的幀）。"""
+        count = min(user.shape[1], self.frame - self.model_frame)
+        if count <= 0:
             return []
-        t0 = time.perf_counter()
-        audio = np.concatenate(self.user_audio[:stop])
-        mel = self.mel(audio)
-        chunk_enc = self.s.chunk_frames * m.cfg.connector_stack
-        user, _ = m.encode_audio(mel[None], None, chunk_enc)
-        enc_time = (time.perf_counter() - t0) / (stop - start)
+        enc_time = enc_seconds / count
         out: list[pb.ServerMessage] = []
-        for f in range(start, min(stop, user.shape[1])):
-            out += self._step(f, user[:, f : f + 1], enc_time)
-        self.model_frame = stop
-        del self.arrival[: stop - self.arrival_base]
-        self.arrival_base = stop
+        for i in range(count):
+            out += self._step(self.model_frame, user[:, i : i + 1], enc_time)
+            self.model_frame += 1
+        del self.arrival[: self.model_frame - self.arrival_base]
+        self.arrival_base = self.model_frame
         return out
 
     def _step(self, f: int, user_t: torch.Tensor, enc_time: float) -> list[pb.ServerMessage]:
         t0 = time.perf_counter()
         eng = self.engine
-        self.cache, res = eng.model.frame_step(self.cache, f, user_t, self.prev, None, self.cond)
+        res = self.streamer.step(user_t, self.prev)
         tok = int(torch.argmax(res["text"][0, 0]))
         act = int(torch.argmax(res["turn"][0, 0]))
         codes = res["code_ids"][0, 0].to(torch.long)
@@ -630,14 +586,14 @@ class DuplexSession:
             else:
                 window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
                 wave = eng.voila.decode_codes(window)[-FRAME_SAMPLES:]
-                out += self._speak([self._audio(wave, SAMPLE_RATE, f)])
+                out += self._speak([self._audio(wave, SAMPLE_RATE, f)], f)
                 if turn.first_audio_frame < 0:
                     turn.first_audio_frame = f
                     turn.first_audio_time = time.perf_counter()
             if tok not in eng.special_ids:
                 piece = eng.tokenizer.decode([tok]) if eng.tokenizer is not None else ""
                 text = pb.TextPartial(text=piece, token_ids=[tok], frame=f, turn=turn.index)
-                out += self._speak([pb.ServerMessage(text=text)])
+                out += self._speak([pb.ServerMessage(text=text)], f)
             turn.frames += 1
         self.prev = {
             "text": torch.tensor([[tok]], dtype=torch.long, device=eng.device),
@@ -684,7 +640,7 @@ class DuplexSession:
         out: list[pb.ServerMessage] = []
         while len(buf) >= n:
             seq = turn.audio_start + turn.packets
-            out += self._speak([self._audio(buf[:n], eng.output_rate, seq)])
+            out += self._speak([self._audio(buf[:n], eng.output_rate, seq)], seq)
             buf = buf[n:]
             turn.packets += 1
             if turn.first_audio_frame < 0:

@@ -1,0 +1,158 @@
+"""長對話經真實伺服器（127.0.0.1、隨機埠）：超過 30 秒的會話在 `max_session_seconds=0` 下完成。
+
+會話的模型路徑是孿生的 `Streamer`（有界的編碼器左方脈絡、LLM 注意力槽加滑動視窗），所以
+50 秒的對話每一幀都被回應、每次使用者說完助理都開口，而結束時的串流狀態大小與 10 秒時相同。
+`pace_realtime=False` 讓它比即時快，幀的語意不變。匯出的模型把 LLM 視窗設成 200 幀（8 秒），
+10 秒時就已滿。
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from configs.serving import get_config
+from export.serving import duplex_pb2 as pb
+from export.serving.client import FRAME_SAMPLES, stream_audio
+from export.serving.server import ServerThread, build_demo_assets
+from export.serving.session import load_engine
+from speakllm_jax.data.demo_corpus import synth
+
+SR = 16000
+SINKS, WINDOW = 4, 200
+PERIOD = 125  # 每 5 秒一次使用者發言（1.2 秒語音 + 靜音），助理回 3 秒
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """示範模型的副本，長對話方案改成 LLM 視窗 200 幀（注意力槽 4 幀）。"""
+    model_dir, voila_dir = build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+    copy = tmp_path_factory.mktemp("long") / "model"
+    shutil.copytree(model_dir, copy)
+    path = copy / "heads_config.json"
+    heads = json.loads(path.read_text(encoding="utf-8"))
+    assert heads["encoder_left_chunks"] > 0
+    heads.update(llm_sink_frames=SINKS, llm_window_frames=WINDOW)
+    path.write_text(json.dumps(heads), encoding="utf-8")
+    return copy, voila_dir
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    cfg = get_config()
+    cfg.model_dir, cfg.voila_dir = map(str, assets)
+    cfg.port = 0
+    cfg.policy = "vad"
+    cfg.pace_realtime = False
+    cfg.max_session_seconds = 0.0
+    with ServerThread(cfg, load_engine(*assets)) as st:
+        # 記下伺服器建立的會話，結束後讀它的幀數與串流狀態大小。
+        servicer = st.server.servicer
+        make = servicer._new_session
+        st.sessions = []
+
+        def record(options):
+            session = make(options)
+            st.sessions.append(session)
+            return session
+
+        servicer._new_session = record
+        yield st
+
+
+@pytest.fixture(scope="module")
+def utterance() -> np.ndarray:
+    return synth("今天天氣很好，我們去公園散步吧。", "cmn")[: int(1.2 * SR)]
+
+
+def conversation(utterance: np.ndarray, turns: int) -> np.ndarray:
+    block = np.zeros(PERIOD * FRAME_SAMPLES, np.float32)
+    block[: len(utterance)] = utterance
+    return np.tile(block, turns)
+
+
+def run(server, wave: np.ndarray):
+    res = stream_audio(server.target, wave, fast=True, timeout=300.0)
+    assert res.status == grpc.StatusCode.OK, res.detail
+    return res, server.sessions[-1]
+
+
+def test_fifty_second_session_is_answered_with_bounded_state(server, utterance) -> None:
+    short, s10 = run(server, conversation(utterance, 2))  # 10 秒
+    turns = 10
+    res, s50 = run(server, conversation(utterance, turns))  # 50 秒
+    frames = turns * PERIOD
+    # 每一幀都收到、都跑過模型（LLM 位置 = 幀數），會話正常結束在最後一幀。
+    assert res.frames_sent == frames
+    assert s50.frame == s50.model_frame == s50.streamer.position == frames
+    (ended,) = res.events(pb.Event.SESSION_ENDED)
+    assert ended.frame == frames
+    # 每次使用者說完助理都開口（在這一段內、語音之後），說滿 max_reply_seconds，不被打斷。
+    reply = round(server.server.cfg.max_reply_seconds / 0.04)
+    speech_frames = -(-len(utterance) // FRAME_SAMPLES)
+    starts = [e.frame for e in res.events(pb.Event.SPEAKING)]
+    assert len(starts) == turns
+    for k, start in enumerate(starts):
+        assert k * PERIOD + speech_frames <= start < (k + 1) * PERIOD - reply
+    seqs = [a.seq for a in res.of("audio")]
+    assert seqs == [s + i for s in starts for i in range(reply)]
+    metrics = res.of("metrics")
+    assert len(metrics) == turns and not any(m.yielded for m in metrics)
+    assert res.events(pb.Event.YIELDED) == [] and res.events(pb.Event.ERROR) == []
+    # 前兩輪與 10 秒的會話逐幀相同（同一前綴，決定性）。
+    assert starts[:2] == [e.frame for e in short.events(pb.Event.SPEAKING)]
+    # 串流狀態有上限：50 秒結束時與 10 秒結束時一樣大，LLM 快取是注意力槽加視窗。
+    sizes = s50.cache_sizes()
+    assert sizes == s10.cache_sizes()
+    assert sizes["llm"] == SINKS + WINDOW - 1 < 2 * PERIOD
+
+
+def test_step_batch_equals_separate_steps(assets) -> None:
+    """不同時間開始的會話（位置 0、37、230，最後一個已超過 LLM 視窗）一次批次前進，與逐一前進相同。"""
+    import torch
+
+    from export.torch_model import Streamer, load_exported, step_batch
+
+    model = load_exported(assets[0])
+    q, k, d = model.cfg.num_codebooks, model.cfg.max_chars_per_token, model.cfg.llm_hidden
+    gen = torch.Generator().manual_seed(0)
+
+    def prev_row(r: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        return {
+            "text": torch.tensor([[100 + r]]),
+            "tones": torch.randint(0, 6, (1, 1, k), generator=g),
+            "codes": torch.randint(0, 2048, (1, 1, q), generator=g),
+            "codes_valid": torch.tensor([[r % 2 == 0]]),
+        }
+
+    def advanced(frames: int, seed: int) -> Streamer:
+        st = Streamer(model, 2)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(frames):
+            st.step(0.1 * torch.randn((1, 1, d), generator=g), prev_row(0, g))
+        return st
+
+    starts = (0, 37, 230)
+    separate = [advanced(f, i) for i, f in enumerate(starts)]
+    batched = [advanced(f, i) for i, f in enumerate(starts)]
+    assert separate[2].cache_sizes()["llm"] == SINKS + WINDOW - 1
+    for _ in range(3):
+        users = [0.1 * torch.randn((1, 1, d), generator=gen) for _ in starts]
+        prevs = [prev_row(r, gen) for r in range(len(starts))]
+        ref = [st.step(u, p) for st, u, p in zip(separate, users, prevs, strict=True)]
+        got = step_batch(
+            batched,
+            torch.cat(users),
+            {key: torch.cat([p[key] for p in prevs]) for key in prevs[0]},
+        )
+        for r, one in enumerate(ref):
+            torch.testing.assert_close(got["text"][r : r + 1], one["text"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(got["turn"][r : r + 1], one["turn"], atol=1e-4, rtol=0)
+            assert torch.equal(got["code_ids"][r : r + 1], one["code_ids"])
+        assert [st.cache_sizes() for st in batched] == [st.cache_sizes() for st in separate]
+        assert [st.position for st in batched] == [st.position for st in separate]
