@@ -5,6 +5,7 @@
 """
 
 import functools
+import importlib as _importlib
 import os as _os
 import sys as _sys
 
@@ -16,9 +17,8 @@ _widen()
 # 參數只帶邏輯軸名稱的中繼資料，建立時不立即分片（見 `configure_flax`）。Flax 尚未匯入時只設它
 # 匯入時讀取的環境變數，不在此匯入 Flax；已匯入時直接設定。
 if "flax" in _sys.modules:
-    from flax import nnx as _nnx
-
-    _nnx.use_eager_sharding(False)
+    # 只在 Flax 已由呼叫端載入時才取用它（此時 JAX 也已載入），所以本套件不會帶入 Flax。
+    _importlib.import_module("flax.nnx").use_eager_sharding(False)
 else:
     _os.environ.setdefault("FLAX_ALWAYS_SHARD_VARIABLE", "false")
 

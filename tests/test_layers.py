@@ -79,7 +79,6 @@ ALLOWED_CYCLES: list[frozenset[str]] = []
 ALLOWED_TORCH: dict[str, str] = {}
 # 服務端模組層級可達、且匯入 jax／flax 的模組 → 為什麼還在。
 ALLOWED_SERVING_JAX: dict[str, str] = {
-    "speakllm_jax.audio.features": "對數梅爾的 jnp 版本與 NumPy 版本同檔：服務端只需 NumPy 版",
 }
 
 
