@@ -403,22 +403,27 @@ def _make_dialogue(
     }
 
 
+def write_dialogue(folder: Path, did: str, dia: dict[str, Any]) -> None:
+    """把一段雙聲道對話（`dia["wave"]` 加標註欄位）寫成 `did.wav` 與對話格式的 `did.json`。"""
+    write_audio(folder / f"{did}.wav", dia.pop("wave"), SR)
+    meta = {
+        "id": did,
+        "audio": f"{did}.wav",
+        "sample_rate": SR,
+        "channels": 2,
+        "channel_roles": ["user", "assistant"],
+        **dia,
+    }
+    (folder / f"{did}.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), "utf-8")
+
+
 def _make_dialogues(ctx: _Ctx) -> None:
     d = ctx.root / "dialogues"
     n = 0
     for i, script in enumerate(_pick(ctx.rng, DIALOGUES, 3 * ctx.scale)):
         did = f"dlg{i:04d}"
         dia = _make_dialogue(ctx, script, DEMO_EMOTIONS[i % len(DEMO_EMOTIONS)])
-        write_audio(d / f"{did}.wav", dia.pop("wave"), SR)
-        meta = {
-            "id": did,
-            "audio": f"{did}.wav",
-            "sample_rate": SR,
-            "channels": 2,
-            "channel_roles": ["user", "assistant"],
-            **dia,
-        }
-        (d / f"{did}.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), "utf-8")
+        write_dialogue(d, did, dia)
         n += 1
     ctx.counts["dialogues"] = n
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from speakllm_jax.audio.io import resample, write_audio
-from speakllm_jax.data.demo_corpus import SR, _place, _t, has_espeak, synth
+from speakllm_jax.audio.io import resample
+from speakllm_jax.data.demo_corpus import SR, _place, _t, has_espeak, synth, write_dialogue
 
 DIALOGUE_DIR = "duplex_dialogues"
 DIALOGUE_INFO = "duplex_info.json"
@@ -394,16 +394,7 @@ def make_turn_dialogues(
         split = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
         did = f"fdx{i:04d}"
         dia = make_turn_dialogue(rng, lang, split, compact)
-        write_audio(d / f"{did}.wav", dia.pop("wave"), SR)
-        meta = {
-            "id": did,
-            "audio": f"{did}.wav",
-            "sample_rate": SR,
-            "channels": 2,
-            "channel_roles": ["user", "assistant"],
-            **dia,
-        }
-        (d / f"{did}.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), "utf-8")
+        write_dialogue(d, did, dia)
         splits[split] = splits.get(split, 0) + 1
         langs[lang] = langs.get(lang, 0) + 1
     info = {
