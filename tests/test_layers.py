@@ -78,8 +78,7 @@ ALLOWED_CYCLES: list[frozenset[str]] = []
 # speakllm_jax 中在模組層級匯入 torch 的模組。
 ALLOWED_TORCH: dict[str, str] = {}
 # 服務端模組層級可達、且匯入 jax／flax 的模組 → 為什麼還在。
-ALLOWED_SERVING_JAX: dict[str, str] = {
-}
+ALLOWED_SERVING_JAX: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:
