@@ -1,5 +1,1 @@
 """模型：Whisper、Qwen2、連接器與語音頭，皆以 Flax NNX 撰寫。"""
-
-from speakllm_jax import configure_flax
-
-configure_flax()
