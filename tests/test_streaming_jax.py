@@ -301,19 +301,10 @@ def test_audio_longer_than_encoder_window_is_encoded_in_windows(tmp_path) -> Non
         np.asarray(encode_user_stream(model, feats, n, chunk)), np.asarray(user), atol=1e-5
     )
     # 教師強制的串流：LLM 的上下文跨窗連續，每幀 logits 等於逐窗特徵上的整段 LLM 前向。
-    text_in = jnp.asarray(rng.integers(0, 256, (b, n)), jnp.int32)
-    tones_in = jnp.asarray(rng.integers(0, 6, (b, n, 4)), jnp.int32)
-    codes_in = jnp.asarray(rng.integers(0, 64, (b, n, 4)), jnp.int32)
-    valid = jnp.asarray(rng.random((b, n)) > 0.3)
-    target = jnp.asarray(rng.integers(0, 64, (b, n, 4)), jnp.int32)
-    teacher = dict(
-        text_in=text_in,
-        tones_in=tones_in,
-        codes_in=codes_in,
-        codes_in_valid=valid,
-        codes_target=target,
-    )
+    teacher = _teacher(rng, b, n)
     out = run_streaming(model, feats, n, chunk, teacher=teacher)
+    text_in, tones_in, codes_in = teacher["text_in"], teacher["tones_in"], teacher["codes_in"]
+    valid, target = teacher["codes_in_valid"], teacher["codes_target"]
     x = model.frame_inputs(user, text_in, tones_in, codes_in, valid)
     hidden, _ = model.llm.forward_embeds(x, attention_mask=jnp.ones((b, n), bool))
     full = model.heads(hidden, target, user, jnp.ones((b, n), bool))
