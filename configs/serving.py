@@ -56,4 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.backchannel_max_seconds = 0.4  # 助理說話時，短於此的使用者語音視為附和，不打斷
     c.reaction_window_frames = 15  # 打斷反應的上限（自使用者語音起點起算的幀數）
     c.condition = ""  # 預設條件符號（例如 "<|emo_neutral|>"）
+
+    # 瀏覽器頁面（`python -m export.serving.web`）：網頁與 WebSocket 的埠（位址同 `host`）；
+    # `web_grpc_target` 非空（HOST:PORT）時接到那台 gRPC 伺服器，不在本程序啟動伺服器與載入模型。
+    c.web_port = 8080
+    c.web_grpc_target = ""
     return c
