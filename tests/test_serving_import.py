@@ -1,4 +1,4 @@
-"""服務端不載入 JAX：`import export.serving.server` 之後 `sys.modules` 裡沒有 jax／flax。"""
+"""服務端不載入 JAX：匯入 gRPC 伺服器、客戶端與網頁橋接之後 `sys.modules` 裡沒有 jax／flax。"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 def test_server_import_loads_no_jax() -> None:
     code = (
-        "import sys, export.serving.server, export.serving.client\n"
+        "import sys, export.serving.server, export.serving.client, export.serving.web\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
         "print(','.join(bad))\n"
     )

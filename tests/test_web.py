@@ -12,7 +12,6 @@ import asyncio
 import json
 import shutil
 import socket
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,9 @@ QUANTUM_S = 128 / SR  # Web Audio 的渲染量子：播放端量測的時間解�
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = REPO / "test-output" / "web"
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM = (
+    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+)
 CHROMEDRIVER = shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -148,14 +149,17 @@ def test_barge_in_flushes_playback_in_browser(web, speech, tmp_path) -> None:
         driver.find_element("id", "start").click()
         _wait(driver, "window.speakllm.sessionStarted", 20)
         _wait(driver, "window.speakllm.events.some(e => e.kind === 'YIELDED')", 30)
-        # 讓插話之後的下一輪也開口，播放端量測完整。
+        # 插話之後助理再開口；播放中按「打斷」（Control INTERRUPT）：這時佇列裡一定有排好的音訊。
         _wait(
             driver,
             "(() => { const s = window.speakllm; const y = s.events.find(e => e.kind === 'YIELDED');"
             " return s.chunks.some(c => c.turn > y.turn); })()",
             20,
         )
-        time.sleep(0.5)
+        _wait(driver, "window.speakllmQueued() > 0.06", 10)
+        driver.find_element("id", "interrupt").click()
+        _wait(driver, "window.speakllm.events.filter(e => e.kind === 'YIELDED').length === 2", 20)
+        time.sleep(0.3)
         OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
         shot = OUTPUT_DIR / "barge_in.png"
         driver.save_screenshot(str(shot))
@@ -172,14 +176,16 @@ def test_barge_in_flushes_playback_in_browser(web, speech, tmp_path) -> None:
     assert s["close"]["code"] == 1000, s["close"]
     assert s["sampleRate"] == SR
     yields = [e for e in s["events"] if e["kind"] == "YIELDED"]
-    assert len(yields) == 1 and yields[0]["detail"] == "barge-in", yields
+    assert [e["detail"] for e in yields] == ["barge-in", "interrupt"], yields
+    end = s["close"]["at"]
+
+    # 插話：伺服器在使用者起點停住音訊、判定打斷後送 YIELDED，頁面清空這一輪的播放佇列。
     y = yields[0]
     onset, turn = y["user_onset_frame"], y["turn"]
     ours = [c for c in s["chunks"] if c["turn"] == turn]
     assert ours, "助理音訊應已排進播放"
     assert not s["seqProblems"], s["seqProblems"]
-    # 清空：收到 YIELDED 的同一幀內，這一輪所有還沒播完的片段都停在清空的時間。
-    (flush,) = [f for f in s["flushes"] if f["reason"] == "yielded"]
+    flush = _flush_of(s, turn)
     assert flush["at"] - flush["receivedAt"] <= FRAME_S
     for c in ours:
         assert (c["stoppedAt"] if c["stoppedAt"] is not None else c["end"]) <= flush["at"] + 1e-6
@@ -189,18 +195,191 @@ def test_barge_in_flushes_playback_in_browser(web, speech, tmp_path) -> None:
     ref = max(before, key=lambda c: c["seq"])
     onset_play = ref["start"] + (onset - ref["seq"]) * FRAME_S
     next_turn = min(c["start"] for c in s["chunks"] if c["turn"] > turn)
-    end = s["close"]["at"]
     played = _overlap(s["audible"], onset_play, next_turn, end)
-    after_flush = _overlap(s["audible"], flush["at"] + FRAME_S, next_turn, end)
     onset_mic = s["frameTimes"][onset]
     played_mic = _overlap(s["audible"], onset_mic, next_turn, end)
-    print(
-        f"起點後播出的助理音訊：播放時鐘 {played * 1000:.0f} ms、麥克風時鐘 {played_mic * 1000:.0f} ms；"
-        f"YIELDED 在起點後 {(y['at'] - onset_mic) * 1000:.0f} ms 收到；"
-        f"首輪頁面延遲 {s['turns']['0']['latencyMs']:.0f} ms"
-    )
+    assert _overlap(s["audible"], ours[0]["start"], onset_play, end) > 0.2, "插話前助理應在說話"
     # 量測以渲染量子（8 ms）為單位：容許一個量子的量化誤差。
     assert played <= 2 * FRAME_S + QUANTUM_S, played
-    assert after_flush <= QUANTUM_S, after_flush
-    assert _overlap(s["audible"], ours[0]["start"], onset_play, end) > 0.2, "插話前助理應在說話"
+    assert _overlap(s["audible"], flush["at"] + FRAME_S, next_turn, end) <= QUANTUM_S
+
+    # 打斷：佇列裡還有排好的音訊，清空後一幀之內就沒有聲音。
+    y2 = yields[1]
+    flush2 = _flush_of(s, y2["turn"])
+    assert flush2["cutSeconds"] > 0, flush2
+    later = [c["start"] for c in s["chunks"] if c["turn"] > y2["turn"]]
+    silent_from = flush2["at"] + FRAME_S
+    assert _overlap(s["audible"], silent_from, min(later, default=end), end) <= QUANTUM_S
+
+    print(
+        f"插話起點後播出的助理音訊：播放時鐘 {played * 1000:.0f} ms、麥克風時鐘 "
+        f"{played_mic * 1000:.0f} ms（YIELDED 在麥克風起點後 {(y['at'] - onset_mic) * 1000:.0f} ms "
+        f"收到）；打斷時清掉 {flush2['cutSeconds'] * 1000:.0f} ms 排好的音訊；首輪頁面延遲 "
+        f"{s['turns']['0']['latencyMs']:.0f} ms；重新起播 {len(s['rebuffers'])} 次"
+    )
     assert s["consoleErrors"] == [] and logs == [], (s["consoleErrors"], logs)
+
+
+def _flush_of(s: dict[str, Any], turn: int) -> dict[str, Any]:
+    (flush,) = [f for f in s["flushes"] if f["reason"] == "yielded" and f["turn"] == turn]
+    return flush
+
+
+@pytest.fixture(scope="module")
+def quiet_browser(tmp_path_factory: pytest.TempPathFactory):
+    """錯誤訊息的測試共用的瀏覽器：麥克風是一段低聲的雜訊（內容不重要）。"""
+    rng = np.random.default_rng(0)
+    wav = _write_wav(
+        tmp_path_factory.mktemp("quiet") / "mic.wav", 1e-3 * rng.standard_normal(20 * SR)
+    )
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "需要 Debian 的 chromium 與 chromium-driver（bash launch/setup.sh 以 apt 安裝）"
+        )
+    driver = _chrome(wav)
+    yield driver
+    driver.quit()
+
+
+def _message(driver: Any, kind: str, timeout: float) -> dict[str, Any]:
+    _wait(driver, f"window.speakllm.messages.some(m => m.kind === '{kind}')", timeout)
+    el = driver.find_element("id", "message")
+    assert el.is_displayed()
+    msg = [m for m in _state(driver)["messages"] if m["kind"] == kind][-1]
+    assert el.text == msg["text"]
+    return msg
+
+
+@needs_browser
+def test_page_shows_rejected_token_and_idle_timeout(web, quiet_browser) -> None:
+    d = quiet_browser
+    grpc_detail = stream_audio(web.server.target, np.zeros(SR, np.float32), token="wrong").detail
+    _open(d, f"{web.url}?token=wrong&aec=0")
+    d.find_element("id", "start").click()
+    msg = _message(d, "token", 20)
+    s = _state(d)
+    assert s["close"]["code"] == close_code(grpc.StatusCode.UNAUTHENTICATED) == 4016
+    assert s["status"]["detail"] == grpc_detail and grpc_detail in msg["text"]
+    assert not s["sessionStarted"]
+
+    # 正確的權杖：會話開始；暫停麥克風後 idle_timeout_s 內沒有音訊，伺服器結束會話。
+    box = d.find_element("id", "token")
+    box.clear()
+    box.send_keys(TOKEN)
+    d.find_element("id", "start").click()
+    _wait(d, "window.speakllm.sessionStarted", 20)
+    d.find_element("id", "mute").click()
+    msg = _message(d, "idle", IDLE_S + 15)
+    s = _state(d)
+    assert s["close"]["code"] == close_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert s["status"]["code"] == "DEADLINE_EXCEEDED"
+    assert f"idle_timeout_s={IDLE_S:g}" in s["status"]["detail"]
+    assert s["status"]["detail"] in msg["text"]
+    assert s["consoleErrors"] == []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@needs_browser
+def test_page_shows_server_down(assets, quiet_browser) -> None:
+    """gRPC 後端沒在執行 → UNAVAILABLE（4014）；網頁伺服器本身停了 → 連不上。"""
+    d = quiet_browser
+    cfg = _cfg(assets)
+    cfg.web_grpc_target = f"127.0.0.1:{_free_port()}"
+    with WebThread(cfg) as wt:
+        assert wt.server.grpc_server is None  # 只橋接，不載入模型
+        _open(d, f"{wt.url}?token={TOKEN}&aec=0")
+        d.find_element("id", "start").click()
+        msg = _message(d, "unavailable", 30)
+        s = _state(d)
+        assert s["close"]["code"] == close_code(grpc.StatusCode.UNAVAILABLE) == 4014
+        assert s["status"]["code"] == "UNAVAILABLE" and s["status"]["detail"] in msg["text"]
+    d.find_element("id", "start").click()
+    msg = _message(d, "connect", 20)
+    assert "python -m export.serving.web" in msg["text"]
+    assert _state(d)["close"]["opened"] is False
+
+
+# ---------------------------------------------------------------- 不開瀏覽器的橋接測試
+
+
+async def _ws_session(url: str, frames: list[bytes], start: dict[str, Any] | None) -> dict:
+    import aiohttp
+
+    out: dict[str, Any] = {"json": [], "audio": []}
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url) as ws:
+            if start is not None:
+                await ws.send_json(start)
+            for f in frames:
+                await ws.send_bytes(f)
+            if start is not None:
+                await ws.send_json({"type": "end"})
+            while True:
+                msg = await ws.receive()
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    seq, rate = AUDIO_HEADER.unpack_from(msg.data)
+                    out["audio"].append((seq, rate, msg.data[AUDIO_HEADER.size :]))
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    out["json"].append(json.loads(msg.data))
+                else:
+                    out["reason"] = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None
+                    break
+            out["code"] = ws.close_code
+    return out
+
+
+def _pcm_frames(wave: np.ndarray) -> list[bytes]:
+    from export.serving.client import to_pcm16
+
+    return [to_pcm16(wave[i : i + FRAME_SAMPLES]) for i in range(0, len(wave), FRAME_SAMPLES)]
+
+
+def test_bridge_relays_the_same_session_as_grpc(web, speech) -> None:
+    """同一段音訊與選項經 WebSocket 橋接與直接經 gRPC：事件、文字與每個音訊封包都相同。"""
+    question, _ = speech
+    wave = np.concatenate([question[: int(1.2 * SR)], np.zeros(int(1.6 * SR), np.float32)])
+    emo = "<|emo_happy|>"  # 條件也經 start 訊息轉成 SessionOptions（改變模型的輸出）
+    direct = stream_audio(web.server.target, wave, fast=True, token=TOKEN, condition=emo)
+    assert direct.status == grpc.StatusCode.OK, direct.detail
+    url = f"{web.url}ws?token={TOKEN}"
+    start = {"type": "start", "sample_rate": SR, "policy": "vad", "condition": emo}
+    got = asyncio.run(_ws_session(url, _pcm_frames(wave), start))
+    assert got["code"] == 1000
+    events = [(e.kind, e.frame, e.turn, e.detail, e.user_onset_frame) for e in direct.events()]
+    assert events and pb.Event.SPEAKING in [e[0] for e in events]
+    ws_events = [
+        (pb.Event.Kind.Value(j["kind"]), j["frame"], j["turn"], j["detail"], j["user_onset_frame"])
+        for j in got["json"]
+        if j["type"] == "event"
+    ]
+    assert ws_events == events
+    assert [(a.seq, a.sample_rate, a.pcm16) for a in direct.of("audio")] == got["audio"]
+    assert [t.text for t in direct.of("text")] == [
+        j["text"] for j in got["json"] if j["type"] == "text"
+    ]
+    assert len([j for j in got["json"] if j["type"] == "metrics"]) == len(direct.of("metrics"))
+
+
+def test_bridge_maps_errors_to_close_codes(web) -> None:
+    """錯誤狀態 → 4000 + 狀態碼，關閉原因與 status 訊息帶 gRPC 伺服器的同一段說明。"""
+    grpc_detail = stream_audio(web.server.target, np.zeros(SR, np.float32), token="wrong").detail
+    got = asyncio.run(_ws_session(f"{web.url}ws?token=wrong", [], {"type": "start"}))
+    assert got["code"] == 4016 and got["reason"] == grpc_detail
+    (status,) = [j for j in got["json"] if j["type"] == "status"]
+    assert status == {
+        "type": "status",
+        "code": "UNAUTHENTICATED",
+        "status": 16,
+        "detail": grpc_detail,
+    }
+    # 第一則不是 start（直接送音訊）：伺服器的 INVALID_ARGUMENT。
+    frames = _pcm_frames(np.zeros(FRAME_SAMPLES * 2, np.float32))
+    got = asyncio.run(_ws_session(f"{web.url}ws?token={TOKEN}", frames, None))
+    assert got["code"] == 4003
+    (status,) = [j for j in got["json"] if j["type"] == "status"]
+    assert status["code"] == "INVALID_ARGUMENT" and "START" in status["detail"]

@@ -35,6 +35,9 @@ const S = (window.speakllm = {
   muted: false,
 });
 
+// 播放佇列裡還沒播的秒數（測試用）。
+window.speakllmQueued = () => (ctx ? Math.max(0, nextStart - ctx.currentTime) : 0);
+
 const origError = console.error.bind(console);
 console.error = (...args) => {
   S.consoleErrors.push(args.map(String).join(' '));
