@@ -72,6 +72,9 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {
         "server 的 --demo-assets 以訓練設定建任務；應改由無 jax 的設定載入（服務端的修改中）"
     ),
     ("export.serving.server", "speakllm_jax.training.tasks"): "同上：以訓練任務取得分詞器",
+    ("export.serving.web", "speakllm_jax.training.config_io"): (
+        "網頁橋接的 main() 與 server 的 main() 用同一個設定載入；server 改用無 jax 的設定載入時一起改"
+    ),
 }
 # 仍然存在的環（模組集合）。
 ALLOWED_CYCLES: list[frozenset[str]] = []
