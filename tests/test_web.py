@@ -285,8 +285,8 @@ def _free_port() -> int:
 
 
 @needs_browser
-def test_page_shows_server_down(assets, quiet_browser) -> None:
-    """gRPC 後端沒在執行 → UNAVAILABLE（4014）；網頁伺服器本身停了 → 連不上。"""
+def test_page_shows_server_down(assets, engine, quiet_browser) -> None:
+    """gRPC 後端沒在執行 → UNAVAILABLE（4014）；會話中伺服器關機 → 帶原因的結束；之後連不上。"""
     d = quiet_browser
     cfg = _cfg(assets)
     cfg.web_grpc_target = f"127.0.0.1:{_free_port()}"
@@ -298,10 +298,49 @@ def test_page_shows_server_down(assets, quiet_browser) -> None:
         s = _state(d)
         assert s["close"]["code"] == close_code(grpc.StatusCode.UNAVAILABLE) == 4014
         assert s["status"]["code"] == "UNAVAILABLE" and s["status"]["detail"] in msg["text"]
+
+    wt = WebThread(_cfg(assets), engine).__enter__()
+    try:
+        _open(d, f"{wt.url}?token={TOKEN}&aec=0")
+        d.find_element("id", "start").click()
+        _wait(d, "window.speakllm.sessionStarted", 20)
+    finally:
+        wt.stop(0)
+    msg = _message(d, "ended", 20)
+    assert "server shutdown" in msg["text"]
+    _wait(d, "window.speakllm.close !== null", 20)
     d.find_element("id", "start").click()
     msg = _message(d, "connect", 20)
     assert "python -m export.serving.web" in msg["text"]
     assert _state(d)["close"]["opened"] is False
+
+
+@needs_browser
+def test_page_shows_refused_microphone(web, tmp_path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    # 有（假的）麥克風，但權限提示一律拒絕。
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--use-fake-device-for-media-stream",
+        "--deny-permission-prompts",
+    ):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    try:
+        _open(d, f"{web.url}?token={TOKEN}")
+        d.find_element("id", "start").click()
+        msg = _message(d, "mic", 20)
+        s = _state(d)
+    finally:
+        d.quit()
+    assert "麥克風被拒絕" in msg["text"]
+    assert not s["started"] and s["close"] is None
 
 
 # ---------------------------------------------------------------- 不開瀏覽器的橋接測試

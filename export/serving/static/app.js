@@ -143,13 +143,13 @@ async function openAudio(aec) {
   try {
     mic = await navigator.mediaDevices.getUserMedia(constraints);
   } catch (e) {
-    const refused = e.name === 'NotAllowedError' || e.name === 'SecurityError';
-    showMessage(
-      'mic',
-      refused
-        ? '麥克風被拒絕：請在瀏覽器允許本頁使用麥克風後再按「開始」。'
-        : `無法使用麥克風（${e.name}）：${e.message}`,
-    );
+    let text = `無法使用麥克風（${e.name}）：${e.message}`;
+    if (e.name === 'NotAllowedError' || e.name === 'SecurityError') {
+      text = '麥克風被拒絕：請在瀏覽器允許本頁使用麥克風後再按「開始」。';
+    } else if (e.name === 'NotFoundError') {
+      text = '找不到麥克風：請接上麥克風後再按「開始」。';
+    }
+    showMessage('mic', text);
     return false;
   }
   let source;
