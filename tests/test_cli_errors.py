@@ -125,6 +125,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["--config.voila_dir=/path/Voila-Tokenizer"],
     ),
     (
+        "web_missing_model",
+        ["-m", "export.serving.web", "--config.model_dir=/path/export"],
+        ["--config.model_dir=/path/export"],
+    ),
+    (
         "server_bad_port",
         ["-m", "export.serving.server", "--config.port=abc"],
         ["--config.port 需要 int"],

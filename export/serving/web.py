@@ -268,7 +268,7 @@ class WebBridge:
         inbound: _Inbound,
         head: pb.ClientMessage | None,
     ) -> BridgeError | None:
-        """瀏覽器 → gRPC；回傳橋接拒絕的錯誤（沒有則為 None：送完 END 或客戶端離開）。"""
+        """瀏覽器 → gRPC。只在客戶端離開（None）或送了無法轉換的訊息（該錯誤）時回傳；送完 END 後等著被取消。"""
         try:
             if head is not None:
                 await call.write(head)
@@ -393,8 +393,16 @@ class WebThread:
 
 
 async def _serve(cfg: Any) -> None:
+    from speakllm_jax.cli import UserValueError
+
     server = WebServer(cfg)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:
+        await server.stop(0)
+        raise UserValueError(
+            f"--config.web_port={cfg.web_port}：無法在 {cfg.host} 上監聽（{e.strerror or e}）"
+        ) from e
     if server.grpc_server is not None:
         print(f"grpc listening on {server.target}", flush=True)
     else:

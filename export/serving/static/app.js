@@ -445,8 +445,9 @@ function logEvent(ev) {
   const li = document.createElement('li');
   li.className = `ev-${ev.kind}`;
   const onset = ev.user_onset_frame >= 0 ? `，使用者起點幀 ${ev.user_onset_frame}` : '';
+  const turn = ev.turn >= 0 ? `　第 ${ev.turn} 輪` : '';
   li.textContent =
-    `${ev.at.toFixed(2)} s　幀 ${ev.frame}　${ev.kind}　第 ${ev.turn} 輪` +
+    `${ev.at.toFixed(2)} s　幀 ${ev.frame}　${ev.kind}${turn}` +
     `${onset}${ev.detail ? '　' + ev.detail : ''}`;
   const list = $('events');
   list.prepend(li);
@@ -518,20 +519,26 @@ function drawTimeline() {
     if (end < t0) continue;
     g.fillRect(x(a), 68, Math.max(1, x(end) - x(a)), 14);
   }
-  const colors = { SPEAKING: '#1a5fb4', YIELDED: '#b3261e', BACKCHANNEL: '#8a6d00', LISTENING: '#999' };
+  // 事件標籤分列，避免同一時刻的事件疊在一起：[顏色, 標籤的 y]。
+  const marks = {
+    SPEAKING: ['#1a5fb4', 106],
+    YIELDED: ['#b3261e', 120],
+    BACKCHANNEL: ['#8a6d00', 120],
+    LISTENING: ['#999', 134],
+  };
   for (const ev of S.events) {
-    if (ev.at < t0 || !(ev.kind in colors)) continue;
-    g.strokeStyle = g.fillStyle = colors[ev.kind];
+    if (ev.at < t0 || !(ev.kind in marks)) continue;
+    const [color, y] = marks[ev.kind];
+    g.strokeStyle = g.fillStyle = color;
     g.beginPath();
     g.moveTo(x(ev.at), 95);
     g.lineTo(x(ev.at), 8);
     g.stroke();
-    g.fillText(ev.kind.toLowerCase(), x(ev.at) + 2, 110 + (ev.kind === 'LISTENING' ? 14 : 0));
+    g.fillText(ev.kind.toLowerCase(), x(ev.at) + 2, y);
   }
+  g.fillStyle = '#b3261e';
   for (const f of S.flushes) {
-    if (f.at < t0) continue;
-    g.fillStyle = '#b3261e';
-    g.fillText('flush', x(f.at) + 2, 140);
+    if (f.at >= t0 && f.reason === 'yielded') g.fillText('flush', x(f.at) + 2, 148);
   }
   setText('speaker', ctx ? speakerNow(t1) : '—');
   requestAnimationFrame(drawTimeline);
