@@ -74,24 +74,31 @@ def web(assets, engine):
         yield wt
 
 
-def _chrome(wav: Path) -> Any:
+def _chrome(wav: Path | None) -> Any:
+    """headless Chromium：`wav` 當假麥克風（自動允許）；None 時有假麥克風但權限提示一律拒絕。"""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in (
+    args = [
         "--headless=new",
         "--no-sandbox",
         "--disable-gpu",
         "--disable-dev-shm-usage",
         "--window-size=1100,1000",
         "--autoplay-policy=no-user-gesture-required",
-        "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
+    ]
+    if wav is None:
+        args.append("--deny-permission-prompts")
+    else:
         # `%noloop`：檔案只播一次（Chromium 預設會循環播放假麥克風的檔案）。
-        f"--use-file-for-fake-audio-capture={wav}%noloop",
-    ):
+        args += [
+            "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}%noloop",
+        ]
+    for arg in args:
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
@@ -141,8 +148,10 @@ def speech() -> tuple[np.ndarray, np.ndarray]:
 def test_barge_in_flushes_playback_in_browser(web, speech, tmp_path) -> None:
     question, barge = speech
     z = lambda s: np.zeros(int(s * SR), np.float32)  # noqa: E731
-    # 提問 → 1.4 秒靜音（320 ms 後助理開口，最多說 3 秒）→ 插話 1.2 秒 → 靜音（助理再開口）。
-    wave = np.concatenate([z(0.6), question, z(1.4), barge[: int(1.2 * SR)], z(3.0)])
+    # 提問 → 1.2 秒靜音（320 ms 後助理開口，最多說 3 秒）→ 0.3 秒的「嗯」（附和：停住後繼續）
+    # → 1 秒靜音 → 插話 1.2 秒（打斷）→ 靜音（助理再開口）。
+    hum = question[SR : SR + int(0.3 * SR)]
+    wave = np.concatenate([z(0.6), question, z(1.2), hum, z(1.0), barge[: int(1.2 * SR)], z(3.0)])
     driver = _chrome(_write_wav(tmp_path / "mic.wav", wave))
     try:
         _open(driver, f"{web.url}?token={TOKEN}&aec=0")
@@ -179,6 +188,16 @@ def test_barge_in_flushes_playback_in_browser(web, speech, tmp_path) -> None:
     assert [e["detail"] for e in yields] == ["barge-in", "interrupt"], yields
     end = s["close"]["at"]
 
+    # 附和：伺服器停住後依序放出，頁面從停住處接著播，seq 一幀不少不重複。
+    (bc,) = [e for e in s["events"] if e["kind"] == "BACKCHANNEL"]
+    assert bc["turn"] == yields[0]["turn"] and bc["frame"] < yields[0]["frame"]
+    seqs = [c["seq"] for c in s["chunks"] if c["turn"] == bc["turn"]]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert seqs[0] < bc["user_onset_frame"] < seqs[-1]
+    assert any(
+        r["turn"] == bc["turn"] and r["seq"] > bc["user_onset_frame"] for r in s["rebuffers"]
+    )
+
     # 插話：伺服器在使用者起點停住音訊、判定打斷後送 YIELDED，頁面清空這一輪的播放佇列。
     y = yields[0]
     onset, turn = y["user_onset_frame"], y["turn"]
@@ -188,7 +207,9 @@ def test_barge_in_flushes_playback_in_browser(web, speech, tmp_path) -> None:
     flush = _flush_of(s, turn)
     assert flush["at"] - flush["receivedAt"] <= FRAME_S
     for c in ours:
-        assert (c["stoppedAt"] if c["stoppedAt"] is not None else c["end"]) <= flush["at"] + 1e-6
+        # 還沒開始播的片段在開始之前就停了（stoppedAt == start，播出 0 秒）。
+        stop = c["stoppedAt"] if c["stoppedAt"] is not None else c["end"]
+        assert stop <= flush["at"] + 1e-6 or stop == c["start"], c
     # 使用者起點放在播放時鐘上：第 onset 幀的助理音訊原本要播的時間（同一時間軸，每幀 40 ms）。
     before = [c for c in ours if c["seq"] <= onset]
     assert before, "插話應落在助理說話期間"
@@ -316,22 +337,8 @@ def test_page_shows_server_down(assets, engine, quiet_browser) -> None:
 
 
 @needs_browser
-def test_page_shows_refused_microphone(web, tmp_path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    # 有（假的）麥克風，但權限提示一律拒絕。
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--use-fake-device-for-media-stream",
-        "--deny-permission-prompts",
-    ):
-        opts.add_argument(arg)
-    d = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+def test_page_shows_refused_microphone(web) -> None:
+    d = _chrome(None)
     try:
         _open(d, f"{web.url}?token={TOKEN}")
         d.find_element("id", "start").click()
