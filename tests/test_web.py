@@ -194,9 +194,6 @@ def test_barge_in_flushes_playback_in_browser(web, speech, tmp_path) -> None:
     seqs = [c["seq"] for c in s["chunks"] if c["turn"] == bc["turn"]]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert seqs[0] < bc["user_onset_frame"] < seqs[-1]
-    assert any(
-        r["turn"] == bc["turn"] and r["seq"] > bc["user_onset_frame"] for r in s["rebuffers"]
-    )
 
     # 插話：伺服器在使用者起點停住音訊、判定打斷後送 YIELDED，頁面清空這一輪的播放佇列。
     y = yields[0]
