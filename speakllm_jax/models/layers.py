@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -149,3 +150,10 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(tuple(names), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def count_params(tree: Any) -> int:
+    """參數（或任何 pytree、模組）的元素總數；可用於 `nnx.eval_shape` 的抽象模型或狀態。"""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

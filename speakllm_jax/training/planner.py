@@ -252,12 +252,12 @@ def plan(
     import jax
     from flax import nnx
 
+    from speakllm_jax.models.layers import count_params
     from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
     from speakllm_jax.training.sharding import make_mesh
     from speakllm_jax.training.tasks import get_task
     from speakllm_jax.training.train_state import (
         batch_shardings,
-        count_params,
         make_init_fn,
         make_train_step,
         state_sharding_tree,
