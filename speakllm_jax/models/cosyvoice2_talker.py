@@ -37,8 +37,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from speakllm_jax.labels import KIND_SOS, KIND_TASK, KIND_TEXT
+from speakllm_jax.models.attention import KVCache
 from speakllm_jax.models.layers import dense, partitioned
-from speakllm_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 # `llm_embedding` 的列：sos／eos 共用第 0 列，task_id 為第 1 列（與官方相同）。
 SOS_INDEX = 0

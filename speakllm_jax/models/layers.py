@@ -1,7 +1,7 @@
 """所有模型共用的基本層與慣例。
 
 慣例：
-- 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `AXES`），
+- 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `speakllm_jax.models.axes.AXES`），
   由 `speakllm_jax.models.sharding` 的規則表對應到網格軸。
 - `dtype` 是計算精度，`param_dtype` 是參數（主權重）精度。
 - 堆疊的層以 `nnx.vmap` 建立、以 `nnx.scan` 前向；其前綴軸名為 `"layers"`。
@@ -18,24 +18,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from speakllm_jax.models.sharding import logical_to_spec
-
-# 專案使用的邏輯軸名稱。新增名稱時也要在 sharding 規則表中補上。
-AXES = (
-    "batch",
-    "length",
-    "vocab",
-    "embed",
-    "mlp",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "layers",
-    "norm",
-    "conv_in",
-    "conv_out",
-    "kernel",
-    "codebook",
-)
 
 Initializer = Callable[..., jax.Array]
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from speakllm_jax.models.axes import MESH_AXES
 
 # 每顆晶片的 HBM（GiB）。
 TPU_HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
