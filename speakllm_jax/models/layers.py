@@ -45,26 +45,64 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=partitioned(kernel_init, axes),
-        bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+        **linear_inits(axes, kernel_init),
+    )
+
+
+def linear_inits(
+    axes: tuple[str | None, str | None], kernel_init: Initializer = nnx.initializers.normal(0.02)
+) -> dict[str, Initializer]:
+    """線性層（含 LoRA 的基底）的核與偏置初始化，帶邏輯軸名稱；偏置為 0，軸名取輸出軸。"""
+    return {
+        "kernel_init": partitioned(kernel_init, axes),
+        "bias_init": partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+    }
+
+
+def embedding(
+    num: int,
+    features: int,
+    axes: tuple[str | None, str | None] = ("vocab", "embed"),
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Embed:
+    """帶邏輯軸名稱的嵌入表（常態分佈 0.02 初始化）。"""
+    return nnx.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=partitioned(nnx.initializers.normal(0.02), axes),
         rngs=rngs,
     )
 
 
-class RMSNorm(nnx.Module):
-    """均方根正規化（Qwen2 形式：以 fp32 計算，乘上權重後轉回計算精度）。"""
+class _Norm(nnx.Module):
+    """正規化層的共同參數：`weight`（以及 `use_bias` 時的 `bias`），以 fp32 計算。"""
+
+    default_eps = 1e-6
+    use_bias = False
 
     def __init__(
         self,
         dim: int,
         *,
-        eps: float = 1e-6,
+        eps: float | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        self.eps = eps
+        self.eps = self.default_eps if eps is None else eps
         self.dtype = dtype
         self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
+        if self.use_bias:
+            self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",))
+
+
+class RMSNorm(_Norm):
+    """均方根正規化（Qwen2 形式：以 fp32 計算，乘上權重後轉回計算精度；預設 eps 1e-6）。"""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -73,21 +111,11 @@ class RMSNorm(nnx.Module):
         return (self.weight[...].astype(jnp.float32) * y).astype(self.dtype)
 
 
-class LayerNorm(nnx.Module):
-    """帶權重與偏置的層正規化（Whisper 使用），以 fp32 計算。"""
+class LayerNorm(_Norm):
+    """帶權重與偏置的層正規化（Whisper 使用），以 fp32 計算；預設 eps 1e-5。"""
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        eps: float = 1e-5,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-    ) -> None:
-        self.eps = eps
-        self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",))
+    default_eps = 1e-5
+    use_bias = True
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

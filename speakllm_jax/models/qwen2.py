@@ -31,7 +31,7 @@ from speakllm_jax.models.attention import (
     rope_cos_sin,
     self_attention_mask,
 )
-from speakllm_jax.models.layers import RMSNorm, dense, partitioned, remat_policy
+from speakllm_jax.models.layers import RMSNorm, dense, embedding, remat_policy
 from speakllm_jax.models.sampling import generate
 from speakllm_jax.models.stack import run_layers, stack_layers
 
@@ -105,10 +105,6 @@ class Qwen2Config:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def num_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def replace(self, **kw: Any) -> Qwen2Config:
         return dataclasses.replace(self, **kw)
 
@@ -132,21 +128,8 @@ class Qwen2Config:
 
     @classmethod
     def qwen2_5_0_5b(cls, **kw: Any) -> Qwen2Config:
-        """Qwen2.5-0.5B（CosyVoice2 的 LM 主幹）的結構。"""
-        base = dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            rope_theta=1_000_000.0,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            max_position_embeddings=32768,
-        )
-        base.update(kw)
-        return cls(**base)
+        """Qwen2.5-0.5B（CosyVoice2 的 LM 主幹）的結構：即本類別的預設值。"""
+        return cls(**kw)
 
 
 # ---------------------------------------------------------------- 模組
@@ -231,13 +214,8 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
-            rngs=rngs,
+        self.embed_tokens = embedding(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
 
         self.layers = stack_layers(

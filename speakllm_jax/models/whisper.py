@@ -46,7 +46,7 @@ from speakllm_jax.models.attention import (
     block_causal_mask,
     self_attention_mask,
 )
-from speakllm_jax.models.layers import LayerNorm, count_params, dense, partitioned
+from speakllm_jax.models.layers import LayerNorm, count_params, dense, embedding, partitioned
 from speakllm_jax.models.stack import run_layers, stack_layers
 
 __all__ = [
@@ -165,20 +165,9 @@ def _extra(d: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
 
 
 def whisper_medium(**overrides: Any) -> WhisperConfig:
-    """openai/whisper-medium：80 梅爾、d 1024、24+24 層、16 頭、FFN 4096、詞表 51865。"""
-    base = WhisperConfig(
-        num_mel_bins=80,
-        d_model=1024,
-        encoder_layers=24,
-        encoder_attention_heads=16,
-        encoder_ffn_dim=4096,
-        decoder_layers=24,
-        decoder_attention_heads=16,
-        decoder_ffn_dim=4096,
-        vocab_size=51865,
-        hf_extra=_extra(MEDIUM_TOKENS),
-    )
-    return base.replace(**overrides)
+    """openai/whisper-medium：80 梅爾、d 1024、24+24 層、16 頭、FFN 4096、詞表 51865
+    （即 `WhisperConfig` 的預設值）。"""
+    return WhisperConfig(hf_extra=_extra(MEDIUM_TOKENS)).replace(**overrides)
 
 
 def whisper_large_v3(**overrides: Any) -> WhisperConfig:
@@ -483,13 +472,8 @@ class WhisperDecoder(nnx.Module):
 
     def __init__(self, cfg: WhisperConfig, *, rngs: nnx.Rngs) -> None:
         self.config = cfg
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
-            rngs=rngs,
+        self.embed_tokens = embedding(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
         self.embed_positions = nnx.Param(
             nnx.initializers.normal(0.02)(
