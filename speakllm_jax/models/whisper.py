@@ -20,8 +20,9 @@
 - `encode(..., attention_mask=...)` 可遮掉補齊的框（transformers 忽略此參數）；未給時與
   transformers 完全相同。
 
-各層參數以 `nnx.vmap` 堆疊（前綴軸 `"layers"`），前向以 `nnx.scan` 執行（`scan_layers=False`
-時以 Python 迴圈逐層展開，參數佈局不變），並可依 `remat` 設定重算。
+注意力、遮罩與 `KVCache`（解碼快取與串流編碼器的環狀快取）來自 `speakllm_jax.models.attention`，
+層堆疊（`scan_layers`、`remat`）來自 `speakllm_jax.models.stack`，與 Qwen2 相同；HF `config.json`
+的轉換在 `speakllm_jax.checkpoints.whisper_hf`。
 編碼器的位置表是不訓練的緩衝區（`Buffer`，不是 `nnx.Param`），和 transformers 中
 `requires_grad=False` 的 `embed_positions` 相同；從檢查點載入。
 """
