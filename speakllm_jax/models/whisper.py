@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 LAYER_NORM_EPS = 1e-5
-_NEG_INF = -1e30
 
 
 class Buffer(nnx.Variable):
