@@ -109,10 +109,12 @@ def heads_state_dict(model: Any, cfg: HeadsConfig) -> dict[str, Any]:
 
 def talker_config_dict(talker: Any) -> dict[str, Any]:
     """JAX `CosyVoice2Talker` 的設定 → `talker_config.json` 的內容。"""
+    from speakllm_jax.checkpoints.qwen2_hf import qwen2_config_to_hf  # 匯出時才載入 JAX 側
+
     t = talker.cfg
     return {
         "format": "cosyvoice2_llm",
-        "qwen": t.qwen.to_hf_dict(),
+        "qwen": qwen2_config_to_hf(t.qwen),
         "speech_token_size": int(t.speech_token_size),
         "thinker_hidden": int(t.thinker_hidden),
         "fusion": str(t.fusion),

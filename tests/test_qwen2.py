@@ -9,6 +9,7 @@ import transformers
 from flax import nnx
 
 from speakllm_jax.checkpoints.hf import load_qwen2
+from speakllm_jax.checkpoints.qwen2_hf import qwen2_config_from_hf, qwen2_config_to_hf
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, generate
 from speakllm_jax.models.sharding import activation_spec
 from speakllm_jax.training.sharding import make_mesh
@@ -285,7 +286,7 @@ def _nnx_param_count(cfg: Qwen2Config) -> int:
 
 def _torch_meta_param_count(cfg: Qwen2Config) -> int:
     with torch.device("meta"):
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg.to_hf_dict()))
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**qwen2_config_to_hf(cfg)))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -302,11 +303,11 @@ def test_full_size_param_counts():
 
 def test_config_roundtrip_through_transformers():
     cfg = Qwen2Config.qwen2_5_7b(dtype="bfloat16")
-    d = cfg.to_hf_dict()
+    d = qwen2_config_to_hf(cfg)
     assert d["model_type"] == "qwen2" and d["architectures"] == ["Qwen2ForCausalLM"]
     hf = transformers.Qwen2Config(**d)
     assert hf.num_key_value_heads == 4 and hf.rope_parameters["rope_theta"] == 1e6
-    back = Qwen2Config.from_hf_dict(hf.to_dict(), dtype="bfloat16")
+    back = qwen2_config_from_hf(hf.to_dict(), dtype="bfloat16")
     assert back.replace(hf_extra=()) == cfg
     # Qwen2.5-7B-Instruct 官方 config.json 的內容（舊版欄位 rope_theta / torch_dtype）。
     official = {
@@ -334,10 +335,10 @@ def test_config_roundtrip_through_transformers():
         "use_sliding_window": False,
         "vocab_size": 152064,
     }
-    parsed = Qwen2Config.from_hf_dict(official)
+    parsed = qwen2_config_from_hf(official)
     assert parsed.replace(hf_extra=()) == Qwen2Config.qwen2_5_7b()
-    assert parsed.to_hf_dict()["eos_token_id"] == 151645
+    assert qwen2_config_to_hf(parsed)["eos_token_id"] == 151645
     with pytest.raises(ValueError, match="model_type"):
-        Qwen2Config.from_hf_dict({**d, "model_type": "llama"})
+        qwen2_config_from_hf({**d, "model_type": "llama"})
     with pytest.raises(ValueError, match="hidden_size"):
-        Qwen2Config.from_hf_dict({k: v for k, v in d.items() if k != "hidden_size"})
+        qwen2_config_from_hf({k: v for k, v in d.items() if k != "hidden_size"})

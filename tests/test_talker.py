@@ -17,6 +17,7 @@ from export.cosyvoice2 import talker as torch_talker
 from export.cosyvoice2.talker import CosyVoice2TalkerTorch
 from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm, save_cosyvoice2_llm
 from speakllm_jax.checkpoints.hf_io import path_str
+from speakllm_jax.checkpoints.qwen2_hf import qwen2_config_to_hf
 from speakllm_jax.data import interleave as il
 from speakllm_jax.data.interleave import (
     IGNORE_ID,
@@ -54,7 +55,7 @@ def _torch_twin(thinker: int = 0, seed: int = 0) -> CosyVoice2TalkerTorch:
     """隨機化所有參數（含偏置與正規化權重）的 PyTorch 孿生。"""
     torch.manual_seed(seed)
     m = CosyVoice2TalkerTorch.from_hf_dict(
-        QWEN.to_hf_dict(), speech_token_size=SPEECH, thinker_hidden=thinker
+        qwen2_config_to_hf(QWEN), speech_token_size=SPEECH, thinker_hidden=thinker
     ).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -216,7 +217,7 @@ def test_fusion_parity_roundtrip_and_frames(tmp_path: Path) -> None:
     _randomize_jax(model, 3)
     pt = save_cosyvoice2_llm(model, tmp_path / "llm.pt")
     twin = CosyVoice2TalkerTorch.from_hf_dict(
-        QWEN.to_hf_dict(), speech_token_size=SPEECH, thinker_hidden=THINKER
+        qwen2_config_to_hf(QWEN), speech_token_size=SPEECH, thinker_hidden=THINKER
     ).eval()
     twin.load_state_dict(torch.load(pt, weights_only=True), strict=True)
     # safetensors 同鍵檔案載回得到相同參數

@@ -99,7 +99,7 @@ class CosyVoice2TalkerTorch(nn.Module):
 
     @classmethod
     def from_hf_dict(cls, qwen: dict[str, Any], **kw: Any) -> CosyVoice2TalkerTorch:
-        """由主幹的 HF `config.json` 內容（例如 `Qwen2Config.to_hf_dict()`）建立。"""
+        """由主幹的 HF `config.json` 內容（例如 `speakllm_jax.checkpoints.qwen2_hf.qwen2_config_to_hf`）建立。"""
         return cls(transformers.Qwen2Config(**qwen), **kw)
 
     # ---------------------------------------------------------------- 嵌入

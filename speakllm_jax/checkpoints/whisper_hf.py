@@ -8,6 +8,9 @@
 - 僅編碼器（`transformers` 的 `WhisperEncoder.save_pretrained`）：`conv1.*`、`layers.*` 等，
   沒有任何前綴；只能以 `encoder_only=True` 載入。
 
+`config.json` 與 `WhisperConfig` 的轉換（`whisper_config_from_hf`／`whisper_config_to_hf`）也在
+這裡，模型模組不認得 HF 的格式。
+
 形狀轉換：線性層 HF `[out, in]` ↔ NNX `[in, out]`；卷積 HF `[out, in, k]` ↔ NNX `[k, in, out]`；
 各層以 `nnx.vmap` 堆疊於第 0 軸。編碼器的 `embed_positions.weight` 一律從檢查點載入
 （不重新計算）。
@@ -22,9 +25,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,89 @@ from speakllm_jax.checkpoints.hf_io import (
     transposed,
 )
 from speakllm_jax.models.sharding import DEFAULT_RULES
-from speakllm_jax.models.whisper import Whisper, WhisperConfig, WhisperEncoder
+from speakllm_jax.models.whisper import MEDIUM_TOKENS, Whisper, WhisperConfig, WhisperEncoder
+
+# transformers `WhisperConfig` 的預設值；config.json 缺少某欄時以此補上。
+_HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 51865,
+    "num_mel_bins": 80,
+    "encoder_layers": 4,
+    "encoder_attention_heads": 6,
+    "decoder_layers": 4,
+    "decoder_attention_heads": 6,
+    "decoder_ffn_dim": 1536,
+    "encoder_ffn_dim": 1536,
+    "d_model": 384,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+}
+_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# 由本設定類別產生的 HF 欄位；其他欄位原樣保存在 `hf_extra`。
+_OWNED_HF_KEYS = set(_HF_DEFAULTS) | {
+    "model_type",
+    "architectures",
+    "activation_function",
+    "scale_embedding",
+    "tie_word_embeddings",
+    "is_encoder_decoder",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+}
+
+
+def whisper_config_from_hf(d: Mapping[str, Any], **overrides: Any) -> WhisperConfig:
+    """由 transformers 的 config.json 內容建立；`overrides` 可覆寫 dtype、remat 等欄位。"""
+    if d.get("model_type", "whisper") != "whisper":
+        raise ValueError(f"config.json 的 model_type 為 {d.get('model_type')!r}，不是 'whisper'")
+    act = d.get("activation_function", "gelu")
+    if act != "gelu":
+        raise ValueError(f"config.json 的 activation_function={act!r}；只支援 'gelu'")
+    if d.get("tie_word_embeddings", True) is False:
+        raise ValueError("config.json 的 tie_word_embeddings=false；只支援與詞嵌入綁定的輸出投影")
+    kwargs: dict[str, Any] = {}
+    for key, default in _HF_DEFAULTS.items():
+        value = d.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"config.json 的欄位 {key} 必須是整數，收到 {value!r}")
+        kwargs[key] = value
+    dt = d.get("dtype") or d.get("torch_dtype")
+    if isinstance(dt, str) and dt in _DTYPE_NAMES:
+        kwargs["param_dtype"] = _DTYPE_NAMES[dt]
+    extra = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in _OWNED_HF_KEYS))
+    kwargs["hf_extra"] = extra
+    kwargs.update(overrides)
+    return WhisperConfig(**kwargs)
+
+
+def whisper_config_to_hf(
+    cfg: WhisperConfig, architecture: str = "WhisperForConditionalGeneration"
+) -> dict[str, Any]:
+    """transformers `WhisperConfig` 能讀的 config.json 內容。"""
+    out: dict[str, Any] = {k: json.loads(v) for k, v in cfg.hf_extra}
+    # 詞表小到放不下官方特殊符號 id 的設定（隨機的小模型）若沒給 id，明寫詞表最後一個 id：
+    # 否則 transformers 套用預設 id（50256、50257），載入時每個 id 各警告一次
+    # （decoder_start_token_id 必須是整數，不能寫 null）。
+    if cfg.vocab_size <= max(MEDIUM_TOKENS.values()):
+        for key in MEDIUM_TOKENS:
+            out.setdefault(key, cfg.vocab_size - 1)
+    out.update({k: getattr(cfg, k) for k in _HF_DEFAULTS})
+    dtype_name = jnp.dtype(cfg.param_dtype).name
+    if dtype_name not in _DTYPE_NAMES:
+        raise ValueError(f"param_dtype={dtype_name} 無法寫成 config.json 的 dtype")
+    out.update(
+        {
+            "model_type": "whisper",
+            "architectures": [architecture],
+            "activation_function": "gelu",
+            "scale_embedding": False,
+            "tie_word_embeddings": True,
+            "is_encoder_decoder": True,
+            "dtype": dtype_name,
+        }
+    )
+    return out
+
 
 CONV_PERM = (2, 1, 0)  # HF [out, in, k] → NNX [k, in, out]
 
@@ -191,7 +277,7 @@ def load_whisper(
     hf_cfg = read_config(folder_path)
     overrides = {"dtype": dtype, "param_dtype": dtype}
     overrides.update(config_overrides)
-    cfg = WhisperConfig.from_hf_dict(hf_cfg, **overrides)
+    cfg = whisper_config_from_hf(hf_cfg, **overrides)
     folder = SafetensorsFolder(folder_path)
     root = detect_hf_root(folder)
     if root is None and not encoder_only:
@@ -233,10 +319,10 @@ def save_whisper(
         kw["max_shard_bytes"] = max_shard_bytes
     if isinstance(model, Whisper):
         key_map = whisper_key_map(cfg, hf_root="model.")
-        hf_cfg = cfg.to_hf_dict("WhisperForConditionalGeneration")
+        hf_cfg = whisper_config_to_hf(cfg, "WhisperForConditionalGeneration")
     elif isinstance(model, WhisperEncoder):
         key_map = whisper_key_map(cfg, encoder_only=True, hf_root=None)
-        hf_cfg = cfg.to_hf_dict("WhisperEncoder")
+        hf_cfg = whisper_config_to_hf(cfg, "WhisperEncoder")
     else:
         raise ValueError(
             f"save_whisper 需要 Whisper 或 WhisperEncoder，收到 {type(model).__name__}"

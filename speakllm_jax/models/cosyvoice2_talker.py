@@ -37,8 +37,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from speakllm_jax.labels import KIND_SOS, KIND_TASK, KIND_TEXT
-from speakllm_jax.models.layers import dense, partitioned
-from speakllm_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from speakllm_jax.models.attention import KVCache
+from speakllm_jax.models.layers import dense, embedding
+from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 # `llm_embedding` 的列：sos／eos 共用第 0 列，task_id 為第 1 列（與官方相同）。
 SOS_INDEX = 0
@@ -137,20 +138,8 @@ class CosyVoice2Talker(nnx.Module):
         d = q.hidden_size
         kw = dict(dtype=q.dtype, param_dtype=q.param_dtype)
         self.llm = Qwen2ForCausalLM(q, rngs=rngs)
-        self.speech_embedding = nnx.Embed(
-            cfg.num_speech_tokens,
-            d,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
-            rngs=rngs,
-            **kw,
-        )
-        self.llm_embedding = nnx.Embed(
-            2,
-            d,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), (None, "embed")),
-            rngs=rngs,
-            **kw,
-        )
+        self.speech_embedding = embedding(cfg.num_speech_tokens, d, rngs=rngs, **kw)
+        self.llm_embedding = embedding(2, d, (None, "embed"), rngs=rngs, **kw)
         self.llm_decoder = dense(d, cfg.num_speech_tokens, ("embed", "vocab"), rngs=rngs, **kw)
         if cfg.thinker_hidden > 0:
             self.fusion = TalkerFusion(
@@ -261,11 +250,11 @@ class CosyVoice2Talker(nnx.Module):
         self,
         batch: int,
         max_len: int,
-        dtype: Any = None,
+        *,
         window: tuple[int, int] | None = None,
     ) -> KVCache:
         """幀模式串流用的空 KV 快取；`window` 時為有界的環狀快取（同思考者）。"""
-        return self.llm.init_cache(batch, max_len, dtype, window=window)
+        return self.llm.init_cache(batch, max_len, window=window)
 
     def step(
         self,

@@ -1,7 +1,7 @@
 """所有模型共用的基本層與慣例。
 
 慣例：
-- 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `AXES`），
+- 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `speakllm_jax.models.axes.AXES`），
   由 `speakllm_jax.models.sharding` 的規則表對應到網格軸。
 - `dtype` 是計算精度，`param_dtype` 是參數（主權重）精度。
 - 堆疊的層以 `nnx.vmap` 建立、以 `nnx.scan` 前向；其前綴軸名為 `"layers"`。
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,24 +18,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from speakllm_jax.models.sharding import logical_to_spec
-
-# 專案使用的邏輯軸名稱。新增名稱時也要在 sharding 規則表中補上。
-AXES = (
-    "batch",
-    "length",
-    "vocab",
-    "embed",
-    "mlp",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "layers",
-    "norm",
-    "conv_in",
-    "conv_out",
-    "kernel",
-    "codebook",
-)
 
 Initializer = Callable[..., jax.Array]
 
@@ -62,26 +45,64 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=partitioned(kernel_init, axes),
-        bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+        **linear_inits(axes, kernel_init),
+    )
+
+
+def linear_inits(
+    axes: tuple[str | None, str | None], kernel_init: Initializer = nnx.initializers.normal(0.02)
+) -> dict[str, Initializer]:
+    """線性層（含 LoRA 的基底）的核與偏置初始化，帶邏輯軸名稱；偏置為 0，軸名取輸出軸。"""
+    return {
+        "kernel_init": partitioned(kernel_init, axes),
+        "bias_init": partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+    }
+
+
+def embedding(
+    num: int,
+    features: int,
+    axes: tuple[str | None, str | None] = ("vocab", "embed"),
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Embed:
+    """帶邏輯軸名稱的嵌入表（常態分佈 0.02 初始化）。"""
+    return nnx.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=partitioned(nnx.initializers.normal(0.02), axes),
         rngs=rngs,
     )
 
 
-class RMSNorm(nnx.Module):
-    """均方根正規化（Qwen2 形式：以 fp32 計算，乘上權重後轉回計算精度）。"""
+class _Norm(nnx.Module):
+    """正規化層的共同參數：`weight`（以及 `use_bias` 時的 `bias`），以 fp32 計算。"""
+
+    default_eps = 1e-6
+    use_bias = False
 
     def __init__(
         self,
         dim: int,
         *,
-        eps: float = 1e-6,
+        eps: float | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        self.eps = eps
+        self.eps = self.default_eps if eps is None else eps
         self.dtype = dtype
         self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
+        if self.use_bias:
+            self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",))
+
+
+class RMSNorm(_Norm):
+    """均方根正規化（Qwen2 形式：以 fp32 計算，乘上權重後轉回計算精度；預設 eps 1e-6）。"""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -90,21 +111,11 @@ class RMSNorm(nnx.Module):
         return (self.weight[...].astype(jnp.float32) * y).astype(self.dtype)
 
 
-class LayerNorm(nnx.Module):
-    """帶權重與偏置的層正規化（Whisper 使用），以 fp32 計算。"""
+class LayerNorm(_Norm):
+    """帶權重與偏置的層正規化（Whisper 使用），以 fp32 計算；預設 eps 1e-5。"""
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        eps: float = 1e-5,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-    ) -> None:
-        self.eps = eps
-        self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype=param_dtype), out_sharding=("norm",))
+    default_eps = 1e-5
+    use_bias = True
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -149,3 +160,10 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(tuple(names), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def count_params(tree: Any) -> int:
+    """參數（或任何 pytree、模組）的元素總數；可用於 `nnx.eval_shape` 的抽象模型或狀態。"""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

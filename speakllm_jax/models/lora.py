@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from speakllm_jax.models.layers import Initializer, partitioned
+from speakllm_jax.models.layers import Initializer, linear_inits, partitioned
 
 
 class LoRALinear(nnx.Linear):
@@ -29,24 +29,17 @@ class LoRALinear(nnx.Linear):
         *,
         rank: int,
         alpha: float,
-        use_bias: bool = True,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
         kernel_init: Initializer = nnx.initializers.normal(0.02),
         rngs: nnx.Rngs,
+        **linear_kw: Any,
     ) -> None:
+        """`linear_kw`（`use_bias`、`dtype`、`param_dtype`）原樣交給 `nnx.Linear`。"""
         if rank <= 0:
             raise ValueError(f"LoRA rank 必須為正，收到 {rank}")
         super().__init__(
-            in_features,
-            out_features,
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=partitioned(kernel_init, axes),
-            bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
-            rngs=rngs,
+            in_features, out_features, rngs=rngs, **linear_inits(axes, kernel_init), **linear_kw
         )
+        param_dtype = self.param_dtype
         self.lora_scale = float(alpha) / float(rank)
         a_init = partitioned(nnx.initializers.normal(1.0 / rank), (axes[0], None))
         b_init = partitioned(nnx.initializers.zeros_init(), (None, axes[1]))

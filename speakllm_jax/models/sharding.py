@@ -16,7 +16,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from speakllm_jax.models.axes import MESH_AXES
+
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "activation_spec", "logical_to_spec", "shard_model"]
 
 # 邏輯軸 → 網格軸（或網格軸的元組、或 None 表示複製）。
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (

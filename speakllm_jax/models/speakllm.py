@@ -158,7 +158,7 @@ class SpeakLLM(nnx.Module):
         mask = Connector.mask(enc_mask, self.connector.stack)
         return emb, mask
 
-    def init_audio_stream(self, batch: int, chunk_frames: int) -> dict[str, jax.Array]:
+    def init_audio_stream(self, batch: int, chunk_frames: int) -> dict[str, Any]:
         """使用者聲道的串流編碼狀態；`chunk_frames` 以 LLM 幀計（每區塊 `chunk_frames·stack`
         個編碼器框），左方脈絡為 `cfg.encoder_left_chunks` 個區塊。"""
         left = self.cfg.encoder_left_chunks
@@ -167,8 +167,8 @@ class SpeakLLM(nnx.Module):
         return self.encoder.init_stream(batch, chunk_frames * self.connector.stack, left)
 
     def stream_audio(
-        self, state: dict[str, jax.Array], mel: jax.Array, valid: Any = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self, state: dict[str, Any], mel: jax.Array, valid: Any = None
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """編碼下一個區塊（見 `WhisperEncoder.stream_chunk`）→ (`[B, chunk_frames, hidden]`, 新狀態)；
         與 `encode_audio(..., chunk_frames)` 整段結果的對應幀相同。"""
         enc, state = self.encoder.stream_chunk(state, mel, valid)

@@ -20,8 +20,9 @@
 - `encode(..., attention_mask=...)` 可遮掉補齊的框（transformers 忽略此參數）；未給時與
   transformers 完全相同。
 
-各層參數以 `nnx.vmap` 堆疊（前綴軸 `"layers"`），前向以 `nnx.scan` 執行（`scan_layers=False`
-時以 Python 迴圈逐層展開，參數佈局不變），並可依 `remat` 設定重算。
+注意力、遮罩與 `KVCache`（解碼快取與串流編碼器的環狀快取）來自 `speakllm_jax.models.attention`，
+層堆疊（`scan_layers`、`remat`）來自 `speakllm_jax.models.stack`，與 Qwen2 相同；HF `config.json`
+的轉換在 `speakllm_jax.checkpoints.whisper_hf`。
 編碼器的位置表是不訓練的緩衝區（`Buffer`，不是 `nnx.Param`），和 transformers 中
 `requires_grad=False` 的 `embed_positions` 相同；從檢查點載入。
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -39,38 +40,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.models.layers import LayerNorm, constrain, dense, maybe_remat, partitioned
+from speakllm_jax.models.attention import (
+    Attention,
+    KVCache,
+    LayerKV,
+    block_causal_mask,
+    self_attention_mask,
+)
+from speakllm_jax.models.layers import LayerNorm, count_params, dense, embedding, partitioned
+from speakllm_jax.models.stack import run_layers, stack_layers
+
+__all__ = [
+    "Whisper",
+    "WhisperConfig",
+    "WhisperDecoder",
+    "WhisperEncoder",
+    "chunk_causal_mask",
+    "count_params",
+    "encoder_output_frames",
+    "sinusoids",
+    "whisper_large_v3",
+    "whisper_medium",
+]
 
 LAYER_NORM_EPS = 1e-5
-_NEG_INF = -1e30
-
-# transformers `WhisperConfig` 的預設值；config.json 缺少某欄時以此補上。
-_HF_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 51865,
-    "num_mel_bins": 80,
-    "encoder_layers": 4,
-    "encoder_attention_heads": 6,
-    "decoder_layers": 4,
-    "decoder_attention_heads": 6,
-    "decoder_ffn_dim": 1536,
-    "encoder_ffn_dim": 1536,
-    "d_model": 384,
-    "max_source_positions": 1500,
-    "max_target_positions": 448,
-}
-_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# 由本設定類別產生的 HF 欄位；其他欄位原樣保存在 `hf_extra`。
-_OWNED_HF_KEYS = set(_HF_DEFAULTS) | {
-    "model_type",
-    "architectures",
-    "activation_function",
-    "scale_embedding",
-    "tie_word_embeddings",
-    "is_encoder_decoder",
-    "dtype",
-    "torch_dtype",
-    "transformers_version",
-}
 
 
 class Buffer(nnx.Variable):
@@ -145,60 +138,6 @@ class WhisperConfig:
     def decoder_head_dim(self) -> int:
         return self.d_model // self.decoder_attention_heads
 
-    @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], **overrides: Any) -> WhisperConfig:
-        """由 transformers 的 config.json 內容建立；`overrides` 可覆寫 dtype、remat 等欄位。"""
-        if d.get("model_type", "whisper") != "whisper":
-            raise ValueError(
-                f"config.json 的 model_type 為 {d.get('model_type')!r}，不是 'whisper'"
-            )
-        act = d.get("activation_function", "gelu")
-        if act != "gelu":
-            raise ValueError(f"config.json 的 activation_function={act!r}；只支援 'gelu'")
-        if d.get("tie_word_embeddings", True) is False:
-            raise ValueError(
-                "config.json 的 tie_word_embeddings=false；只支援與詞嵌入綁定的輸出投影"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, default in _HF_DEFAULTS.items():
-            value = d.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"config.json 的欄位 {key} 必須是整數，收到 {value!r}")
-            kwargs[key] = value
-        dt = d.get("dtype") or d.get("torch_dtype")
-        if isinstance(dt, str) and dt in _DTYPE_NAMES:
-            kwargs["param_dtype"] = _DTYPE_NAMES[dt]
-        extra = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in _OWNED_HF_KEYS))
-        kwargs["hf_extra"] = extra
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    def to_hf_dict(self, architecture: str = "WhisperForConditionalGeneration") -> dict[str, Any]:
-        """transformers `WhisperConfig` 能讀的 config.json 內容。"""
-        out: dict[str, Any] = {k: json.loads(v) for k, v in self.hf_extra}
-        # 詞表小到放不下官方特殊符號 id 的設定（隨機的小模型）若沒給 id，明寫詞表最後一個 id：
-        # 否則 transformers 套用預設 id（50256、50257），載入時每個 id 各警告一次
-        # （decoder_start_token_id 必須是整數，不能寫 null）。
-        if self.vocab_size <= max(_MEDIUM_TOKENS.values()):
-            for key in _MEDIUM_TOKENS:
-                out.setdefault(key, self.vocab_size - 1)
-        out.update({k: getattr(self, k) for k in _HF_DEFAULTS})
-        dtype_name = jnp.dtype(self.param_dtype).name
-        if dtype_name not in _DTYPE_NAMES:
-            raise ValueError(f"param_dtype={dtype_name} 無法寫成 config.json 的 dtype")
-        out.update(
-            {
-                "model_type": "whisper",
-                "architectures": [architecture],
-                "activation_function": "gelu",
-                "scale_embedding": False,
-                "tie_word_embeddings": True,
-                "is_encoder_decoder": True,
-                "dtype": dtype_name,
-            }
-        )
-        return out
-
     def replace(self, **kw: Any) -> WhisperConfig:
         return replace(self, **kw)
 
@@ -207,7 +146,7 @@ class WhisperConfig:
 
 
 # 官方 token 編號（medium 與 large-v3 的 config.json）。
-_MEDIUM_TOKENS = {
+MEDIUM_TOKENS = {
     "bos_token_id": 50257,
     "eos_token_id": 50257,
     "pad_token_id": 50257,
@@ -226,20 +165,9 @@ def _extra(d: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
 
 
 def whisper_medium(**overrides: Any) -> WhisperConfig:
-    """openai/whisper-medium：80 梅爾、d 1024、24+24 層、16 頭、FFN 4096、詞表 51865。"""
-    base = WhisperConfig(
-        num_mel_bins=80,
-        d_model=1024,
-        encoder_layers=24,
-        encoder_attention_heads=16,
-        encoder_ffn_dim=4096,
-        decoder_layers=24,
-        decoder_attention_heads=16,
-        decoder_ffn_dim=4096,
-        vocab_size=51865,
-        hf_extra=_extra(_MEDIUM_TOKENS),
-    )
-    return base.replace(**overrides)
+    """openai/whisper-medium：80 梅爾、d 1024、24+24 層、16 頭、FFN 4096、詞表 51865
+    （即 `WhisperConfig` 的預設值）。"""
+    return WhisperConfig(hf_extra=_extra(MEDIUM_TOKENS)).replace(**overrides)
 
 
 def whisper_large_v3(**overrides: Any) -> WhisperConfig:
@@ -259,184 +187,96 @@ def whisper_large_v3(**overrides: Any) -> WhisperConfig:
     return base.replace(**overrides)
 
 
-# ---------------------------------------------------------------- 基本運算
+# ---------------------------------------------------------------- 層
 
 
 def _gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """`q [B,T,H,D]`（已縮放）、`k, v [B,S,H,D]`、布林遮罩可廣播到 `[B,H,T,S]`。"""
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, _NEG_INF)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", weights, v)
-
-
-class WhisperAttention(nnx.Module):
-    """多頭注意力（自注意力或交叉注意力）；`k_proj` 無偏置。"""
-
-    def __init__(self, cfg: WhisperConfig, num_heads: int, *, rngs: nnx.Rngs) -> None:
-        d = cfg.d_model
-        self.num_heads = num_heads
-        self.head_dim = d // num_heads
-        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
-        self.q_proj = dense(d, d, ("embed", "heads"), **kw)
-        self.k_proj = dense(d, d, ("embed", "heads"), use_bias=False, **kw)
-        self.v_proj = dense(d, d, ("embed", "heads"), **kw)
-        self.out_proj = dense(d, d, ("heads", "embed"), **kw)
-
-    def _split(self, x: jax.Array) -> jax.Array:
-        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
-
-    def query(self, x: jax.Array) -> jax.Array:
-        return self._split(self.q_proj(x) * (self.head_dim**-0.5))
-
-    def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self._split(self.k_proj(x)), self._split(self.v_proj(x))
-
-    def output(self, o: jax.Array) -> jax.Array:
-        return self.out_proj(o.reshape(*o.shape[:-2], -1))
-
-    def __call__(self, x: jax.Array, kv_input: jax.Array, mask: jax.Array | None) -> jax.Array:
-        k, v = self.key_value(kv_input)
-        return self.output(_attend(self.query(x), k, v, mask))
+def _attention(cfg: WhisperConfig, num_heads: int, rngs: nnx.Rngs) -> Attention:
+    """Whisper 的多頭注意力：`k_proj` 無偏置、輸出投影名為 `out_proj`、查詢先縮放。"""
+    d = cfg.d_model
+    return Attention(
+        d,
+        num_heads,
+        num_heads,
+        d // num_heads,
+        bias=(True, False, True, True),
+        out_name="out_proj",
+        scale_query=True,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
+    )
 
 
 def _ln(cfg: WhisperConfig) -> LayerNorm:
     return LayerNorm(cfg.d_model, eps=LAYER_NORM_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
-class WhisperEncoderLayer(nnx.Module):
+class _FeedForward(nnx.Module):
+    """前置 LayerNorm 的 `fc2(gelu(fc1(x)))` 殘差區塊（參數直接掛在層上：`fc1`、`fc2`）。"""
+
+    def _init_ffn(self, cfg: WhisperConfig, ffn_dim: int, rngs: nnx.Rngs) -> None:
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.fc1 = dense(cfg.d_model, ffn_dim, ("embed", "mlp"), **kw)
+        self.fc2 = dense(ffn_dim, cfg.d_model, ("mlp", "embed"), **kw)
+        self.final_layer_norm = _ln(cfg)
+
+    def _ffn(self, x: jax.Array) -> jax.Array:
+        return x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoderLayer(_FeedForward):
     """前置 LayerNorm 的編碼器層。"""
 
     def __init__(self, cfg: WhisperConfig, *, rngs: nnx.Rngs) -> None:
-        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
-        self.self_attn = WhisperAttention(cfg, cfg.encoder_attention_heads, rngs=rngs)
+        self.self_attn = _attention(cfg, cfg.encoder_attention_heads, rngs)
         self.self_attn_layer_norm = _ln(cfg)
-        self.fc1 = dense(cfg.d_model, cfg.encoder_ffn_dim, ("embed", "mlp"), **kw)
-        self.fc2 = dense(cfg.encoder_ffn_dim, cfg.d_model, ("mlp", "embed"), **kw)
-        self.final_layer_norm = _ln(cfg)
+        self._init_ffn(cfg, cfg.encoder_ffn_dim, rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        h = self.self_attn_layer_norm(x)
-        x = x + self.self_attn(h, h, mask)
-        h = self.final_layer_norm(x)
-        return x + self.fc2(_gelu(self.fc1(h)))
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        kv: LayerKV | None = None,
+        slot: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        h, kv = self.self_attn(self.self_attn_layer_norm(x), mask, kv=kv, slot=slot)
+        return self._ffn(x + h), kv
 
 
-class WhisperDecoderLayer(nnx.Module):
+class WhisperDecoderLayer(_FeedForward):
     """前置 LayerNorm 的解碼器層：因果自注意力、交叉注意力、MLP。"""
 
     def __init__(self, cfg: WhisperConfig, *, rngs: nnx.Rngs) -> None:
-        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
-        self.self_attn = WhisperAttention(cfg, cfg.decoder_attention_heads, rngs=rngs)
+        self.self_attn = _attention(cfg, cfg.decoder_attention_heads, rngs)
         self.self_attn_layer_norm = _ln(cfg)
-        self.encoder_attn = WhisperAttention(cfg, cfg.decoder_attention_heads, rngs=rngs)
+        self.encoder_attn = _attention(cfg, cfg.decoder_attention_heads, rngs)
         self.encoder_attn_layer_norm = _ln(cfg)
-        self.fc1 = dense(cfg.d_model, cfg.decoder_ffn_dim, ("embed", "mlp"), **kw)
-        self.fc2 = dense(cfg.decoder_ffn_dim, cfg.d_model, ("mlp", "embed"), **kw)
-        self.final_layer_norm = _ln(cfg)
+        self._init_ffn(cfg, cfg.decoder_ffn_dim, rngs)
 
-    def _tail(self, x: jax.Array, cross_k: jax.Array, cross_v: jax.Array) -> jax.Array:
-        h = self.encoder_attn_layer_norm(x)
-        x = x + self.encoder_attn.output(
-            _attend(self.encoder_attn.query(h), cross_k, cross_v, None)
-        )
-        h = self.final_layer_norm(x)
-        return x + self.fc2(_gelu(self.fc1(h)))
-
-    def __call__(self, x: jax.Array, encoder_hidden: jax.Array, mask: jax.Array) -> jax.Array:
-        h = self.self_attn_layer_norm(x)
-        x = x + self.self_attn(h, h, mask)
-        ck, cv = self.encoder_attn.key_value(encoder_hidden)
-        return self._tail(x, ck, cv)
-
-    def step(
+    def __call__(
         self,
         x: jax.Array,
-        index: jax.Array,
-        cache: dict[str, jax.Array],
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """以 KV 快取前進：`x [B,T,D]` 為位置 `index..index+T-1` 的輸入。"""
-        h = self.self_attn_layer_norm(x)
-        q = self.self_attn.query(h)
-        k, v = self.self_attn.key_value(h)
-        zero = jnp.zeros((), jnp.int32)
-        keys = jax.lax.dynamic_update_slice(
-            cache["k"], k.astype(cache["k"].dtype), (zero, index, zero, zero)
-        )
-        values = jax.lax.dynamic_update_slice(
-            cache["v"], v.astype(cache["v"].dtype), (zero, index, zero, zero)
-        )
-        t = x.shape[1]
-        q_pos = index + jnp.arange(t)
-        k_pos = jnp.arange(keys.shape[1])
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
-        x = x + self.self_attn.output(_attend(q, keys, values, mask))
-        x = self._tail(x, cache["cross_k"], cache["cross_v"])
-        return x, {**cache, "k": keys, "v": values}
-
-
-# ---------------------------------------------------------------- 堆疊與掃描
-
-
-def _stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def create(r: nnx.Rngs) -> nnx.Module:
-        return make(r)
-
-    return create(rngs)
-
-
-def _run_layers(
-    layers: nnx.Module,
-    body: Callable[..., tuple[Any, Any]],
-    carry: Any,
-    xs: Any,
-    num_layers: int,
-    cfg: WhisperConfig,
-) -> tuple[Any, Any]:
-    """依序對每層執行 `body(layer, carry, x_i) -> (carry, y_i)`；`xs` 與輸出以第 0 軸堆疊。"""
-    fn = maybe_remat(body, cfg.remat)
-    if cfg.scan_layers:
-
-        @nnx.scan(
-            in_axes=(0, nnx.Carry, 0),
-            out_axes=(nnx.Carry, 0),
-            transform_metadata={nnx.PARTITION_NAME: "layers"},
-        )
-        def scan_fn(layer: nnx.Module, c: Any, x: Any) -> tuple[Any, Any]:
-            return fn(layer, c, x)
-
-        return scan_fn(layers, carry, xs)
-    graphdef, state = nnx.split(layers)
-    ys = []
-    for i in range(num_layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-        carry, y = fn(layer, carry, jax.tree.map(lambda a, i=i: a[i], xs))
-        ys.append(y)
-    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        mask: jax.Array,
+        cross: LayerKV,
+        kv: LayerKV | None = None,
+        slot: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """`cross` 為這一層交叉注意力的編碼器 `(k, v)`；給了 `kv` 時自注意力寫入快取。"""
+        h, kv = self.self_attn(self.self_attn_layer_norm(x), mask, kv=kv, slot=slot)
+        x = x + h
+        x = x + self.encoder_attn.attend_to(self.encoder_attn_layer_norm(x), *cross)
+        return self._ffn(x), kv
 
 
 # ---------------------------------------------------------------- 編碼器
 
 
-def chunk_causal_mask(num_frames: int, chunk_frames: int, left_chunks: int = 0) -> jax.Array:
-    """區塊因果遮罩 `[T, T]`：框 i 可看框 j 若且唯若 `j // c <= i // c`；`left_chunks = L > 0` 時
-    另限 `j // c >= i // c - L`（只看自己的區塊與左邊 L 個區塊），`0` 為不限。"""
-    if chunk_frames <= 0:
-        raise ValueError(f"chunk_frames 必須為正整數，收到 {chunk_frames}")
-    if left_chunks < 0:
-        raise ValueError(f"left_chunks 不可為負：{left_chunks}")
-    block = jnp.arange(num_frames) // chunk_frames
-    allowed = block[None, :] <= block[:, None]
-    if left_chunks:
-        allowed = allowed & (block[None, :] >= block[:, None] - left_chunks)
-    return allowed
+# 區塊因果遮罩的舊名稱。
+chunk_causal_mask = block_causal_mask
 
 
 def encoder_positions(start: Any, length: int, period: int) -> jax.Array:
@@ -478,7 +318,9 @@ class WhisperEncoder(nnx.Module):
             jnp.asarray(sinusoids(cfg.max_source_positions, d), dtype=cfg.param_dtype),
             out_sharding=(None, "embed"),
         )
-        self.layers = _stacked(lambda r: WhisperEncoderLayer(cfg, rngs=r), cfg.encoder_layers, rngs)
+        self.layers = stack_layers(
+            lambda r: WhisperEncoderLayer(cfg, rngs=r), cfg.encoder_layers, rngs
+        )
         self.layer_norm = _ln(cfg)
 
     def __call__(
@@ -518,21 +360,20 @@ class WhisperEncoder(nnx.Module):
 
         mask = None
         if chunk_frames is not None:
-            mask = chunk_causal_mask(n_out, int(chunk_frames), left_chunks)[None, None]
+            mask = block_causal_mask(n_out, int(chunk_frames), left_chunks)[None]
         if attention_mask is not None:
             if attention_mask.shape != (input_features.shape[0], input_features.shape[2]):
                 raise ValueError(
                     f"attention_mask 形狀應為 {(input_features.shape[0], input_features.shape[2])}，"
                     f"收到 {attention_mask.shape}"
                 )
-            keys = attention_mask[:, ::2][:, :n_out].astype(bool)[:, None, None, :]
+            keys = attention_mask[:, ::2][:, :n_out].astype(bool)[:, None, :]
             mask = keys if mask is None else jnp.logical_and(mask, keys)
 
         def body(layer: WhisperEncoderLayer, h: jax.Array, _: Any) -> tuple[jax.Array, None]:
-            h = constrain(h, ("batch", "length", None))
-            return constrain(layer(h, mask), ("batch", "length", None)), None
+            return layer(h, mask)
 
-        x, _ = _run_layers(self.layers, body, x, None, cfg.encoder_layers, cfg)
+        x, _ = run_layers(self.layers, body, x, scan=cfg.scan_layers, remat=cfg.remat)
         return self.layer_norm(x)
 
     def encode(
@@ -556,39 +397,43 @@ class WhisperEncoder(nnx.Module):
                 f"串流編碼需要 chunk_frames ≥ 1、left_chunks ≥ 1，收到 {chunk_frames}、{left_chunks}"
             )
 
-    def init_stream(self, batch: int, chunk_frames: int, left_chunks: int) -> dict[str, jax.Array]:
-        """串流狀態：前一區塊最後兩個梅爾框、每層左方 `left_chunks * chunk_frames` 框的 KV、
-        已編碼的輸出框數 `index`。大小固定，與串流長度無關。"""
+    def init_stream(self, batch: int, chunk_frames: int, left_chunks: int) -> dict[str, Any]:
+        """串流狀態：`mel` 為前一區塊最後兩個梅爾框；`kv` 為各層的環狀 `KVCache`，
+        `(left_chunks + 1) * chunk_frames` 個槽（左方 `left_chunks` 個區塊加這一區塊），
+        `kv.index` 為已編碼的輸出框數。大小固定，與串流長度無關。"""
         self.check_window(chunk_frames, left_chunks)
         cfg = self.config
-        w = left_chunks * chunk_frames
-        h = cfg.encoder_attention_heads
-        shape = (cfg.encoder_layers, batch, w, h, cfg.encoder_head_dim)
-        return {
-            "mel": jnp.zeros((batch, cfg.num_mel_bins, 2), cfg.dtype),
-            "k": jnp.zeros(shape, cfg.dtype),
-            "v": jnp.zeros(shape, cfg.dtype),
-            "index": jnp.zeros((), jnp.int32),
-        }
+        kv = KVCache.create(
+            cfg.encoder_layers,
+            batch,
+            (left_chunks + 1) * chunk_frames,
+            cfg.encoder_attention_heads,
+            cfg.encoder_head_dim,
+            cfg.dtype,
+            ring=True,
+        )
+        return {"mel": jnp.zeros((batch, cfg.num_mel_bins, 2), cfg.dtype), "kv": kv}
 
     def stream_chunk(
-        self, state: dict[str, jax.Array], mel: jax.Array, valid: Any = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self, state: dict[str, Any], mel: jax.Array, valid: Any = None
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """編碼下一個區塊（`c` 個輸出框）→ (`[B, c, d_model]`, 新狀態)。
 
         `mel [B, n_mels, 2c + 1]` 為這一區塊的 `2c` 個梅爾框加一框前瞻（卷積的 10 ms 前瞻）；
         串流結束時超出音訊的部分補零，`valid` 為其中真實的框數（預設全部）。結果與整段
         `__call__(..., chunk_frames=c, left_chunks=L)` 的對應區塊相同：卷積的左邊界取自狀態中
-        的兩個梅爾框，注意力看快取中左方 `L` 個區塊與這一區塊。
+        的兩個梅爾框，注意力看環狀快取中左方 `L` 個區塊與這一區塊（區塊寫入的槽位是 `c` 的
+        整數倍，所以一個區塊不會繞回）。
         """
         cfg = self.config
+        cache: KVCache = state["kv"]
         b, _, m = mel.shape
         c = (m - 1) // 2
-        w = state["k"].shape[2]
-        if m != 2 * c + 1 or c <= 0 or w % c:
-            raise ValueError(f"mel 應有 2c+1 框且 c 整除快取長度 {w}，收到 {m} 框")
+        slots = cache.max_len
+        if m != 2 * c + 1 or c <= 0 or slots % c or slots // c < 2:
+            raise ValueError(f"mel 應有 2c+1 框且 c 整除快取長度 {slots}，收到 {m} 框")
         valid = m if valid is None else valid
-        index = state["index"]
+        index = cache.index
         full = jnp.concatenate([state["mel"], mel.astype(cfg.dtype)], axis=2)
         x = jnp.transpose(full, (0, 2, 1))
         x = _gelu(_conv_valid(self.conv1, x, 1))  # 全域卷積框 2·index−1 … 2·index+2c−1
@@ -598,27 +443,20 @@ class WhisperEncoder(nnx.Module):
         x = _gelu(_conv_valid(self.conv2, x, 2))
         table = self.embed_positions[...]
         x = x + table[encoder_positions(index, c, cfg.max_source_positions)].astype(x.dtype)[None]
-        slot = index - w + jnp.arange(w + c)
-        mask = (slot >= 0)[None, None, None, :]
+        new = jnp.ones((b, c), jnp.bool_)
+        mask, key_valid = self_attention_mask(new, cache)
+        slot = cache.write_slot()
 
         def body(
-            layer: WhisperEncoderLayer, h: jax.Array, kv: tuple[jax.Array, jax.Array]
-        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            a = layer.self_attn
-            n = layer.self_attn_layer_norm(h)
-            k, v = a.key_value(n)
-            keys = jnp.concatenate([kv[0], k.astype(kv[0].dtype)], axis=1)
-            values = jnp.concatenate([kv[1], v.astype(kv[1].dtype)], axis=1)
-            h = h + a.output(_attend(a.query(n), keys, values, mask))
-            n = layer.final_layer_norm(h)
-            h = h + layer.fc2(_gelu(layer.fc1(n)))
-            return h, (keys[:, c:], values[:, c:])
+            layer: WhisperEncoderLayer, h: jax.Array, kv: LayerKV
+        ) -> tuple[jax.Array, LayerKV]:
+            return layer(h, mask, kv, slot)
 
-        x, (k, v) = _run_layers(
-            self.layers, body, x, (state["k"], state["v"]), cfg.encoder_layers, cfg
+        x, (k, v) = run_layers(
+            self.layers, body, x, (cache.k, cache.v), scan=cfg.scan_layers, remat=cfg.remat
         )
-        new = {"mel": full[:, :, -3:-1], "k": k, "v": v, "index": index + c}
-        return self.layer_norm(x), new
+        state = {"mel": full[:, :, -3:-1], "kv": cache.advanced(k, v, key_valid, new)}
+        return self.layer_norm(x), state
 
     @staticmethod
     def output_mask(attention_mask: jax.Array) -> jax.Array:
@@ -634,13 +472,8 @@ class WhisperDecoder(nnx.Module):
 
     def __init__(self, cfg: WhisperConfig, *, rngs: nnx.Rngs) -> None:
         self.config = cfg
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
-            rngs=rngs,
+        self.embed_tokens = embedding(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
         self.embed_positions = nnx.Param(
             nnx.initializers.normal(0.02)(
@@ -648,7 +481,9 @@ class WhisperDecoder(nnx.Module):
             ),
             out_sharding=(None, "embed"),
         )
-        self.layers = _stacked(lambda r: WhisperDecoderLayer(cfg, rngs=r), cfg.decoder_layers, rngs)
+        self.layers = stack_layers(
+            lambda r: WhisperDecoderLayer(cfg, rngs=r), cfg.decoder_layers, rngs
+        )
         self.layer_norm = _ln(cfg)
 
     def _embed(self, input_ids: jax.Array, start: jax.Array | int) -> jax.Array:
@@ -671,70 +506,60 @@ class WhisperDecoder(nnx.Module):
         cfg = self.config
         self._check_ids(input_ids)
         x = self._embed(input_ids, 0)
-        t = input_ids.shape[1]
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        mask, _ = self_attention_mask(jnp.ones(input_ids.shape, jnp.bool_))
         enc = encoder_hidden.astype(cfg.dtype)
 
         def body(layer: WhisperDecoderLayer, h: jax.Array, _: Any) -> tuple[jax.Array, None]:
-            return layer(h, enc, mask), None
+            return layer(h, mask, layer.encoder_attn.key_value(enc))[0], None
 
-        x, _ = _run_layers(self.layers, body, x, None, cfg.decoder_layers, cfg)
+        x, _ = run_layers(self.layers, body, x, scan=cfg.scan_layers, remat=cfg.remat)
         return self.logits(self.layer_norm(x))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.embed_tokens.attend(hidden).astype(jnp.float32)
 
-    def init_cache(
-        self, encoder_hidden: jax.Array, max_length: int | None = None
-    ) -> dict[str, jax.Array]:
-        """建立解碼快取：自注意力 KV（全零）與預先算好的交叉注意力 KV，各層堆疊於第 0 軸。"""
+    def init_cache(self, encoder_hidden: jax.Array, max_length: int | None = None) -> KVCache:
+        """建立解碼快取：自注意力 KV（全零）與預先算好的交叉注意力 KV（`cross_k`、`cross_v`），
+        各層堆疊於第 0 軸。"""
         cfg = self.config
         max_length = int(max_length or cfg.max_target_positions)
         if max_length > cfg.max_target_positions:
             raise ValueError(
                 f"快取長度 {max_length} 超過 max_target_positions={cfg.max_target_positions}"
             )
-        b = encoder_hidden.shape[0]
         enc = encoder_hidden.astype(cfg.dtype)
 
-        def body(layer: WhisperDecoderLayer, c: None, _: Any) -> tuple[None, Any]:
+        def body(layer: WhisperDecoderLayer, c: None, _: Any) -> tuple[None, LayerKV]:
             return c, layer.encoder_attn.key_value(enc)
 
-        _, (ck, cv) = _run_layers(self.layers, body, None, None, cfg.decoder_layers, cfg)
-        shape = (
+        _, cross = run_layers(self.layers, body, None, scan=cfg.scan_layers, remat=cfg.remat)
+        return KVCache.create(
             cfg.decoder_layers,
-            b,
+            encoder_hidden.shape[0],
             max_length,
             cfg.decoder_attention_heads,
             cfg.decoder_head_dim,
+            cfg.dtype,
+            cross=cross,
         )
-        return {
-            "k": jnp.zeros(shape, cfg.dtype),
-            "v": jnp.zeros(shape, cfg.dtype),
-            "cross_k": ck,
-            "cross_v": cv,
-            "index": jnp.zeros((), jnp.int32),
-        }
 
-    def step(
-        self, input_ids: jax.Array, cache: dict[str, jax.Array]
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def step(self, input_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """以快取解碼 `input_ids [B, T]`（接在快取已有的位置之後）→ `(logits, 新快取)`。"""
         cfg = self.config
         self._check_ids(input_ids)
-        index = cache["index"]
-        x = self._embed(input_ids, index)
-        per_layer = {k: cache[k] for k in ("k", "v", "cross_k", "cross_v")}
+        x = self._embed(input_ids, cache.index)
+        new = jnp.ones(input_ids.shape, jnp.bool_)
+        mask, key_valid = self_attention_mask(new, cache)
+        slot = cache.write_slot()
 
         def body(
-            layer: WhisperDecoderLayer, h: jax.Array, c: dict[str, jax.Array]
-        ) -> tuple[jax.Array, dict[str, jax.Array]]:
-            h, c = layer.step(h, index, c)
-            return h, {"k": c["k"], "v": c["v"]}
+            layer: WhisperDecoderLayer, h: jax.Array, c: tuple[LayerKV, LayerKV]
+        ) -> tuple[jax.Array, LayerKV]:
+            return layer(h, mask, c[1], c[0], slot)
 
-        x, new = _run_layers(self.layers, body, x, per_layer, cfg.decoder_layers, cfg)
-        new_cache = {**cache, **new, "index": index + input_ids.shape[1]}
-        return self.logits(self.layer_norm(x)), new_cache
+        xs = ((cache.k, cache.v), (cache.cross_k, cache.cross_v))
+        x, (k, v) = run_layers(self.layers, body, x, xs, scan=cfg.scan_layers, remat=cfg.remat)
+        return self.logits(self.layer_norm(x)), cache.advanced(k, v, key_valid, new)
 
 
 # ---------------------------------------------------------------- 完整模型
@@ -761,14 +586,12 @@ class Whisper(nnx.Module):
         """`[B, T]` token 與編碼器輸出 → logits `[B, T, vocab]`。"""
         return self.decoder(decoder_input_ids, encoder_hidden)
 
-    def init_cache(
-        self, encoder_hidden: jax.Array, max_length: int | None = None
-    ) -> dict[str, jax.Array]:
+    def init_cache(self, encoder_hidden: jax.Array, max_length: int | None = None) -> KVCache:
         return self.decoder.init_cache(encoder_hidden, max_length)
 
     def decode_step(
-        self, decoder_input_ids: jax.Array, cache: dict[str, jax.Array]
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self, decoder_input_ids: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
         """KV 快取解碼一步（或一段提示），回傳 `(logits, 新快取)`。"""
         return self.decoder.step(decoder_input_ids, cache)
 
@@ -779,8 +602,3 @@ class Whisper(nnx.Module):
         attention_mask: jax.Array | None = None,
     ) -> jax.Array:
         return self.decode(decoder_input_ids, self.encode(input_features, attention_mask))
-
-
-def count_params(model: nnx.Module) -> int:
-    """模型中所有變數（含位置表緩衝區）的元素總數；可用於 `nnx.eval_shape` 的抽象模型。"""
-    return int(sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(model))))

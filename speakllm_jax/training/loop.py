@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from speakllm_jax.models.layers import count_params
 from speakllm_jax.training import distributed
 from speakllm_jax.training.checkpointing import Checkpointer, overlay_params
 from speakllm_jax.training.config_io import config_to_dict, write_resolved
@@ -31,7 +32,6 @@ from speakllm_jax.training.tasks import get_task
 from speakllm_jax.training.train_state import (
     TrainState,
     batch_shardings,
-    count_params,
     make_eval_step,
     make_init_fn,
     make_train_step,

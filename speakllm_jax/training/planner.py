@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from speakllm_jax.models.axes import MESH_AXES
 
 # 每顆晶片的 HBM（GiB）。
 TPU_HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
@@ -252,12 +252,12 @@ def plan(
     import jax
     from flax import nnx
 
+    from speakllm_jax.models.layers import count_params
     from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
     from speakllm_jax.training.sharding import make_mesh
     from speakllm_jax.training.tasks import get_task
     from speakllm_jax.training.train_state import (
         batch_shardings,
-        count_params,
         make_init_fn,
         make_train_step,
         state_sharding_tree,

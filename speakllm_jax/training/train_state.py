@@ -60,11 +60,6 @@ def split_model(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.GraphDe
     return graphdef, nnx.as_pure(trainable), nnx.as_pure(rest)
 
 
-def count_params(tree: Any) -> int:
-    """參數總數。"""
-    return int(sum(x.size for x in jax.tree.leaves(tree)))
-
-
 def _pure_shardings(var_shardings: Any) -> Any:
     return nnx.as_pure(var_shardings)
 
