@@ -94,7 +94,7 @@ def _cfg(**kw):
 
 
 def _drop_local(row):
-    return {k: v for k, v in row.items() if k not in ("audio", "shard_record")}
+    return {k: v for k, v in row.items() if k not in ("audio", "source_audio", "shard_record")}
 
 
 def _files(d):

@@ -209,7 +209,7 @@ class ExampleTransform:
             duration is not None and not isinstance(duration, int | float)
         ):
             raise _Skip("bad_row", f"offset／duration 不是數字：{offset!r} {duration!r}")
-        audio = load_audio(
+        return load_audio(
             Path(path),
             target_sr=SAMPLE_RATE,
             offset=float(offset),
