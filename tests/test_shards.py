@@ -208,3 +208,24 @@ def test_restore_state_on_shards_continues_identically(chain, tok, sync):
     reference = [next(it) for _ in range(5)]
     restored = make_iterator(shards, cfg, tok, process_index=1, process_count=2, state=state)
     _assert_same(reference, [next(restored) for _ in range(5)])
+
+
+def test_cli_flags_run_the_chain_and_reject_bad_runner(chain, tmp_path):
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = str(chain["dir"] / "raw.jsonl")
+    cmd = [sys.executable, str(repo / "data/resample_split.py"), "--manifest", raw]
+    out = tmp_path / "cli"
+    args = ["--output_dir", str(out), "--shards", "2", "--runner", "inline", "--conversion", "t2s"]
+    r = subprocess.run(cmd + args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "index.json").read_text())["records"] == len(SENTENCES)
+    assert "--config.data.source=shards:" in r.stdout
+    bad = subprocess.run(
+        cmd + ["--output_dir", str(out), "--shards", "2", "--runner", "spark"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("錯誤：") and "--runner" in bad.stderr
