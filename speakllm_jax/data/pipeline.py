@@ -339,10 +339,11 @@ def source_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
     from speakllm_jax.data.shards import shard_rows
 
     if spec.startswith("shards:"):
-        return shard_rows(spec.removeprefix("shards:"))
-    from speakllm_jax.data.tfds_builders import tfds_shard_dir
+        return shard_rows(spec.removeprefix("shards:").partition("#")[0])
+    from speakllm_jax.data.tfds_builders import tfds_rows
 
-    return shard_rows(tfds_shard_dir(spec.removeprefix("tfds:"), split))
+    spec, _, given = spec.removeprefix("tfds:").partition("#")
+    return tfds_rows(spec, given or split)
 
 
 @dataclass

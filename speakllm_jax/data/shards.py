@@ -192,13 +192,19 @@ _READERS: dict[str, ShardReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
-def reader_for(directory: str | os.PathLike) -> ShardReader:
-    """每個行程每個分片資料夾共用一個讀取器。"""
-    key = str(Path(directory).resolve())
+def reader_for(directory: str | os.PathLike) -> Any:
+    """每個行程每個分片資料夾共用一個讀取器；`tfds-files:[…]` 鍵為 tfds 建好的檔案。"""
+    key = str(directory)
     with _READERS_LOCK:
         r = _READERS.get(key)
         if r is None:
-            r = _READERS[key] = ShardReader(key)
+            if key.startswith("tfds-files:"):
+                from speakllm_jax.data.tfds_builders import TfdsReader
+
+                r = TfdsReader(json.loads(key.removeprefix("tfds-files:")))
+            else:
+                r = ShardReader(key)
+            _READERS[key] = r
         return r
 
 
