@@ -48,9 +48,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         work = Path(tempfile.mkdtemp(prefix="speakllm_demo_"))
         build_single("aishell1", Path(root) / "aishell", work / "raw.jsonl", corpus="aishell1")
         run_chain(work / "raw.jsonl", work / "shards", 2, ChainConfig(), runner="inline")
-        return {
-            s: self._generate_examples(work / "shards", s) for s in ("train", "dev", "test")
-        }
+        return {s: self._generate_examples(work / "shards", s) for s in ("train", "dev", "test")}
 
     def _generate_examples(self, shards: Path, split: str):
         from speakllm_jax.data.shards import ShardReader, shard_rows
@@ -60,8 +58,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             if r.get("split") != split:
                 continue
             row = {k: v for k, v in r.items() if not k.startswith("_") and k != "shard_record"}
-            yield r["id"], {
-                "id": r["id"],
-                "row": json.dumps(row, ensure_ascii=False, sort_keys=True),
-                "record": reader.raw(r["shard_record"]),
-            }
+            yield (
+                r["id"],
+                {
+                    "id": r["id"],
+                    "row": json.dumps(row, ensure_ascii=False, sort_keys=True),
+                    "record": reader.raw(r["shard_record"]),
+                },
+            )
