@@ -188,7 +188,44 @@ class ShardReader:
         return decode_record(self.raw(index))
 
 
-_READERS: dict[str, ShardReader] = {}
+class TfdsReader:
+    """tfds ArrayRecord 檔的隨機存取：全域編號 → 紀錄位元組（同 `ShardReader` 介面）。"""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = list(files)
+        self._source: Any = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"files": self.files}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["files"])
+
+    def example(self, index: int) -> Any:
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        if self._source is None:
+            with self._lock:
+                if self._source is None:
+                    import grain
+
+                    self._source = grain.sources.ArrayRecordDataSource(self.files)
+        return tf_example_pb2.Example.FromString(self._source[int(index)])
+
+    def __len__(self) -> int:
+        if self._source is None:
+            self.example(0)
+        return len(self._source)
+
+    def raw(self, index: int) -> bytes:
+        return self.example(index).features.feature["record"].bytes_list.value[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return decode_record(self.raw(index))
+
+
+_READERS: dict[str, Any] = {}
 _READERS_LOCK = threading.Lock()
 
 
@@ -199,8 +236,6 @@ def reader_for(directory: str | os.PathLike) -> Any:
         r = _READERS.get(key)
         if r is None:
             if key.startswith("tfds-files:"):
-                from speakllm_jax.data.tfds_builders import TfdsReader
-
                 r = TfdsReader(json.loads(key.removeprefix("tfds-files:")))
             else:
                 r = ShardReader(key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,47 +40,10 @@ def split_files(name: str, split: str, data_dir: Path) -> list[str]:
     return files
 
 
-class TfdsReader:
-    """tfds ArrayRecord 檔的隨機存取：全域編號 → 紀錄位元組（同 `ShardReader` 介面）。"""
-
-    def __init__(self, files: list[str]) -> None:
-        self.files = list(files)
-        self._source: Any = None
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"files": self.files}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["files"])
-
-    def example(self, index: int) -> Any:
-        from tensorflow_datasets.proto import tf_example_pb2
-
-        if self._source is None:
-            with self._lock:
-                if self._source is None:
-                    import grain
-
-                    self._source = grain.sources.ArrayRecordDataSource(self.files)
-        return tf_example_pb2.Example.FromString(self._source[int(index)])
-
-    def __len__(self) -> int:
-        if self._source is None:
-            self.example(0)
-        return len(self._source)
-
-    def raw(self, index: int) -> bytes:
-        return self.example(index).features.feature["record"].bytes_list.value[0]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from speakllm_jax.data.shards import decode_record
-
-        return decode_record(self.raw(index))
-
-
 def tfds_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
     """tfds 資料集一個切分的清單列（每列帶 `_shards` 讀取鍵與 `shard_record`）。"""
+    from speakllm_jax.data.shards import TfdsReader
+
     name, split, data_dir = parse_spec(spec, split)
     files = split_files(name, split, data_dir)
     reader = TfdsReader(files)
