@@ -17,7 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.cli import ArgumentParser, UserValueError, run_cli  # noqa: E402
 
-BUILDERS = ("speakllm_demo",)
+BUILDERS = (
+    "speakllm_demo",
+    "speakllm_aishell1",
+    "speakllm_commonvoice_zh",
+    "speakllm_commonvoice_en",
+    "speakllm_dialogue",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

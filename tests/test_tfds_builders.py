@@ -42,6 +42,43 @@ def test_demo_builder_writes_array_record_splits(built):
     assert len(dev) == splits["dev"]
 
 
+CORPUS_BUILDERS = {
+    "speakllm_aishell1": "aishell",
+    "speakllm_commonvoice_zh": "commonvoice/cv-corpus-0.0-demo",
+    "speakllm_commonvoice_en": "commonvoice/cv-corpus-0.0-demo",
+    "speakllm_dialogue": "dialogues",
+}
+
+
+def test_corpus_builders_build_from_manual_dir(tmp_path):
+    import importlib.util
+
+    from speakllm_jax.data.demo_corpus import ensure_demo_corpus
+    from speakllm_jax.data.pipeline import source_rows
+    from speakllm_jax.data.shards import reader_for
+    from speakllm_jax.text.codeswitch import is_han
+
+    spec = importlib.util.spec_from_file_location("build_tfds", REPO / "data/build_tfds.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    demo = Path(ensure_demo_corpus(tmp_path / "demo"))
+    data = tmp_path / "tfds"
+    for name, sub in CORPUS_BUILDERS.items():
+        assert cli.main([name, "--data_dir", str(data), "--manual_dir", str(demo / sub)]) == 0
+        rows = source_rows(f"tfds:{name}@{data}")
+        assert rows and all(r["sample_rate"] == 16000 for r in rows), name
+        rec = reader_for(rows[0]["_shards"])[rows[0]["shard_record"]]
+        assert rec["row"]["id"] == rows[0]["id"]
+        if name == "speakllm_dialogue":
+            assert rec["channels"] == 2 and rec["row"]["turns"]
+        if name == "speakllm_commonvoice_zh":
+            # zh-TW 的繁體文字經 t2s 成簡體
+            assert any(r["text_raw"] != r["text"] for r in rows)
+            assert all(any(is_han(c) for c in r["text"]) for r in rows)
+        if name == "speakllm_commonvoice_en":
+            assert all(r["language"] == "en" for r in rows)
+
+
 @pytest.mark.slow
 def test_train_a_few_steps_from_tfds(built, tmp_path):
     d, _ = built
