@@ -229,3 +229,28 @@ def test_cli_flags_run_the_chain_and_reject_bad_runner(chain, tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("錯誤：") and "--runner" in bad.stderr
+
+
+def test_speech_codes_in_shards_equal_extract_speech_tokens(chain, tmp_path):
+    """工作者內抽的 Voila 碼與逐句 CLI 路徑（`extract_speech_tokens` 讀同樣的 16 kHz WAV）相同。"""
+    from speakllm_jax.data.speech_tokens import (
+        extract_speech_tokens,
+        load_codes,
+        make_demo_voila_tokenizer,
+    )
+
+    ckpt = make_demo_voila_tokenizer(tmp_path / "voila")
+    cfg = ChainConfig(vad=False, tokenizer="voila", checkpoint=str(ckpt), token_batch_size=1)
+    out = tmp_path / "coded"
+    run_chain(chain["jsonl"], out, 2, cfg, runner="inline", log=print)
+    extract_speech_tokens(
+        out / "manifest.jsonl", tmp_path / "codes", str(ckpt), batch_size=1, progress=False
+    )
+    ref = load_codes(tmp_path / "codes")
+    reader = ShardReader(out)
+    rows = read_manifest(out / "manifest.jsonl")
+    assert len(rows) == len(ref) == len(SENTENCES)
+    for r in rows:
+        got = reader[r["shard_record"]]["codes_arrays"]["voila"]
+        assert got.shape[0] == 4
+        np.testing.assert_array_equal(got, ref[r["id"]])
