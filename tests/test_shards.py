@@ -254,3 +254,15 @@ def test_speech_codes_in_shards_equal_extract_speech_tokens(chain, tmp_path):
         got = reader[r["shard_record"]]["codes_arrays"]["voila"]
         assert got.shape[0] == 4
         np.testing.assert_array_equal(got, ref[r["id"]])
+
+
+def test_split_filter_and_missing_split_error(chain):
+    from speakllm_jax.cli import UserFileError
+    from speakllm_jax.data.pipeline import source_rows
+
+    d = chain["shards"]
+    assert len(source_rows(f"shards:{d}#train")) == len(source_rows(f"shards:{d}")) == 9
+    with pytest.raises(UserFileError, match="split='test'"):
+        source_rows(f"shards:{d}#test")
+    with pytest.raises(UserFileError, match="index.json"):
+        source_rows(f"shards:{d}/missing")

@@ -335,11 +335,21 @@ SOURCE_PREFIXES = ("shards:", "tfds:")
 
 def source_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
     """`shards:DIR` → 分片資料夾的清單列；`tfds:NAME[/SPLIT]`（可加 `@DATA_DIR`）→ tfds 資料目錄中
-    該資料集切分的 ArrayRecord 分片。列只帶清單欄位，音訊在逐筆轉換時才從分片讀。"""
+    該資料集切分的 ArrayRecord 分片。結尾加 `#SPLIT` 時只取該切分（分片依列的 split 欄篩選）。
+    列只帶清單欄位，音訊在逐筆轉換時才從分片讀。"""
     from speakllm_jax.data.shards import shard_rows
 
     if spec.startswith("shards:"):
-        return shard_rows(spec.removeprefix("shards:").partition("#")[0])
+        directory, _, want = spec.removeprefix("shards:").partition("#")
+        rows = shard_rows(directory)
+        if not want:
+            return rows
+        picked = [r for r in rows if str(r.get("split") or "train") == want]
+        if not picked:
+            from speakllm_jax.cli import UserFileError
+
+            raise UserFileError(f"{directory}：分片中沒有 split={want!r} 的列")
+        return picked
     from speakllm_jax.data.tfds_builders import tfds_rows
 
     spec, _, given = spec.removeprefix("tfds:").partition("#")
