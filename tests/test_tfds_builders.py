@@ -1,7 +1,9 @@
-"""tfds 示範建構器：離線寫出 ArrayRecord，`tfds:` 來源讀回的紀錄與清單列可用，並能訓練幾步。"""
+"""tfds 示範建構器：離線寫出 ArrayRecord，`tfds:` 來源讀回的紀錄與清單列可用，並能訓練幾步；
+真正的 `tfds build` 指令（.venv-tfds）在沒有網路時建出同樣的範例。"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="需要 espeak-ng")
 REPO = Path(__file__).resolve().parents[1]
+# launch/setup_tfds.sh 建的 `tfds` 指令環境（主環境不裝 TensorFlow／Beam）。
+TFDS_VENV = Path(os.environ.get("TFDS_VENV", REPO / ".venv-tfds"))
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,68 @@ def test_demo_builder_writes_array_record_splits(built):
     assert rec["wave"].shape[0] == rec["num_samples"] > 0
     dev = source_rows(f"tfds:speakllm_demo/dev@{d}")
     assert len(dev) == splits["dev"]
+
+
+def offline_prefix() -> list[str]:
+    """沒有網路介面的命名空間（`unshare -rn`）；系統不允許時回傳空串列。"""
+    try:
+        ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return ["unshare", "-rn"] if ok.returncode == 0 else []
+
+
+@pytest.mark.skipif(
+    not (TFDS_VENV / "bin/tfds").is_file(), reason="需要 tfds 指令環境（bash launch/setup_tfds.sh）"
+)
+def test_tfds_cli_build_offline_matches_builder(built, tmp_path):
+    from speakllm_jax.data.pipeline import source_rows
+    from speakllm_jax.data.shards import reader_for
+
+    d, b = built
+    data = tmp_path / "cli"
+    prefix = offline_prefix()
+    cmd = [
+        *prefix,
+        str(TFDS_VENV / "bin/tfds"),
+        "build",
+        "speakllm_jax/data/tfds_builders/speakllm_demo",
+        "--data_dir",
+        str(data),
+        "--manual_dir",
+        str(d / "speakllm_demo_corpus/aishell"),
+        "--file_format",
+        "array_record",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert r.returncode == 0, (prefix, r.stderr[-3000:])
+    for split, info in b.info.splits.items():
+        ours = source_rows(f"tfds:speakllm_demo/{split}@{d}")
+        cli = source_rows(f"tfds:speakllm_demo/{split}@{data}")
+        assert len(cli) == info.num_examples > 0
+        assert [r["id"] for r in cli] == [r["id"] for r in ours], split
+        a, c = reader_for(ours[0]["_shards"]), reader_for(cli[0]["_shards"])
+        for x, y in zip(ours, cli, strict=True):
+            # 同一個範例（tf.train.Example 的 map 欄位序列化順序可能不同，所以比解析後的內容）
+            assert a.example(x["shard_record"]) == c.example(y["shard_record"])
+    # 有 TensorFlow 的環境讀 tfds: 來源也不匯入它（只有 tfds 指令匯入）
+    code = (
+        "import sys\n"
+        "from speakllm_jax.data.pipeline import source_rows\n"
+        f"rows = source_rows('tfds:speakllm_demo@{data}')\n"
+        "print(len(rows), 'tensorflow' in sys.modules, 'apache_beam' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [str(TFDS_VENV / "bin/python"), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    assert out.stdout.split()[-3:] == [str(b.info.splits["train"].num_examples), "False", "False"]
 
 
 CORPUS_BUILDERS = {
