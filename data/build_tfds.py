@@ -1,8 +1,9 @@
 """建好一個 tfds 建構器（ArrayRecord），不需要 TensorFlow。
 
 python data/build_tfds.py speakllm_demo --data_dir ~/tensorflow_datasets [--manual_dir DIR]
-等同 `tfds build speakllm_jax/data/tfds_builders/NAME --file_format=array_record`；`tfds` 指令本身
-在啟動時匯入 TensorFlow，這裡直接呼叫建構器的 `download_and_prepare`。
+在主環境直接呼叫建構器的 `download_and_prepare`，範例與
+`tfds build speakllm_jax/data/tfds_builders/NAME --file_format array_record` 相同；`tfds` 指令本身
+需要 TensorFlow 與 Apache Beam，裝在另一個環境（launch/setup_tfds.sh）。
 之後訓練：python launch/train.py --config phase0 --config.data.source=tfds:NAME@DATA_DIR
 """
 

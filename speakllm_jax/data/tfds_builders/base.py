@@ -1,7 +1,8 @@
 """tfds 建構器的共同基底：轉接器讀語料 → 離線鏈（inline）→ 每筆一個 tfds 範例（ArrayRecord）。
 
 子類別設定 `ADAPTER`（`adapters.py` 的名稱）、`LOCATIONS`（語料根目錄下要讀的子資料夾與轉接器選項）
-與 `CORPUS`；語料根目錄由 `--manual_dir` 給（`data/build_tfds.py NAME --manual_dir DIR`）。
+與 `CORPUS`；語料根目錄由 `--manual_dir` 給（`data/build_tfds.py NAME --manual_dir DIR`，
+或 `tfds build … --manual_dir DIR`）。
 `DEMO_SUBDIR` 不為 None 的建構器在沒給 `--manual_dir` 時離線生成示範語料並讀其中的子資料夾。
 """
 
