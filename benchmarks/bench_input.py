@@ -6,6 +6,10 @@ python benchmarks/bench_input.py [--manifest M.jsonl] [--tokenizer_dir DIR] [--u
 管線另外做分詞、聲調、語言編號、分桶與補齊（`pipeline` 為動態分桶，`pipeline_sync` 為全域批次計畫）。「每核」以行程 CPU 時間（所有執行緒合計）計算；各項輪流執行 --repeats 輪，取 CPU 時間最少的一次。
 對照組有兩種：`WhisperFeatureExtractor` 預設（補到 30 秒，Whisper 的標準用法）與不補齊
 （`padding="longest"`）；比值 = 管線每 CPU 秒音訊秒數 ÷ 對照組每 CPU 秒音訊秒數。
+
+同一次執行也把語料送過離線鏈（`inline`，不切分）寫成 ArrayRecord 分片，量測訓練主機上
+分片與 JSONL+WAV 兩條路徑：`audio_*` 只含取得 16 kHz 波形（讀檔、解碼、重取樣 vs 讀紀錄），
+`pipeline_*` 是整條管線（另含對數梅爾與分詞）。
 """
 
 from __future__ import annotations
@@ -103,6 +107,34 @@ def run_pipeline(manifest: Path, tokenizer, threads: int, sync: bool = False) ->
     return total * 160 / 16000
 
 
+def run_pipeline_source(source: str, tokenizer, threads: int) -> float:
+    """同 `run_pipeline`，來源為 `shards:DIR` 等規格。"""
+    return run_pipeline(source, tokenizer, threads)  # type: ignore[arg-type]
+
+
+def run_audio_jsonl(manifest: Path) -> float:
+    """JSONL+WAV：每筆讀檔、解碼、重取樣到 16 kHz。"""
+    from speakllm_jax.audio.io import load_audio
+    from speakllm_jax.data.manifest import read_manifest
+
+    total = 0
+    for r in read_manifest(manifest):
+        total += len(
+            load_audio(
+                manifest.parent / r["audio"], 16000, r["offset"], r["duration"], max_seconds=30.0
+            )
+        )
+    return total / 16000
+
+
+def run_audio_shards(directory: Path) -> float:
+    """分片：每筆隨機存取讀一個紀錄，取出 16 kHz PCM。"""
+    from speakllm_jax.data.shards import shard_rows
+    from speakllm_jax.data.transforms import shard_audio
+
+    return sum(len(shard_audio(r, 30.0)) for r in shard_rows(directory)) / 16000
+
+
 def run_whisper_fe(manifest: Path, pad: bool) -> float:
     from transformers import WhisperFeatureExtractor
 
@@ -143,10 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = TextTokenizer.from_dir(tok_dir)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(a.manifest) if a.manifest else make_corpus(Path(tmp), a.utterances)
+        from speakllm_jax.data.offline_chain import ChainConfig, run_chain
+
+        shards = Path(tmp) / "shards"
+        chain = ChainConfig(conversion=None, vad=False, write_wavs=False)
+        run_chain(manifest, shards, 4, chain, runner="inline", log=lambda s: None)
+        source = f"shards:{shards}"
         run_pipeline(manifest, tokenizer, a.threads)  # 暖身（載入、快取）
+        run_pipeline_source(source, tokenizer, a.threads)
         run_whisper_fe(manifest, pad=False)
         results = _measure(
             {
+                "audio_jsonl_wav": lambda: run_audio_jsonl(manifest),
+                "audio_shards": lambda: run_audio_shards(shards),
+                "pipeline_shards": lambda: run_pipeline_source(source, tokenizer, a.threads),
                 "pipeline": lambda: run_pipeline(manifest, tokenizer, a.threads),
                 "pipeline_sync": lambda: run_pipeline(manifest, tokenizer, a.threads, True),
                 "whisper_fe_pad30s": lambda: run_whisper_fe(manifest, pad=True),
@@ -166,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:20s} {audio_s:9.1f} {wall:8.2f} {cpu:8.2f} {audio_s / wall:15.1f} "
             f"{per_core[name]:14.1f}"
         )
+    print(
+        "ratio shards / jsonl+wav, audio stage (per core): "
+        f"{per_core['audio_shards'] / per_core['audio_jsonl_wav']:.2f}x"
+    )
+    print(
+        "ratio shards / jsonl+wav, whole pipeline (per core): "
+        f"{per_core['pipeline_shards'] / per_core['pipeline']:.2f}x"
+    )
     for ref in ("whisper_fe_pad30s", "whisper_fe_nopad"):
         print(f"ratio pipeline / {ref} (per core): {per_core['pipeline'] / per_core[ref]:.2f}x")
     return 0

@@ -19,6 +19,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             # 空字串表示使用內建示範語料（必要時自動以 espeak-ng 生成）。
+            # 訓練資料來源：jsonl（train_manifests 或示範語料的 JSONL+WAV）、shards:DIR（離線鏈的
+            # ArrayRecord 分片）或 tfds:NAME[/SPLIT][@DATA_DIR]（tfds 建好的分片）。
+            source="jsonl",
             train_manifests="",
             eval_manifests="",
             demo_dir="",

@@ -3,6 +3,7 @@
 python data/build_manifests.py --config configs/data/demo.py --output manifests/demo.jsonl
 python data/build_manifests.py --corpus aishell1 --root /data/aishell --output aishell.jsonl
 輸出：OUT.jsonl、OUT.skipped.jsonl（每筆略過的鍵、原因、說明）與印出的摘要。
+加 `--shards N [--runner local --num_workers 2]` 時接著跑整條離線鏈，分片寫到 OUT 旁的 <名稱>_shards/。
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.cli import ArgumentParser, empty_manifest, print_summary, run_cli  # noqa: E402
 from speakllm_jax.data.adapters import ADAPTERS, build_manifests, build_single  # noqa: E402
+from speakllm_jax.data.chain_cli import add_chain_flags, run_chain_cli  # noqa: E402
 from speakllm_jax.data.registry import load_config  # noqa: E402
 
 
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check_audio", choices=("header", "full"), help="覆寫設定的音訊檢查層級")
     p.add_argument("--corpus", help=f"單一語料模式的轉接器名稱：{sorted(ADAPTERS)}")
     p.add_argument("--root", help="單一語料模式的語料資料夾")
+    add_chain_flags(p)
     a = p.parse_args(argv)
     if a.config:
         cfg = load_config(a.config).to_dict()
@@ -47,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         n = summary["skipped"]["total"]
         raise empty_manifest(a.output, f"略過 {n} 筆，原因見 {summary['skipped_file']}")
     out = Path(a.output)
+    if a.shards:
+        # 整條離線鏈：正規化（預設 t2s）、重取樣 + VAD 切分，寫到 OUT 旁的 <名稱>_shards/。
+        a.manifest = str(out)
+        conv = a.conversion or "t2s"
+        shards_dir = str(out.with_name(out.stem + "_shards"))
+        return run_chain_cli(a, output_dir=shards_dir, conversion=None if conv == "none" else conv)
     normed = out.with_name(out.stem + "_norm.jsonl")
     print_summary(
         f"完成：{summary['rows']} 列",

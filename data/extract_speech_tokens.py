@@ -25,6 +25,7 @@ from speakllm_jax.cli import (  # noqa: E402
     require_dir,
     run_cli,
 )
+from speakllm_jax.data.chain_cli import add_chain_flags, run_chain_cli  # noqa: E402
 from speakllm_jax.data.cosyvoice2_tokens import S3CheckpointError  # noqa: E402
 from speakllm_jax.data.manifest import require_rows  # noqa: E402
 from speakllm_jax.data.speech_tokens import (  # noqa: E402
@@ -51,9 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no_progress", action="store_true", help="不顯示進度條（預設在終端機上顯示於 stderr）"
     )
+    add_chain_flags(p, conversion=False)
     a = p.parse_args(argv)
     require_rows(a.manifest)
     require_dir(a.checkpoint, "--checkpoint", "需要本機的語音符號抽取器資料夾（見 --help）")
+    if a.shards:
+        # 離線鏈：重取樣後在工作者內抽碼（每個工作者載入一次模型），碼與音訊寫進同一個分片。
+        return run_chain_cli(
+            a,
+            output_dir=a.output,
+            vad=False,
+            tokenizer=a.tokenizer,
+            checkpoint=a.checkpoint,
+            device=a.device,
+            token_batch_size=a.batch_size,
+        )
     try:
         report = extract_speech_tokens(
             a.manifest,

@@ -3,6 +3,8 @@
 python data/resample_split.py --manifest IN.jsonl --output_dir resampled --target_sr 16000 --vad True
 輸出：D/manifest.jsonl（含 source_id、source_start、source_end）、D/audio/、D/manifest.skipped.jsonl。
 雙聲道對話不切分，只重取樣並保留兩個聲道。
+加 `--shards N`（可配 `--runner local --num_workers 2`、`--conversion t2s`）時改跑離線鏈，
+另寫 ArrayRecord 分片與 D/index.json（見 docs/data_processing.md）。
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.audio.vad import VadConfig, resample_split  # noqa: E402
 from speakllm_jax.cli import ArgumentParser, empty_manifest, print_summary, run_cli  # noqa: E402
+from speakllm_jax.data.chain_cli import add_chain_flags, run_chain_cli  # noqa: E402
 from speakllm_jax.data.demo_data import duplex_paths  # noqa: E402
 from speakllm_jax.data.manifest import require_rows  # noqa: E402
 
@@ -48,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggressiveness", type=int, default=2, help="webrtcvad 積極度 0–3")
     p.add_argument("--hangover_ms", type=int, default=300, help="短於此長度的靜音不切斷")
     p.add_argument("--output_manifest", help="輸出清單路徑（預設 OUTPUT_DIR/manifest.jsonl）")
+    add_chain_flags(p)
     a = p.parse_args(argv)
     require_rows(a.manifest)
+    if a.shards:
+        return run_chain_cli(a, conversion=a.conversion)
     cfg = VadConfig(aggressiveness=a.aggressiveness, hangover_ms=a.hangover_ms)
     summary = resample_split(
         a.manifest,

@@ -121,6 +121,25 @@ def test_dockerfile_installs_requirements(image):
         assert 'ENTRYPOINT ["python", "launch/train.py"]' in text
 
 
+def test_tfds_env_pins_only_its_extras():
+    """tfds 指令環境（launch/setup_tfds.sh）沿用主環境，只釘選另加的套件；唯一與主環境重疊的是
+    protobuf，而且必須落在主環境範圍之外（Beam 的 <7），否則這些套件該直接進 requirements.txt。"""
+    extra = {}
+    for line in (REPO / "requirements-tfds.txt").read_text("utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            r = Requirement(line)
+            extra[canonicalize_name(r.name)] = r
+    assert {"tensorflow-cpu", "apache-beam", "mlcroissant"} <= set(extra)
+    assert all(str(r.specifier).startswith("==") for r in extra.values()), extra
+    main = requirements()
+    assert set(extra) & set(main) == {"protobuf"}
+    pinned = str(extra["protobuf"].specifier)[2:]
+    assert not main["protobuf"].specifier.contains(pinned)
+    script = (REPO / "launch/setup_tfds.sh").read_text("utf-8")
+    assert "--system-site-packages" in script and "-r requirements-tfds.txt" in script
+
+
 def test_swap_check_catches_drift():
     with pytest.raises(AssertionError, match="版本"):
         assert_swaps_only([Requirement("torch==2.12.0")], {"torch": set()})
@@ -147,6 +166,7 @@ def test_env_example_lists_hf_token_without_value():
         "reply_zh.wav",
         "server.log",
         ".env",
+        ".venv-tfds/bin/tfds",
     ],
 )
 def test_default_outputs_are_ignored(path):

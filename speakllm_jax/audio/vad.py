@@ -205,6 +205,98 @@ def _piece_row(
     return out
 
 
+def split_row(
+    row: dict[str, Any],
+    src_dir: str | Path | None,
+    skips: Any,
+    target_sr: int = 16000,
+    vad: bool = True,
+    max_seconds: float = 30.0,
+    cfg: VadConfig = VadConfig(),
+    min_seconds: float = 0.2,
+    check_options: dict[str, Any] | None = None,
+    key: str = "",
+) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray | None]]:
+    """一列的驗證、重取樣與 VAD 切分：回傳 [(新列, 片段波形, 回應音訊或 None)]。
+
+    新列的 `audio` 尚未填（由呼叫端寫檔或寫入分片後決定）；壞列、壞檔依原因記入 `skips`，
+    回傳空串列，不拋例外；`key` 為列沒有 id 時的略過鍵。規則見 `resample_split`。
+    """
+    from speakllm_jax.audio.io import AudioError, check_audio_detail, load_audio
+    from speakllm_jax.data.manifest import resolve_audio, resolve_path, validate_row
+
+    rid = str(row.get("id", key))
+    probs = validate_row(row)
+    if probs:
+        skips.add(rid, getattr(probs[0], "reason", "invalid"), "; ".join(probs))
+        return []
+    multi = row["channels"] > 1
+    try:
+        wave = load_audio(
+            resolve_audio(row, src_dir),
+            target_sr=target_sr,
+            offset=row["offset"],
+            duration=row["duration"],
+            mono=not multi,
+            expected_sr=row["sample_rate"],
+        )
+    except AudioError as e:
+        skips.add_error(rid, e)
+        return []
+    bad = check_audio_detail(wave, target_sr, min_seconds=min_seconds, **dict(check_options or {}))
+    if bad:
+        skips.add(rid, bad[0], bad[1])
+        return []
+    total = wave.shape[-1] / target_sr
+    if multi or not vad:
+        if not multi and total > max_seconds:
+            skips.add(rid, "too_long", f"{total:.2f}s 超過 {max_seconds}s（未開 VAD）")
+            return []
+        pieces = [(0.0, total)]
+    else:
+        segs = speech_segments(wave, target_sr, cfg)
+        if not segs:
+            skips.add(rid, "silent", "VAD 沒有偵測到語音")
+            return []
+        pad = cfg.pad_ms / 1000.0
+        if total <= max_seconds:
+            pieces = [(max(0.0, segs[0][0] - pad), min(total, segs[-1][1] + pad))]
+        else:
+            if not row.get("turns"):
+                skips.add(
+                    rid, "too_long", f"{total:.2f}s 超過 {max_seconds}s 且沒有 turns 可對齊文字"
+                )
+                return []
+            pieces = split_utterances(segs, total, max_seconds, pad)
+    out = []
+    for k, (s, e) in enumerate(pieces):
+        pid = rid if len(pieces) == 1 else f"{rid}_{k:03d}"
+        a, b = int(round(s * target_sr)), int(round(e * target_sr))
+        piece = wave[..., a:b]
+        new = _piece_row(
+            row, pid, "", piece.shape[-1], target_sr, wave.shape[0] if multi else 1, s, e
+        )
+        if len(pieces) > 1:
+            texts = [t["text"] for t in new.get("turns", []) if t.get("text")]
+            if not texts:
+                skips.add(pid, "no_text", "片段內沒有任何 turn 文字")
+                continue
+            from speakllm_jax.text.codeswitch import language_of
+            from speakllm_jax.text.normalize import fix_spaces
+
+            new["text"] = fix_spaces(" ".join(texts))
+            new["language"] = language_of(new["text"])
+        resp = None
+        if row.get("response_audio"):
+            try:
+                resp = load_audio(resolve_path(row["response_audio"], src_dir), target_sr)
+            except AudioError as err:
+                skips.add_error(pid, err)
+                continue
+        out.append((new, piece, resp))
+    return out
+
+
 def resample_split(
     manifest: str | Path,
     output_dir: str | Path,
@@ -222,98 +314,39 @@ def resample_split(
     單聲道列：VAD 後去掉頭尾靜音；超過上限時在靜音處切開，片段的文字由落在其中的 turns 組成，
     沒有 turns（無法對齊文字）的過長列以 "too_long" 略過。多聲道（對話）列不切分，
     只重取樣並保留所有聲道。每個輸出列帶 source_id、source_start、source_end（原檔時間，秒）。
-    壞檔與壞列依原因計數，寫入 `*.skipped.jsonl`，不會中斷。
+    壞檔與壞列依原因計數，寫入 `*.skipped.jsonl`，不會中斷。逐列的規則在 `split_row`。
     """
-    from speakllm_jax.audio.io import AudioError, SkipCounter, check_audio_detail, load_audio
+    from speakllm_jax.audio.io import SkipCounter
     from speakllm_jax.audio.io import write_audio as _write
-    from speakllm_jax.data.manifest import (
-        iter_manifest,
-        resolve_audio,
-        resolve_path,
-        validate_row,
-        write_manifest,
-    )
+    from speakllm_jax.data.manifest import iter_manifest, write_manifest
 
     src = Path(manifest)
     out_dir = Path(output_dir)
     out_manifest = Path(output_manifest) if output_manifest else out_dir / "manifest.jsonl"
     base = out_manifest.parent
     skips = SkipCounter()
-    checks = dict(check_options or {})
     rows_out: list[dict[str, Any]] = []
     n_in = 0
     for row in iter_manifest(src, skips):
         n_in += 1
-        rid = str(row.get("id", f"{src}:{n_in}"))
-        probs = validate_row(row)
-        if probs:
-            skips.add(rid, getattr(probs[0], "reason", "invalid"), "; ".join(probs))
-            continue
-        multi = row["channels"] > 1
-        try:
-            wave = load_audio(
-                resolve_audio(row, src.parent),
-                target_sr=target_sr,
-                offset=row["offset"],
-                duration=row["duration"],
-                mono=not multi,
-                expected_sr=row["sample_rate"],
-            )
-        except AudioError as e:
-            skips.add_error(rid, e)
-            continue
-        bad = check_audio_detail(wave, target_sr, min_seconds=min_seconds, **checks)
-        if bad:
-            skips.add(rid, bad[0], bad[1])
-            continue
-        total = wave.shape[-1] / target_sr
-        folder = out_dir / "audio" / str(row["corpus"])
-        if multi or not vad:
-            if not multi and total > max_seconds:
-                skips.add(rid, "too_long", f"{total:.2f}s 超過 {max_seconds}s（未開 VAD）")
-                continue
-            pieces = [(0.0, total)]
-        else:
-            segs = speech_segments(wave, target_sr, cfg)
-            if not segs:
-                skips.add(rid, "silent", "VAD 沒有偵測到語音")
-                continue
-            pad = cfg.pad_ms / 1000.0
-            if total <= max_seconds:
-                pieces = [(max(0.0, segs[0][0] - pad), min(total, segs[-1][1] + pad))]
-            else:
-                if not row.get("turns"):
-                    skips.add(
-                        rid, "too_long", f"{total:.2f}s 超過 {max_seconds}s 且沒有 turns 可對齊文字"
-                    )
-                    continue
-                pieces = split_utterances(segs, total, max_seconds, pad)
-        for k, (s, e) in enumerate(pieces):
-            pid = rid if len(pieces) == 1 else f"{rid}_{k:03d}"
-            a, b = int(round(s * target_sr)), int(round(e * target_sr))
-            piece = wave[..., a:b]
-            new = _piece_row(
-                row, pid, "", piece.shape[-1], target_sr, wave.shape[0] if multi else 1, s, e
-            )
-            if len(pieces) > 1:
-                texts = [t["text"] for t in new.get("turns", []) if t.get("text")]
-                if not texts:
-                    skips.add(pid, "no_text", "片段內沒有任何 turn 文字")
-                    continue
-                from speakllm_jax.text.codeswitch import language_of
-                from speakllm_jax.text.normalize import fix_spaces
-
-                new["text"] = fix_spaces(" ".join(texts))
-                new["language"] = language_of(new["text"])
-            path = _write(folder / f"{pid}.wav", piece, target_sr)
+        pieces = split_row(
+            row,
+            src.parent,
+            skips,
+            target_sr,
+            vad,
+            max_seconds,
+            cfg,
+            min_seconds,
+            check_options,
+            key=f"{src}:{n_in}",
+        )
+        for new, piece, resp in pieces:
+            folder = out_dir / "audio" / str(new["corpus"])
+            path = _write(folder / f"{new['id']}.wav", piece, target_sr)
             new["audio"] = os.path.relpath(path, base)
-            if row.get("response_audio"):
-                try:
-                    resp = load_audio(resolve_path(row["response_audio"], src.parent), target_sr)
-                except AudioError as err:
-                    skips.add_error(pid, err)
-                    continue
-                rp = _write(folder / f"{pid}_response.wav", resp, target_sr)
+            if resp is not None:
+                rp = _write(folder / f"{new['id']}_response.wav", resp, target_sr)
                 new["response_audio"] = os.path.relpath(rp, base)
             rows_out.append(new)
     n = write_manifest(out_manifest, rows_out)

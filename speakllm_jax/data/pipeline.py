@@ -311,6 +311,7 @@ def load_rows(
     """讀一份或多份清單（或直接給列）；回傳 (列, 清單層級的略過計數)。
 
     相對音訊路徑以各自清單所在資料夾為基準（記在列的 `_manifest_dir`）。
+    `shards:DIR`（離線鏈的 ArrayRecord 分片）與 `tfds:NAME[/SPLIT]` 也可當成一份清單（見 `source_rows`）。
     """
     skips = SkipCounter()
     if isinstance(manifests, str | os.PathLike):
@@ -320,10 +321,39 @@ def load_rows(
         if isinstance(m, dict):
             rows.append(m)
             continue
+        if isinstance(m, str) and m.startswith(SOURCE_PREFIXES):
+            rows.extend(source_rows(m))
+            continue
         part = read_manifest(m, skips)
         attach_manifest_dir(part, m)
         rows.extend(part)
     return rows, skips
+
+
+SOURCE_PREFIXES = ("shards:", "tfds:")
+
+
+def source_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
+    """`shards:DIR` → 分片資料夾的清單列；`tfds:NAME[/SPLIT]`（可加 `@DATA_DIR`）→ tfds 資料目錄中
+    該資料集切分的 ArrayRecord 分片。結尾加 `#SPLIT` 時只取該切分（分片依列的 split 欄篩選）。
+    列只帶清單欄位，音訊在逐筆轉換時才從分片讀。"""
+    from speakllm_jax.data.shards import shard_rows
+
+    if spec.startswith("shards:"):
+        directory, _, want = spec.removeprefix("shards:").partition("#")
+        rows = shard_rows(directory)
+        if not want:
+            return rows
+        picked = [r for r in rows if str(r.get("split") or "train") == want]
+        if not picked:
+            from speakllm_jax.cli import UserFileError
+
+            raise UserFileError(f"{directory}：分片中沒有 split={want!r} 的列")
+        return picked
+    from speakllm_jax.data.tfds_builders import tfds_rows
+
+    spec, _, given = spec.removeprefix("tfds:").partition("#")
+    return tfds_rows(spec, given or split)
 
 
 @dataclass

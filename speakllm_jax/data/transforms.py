@@ -188,6 +188,17 @@ class ExampleTransform:
         dur = row.get("duration")
         if isinstance(dur, int | float) and cfg.max_seconds and dur > cfg.max_seconds:
             raise _Skip("too_long", f"清單長度 {dur:.2f}s 超過上限 {cfg.max_seconds}s")
+        if row.get("_shards"):
+            audio = shard_audio(row, cfg.max_seconds or None)
+        else:
+            audio = self._file_audio(row)
+        seconds = audio.shape[0] / SAMPLE_RATE
+        if seconds < max(cfg.min_seconds, 0.02):
+            raise _Skip("too_short", f"{seconds:.3f}s 短於 {cfg.min_seconds}s")
+        return audio
+
+    def _file_audio(self, row: dict[str, Any]) -> np.ndarray:
+        cfg = self.config
         try:
             path = resolve_audio(row, row.get("_manifest_dir"))
         except ValueError as e:
@@ -198,7 +209,7 @@ class ExampleTransform:
             duration is not None and not isinstance(duration, int | float)
         ):
             raise _Skip("bad_row", f"offset／duration 不是數字：{offset!r} {duration!r}")
-        audio = load_audio(
+        return load_audio(
             Path(path),
             target_sr=SAMPLE_RATE,
             offset=float(offset),
@@ -206,10 +217,6 @@ class ExampleTransform:
             mono=True,
             max_seconds=cfg.max_seconds or None,
         )
-        seconds = audio.shape[0] / SAMPLE_RATE
-        if seconds < max(cfg.min_seconds, 0.02):
-            raise _Skip("too_short", f"{seconds:.3f}s 短於 {cfg.min_seconds}s")
-        return audio
 
     def _process(self, element: dict[str, Any]) -> dict[str, Any]:
         row = element["row"]
@@ -257,6 +264,35 @@ class ExampleTransform:
             "bucket": bucket,
             "seconds": audio.shape[0] / SAMPLE_RATE,
         }
+
+
+def shard_audio(row: dict[str, Any], max_seconds: float | None = None) -> np.ndarray:
+    """從分片讀一列的 16 kHz 單聲道音訊，片段的取法與 `load_audio` 讀同一個 WAV 完全相同
+    （offset／duration 換算成樣本的捨入、多聲道取平均），所以兩條路徑的梅爾逐位元相同。"""
+    from speakllm_jax.data.shards import reader_for
+
+    try:
+        rec = reader_for(row["_shards"])[int(row["shard_record"])]
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise AudioError("corrupt", row.get("_shards", ""), f"分片紀錄讀取失敗：{e}") from e
+    sr = int(rec["sample_rate"])
+    if sr != SAMPLE_RATE:
+        raise AudioError("wrong_rate", row["_shards"], f"分片為 {sr} Hz，預期 {SAMPLE_RATE} Hz")
+    data = rec["wave"]
+    total = data.shape[0] / sr
+    offset = float(row.get("offset") or 0.0)
+    duration = row.get("duration")
+    if offset >= total:
+        raise AudioError("too_short", row["_shards"], f"offset {offset:.3f}s 超出長度 {total:.3f}s")
+    seg = (total - offset) if duration is None else min(float(duration), total - offset)
+    if max_seconds is not None and seg > max_seconds:
+        raise AudioError("too_long", row["_shards"], f"{seg:.2f}s 超過上限 {max_seconds}s")
+    start = int(round(offset * sr))
+    frames = data.shape[0] - start if duration is None else max(1, int(round(seg * sr)))
+    data = data[start : start + frames]
+    if data.shape[0] == 0:
+        raise AudioError("empty", row["_shards"], "讀到 0 個取樣")
+    return np.asarray(data.mean(axis=1), dtype=np.float32)
 
 
 class _Skip(Exception):

@@ -30,6 +30,24 @@ class NormalizeReport:
         return "\n".join(lines)
 
 
+def normalize_row(
+    row: dict, conversion: str = "t2s", verbalize: bool = False, keep_punct: bool = True
+) -> str | None:
+    """就地正規化一列的 `text` 與 `turns[*].text`（原文存到 `text_raw`）；該略過時回傳原因代碼。"""
+    text = row.get("text")
+    has_turns = bool(row.get("turns"))
+    if not isinstance(text, str) or (not text.strip() and not has_turns):
+        return "empty_text"
+    row["text_raw"] = row.get("text_raw", text)
+    row["text"] = normalize_zh(text, conversion, verbalize, keep_punct)
+    if not row["text"] and not has_turns:
+        return "empty_after_norm"
+    for turn in row.get("turns") or []:
+        if isinstance(turn.get("text"), str):
+            turn["text"] = normalize_zh(turn["text"], conversion, verbalize, keep_punct)
+    return None
+
+
 def normalize_manifest(
     src: str | Path,
     dst: str | Path,
@@ -69,20 +87,7 @@ def normalize_manifest(
                 except ValueError:
                     reason = "bad_json"
             if reason is None:
-                text = row.get("text")
-                has_turns = bool(row.get("turns"))
-                if not isinstance(text, str) or (not text.strip() and not has_turns):
-                    reason = "empty_text"
-                else:
-                    row["text_raw"] = row.get("text_raw", text)
-                    row["text"] = normalize_zh(text, conversion, verbalize, keep_punct)
-                    if not row["text"] and not has_turns:
-                        reason = "empty_after_norm"
-                    for turn in row.get("turns") or []:
-                        if isinstance(turn.get("text"), str):
-                            turn["text"] = normalize_zh(
-                                turn["text"], conversion, verbalize, keep_punct
-                            )
+                reason = normalize_row(row, conversion, verbalize, keep_punct)
             if reason:
                 rep.skipped[reason] += 1
                 fskip.write(

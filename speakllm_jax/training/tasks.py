@@ -27,6 +27,16 @@ from speakllm_jax.training.task import (
 
 
 def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list[str]:
+    source = str(cfg.data.get("source", "jsonl") or "jsonl")
+    if source != "jsonl":
+        if not source.startswith(("shards:", "tfds:")):
+            from speakllm_jax.cli import UserValueError
+
+            raise UserValueError(
+                f"--config.data.source 必須是 jsonl、shards:DIR 或 tfds:NAME，收到 {source!r}"
+            )
+        # 訓練讀 train 切分，評估讀 test 切分（分片依各列的 split 欄篩選，tfds 依切分名稱）。
+        return [f"{source}#{split}"]
     given = cfg.data.train_manifests if split == "train" else cfg.data.eval_manifests
     if given:
         paths = [m for m in str(given).split(",") if m]
