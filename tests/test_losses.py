@@ -319,7 +319,7 @@ def test_training_loss_equals_documented_weighted_sum(tmp_path_factory, qwen_tok
     from configs.phase3_emotion import get_config
     from speakllm_jax.data.adapters import run_adapter
     from speakllm_jax.data.demo_corpus import ensure_demo_corpus
-    from speakllm_jax.training.duplex_task import DuplexTask, DuplexTransform
+    from speakllm_jax.training.tasks.duplex import DuplexTask, DuplexTransform
     from speakllm_jax.training.train_state import make_train_step, state_from_model
 
     root = ensure_demo_corpus(tmp_path_factory.getbasetemp() / "demo_corpus")

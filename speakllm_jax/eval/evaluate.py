@@ -125,7 +125,7 @@ def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
                     r = dict(r, audio=str(resolve_audio(r, base)))
                 rows.append(r)
         return rows
-    from speakllm_jax.training.duplex_task import ensure_demo_duplex
+    from speakllm_jax.training.tasks.duplex import ensure_demo_duplex
 
     paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
     return read_manifest(paths["dialogue"])

@@ -21,7 +21,7 @@ from flax import nnx
 
 from speakllm_jax.labels import EMOTIONS, emotion_token
 from speakllm_jax.training.losses import LossWeights, duplex_loss
-from speakllm_jax.training.task import (
+from speakllm_jax.training.tasks.base import (
     DataIterator,
     GrainBatches,
     Task,

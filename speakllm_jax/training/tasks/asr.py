@@ -1,7 +1,5 @@
-"""內建訓練任務與 `get_task`。
-
-`asr_connector`（第 0 階段）：Whisper 編碼器 → 連接器 → Qwen2，以轉寫文字的交叉熵
-對齊語音與文字；預設只訓練連接器。`duplex`（第 1–3 階段）在 `duplex_task.py`。
+"""`asr_connector`（第 0 階段）：Whisper 編碼器 → 連接器 → Qwen2，以轉寫文字的交叉熵
+對齊語音與文字；預設只訓練連接器。`duplex`（第 1–3 階段）在 `tasks/duplex.py`。
 """
 
 from __future__ import annotations
@@ -13,10 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.training.duplex_task import DuplexTask
 from speakllm_jax.training.losses import text_loss, weighted_correct
-from speakllm_jax.training.task import (
-    TASKS,
+from speakllm_jax.training.tasks.base import (
     DataIterator,
     GrainBatches,
     Task,
@@ -155,11 +151,4 @@ class AsrConnectorTask(Task):
         return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
 
-def get_task(config: Any) -> Task:
-    """依 `config.task` 建立任務；名稱不明時列出可用任務。"""
-    if config.task not in TASKS:
-        raise KeyError(f"未知的任務 {config.task!r}；可用：{sorted(TASKS)}")
-    return TASKS[config.task](config)
-
-
-__all__ = ["AsrConnectorTask", "DuplexTask", "get_task", "subset_manifest"]
+__all__ = ["AsrConnectorTask", "subset_manifest"]
