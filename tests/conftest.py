@@ -87,3 +87,49 @@ def espeak_corpus():
         return rows
 
     return make
+
+
+def _crop_dialogue(row, start, end, path):
+    """取一段真實示範對話的 [start, end) 秒（寫出新的雙聲道檔），只留完全落在其中的 turns／overlaps。"""
+    import soundfile as sf
+
+    wave, sr = sf.read(row["audio"], dtype="float32", always_2d=True)
+    sf.write(path, wave[int(start * sr) : int(end * sr)], sr)
+
+    def inside(items):
+        out = []
+        for x in items:
+            if start <= x["start"] and x["end"] <= end:
+                y = dict(x, start=x["start"] - start, end=x["end"] - start)
+                if "onset" in x:
+                    y["onset"] = x["onset"] - start
+                out.append(y)
+        return out
+
+    return dict(
+        row,
+        id=f"{row['id']}_crop",
+        audio=str(path),
+        duration=end - start,
+        turns=inside(row["turns"]),
+        overlaps=inside(row["overlaps"]),
+    )
+
+
+@pytest.fixture(scope="session")
+def crop_dialogues(tmp_path_factory):
+    """兩段真實示範對話的短片段（各含一次搶話：被截斷的助理段 + 使用者接話），幀數小、編譯快；
+    另附整段的 dlg0002（44 秒，給「太長」的略過）。沒有 espeak-ng 時略過。"""
+    from speakllm_jax.data.adapters import run_adapter
+    from speakllm_jax.data.demo_corpus import ensure_demo_corpus, has_espeak
+
+    if not has_espeak():
+        pytest.skip("需要 espeak-ng")
+    root = ensure_demo_corpus(tmp_path_factory.getbasetemp() / "demo_corpus")
+    by_id = {r["id"]: r for r in run_adapter("dialogue", root / "dialogues")}
+    tmp = tmp_path_factory.mktemp("crop")
+    return (
+        _crop_dialogue(by_id["dlg0001"], 12.3, 18.3, tmp / "a.wav"),
+        _crop_dialogue(by_id["dlg0000"], 15.7, 24.7, tmp / "b.wav"),
+        by_id["dlg0002"],
+    )
