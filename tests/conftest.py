@@ -34,14 +34,21 @@ def qwen_tokenizer_dir(tmp_path_factory):
     return build_qwen_tokenizer_dir(tmp_path_factory.mktemp("tok") / "qwen2")
 
 
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """`demo_dir` 各模組共用的示範語料資料夾（espeak-ng 語料、全雙工清單與語音碼在第一次用到時
+    產生，之後各模組沿用，不再重複合成與抽碼）。與唯讀語料的 `<basetemp>/demo_corpus` 分開：
+    這裡會多出訓練寫的清單與語音碼，`test_demo_corpus` 比對的是後者的全部檔案。"""
+    return tmp_path_factory.mktemp("demo_shared")
+
+
 @pytest.fixture(scope="module")
-def demo_dir(request, tmp_path_factory):
-    """每個測試模組一份示範語料資料夾，模組執行期間設為 `SPEAKLLM_DEMO_DIR`（結束後還原）。
+def demo_dir(demo_root):
+    """模組執行期間把 `SPEAKLLM_DEMO_DIR` 設為共用的示範語料資料夾（結束後還原）。
 
     示範資料在第一次用到時才產生（訓練、評估各自呼叫 `ensure_demo_*`）。
     """
-    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
-    d = tmp_path_factory.mktemp(f"demo_{name}")
+    d = demo_root
     old = os.environ.get("SPEAKLLM_DEMO_DIR")
     os.environ["SPEAKLLM_DEMO_DIR"] = str(d)
     yield d

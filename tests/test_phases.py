@@ -1,6 +1,7 @@
 """第 0 → 1 → 2 → 3 階段鏈：tiny 預設、8 個模擬裝置、示範語料；每階段由上一階段初始化且損失下降。
 
 每個階段以 `launch/train.py` 子程序執行（就是使用者會打的指令），彼此與測試程序的狀態隔離。
+四個子程序各自編譯 8 裝置的訓練步（2 核機器上約 4–5 分鐘），標為 slow：`.ci/run` 在預設測試之後執行。
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _run_phase(cmd: list[str], env: dict[str, str], workdir: Path) -> subprocess
     return proc
 
 
+@pytest.mark.slow
 def test_phase_chain_on_8_devices(demo_dir: Path, tmp_path: Path) -> None:
     env = dict(os.environ, SPEAKLLM_DEMO_DIR=str(demo_dir))
     # XLA_FLAGS 沿用 tests/conftest.py 的設定（8 個模擬裝置與集體通訊的穩定性旗標）。
