@@ -189,12 +189,6 @@ class DuplexContext:
     def duplex_config(self, **overrides: Any) -> DuplexConfig:
         return dataclasses.replace(self.config, **overrides) if overrides else self.config
 
-    def batch_sizes(self) -> dict[str, int]:
-        """`DUPLEX_BATCH` 的維度大小。"""
-        return duplex_batch_sizes(
-            self.max_frames, self.n_mels, self.config.max_chars_per_token, self.config.num_codebooks
-        )
-
 
 def duplex_batch_sizes(frames: int, n_mels: int, chars: int, codebooks: int) -> dict[str, int]:
     """`DUPLEX_BATCH` 的具名維度 → 大小。"""
