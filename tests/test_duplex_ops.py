@@ -145,3 +145,30 @@ def test_schema_drives_planner_and_axes(setup, qwen_tokenizer_dir):
     frames = int(round(cfg.data.max_audio_seconds * 100)) // 4 * 4
     assert abstract_batch(asr, 1, None, None)["mel"].shape == (1, 80, frames)
     assert asr.batch_axes()["mel"] == ("batch", None, None)
+
+
+def test_duplex_iterator_resumes_exactly(setup, crop_dialogues, tmp_path):
+    """`DuplexTask.make_data` 走 op 組合：存下迭代器狀態後重建、恢復，之後的批次與略過計數不變。"""
+    from speakllm_jax.data.manifest import write_manifest
+    from speakllm_jax.training.tasks.duplex import DuplexTask
+
+    cfg, _, rows, _ = setup
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [*rows, crop_dialogues[2], dict(rows[0], id="x", emotion="furious")])
+    c = cfg.copy_and_resolve_references()
+    c.data.train_manifests = str(manifest)
+    c.train.batch_size = 2
+    it = DuplexTask(c).make_data(0, 1)
+    next(it)
+    state = it.get_state()
+    after = [next(it) for _ in range(2)]
+    skipped = it.skip_report()
+    assert skipped.get("too_long", 0) >= 1 and skipped.get("bad_emotion", 0) >= 1
+
+    again = DuplexTask(c).make_data(0, 1)
+    again.set_state(state)
+    for a, b in zip(after, [next(again) for _ in range(2)]):
+        assert sorted(a) == sorted(DUPLEX_BATCH.names)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert again.skip_report() == skipped

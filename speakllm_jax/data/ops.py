@@ -6,7 +6,7 @@
 `ctx` 帶共用的物件（分詞器、語音碼、設定），規格裡的 `k=v` 是各 op 自己的參數。
 
 `RowOps` 把組合好的 op 套到一列上：成功時依批次綱要（`data.schema.BatchSchema`）只留綱要的欄位，
-略過時記入 `SkipCounter` 並回傳 None（由 Grain 的 filter 濾掉）。
+略過時記入 `SkipCounter`（在 Grain 管線中由取用端的 filter 計數並濾掉）。
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ Op = Callable[[dict[str, Any]], dict[str, Any]]
 OpFactory = Callable[..., Op]
 
 OPS: dict[str, OpFactory] = {}
+# 略過標記的鍵（`RowOps.process` 的回傳值中）。
+SKIP_KEY = "_skip"
 
 
 class SkipExample(Exception):
@@ -97,6 +99,9 @@ class RowOps:
 
     原因：`SkipExample` 自帶；`AudioError` 用它的 reason；`ValueError`／`KeyError`（清單列缺欄位、
     形狀不符）記為 `bad_row` 並印一行。
+
+    Grain 管線用 `.map(ops.process)…filter(ops.keep)`：`process` 在預取執行緒裡跑、略過時回傳標記，
+    `keep` 在取用端計數並濾掉標記。計數因此只含已取用的列，與迭代器狀態一致（恢復後不重複計數）。
     """
 
     def __init__(
@@ -110,20 +115,29 @@ class RowOps:
     def names(self) -> list[str]:
         return [n for n, _ in self.ops]
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any] | None:
+    def process(self, row: dict[str, Any]) -> dict[str, Any]:
+        """一列 → 綱要欄位，或略過標記 `{SKIP_KEY: (鍵, 原因, 說明)}`（不計數）。"""
         key = row.get("id", "?") if isinstance(row, dict) else "?"
         try:
             ex = apply_ops(self.ops, {"row": row})
         except SkipExample as s:
-            self.skips.add(key, s.reason, s.detail)
             if s.report:
                 print(f"略過 {key}: {s.detail}")
-            return None
+            return {SKIP_KEY: (key, s.reason, s.detail)}
         except AudioError as err:
-            self.skips.add_error(key, err)
-            return None
+            return {SKIP_KEY: (key, err.reason, err.detail or str(err))}
         except (ValueError, KeyError) as err:
-            self.skips.add(key, "bad_row", str(err))
             print(f"略過 {key}: {err}")
-            return None
+            return {SKIP_KEY: (key, "bad_row", str(err))}
         return self.schema.select(ex)
+
+    def keep(self, x: dict[str, Any]) -> bool:
+        """略過標記 → 計數並回傳 False；正常的樣本回傳 True。"""
+        if SKIP_KEY in x:
+            self.skips.add(*x[SKIP_KEY])
+            return False
+        return True
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        x = self.process(row)
+        return x if self.keep(x) else None

@@ -144,9 +144,9 @@ class DuplexTask(Task):
             grain.MapDataset.source(rows)
             .shuffle(seed=int(self.config.seed))
             .repeat(None)[process_index::process_count]
-            .map(transform)
+            .map(transform.process)
             .to_iter_dataset()
-            .filter(lambda x: x is not None)
+            .filter(transform.keep)
             .batch(local, drop_remainder=True)
         )
         return GrainBatches(iter(ds), skipped=transform.skips)
