@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from speakllm_jax.cli import UserValueError
 from speakllm_jax.data.duplex import DUPLEX_BATCH, DUPLEX_TRAIN_OPS
 from speakllm_jax.data.ops import OPS, compose, parse_ops
 from speakllm_jax.labels import EMOTIONS
@@ -100,8 +101,10 @@ def test_ops_spec_from_config(setup):
 
     unknown = cfg.copy_and_resolve_references()
     unknown.data.ops = "load_audio|nope"
-    with pytest.raises(ValueError, match="未知的 op 'nope'.*interleave_text"):
-        DuplexTask(unknown).row_ops(codes)
+    with pytest.raises(
+        UserValueError, match="^--config.data.ops：未知的 op 'nope'.*interleave_text"
+    ):
+        DuplexTask(unknown)
 
 
 def test_parse_ops():

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from speakllm_jax.audio.io import SkipCounter
+from speakllm_jax.cli import UserValueError
 from speakllm_jax.data.duplex import (
     DUPLEX_BATCH,
     DUPLEX_TRAIN_OPS,
@@ -89,6 +90,11 @@ class DuplexTask(Task):
         self.tokenizer = text_tokenizer(config)
         self.pad_id = int(self.tokenizer.eos_id)
         self.loss_w = LossWeights.from_config(config.loss)
+        try:
+            # 建立時就組一次 op：`data.ops` 寫錯在訓練開始前就以一行錯誤結束（結束碼 2）。
+            self.row_ops({})
+        except ValueError as err:
+            raise UserValueError(f"--config.{err}") from err
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from speakllm_jax.models.speakllm import SpeakLLM
