@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speakllm_jax.data.demo_data import prepare_demo_speech
+from speakllm_jax.training.tasks.duplex import ensure_demo_duplex
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {"phase0": 5, "phase1": 5, "phase2": 4, "phase3": 4}
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("demo_phases")
-    prepare_demo_speech(d)
-    return d
+def demo_dir(demo_root: Path) -> Path:
+    # 與其他模組共用的示範資料；全雙工清單與語音碼不存在時才產生（子程序，PyTorch 不進測試程序）。
+    ensure_demo_duplex(str(demo_root))
+    return demo_root
 
 
 # XLA CPU 模擬裝置的集體通訊偶爾在 rendezvous 卡死而中止（模擬器的問題，TPU 無此路徑；
