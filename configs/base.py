@@ -39,6 +39,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             subset=0,
             duplex_sets="dialogue",
             codes_dirs="",
+            # 全雙工逐列處理的 op 組合（`speakllm_jax.data.ops`，例如 "load_audio|…|pad_frames"）；
+            # 空字串為預設的 `data.duplex.DUPLEX_TRAIN_OPS`。
+            ops="",
         )
     )
     # 研究模組的開關與參數（消融時關掉對應的 bool）。

@@ -34,14 +34,21 @@ def qwen_tokenizer_dir(tmp_path_factory):
     return build_qwen_tokenizer_dir(tmp_path_factory.mktemp("tok") / "qwen2")
 
 
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """`demo_dir` 各模組共用的示範語料資料夾（espeak-ng 語料、全雙工清單與語音碼在第一次用到時
+    產生，之後各模組沿用，不再重複合成與抽碼）。與唯讀語料的 `<basetemp>/demo_corpus` 分開：
+    這裡會多出訓練寫的清單與語音碼，`test_demo_corpus` 比對的是後者的全部檔案。"""
+    return tmp_path_factory.mktemp("demo_shared")
+
+
 @pytest.fixture(scope="module")
-def demo_dir(request, tmp_path_factory):
-    """每個測試模組一份示範語料資料夾，模組執行期間設為 `SPEAKLLM_DEMO_DIR`（結束後還原）。
+def demo_dir(demo_root):
+    """模組執行期間把 `SPEAKLLM_DEMO_DIR` 設為共用的示範語料資料夾（結束後還原）。
 
     示範資料在第一次用到時才產生（訓練、評估各自呼叫 `ensure_demo_*`）。
     """
-    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
-    d = tmp_path_factory.mktemp(f"demo_{name}")
+    d = demo_root
     old = os.environ.get("SPEAKLLM_DEMO_DIR")
     os.environ["SPEAKLLM_DEMO_DIR"] = str(d)
     yield d
@@ -87,3 +94,49 @@ def espeak_corpus():
         return rows
 
     return make
+
+
+def _crop_dialogue(row, start, end, path):
+    """取一段真實示範對話的 [start, end) 秒（寫出新的雙聲道檔），只留完全落在其中的 turns／overlaps。"""
+    import soundfile as sf
+
+    wave, sr = sf.read(row["audio"], dtype="float32", always_2d=True)
+    sf.write(path, wave[int(start * sr) : int(end * sr)], sr)
+
+    def inside(items):
+        out = []
+        for x in items:
+            if start <= x["start"] and x["end"] <= end:
+                y = dict(x, start=x["start"] - start, end=x["end"] - start)
+                if "onset" in x:
+                    y["onset"] = x["onset"] - start
+                out.append(y)
+        return out
+
+    return dict(
+        row,
+        id=f"{row['id']}_crop",
+        audio=str(path),
+        duration=end - start,
+        turns=inside(row["turns"]),
+        overlaps=inside(row["overlaps"]),
+    )
+
+
+@pytest.fixture(scope="session")
+def crop_dialogues(tmp_path_factory):
+    """兩段真實示範對話的短片段（各含一次搶話：被截斷的助理段 + 使用者接話），幀數小、編譯快；
+    另附整段的 dlg0002（44 秒，給「太長」的略過）。沒有 espeak-ng 時略過。"""
+    from speakllm_jax.data.adapters import run_adapter
+    from speakllm_jax.data.demo_corpus import ensure_demo_corpus, has_espeak
+
+    if not has_espeak():
+        pytest.skip("需要 espeak-ng")
+    root = ensure_demo_corpus(tmp_path_factory.getbasetemp() / "demo_corpus")
+    by_id = {r["id"]: r for r in run_adapter("dialogue", root / "dialogues")}
+    tmp = tmp_path_factory.mktemp("crop")
+    return (
+        _crop_dialogue(by_id["dlg0001"], 12.3, 18.3, tmp / "a.wav"),
+        _crop_dialogue(by_id["dlg0000"], 15.7, 24.7, tmp / "b.wav"),
+        by_id["dlg0002"],
+    )

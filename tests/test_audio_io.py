@@ -87,6 +87,26 @@ def test_broken_files_have_reasons(speech_wav, tmp_path):
     assert len(out.read_text(encoding="utf-8").splitlines()) == 4
 
 
+def test_skip_counter_merges_batches_and_restores_counts():
+    """同一個計數器也給資料管線與訓練迭代器用：併入批次的 `skipped`、dict 與另一個計數器，
+    只計數時不留明細，計數可存成 dict 再恢復。"""
+    counter = SkipCounter(keep_items=False)
+    counter.add("a", "too_long", "9 秒")
+    counter.update({"skipped": {"too_long": 2, "bad_row": 1}, "mel": np.zeros(3)})
+    counter.update({"empty_text": 1})
+    other = SkipCounter()
+    other.add("b", "bad_row")
+    counter.update(other)
+    assert counter.as_dict() == {"bad_row": 2, "empty_text": 1, "too_long": 3}
+    assert counter.total == len(counter) == 6 and counter.items == []
+    assert other.items == [("b", "bad_row", "")]
+    restored = SkipCounter(keep_items=False)
+    restored.load_counts(counter.as_dict())
+    assert restored.as_dict() == counter.as_dict()
+    with pytest.raises(TypeError):
+        counter.update(3)
+
+
 def test_check_audio_clip_and_silence(speech_wav):
     wave = load_audio(speech_wav)
     assert check_audio(wave, 16000) is None

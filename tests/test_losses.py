@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import soundfile as sf
 
 from speakllm_jax.data.demo_corpus import has_espeak
 from speakllm_jax.data.overlap import OverlapConfig, overlap_aware_targets
@@ -280,36 +279,11 @@ def _shift(x, fill):
     return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
 
 
-def _crop_dialogue(row, start, end, path):
-    """取一段真實示範對話的 [start, end) 秒（寫出新的雙聲道檔），只留完全落在其中的 turns／overlaps。"""
-    wave, sr = sf.read(row["audio"], dtype="float32", always_2d=True)
-    sf.write(path, wave[int(start * sr) : int(end * sr)], sr)
-
-    def inside(items):
-        out = []
-        for x in items:
-            if start <= x["start"] and x["end"] <= end:
-                y = dict(x, start=x["start"] - start, end=x["end"] - start)
-                if "onset" in x:
-                    y["onset"] = x["onset"] - start
-                out.append(y)
-        return out
-
-    return dict(
-        row,
-        id=f"{row['id']}_crop",
-        audio=str(path),
-        duration=end - start,
-        turns=inside(row["turns"]),
-        overlaps=inside(row["overlaps"]),
-    )
-
-
 @pytest.mark.skipif(not has_espeak(), reason="需要 espeak-ng")
-def test_training_loss_equals_documented_weighted_sum(tmp_path_factory, qwen_tokenizer_dir):
+def test_training_loss_equals_documented_weighted_sum(crop_dialogues, qwen_tokenizer_dir):
     """第 3 階段（含情緒頭）的一批真實對話：訓練步記錄的損失 = Σ λ_k S_k / Σ frame_mask。
 
-    走訓練真正的路徑（`DuplexTransform` → `DuplexTask.loss` → `make_train_step`，梯度累積 2 步），
+    走訓練真正的路徑（`DuplexTask.row_ops` → `DuplexTask.loss` → `make_train_step`，梯度累積 2 步），
     參考值由模型輸出依文件公式以 NumPy 計算；改一個權重（`loss.tone`），訓練損失跟著變。
     只訓練輪替頭，讓反向傳播（與編譯）保持便宜；損失本身與可訓練參數的選擇無關。
     """
@@ -317,19 +291,10 @@ def test_training_loss_equals_documented_weighted_sum(tmp_path_factory, qwen_tok
     from flax import nnx
 
     from configs.phase3_emotion import get_config
-    from speakllm_jax.data.adapters import run_adapter
-    from speakllm_jax.data.demo_corpus import ensure_demo_corpus
-    from speakllm_jax.training.duplex_task import DuplexTask, DuplexTransform
+    from speakllm_jax.training.tasks.duplex import DuplexTask
     from speakllm_jax.training.train_state import make_train_step, state_from_model
 
-    root = ensure_demo_corpus(tmp_path_factory.getbasetemp() / "demo_corpus")
-    by_id = {r["id"]: r for r in run_adapter("dialogue", root / "dialogues")}
-    tmp = tmp_path_factory.mktemp("crop")
-    # 兩段各含一次搶話（被截斷的助理段 + 使用者接話）的真實片段，幀數小、編譯快。
-    rows = [
-        _crop_dialogue(by_id["dlg0001"], 12.3, 18.3, tmp / "a.wav"),
-        _crop_dialogue(by_id["dlg0000"], 15.7, 24.7, tmp / "b.wav"),
-    ]
+    rows = [dict(r) for r in crop_dialogues[:2]]
     assert all(any(o["kind"] == "barge_in" for o in r["overlaps"]) for r in rows)
     rows[1]["emotion"] = EMOTIONS[2]
     cfg = get_config("tiny")
@@ -347,7 +312,7 @@ def test_training_loss_equals_documented_weighted_sum(tmp_path_factory, qwen_tok
         r["id"]: rng.integers(0, 2048, (q, math.ceil(r["duration"] / 0.04))).astype(np.int16)
         for r in rows
     }
-    tf = DuplexTransform(cfg, task.tokenizer, codes, {}, q)
+    tf = task.row_ops(codes)
     items = [tf(r) for r in rows]
     assert all(x is not None for x in items)
     batch = {k: np.stack([x[k] for x in items]) for k in items[0]}

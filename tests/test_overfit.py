@@ -14,6 +14,7 @@ from speakllm_jax.training.loop import train
 from speakllm_jax.training.runs import load_run
 
 
+@pytest.mark.slow
 def test_phase0_overfit_loss_halves_and_cer_drops(demo_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(
         "phase0",

@@ -1,6 +1,7 @@
 """第 0 → 1 → 2 → 3 階段鏈：tiny 預設、8 個模擬裝置、示範語料；每階段由上一階段初始化且損失下降。
 
 每個階段以 `launch/train.py` 子程序執行（就是使用者會打的指令），彼此與測試程序的狀態隔離。
+四個子程序各自編譯 8 裝置的訓練步（2 核機器上約 4–5 分鐘），標為 slow：`.ci/run` 在預設測試之後執行。
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speakllm_jax.data.demo_data import prepare_demo_speech
+from speakllm_jax.training.tasks.duplex import ensure_demo_duplex
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {"phase0": 5, "phase1": 5, "phase2": 4, "phase3": 4}
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("demo_phases")
-    prepare_demo_speech(d)
-    return d
+def demo_dir(demo_root: Path) -> Path:
+    # 與其他模組共用的示範資料；全雙工清單與語音碼不存在時才產生（子程序，PyTorch 不進測試程序）。
+    ensure_demo_duplex(str(demo_root))
+    return demo_root
 
 
 # XLA CPU 模擬裝置的集體通訊偶爾在 rendezvous 卡死而中止（模擬器的問題，TPU 無此路徑；
@@ -45,6 +46,7 @@ def _run_phase(cmd: list[str], env: dict[str, str], workdir: Path) -> subprocess
     return proc
 
 
+@pytest.mark.slow
 def test_phase_chain_on_8_devices(demo_dir: Path, tmp_path: Path) -> None:
     env = dict(os.environ, SPEAKLLM_DEMO_DIR=str(demo_dir))
     # XLA_FLAGS 沿用 tests/conftest.py 的設定（8 個模擬裝置與集體通訊的穩定性旗標）。

@@ -9,8 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from speakllm_jax.audio.io import load_audio, write_audio
-from speakllm_jax.data.batching import SkipStats
+from speakllm_jax.audio.io import SkipCounter, load_audio, write_audio
 from speakllm_jax.data.manifest import write_manifest
 from speakllm_jax.data.pipeline import PipelineConfig, build_pipeline, make_iterator
 from speakllm_jax.text.codeswitch import is_han
@@ -313,10 +312,10 @@ def test_broken_files_are_skipped_and_counted(tmp_path, corpus, tok, sync):
             f.write(ln.encode("utf-8") + b"\n")
         f.write(b'{"id": "b_latin1", "text": "caf\xe9"}\n')  # 非 UTF-8 的一行
     pipe = build_pipeline(d / "m.jsonl", _cfg(max_seconds=6.0, sync_buckets=sync), tok, 0, 1)
-    stats = SkipStats().add(pipe.manifest_skips)
+    stats = SkipCounter(keep_items=False).update(pipe.manifest_skips)
     seen = []
     for b in pipe.iterator():
-        stats.add(b)
+        stats.update(b)
         seen += _valid_ids(b)
     assert sorted(seen) == sorted([r["id"] for r in good] + ["ok_8k"])
     assert stats.as_dict() == {
@@ -357,13 +356,13 @@ def test_orbax_checkpoint_through_grain_handler(tmp_path, corpus, tok):
 
 def test_drop_remainder_counts_dropped_examples(corpus, tok):
     manifest, rows = corpus
-    stats = SkipStats()
+    stats = SkipCounter(keep_items=False)
     valid = 0
     batches = list(
         build_pipeline(manifest, _cfg(drop_remainder=True, batch_size=3), tok, 0, 1).iterator()
     )
     for b in batches:
-        stats.add(b)
+        stats.update(b)
         valid += int(b["example_mask"].sum())
         assert b["example_mask"].all() or not b["example_mask"].any()
     dropped = stats.as_dict().get("dropped_remainder", 0)

@@ -55,6 +55,7 @@ def offline_prefix() -> list[str]:
     return ["unshare", "-rn"] if ok.returncode == 0 else []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (TFDS_VENV / "bin/tfds").is_file(), reason="需要 tfds 指令環境（bash launch/setup_tfds.sh）"
 )

@@ -10,6 +10,7 @@ import json
 import os
 import struct
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,25 +251,57 @@ def write_audio(
 
 
 class SkipCounter:
-    """批次工作的略過紀錄：依原因計數，並保留每筆 (鍵, 原因, 說明)。"""
+    """略過紀錄（唯一的一種）：依原因計數；`keep_items` 時另保留每筆 (鍵, 原因, 說明)。
 
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
+    批次工作（清單轉接、切段、語音碼抽取）保留明細寫成 `*.skipped.jsonl`；資料管線與訓練迭代器
+    只計數（`keep_items=False`，長時間訓練不累積明細），計數可由批次的 `skipped` 欄位併入，
+    並以 `as_dict()`／`load_counts()` 存入與恢復檢查點。
+    """
+
+    def __init__(self, counts: Mapping[str, int] | None = None, *, keep_items: bool = True) -> None:
+        self.counts: Counter = Counter({k: int(v) for k, v in dict(counts or {}).items()})
         self.items: list[tuple[str, str, str]] = []
+        self.keep_items = bool(keep_items)
 
     def add(self, key: Any, reason: str, detail: str = "") -> None:
         """記錄一筆略過；`key` 通常是列的 id 或檔案路徑（含行號）。"""
         self.counts[reason] += 1
-        self.items.append((str(key), str(reason), str(detail)))
+        if self.keep_items:
+            self.items.append((str(key), str(reason), str(detail)))
 
     def add_error(self, key: Any, err: AudioError) -> None:
         """記錄一個 `AudioError`。"""
         self.add(key, err.reason, err.detail or str(err))
 
-    def update(self, other: SkipCounter) -> None:
-        """併入另一個計數器。"""
-        self.counts.update(other.counts)
-        self.items.extend(other.items)
+    def update(self, other: SkipCounter | Mapping[str, Any]) -> SkipCounter:
+        """併入另一個計數器、一個批次（讀它的 `skipped` 欄位）或 {原因: 數量}；回傳自己。"""
+        if isinstance(other, SkipCounter):
+            self.counts.update(other.counts)
+            if self.keep_items:
+                self.items.extend(other.items)
+        elif isinstance(other, Mapping) and "skipped" in other:
+            self.counts.update({k: int(v) for k, v in dict(other["skipped"]).items()})
+        elif isinstance(other, Mapping):
+            self.counts.update({k: int(v) for k, v in other.items()})
+        else:
+            raise TypeError(f"無法併入略過計數：{type(other).__name__}")
+        return self
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts.values()))
+
+    def as_dict(self) -> dict[str, int]:
+        """{原因: 數量}（依原因排序，不含 0）。"""
+        return {k: int(v) for k, v in sorted(self.counts.items()) if v}
+
+    def load_counts(self, counts: Mapping[str, int]) -> None:
+        """以 `counts` 取代目前的計數（檢查點恢復用；明細清空）。"""
+        self.counts = Counter({k: int(v) for k, v in dict(counts).items()})
+        self.items = []
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.as_dict()})"
 
     def __len__(self) -> int:
         return sum(self.counts.values())

@@ -1,4 +1,4 @@
-"""依音訊長度分桶並組成靜態形狀的批次；略過的樣本依原因計數並隨批次送出。
+"""依音訊長度分桶並組成靜態形狀的批次；略過的樣本依原因計數並隨批次的 `skipped` 欄位送出。
 
 `BucketBatchIterDataset` 是一個 Grain `IterDataset`：從上游（逐筆轉換後的串流）取出樣本，
 依桶長放進各自的緩衝區，某一桶滿 `batch_size` 筆即送出一個批次。略過標記不進緩衝區，
@@ -18,36 +18,24 @@ from typing import Any
 import grain
 import numpy as np
 
+from speakllm_jax.data.schema import BatchSchema, Field
 
-class SkipStats:
-    """略過統計：依原因累加；可由批次的 `skipped` 欄位、`SkipCounter` 或 dict 併入。"""
-
-    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
-        self.counts: Counter = Counter(dict(counts or {}))
-
-    def add(self, item: Any) -> SkipStats:
-        """併入一個批次（讀它的 `skipped`）、另一個 `SkipStats`、`SkipCounter` 或 {原因: 數量}。"""
-        if isinstance(item, SkipStats):
-            self.counts.update(item.counts)
-        elif hasattr(item, "counts") and isinstance(item.counts, Mapping):
-            self.counts.update(dict(item.counts))
-        elif isinstance(item, Mapping) and "skipped" in item:
-            self.counts.update({k: int(v) for k, v in dict(item["skipped"]).items()})
-        elif isinstance(item, Mapping):
-            self.counts.update({k: int(v) for k, v in item.items()})
-        else:
-            raise TypeError(f"無法併入略過統計：{type(item).__name__}")
-        return self
-
-    @property
-    def total(self) -> int:
-        return int(sum(self.counts.values()))
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: int(v) for k, v in sorted(self.counts.items()) if v}
-
-    def __repr__(self) -> str:
-        return f"SkipStats({self.as_dict()})"
+# ASR 管線批次的綱要（唯一的一份；`utt_id` 與 `skipped` 不是數值陣列，不在其中）。
+# 維度：mel_frames = 桶長（梅爾框，100 Hz）、text_len = max_text_tokens、chars = max_chars_per_token。
+ASR_BATCH = BatchSchema(
+    [
+        Field("mel", ("n_mels", "mel_frames"), "float32"),
+        Field("mel_lengths", (), "int32"),
+        Field("mel_mask", ("mel_frames",), "bool"),
+        Field("text_ids", ("text_len",), "int32"),
+        Field("text_mask", ("text_len",), "bool"),
+        Field("text_lengths", (), "int32"),
+        Field("tones", ("text_len", "chars"), "int32"),
+        Field("lang_ids", ("text_len",), "int32"),
+        Field("language", (), "int32"),
+        Field("example_mask", (), "bool"),
+    ]
+)
 
 
 def collate(
@@ -69,13 +57,14 @@ def collate(
     from speakllm_jax.data.transforms import mel_pad_value
 
     b, t, length, k = batch_size, bucket, max_text_tokens, max_chars_per_token
-    mel = np.zeros((b, n_mels, t), np.float32)
-    mel_lengths = np.zeros((b,), np.int32)
-    text_ids = np.zeros((b, length), np.int32)
-    tones = np.zeros((b, length, k), np.int32)
-    lang_ids = np.zeros((b, length), np.int32)
-    text_lengths = np.zeros((b,), np.int32)
-    language = np.zeros((b,), np.int32)
+    sizes = {"n_mels": n_mels, "mel_frames": t, "text_len": length, "chars": k}
+    z = ASR_BATCH.zeros(
+        b,
+        sizes,
+        ("mel", "mel_lengths", "text_ids", "tones", "lang_ids", "text_lengths", "language"),
+    )
+    mel, mel_lengths, text_ids, tones = z["mel"], z["mel_lengths"], z["text_ids"], z["tones"]
+    lang_ids, text_lengths, language = z["lang_ids"], z["text_lengths"], z["language"]
     ids = [""] * b
     for i, ex in enumerate(examples):
         m = ex["mel"]

@@ -37,7 +37,7 @@ import numpy as np
 
 from speakllm_jax.audio.features import HOP_LENGTH, SAMPLE_RATE
 from speakllm_jax.audio.io import SkipCounter
-from speakllm_jax.data.batching import BucketBatchIterDataset, PlannedCollate, SkipStats
+from speakllm_jax.data.batching import BucketBatchIterDataset, PlannedCollate
 from speakllm_jax.data.manifest import read_manifest
 from speakllm_jax.data.transforms import ExampleTransform, attach_manifest_dir
 
@@ -363,7 +363,7 @@ class Pipeline:
     dataset: grain.IterDataset
     source: EpochShardSource | GlobalPlanSource
     examples: grain.MapDataset
-    manifest_skips: SkipStats
+    manifest_skips: SkipCounter
     config: PipelineConfig
 
     def iterator(self) -> grain.DatasetIterator:
@@ -442,7 +442,7 @@ def build_pipeline(
                 num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer_size
             )
         )
-    return Pipeline(ds, source, examples, SkipStats().add(mskips), cfg)
+    return Pipeline(ds, source, examples, mskips, cfg)
 
 
 def make_dataset(

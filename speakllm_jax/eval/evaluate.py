@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from speakllm_jax.audio.io import AudioError, SkipCounter
 from speakllm_jax.labels import EMOTIONS, SPEAKING_ACTIONS
 from speakllm_jax.training.runs import load_run
 
@@ -45,7 +46,7 @@ def _asr_rows(cfg: Any) -> list[dict[str, Any]]:
 def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[str, Any]:
     """逐句貪婪解碼並計算錯誤率；壞音訊略過並計數。"""
     from speakllm_jax.audio.features import log_mel_np
-    from speakllm_jax.audio.io import AudioError, load_audio
+    from speakllm_jax.audio.io import load_audio
     from speakllm_jax.data.manifest import resolve_audio
     from speakllm_jax.eval.asr import transcribe
     from speakllm_jax.eval.error_rates import corpus_counts
@@ -53,8 +54,7 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
 
     rows = _asr_rows(cfg)[:max_utts]
     refs, hyps, items = [], [], []
-    skipped: dict[str, int] = {}
-    skipped_items: list[dict[str, str]] = []
+    skips = SkipCounter()
     max_mel = 2 * model.encoder.config.max_source_positions
     for row in tqdm(rows, desc="ASR", disable=len(rows) < 4):
         try:
@@ -65,13 +65,13 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
                 duration=row.get("duration"),
             )
         except AudioError as err:
-            _skip(skipped, skipped_items, row, err.reason, str(err))
+            _skip(skips, row, err.reason, str(err))
             continue
         mel = log_mel_np(wave, n_mels=int(cfg.data.n_mels), pad_to_seconds=None)
         mel = mel[:, : mel.shape[1] - mel.shape[1] % 4]
         if mel.shape[1] > max_mel:
             detail = f"{mel.shape[1] / 100:.1f} 秒，超過編碼器上限 {max_mel / 100:.0f} 秒"
-            _skip(skipped, skipped_items, row, "too_long", detail)
+            _skip(skips, row, "too_long", detail)
             continue
         hyp = transcribe(model, task.tokenizer, mel[None], int(cfg.data.max_text_tokens))[0]
         refs.append(str(row["text"]))
@@ -80,7 +80,7 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
             {"id": row["id"], "ref": row["text"], "hyp": hyp, "language": row.get("language")}
         )
     if not refs:
-        return {"utterances": 0, "skipped": skipped, "skipped_items": skipped_items}
+        return {"utterances": 0, **_skip_fields(skips)}
 
     def rate(langs: tuple[str, ...]) -> float | None:
         pairs = [(r, h) for r, h, it in zip(refs, hyps, items) if it["language"] in langs]
@@ -91,8 +91,7 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
     tones = tone_accuracy_text([r for r, _ in zh], [h for _, h in zh]) if zh else None
     return {
         "utterances": len(refs),
-        "skipped": skipped,
-        "skipped_items": skipped_items,
+        **_skip_fields(skips),
         "mer": counts.rate,
         "cer": rate(("zh",)),
         "wer": rate(("en",)),
@@ -102,14 +101,17 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
     }
 
 
-def _skip(
-    counts: dict[str, int], items: list[dict[str, str]], row: dict, reason: str, detail: str
-) -> None:
-    """略過一列：依原因計數、記下 id 與原因，並在 stderr 印一行。"""
+def _skip(skips: SkipCounter, row: dict, reason: str, detail: str) -> None:
+    """略過一列：記入 `skips`（原因與 id），並在 stderr 印一行。"""
     rid = str(row.get("id", "?"))
-    counts[reason] = counts.get(reason, 0) + 1
-    items.append({"id": rid, "reason": reason, "detail": detail})
+    skips.add(rid, reason, detail)
     print(f"略過 {rid}（{reason}）：{detail}", file=sys.stderr)
+
+
+def _skip_fields(skips: SkipCounter) -> dict[str, Any]:
+    """報表的 `skipped`（{原因: 數量}）與 `skipped_items`（[{id, reason, detail}]）。"""
+    items = [{"id": k, "reason": r, "detail": d} for k, r, d in skips.items]
+    return {"skipped": skips.as_dict(), "skipped_items": items}
 
 
 def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
@@ -125,7 +127,7 @@ def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
                     r = dict(r, audio=str(resolve_audio(r, base)))
                 rows.append(r)
         return rows
-    from speakllm_jax.training.duplex_task import ensure_demo_duplex
+    from speakllm_jax.training.tasks.duplex import ensure_demo_duplex
 
     paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
     return read_manifest(paths["dialogue"])
@@ -137,9 +139,8 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     無法評估的對話（音訊壞、清單列缺欄位）略過，依原因計數於 `skipped`、id 列於 `skipped_items`；
     `dialogues` 為實際評估的段數。
     """
-    from speakllm_jax.audio.features import log_mel_np
-    from speakllm_jax.audio.io import AudioError
-    from speakllm_jax.data.duplex import build_duplex_example
+    from speakllm_jax.data.duplex import DUPLEX_EXAMPLE_OPS, DuplexContext
+    from speakllm_jax.data.ops import apply_ops, compose
     from speakllm_jax.eval.turn_taking import (
         TurnTakingAnnotation,
         plot_timeline,
@@ -148,27 +149,28 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     from speakllm_jax.models.streaming import run_streaming
 
     rows = _dialogue_rows(cfg, task)[:max_dialogues]
+    # 與訓練相同的逐列 op（不補齊）：對話放上幀格，再取使用者聲道的梅爾 [n_mels, 4N]。
+    ctx = DuplexContext(task.tokenizer, pad_id=task.pad_id, n_mels=int(cfg.data.n_mels))
+    ops = compose(DUPLEX_EXAMPLE_OPS + "|log_mel", ctx)
     anns, acts, plots = [], [], []
     emo_true: list[str] = []
     emo_pred: list[str] = []
-    skipped: dict[str, int] = {}
-    skipped_items: list[dict[str, str]] = []
+    skips = SkipCounter()
     for row in tqdm(rows, desc="對話", disable=len(rows) < 4):
         try:
             ann = TurnTakingAnnotation.from_row(row)
-            ex = build_duplex_example(row, task.tokenizer, pad_id=task.pad_id)
+            ex = apply_ops(ops, {"row": row, "raw_codes": None})
         except AudioError as err:
-            _skip(skipped, skipped_items, row, err.reason, str(err))
+            _skip(skips, row, err.reason, str(err))
             continue
         except (ValueError, KeyError, TypeError) as err:
-            _skip(skipped, skipped_items, row, "bad_row", str(err))
+            _skip(skips, row, "bad_row", str(err))
             continue
-        mel = log_mel_np(ex.user_audio, n_mels=int(cfg.data.n_mels), pad_to_seconds=None)
-        n = min(ex.num_frames, mel.shape[1] // 4)
+        n = ex["num_frames"]
         if n < 1:
-            _skip(skipped, skipped_items, row, "too_short", "不到一幀（40 毫秒）的音訊")
+            _skip(skips, row, "too_short", "不到一幀（40 毫秒）的音訊")
             continue
-        feats = mel[None, :, : 4 * n]
+        feats = ex["mel"][None]
         out = run_streaming(
             model, feats, n, chunk_frames=25, pad_id=task.pad_id, keep_text_logits=False
         )
@@ -182,8 +184,7 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     metrics = turn_taking_metrics(anns, acts)
     report = {
         "dialogues": len(anns),
-        "skipped": skipped,
-        "skipped_items": skipped_items,
+        **_skip_fields(skips),
         "metrics": metrics,
         "timelines": plots,
     }

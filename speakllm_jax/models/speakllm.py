@@ -29,7 +29,7 @@ from speakllm_jax.models.connector import Connector
 from speakllm_jax.models.cosyvoice2_talker import CosyVoice2Talker, TalkerConfig
 from speakllm_jax.models.layers import dense, partitioned
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
-from speakllm_jax.models.speech_heads import AudioEmbedding, DepthTransformer, SpeechHeadConfig
+from speakllm_jax.models.speech_heads import DepthTransformer, SpeechCodeEmbedding, SpeechHeadConfig
 from speakllm_jax.models.whisper import WhisperConfig, WhisperEncoder
 
 
@@ -105,7 +105,8 @@ class SpeakLLM(nnx.Module):
         d = cfg.qwen.hidden_size
         kw = dict(dtype=cfg.qwen.dtype, param_dtype=cfg.qwen.param_dtype)
         if cfg.speech_head in ("voila", "cosyvoice2"):
-            self.audio_embed = AudioEmbedding(cfg.speech, d, rngs=rngs, **kw)
+            # 屬性名 audio_embed 是參數路徑（檢查點、可訓練樣式、匯出鍵都用它），不隨類別改名。
+            self.audio_embed = SpeechCodeEmbedding(cfg.speech, d, rngs=rngs, **kw)
             if cfg.speech_head == "voila":
                 self.speech_head = DepthTransformer(
                     cfg.speech,

@@ -8,7 +8,7 @@
 - `DepthTransformer(h [B, N, d_llm], codes [B, N, Q]) → logits [B, N, Q, codebook_size]`
   （訓練時以教師強制平行計算：深度位置 0 的輸入是投影後的 h，位置 k 的輸入是代碼 k-1 的嵌入
   加上碼本位置嵌入；因果遮罩保證位置 k 只看到代碼 < k）。
-- `AudioEmbedding(codes [B, N, Q], valid [B, N]) → [B, N, d_llm]`：Q 個碼本嵌入的平均。
+- `SpeechCodeEmbedding(codes [B, N, Q], valid [B, N]) → [B, N, d_llm]`：Q 個碼本嵌入的平均。
 
 深度 Transformer 直接重用 Qwen2 的層（RMSNorm、RoPE、SwiGLU），所以也能以 `nnx.scan`
 堆疊、套用 remat 並沿用邏輯分片名稱。
@@ -57,7 +57,7 @@ class SpeechHeadConfig:
         )
 
 
-class AudioEmbedding(nnx.Module):
+class SpeechCodeEmbedding(nnx.Module):
     """每個碼本一張嵌入表（LLM 寬度）；一幀的嵌入為各碼嵌入的平均，無效幀為 0。"""
 
     def __init__(

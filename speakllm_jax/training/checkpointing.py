@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from speakllm_jax.training.task import DataIterator
+from speakllm_jax.training.tasks.base import DataIterator
 
 
 class Checkpointer:

@@ -27,8 +27,8 @@ from speakllm_jax.training.config_io import config_to_dict, write_resolved
 from speakllm_jax.training.metrics_log import MetricsLogger
 from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
 from speakllm_jax.training.sharding import make_mesh
-from speakllm_jax.training.task import Task
 from speakllm_jax.training.tasks import get_task
+from speakllm_jax.training.tasks.base import Task
 from speakllm_jax.training.train_state import (
     TrainState,
     batch_shardings,
@@ -186,141 +186,135 @@ def train(
     if batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={batch_size} 不能被程序數 {jax.process_count()} 整除")
 
-    if True:  # 網格只透過明確的分片使用，不設全域網格（NNX 會把邏輯名當成網格軸）
-        abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(int(cfg.seed))))
-        abstract, shardings = state_sharding_tree(abstract_model, patterns, tx, mesh)
-        init_fn, graphdef = make_init_fn(task, patterns, tx, int(cfg.seed))
-        data = task.make_data(jax.process_index(), jax.process_count())
-        ckpt = Checkpointer(
-            workdir / "checkpoints",
-            every_steps=int(cfg.checkpoint.every_steps),
-            max_to_keep=int(cfg.checkpoint.max_to_keep),
-            keep_period=int(cfg.checkpoint.keep_period),
-            async_save=bool(cfg.checkpoint.async_save),
+    # 網格只透過明確的分片使用，不設全域網格（NNX 會把邏輯名當成網格軸）。
+    abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(int(cfg.seed))))
+    abstract, shardings = state_sharding_tree(abstract_model, patterns, tx, mesh)
+    init_fn, graphdef = make_init_fn(task, patterns, tx, int(cfg.seed))
+    data = task.make_data(jax.process_index(), jax.process_count())
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        every_steps=int(cfg.checkpoint.every_steps),
+        max_to_keep=int(cfg.checkpoint.max_to_keep),
+        keep_period=int(cfg.checkpoint.keep_period),
+        async_save=bool(cfg.checkpoint.async_save),
+    )
+    resumed = ckpt.latest_step()
+    if resumed is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
-        resumed = ckpt.latest_step()
-        if resumed is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-            )
-            state, _ = ckpt.restore(resumed, target, data)
-        else:
-            state = _initial_state(task, cfg, tx, shardings, init_fn)
+        state, _ = ckpt.restore(resumed, target, data)
+    else:
+        state = _initial_state(task, cfg, tx, shardings, init_fn)
 
-        n_train = count_params(abstract.params)
-        n_all = n_train + count_params(abstract.frozen)
-        logger = MetricsLogger(
-            workdir,
-            tensorboard=bool(cfg.logging.tensorboard),
-            wandb_project=str(cfg.logging.wandb_project),
-            use_wandb=bool(cfg.logging.wandb),
-            config=config_to_dict(cfg),
-        )
-        if jax.process_index() == 0:
-            print(
-                f"[{cfg.phase}] 參數 {n_all:,}（可訓練 {n_train:,}）；網格 {dict(mesh.shape)}；"
-                + (
-                    f"從第 {resumed} 步恢復"
-                    if resumed is not None
-                    else f"由 {cfg.checkpoint.init_from} 初始化"
-                    if cfg.checkpoint.init_from
-                    else "從頭開始"
-                )
+    n_train = count_params(abstract.params)
+    n_all = n_train + count_params(abstract.frozen)
+    logger = MetricsLogger(
+        workdir,
+        tensorboard=bool(cfg.logging.tensorboard),
+        wandb_project=str(cfg.logging.wandb_project),
+        use_wandb=bool(cfg.logging.wandb),
+        config=config_to_dict(cfg),
+    )
+    if jax.process_index() == 0:
+        print(
+            f"[{cfg.phase}] 參數 {n_all:,}（可訓練 {n_train:,}）；網格 {dict(mesh.shape)}；"
+            + (
+                f"從第 {resumed} 步恢復"
+                if resumed is not None
+                else f"由 {cfg.checkpoint.init_from} 初始化"
+                if cfg.checkpoint.init_from
+                else "從頭開始"
             )
-
-        step_fn = make_train_step(task, graphdef, tx, schedule, int(cfg.train.grad_accum))
-        jit_step = None
-        eval_fn = None
-        stop = _StopFlag()
-        stop.install()
-        start = int(jax.device_get(state.step))
-        result = TrainResult(workdir=workdir, final_step=start, resumed_from=resumed)
-        nan_steps = {int(s) for s in cfg.train.inject_nan_steps}
-        bar = tqdm(
-            total=total_steps,
-            initial=start,
-            disable=not progress or jax.process_index() != 0,
-            desc=cfg.phase,
-            dynamic_ncols=True,
         )
-        cfg_dict = config_to_dict(cfg)
-        tokens_seen = 0
-        t0 = time.perf_counter()
-        last_saved = start if resumed is not None else -1
-        try:
-            step = start
-            while step < total_steps:
-                local = next(data)
-                if step + 1 in nan_steps:
-                    local = _inject_nan(local)
-                if jit_step is None:
-                    b_shard = batch_shardings(
-                        {k: np.asarray(v)[:1].repeat(batch_size, 0) for k, v in local.items()},
-                        mesh,
-                        task.batch_axes(),
-                    )
-                    jit_step = jax.jit(
-                        step_fn,
-                        in_shardings=(shardings, b_shard),
-                        out_shardings=(shardings, None),
-                        donate_argnums=(0,),
-                    )
-                batch = _global_batch(local, b_shard)
-                # 追蹤時設定網格，讓模型內的活化值分片約束（layers.constrain）生效。
-                with jax.set_mesh(mesh):
-                    state, metrics = jit_step(state, batch)
-                step += 1
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                tokens_seen += task.tokens_in(local) * jax.process_count()
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                metrics["tokens_per_s"] = tokens_seen / elapsed
-                if metrics["finite"]:
-                    result.losses.append(metrics["loss"])
-                else:
-                    result.bad_steps += 1
-                    print(
-                        f"第 {step} 步的損失或梯度不是有限值，未套用更新（累計 {result.bad_steps}）"
-                    )
-                every = int(cfg.train.eval_every)
-                if every > 0 and (step % every == 0 or step == total_steps):
-                    if eval_fn is None:
-                        eval_fn = jax.jit(make_eval_step(task, graphdef))
-                    metrics.update(
-                        run_eval(task, state, eval_fn, mesh, int(cfg.train.eval_batches))
-                    )
-                if step % max(int(cfg.train.log_every), 1) == 0 or step == total_steps:
-                    logger.log(step, metrics)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+
+    step_fn = make_train_step(task, graphdef, tx, schedule, int(cfg.train.grad_accum))
+    jit_step = None
+    eval_fn = None
+    stop = _StopFlag()
+    stop.install()
+    start = int(jax.device_get(state.step))
+    result = TrainResult(workdir=workdir, final_step=start, resumed_from=resumed)
+    nan_steps = {int(s) for s in cfg.train.inject_nan_steps}
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        disable=not progress or jax.process_index() != 0,
+        desc=cfg.phase,
+        dynamic_ncols=True,
+    )
+    cfg_dict = config_to_dict(cfg)
+    tokens_seen = 0
+    t0 = time.perf_counter()
+    last_saved = start if resumed is not None else -1
+    try:
+        step = start
+        while step < total_steps:
+            local = next(data)
+            if step + 1 in nan_steps:
+                local = _inject_nan(local)
+            if jit_step is None:
+                b_shard = batch_shardings(
+                    {k: np.asarray(v)[:1].repeat(batch_size, 0) for k, v in local.items()},
+                    mesh,
+                    task.batch_axes(),
                 )
-                if ckpt.save(step, state, data, cfg_dict):
-                    last_saved = step
-                if int(jax.device_get(state.bad_steps)) > int(cfg.train.max_bad_steps):
-                    ckpt.wait()
-                    raise TooManyBadSteps(
-                        f"累計 {int(jax.device_get(state.bad_steps))} 個 NaN/Inf 步，超過 "
-                        f"train.max_bad_steps={cfg.train.max_bad_steps}；最後的好檢查點在 {ckpt.directory}"
-                    )
-                if _any_process(stop.stop) or ckpt.reached_preemption(step):
-                    if last_saved != step:
-                        ckpt.save(step, state, data, cfg_dict, force=True)
-                    ckpt.wait()
-                    result.preempted = True
-                    print(f"收到停止訊號：已在第 {step} 步存檔後結束。")
-                    break
-            result.final_step = step
-            if not result.preempted and last_saved != step and step > start:
-                ckpt.save(step, state, data, cfg_dict, force=True)
-        finally:
-            bar.close()
-            stop.uninstall()
-            ckpt.close()
-            if cfg.logging.plot:
-                logger.plot()
-            logger.close()
-        result.bad_steps = int(jax.device_get(state.bad_steps))
-        if keep_state:
-            result.state = state
-            result.graphdef = graphdef
+                jit_step = jax.jit(
+                    step_fn,
+                    in_shardings=(shardings, b_shard),
+                    out_shardings=(shardings, None),
+                    donate_argnums=(0,),
+                )
+            batch = _global_batch(local, b_shard)
+            # 追蹤時設定網格，讓模型內的活化值分片約束（layers.constrain）生效。
+            with jax.set_mesh(mesh):
+                state, metrics = jit_step(state, batch)
+            step += 1
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            tokens_seen += task.tokens_in(local) * jax.process_count()
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            metrics["tokens_per_s"] = tokens_seen / elapsed
+            if metrics["finite"]:
+                result.losses.append(metrics["loss"])
+            else:
+                result.bad_steps += 1
+                print(f"第 {step} 步的損失或梯度不是有限值，未套用更新（累計 {result.bad_steps}）")
+            every = int(cfg.train.eval_every)
+            if every > 0 and (step % every == 0 or step == total_steps):
+                if eval_fn is None:
+                    eval_fn = jax.jit(make_eval_step(task, graphdef))
+                metrics.update(run_eval(task, state, eval_fn, mesh, int(cfg.train.eval_batches)))
+            if step % max(int(cfg.train.log_every), 1) == 0 or step == total_steps:
+                logger.log(step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if ckpt.save(step, state, data, cfg_dict):
+                last_saved = step
+            if int(jax.device_get(state.bad_steps)) > int(cfg.train.max_bad_steps):
+                ckpt.wait()
+                raise TooManyBadSteps(
+                    f"累計 {int(jax.device_get(state.bad_steps))} 個 NaN/Inf 步，超過 "
+                    f"train.max_bad_steps={cfg.train.max_bad_steps}；最後的好檢查點在 {ckpt.directory}"
+                )
+            if _any_process(stop.stop) or ckpt.reached_preemption(step):
+                if last_saved != step:
+                    ckpt.save(step, state, data, cfg_dict, force=True)
+                ckpt.wait()
+                result.preempted = True
+                print(f"收到停止訊號：已在第 {step} 步存檔後結束。")
+                break
+        result.final_step = step
+        if not result.preempted and last_saved != step and step > start:
+            ckpt.save(step, state, data, cfg_dict, force=True)
+    finally:
+        bar.close()
+        stop.uninstall()
+        ckpt.close()
+        if cfg.logging.plot:
+            logger.plot()
+        logger.close()
+    result.bad_steps = int(jax.device_get(state.bad_steps))
+    if keep_state:
+        result.state = state
+        result.graphdef = graphdef
     return result

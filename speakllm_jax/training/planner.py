@@ -61,12 +61,6 @@ def mesh_size(mesh: Mapping[str, int]) -> int:
     return int(math.prod(int(v) for v in mesh.values()))
 
 
-def default_frames(cfg: Any) -> int:
-    """梅爾框數：`data.max_audio_seconds × 100`，向下取到 4 的倍數（與資料管線的分桶一致）。"""
-    frames = int(round(float(cfg.data.max_audio_seconds) * 100))
-    return frames - frames % 4
-
-
 @dataclass
 class PlanResult:
     """一次規劃的全部數字（位元組皆為每個裝置）。"""
@@ -159,55 +153,23 @@ def _sampled_batch(task: Any, batch: int) -> dict[str, Any]:
 
 
 def abstract_batch(
-    task: Any, cfg: Any, batch: int, frames: int | None, text_len: int | None
+    task: Any, batch: int, frames: int | None, text_len: int | None
 ) -> dict[str, Any]:
     """任務批次的 `ShapeDtypeStruct`，型別與資料管線相同。
 
-    依序：任務自己提供的 `abstract_batch(batch)`；已知任務的欄位表（`asr_connector`：
-    梅爾框 `frames`、文字 `text_len`；`duplex`：`frames` 為 25 Hz 幀數，梅爾為其 4 倍）；
-    其他任務則由資料迭代器取一批真實資料推得形狀。
+    依序：任務自己提供的 `abstract_batch(batch)`；任務的批次綱要（`task.batch_schema()`，
+    維度大小取自 `task.batch_sizes(frames, text_len)`：ASR 的 `frames` 為梅爾框、全雙工的為
+    25 Hz 幀）；都沒有時由資料迭代器取一批真實資料推得形狀。
     """
     import jax
-    import jax.numpy as jnp
 
     if hasattr(task, "abstract_batch"):
         return dict(task.abstract_batch(batch))
-    n_mels = int(cfg.data.n_mels)
-    if task.name == "asr_connector":
-        f = int(frames if frames is not None else default_frames(cfg))
-        t = int(text_len if text_len is not None else cfg.data.max_text_tokens)
-        shapes = {
-            "mel": ((batch, n_mels, f), jnp.float32),
-            "mel_mask": ((batch, f), jnp.bool_),
-            "text_ids": ((batch, t), jnp.int32),
-            "text_mask": ((batch, t), jnp.bool_),
-        }
-        fields = tuple(getattr(task, "fields", shapes))
-        unknown = [k for k in fields if k not in shapes]
-        if unknown:
-            raise ValueError(f"規劃器不知道 asr_connector 的批次欄位 {unknown}")
-        return {k: jax.ShapeDtypeStruct(*shapes[k]) for k in fields}
-    if task.name == "duplex":
-        m = int(frames if frames is not None else cfg.data.max_frames)
-        k = int(cfg.model.max_chars_per_token)
-        # 每幀語音碼層數由任務的模型設定決定（voila 4；cosyvoice2 為 1）。
-        c = int(task.model_cfg.speech.num_codebooks)
-        shapes = {
-            "mel": ((batch, n_mels, 4 * m), jnp.float32),
-            "mel_mask": ((batch, 4 * m), jnp.bool_),
-            "frame_mask": ((batch, m), jnp.bool_),
-            "text_target": ((batch, m), jnp.int32),
-            "text_is_token": ((batch, m), jnp.bool_),
-            "tones_target": ((batch, m, k), jnp.int32),
-            "codes_target": ((batch, m, c), jnp.int32),
-            "code_weight": ((batch, m), jnp.float32),
-            "turn_target": ((batch, m), jnp.int32),
-            "turn_weight": ((batch, m), jnp.float32),
-            "emotion": ((batch,), jnp.int32),
-            "emotion_token": ((batch,), jnp.int32),
-        }
-        return {name: jax.ShapeDtypeStruct(*v) for name, v in shapes.items()}
-    return _sampled_batch(task, batch)
+    schema = task.batch_schema()
+    if schema is None:
+        return _sampled_batch(task, batch)
+    shapes = schema.shapes(batch, task.batch_sizes(frames, text_len))
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def _memory_analysis(compiled: Any) -> dict[str, int]:
@@ -305,7 +267,7 @@ def plan(
     accum = int(cfg.train.grad_accum)
     if bsz % accum:
         raise ValueError(f"批次大小 {bsz} 不能被 train.grad_accum={accum} 整除")
-    abs_batch = abstract_batch(task, cfg, bsz, frames, text_len)
+    abs_batch = abstract_batch(task, bsz, frames, text_len)
     b_shard = batch_shardings(abs_batch, mesh, task.batch_axes())
     b_batch, _ = per_device_bytes(abs_batch, b_shard)
 

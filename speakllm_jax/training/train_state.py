@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from speakllm_jax.models.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
-from speakllm_jax.training.task import Task
+from speakllm_jax.training.tasks.base import Task
 
 
 @flax.struct.dataclass

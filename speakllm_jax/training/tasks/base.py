@@ -1,7 +1,7 @@
 """訓練任務的介面：模型怎麼建、損失怎麼算、資料從哪來；以及各任務共用的資料迭代器與載入函式。
 
-訓練引擎（`loop.py`）只認得這個介面；各階段（ASR 連接器、SFT、雙工、情緒）各自實作，
-內建任務與 `get_task` 在 `tasks.py`。
+訓練引擎（`loop.py`）只認得這個介面；各階段各自實作：ASR 連接器在 `tasks/asr.py`，
+SFT／雙工／情緒共用的全雙工任務在 `tasks/duplex.py`，`get_task` 在 `tasks/__init__.py`。
 損失回傳「總和」與「權重」（例如有效 token 數），引擎在梯度累積與多主機之間
 先加總再相除，所以切分方式不同時結果仍一致。
 """
@@ -17,6 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+
+from speakllm_jax.audio.io import SkipCounter
+from speakllm_jax.data.schema import BatchSchema
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -86,9 +89,18 @@ class Task(abc.ABC):
         """評估資料（有限、每次呼叫從頭開始）；沒有評估資料時回傳 None。"""
         return None
 
+    def batch_schema(self) -> BatchSchema | None:
+        """批次的綱要（欄位名稱、具名維度、型別、邏輯軸）；沒有時規劃器改由資料取樣推得形狀。"""
+        return None
+
+    def batch_sizes(self, frames: int | None = None, text_len: int | None = None) -> dict:
+        """綱要具名維度的大小；`frames`／`text_len` 給定時蓋過設定（規劃器用）。"""
+        raise NotImplementedError(f"任務 {self.name} 沒有批次綱要")
+
     def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
-        """批次中各欄位的邏輯軸名稱；未列出的欄位第 0 軸視為 "batch"。"""
-        return {}
+        """批次中各欄位的邏輯軸名稱（取自綱要）；未列出的欄位第 0 軸視為 "batch"。"""
+        schema = self.batch_schema()
+        return {} if schema is None else schema.axes()
 
     def load_pretrained(self, model: nnx.Module) -> nnx.Module:
         """載入設定中指定的預訓練權重（例如 Whisper / Qwen 的 HF 資料夾）；預設不動。"""
@@ -103,39 +115,39 @@ class Task(abc.ABC):
 class GrainBatches(DataIterator):
     """把 Grain 批次迭代器包成引擎用的迭代器，狀態以 JSON bytes 存入檢查點。
 
-    `fields` 給定時只留這些數值欄位（否則整批原樣傳回）。略過數累計在 `skipped`：批次自帶的
-    `skipped` 欄位會加進來；也可傳入與逐筆轉換共用的計數字典。恢復時就地更新該字典。
+    `fields` 給定時只留這些數值欄位（否則整批原樣傳回）。略過數累計在 `skipped`（`SkipCounter`）：
+    批次自帶的 `skipped` 欄位會併進來；也可傳入與逐筆轉換共用的計數器。恢復時就地改寫它的計數。
     """
 
     def __init__(
         self,
         iterator: Any,
         fields: tuple[str, ...] | None = None,
-        skipped: dict[str, int] | None = None,
+        skipped: SkipCounter | None = None,
     ):
         self.iterator = iterator
         self.fields = fields
-        self.skipped: dict[str, int] = {} if skipped is None else skipped
+        self.skipped = SkipCounter(keep_items=False) if skipped is None else skipped
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.iterator)
-        for k, v in batch.get("skipped", {}).items():
-            self.skipped[k] = self.skipped.get(k, 0) + int(v)
+        if "skipped" in batch:
+            self.skipped.update(batch)
         if self.fields is None:
             return batch
         return {k: np.asarray(batch[k]) for k in self.fields}
 
     def get_state(self) -> bytes:
-        return json.dumps({"inner": self.iterator.get_state(), "skipped": self.skipped}).encode()
+        state = {"inner": self.iterator.get_state(), "skipped": self.skipped.as_dict()}
+        return json.dumps(state).encode()
 
     def set_state(self, state: bytes) -> None:
         d = json.loads(state.decode() if isinstance(state, bytes) else state)
         self.iterator.set_state(d["inner"])
-        self.skipped.clear()
-        self.skipped.update(d.get("skipped", {}))
+        self.skipped.load_counts(d.get("skipped", {}))
 
     def skip_report(self) -> dict[str, int]:
-        return dict(self.skipped)
+        return self.skipped.as_dict()
 
 
 def text_tokenizer(cfg: Any) -> Any:

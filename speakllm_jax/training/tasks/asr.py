@@ -1,7 +1,5 @@
-"""內建訓練任務與 `get_task`。
-
-`asr_connector`（第 0 階段）：Whisper 編碼器 → 連接器 → Qwen2，以轉寫文字的交叉熵
-對齊語音與文字；預設只訓練連接器。`duplex`（第 1–3 階段）在 `duplex_task.py`。
+"""`asr_connector`（第 0 階段）：Whisper 編碼器 → 連接器 → Qwen2，以轉寫文字的交叉熵
+對齊語音與文字；預設只訓練連接器。`duplex`（第 1–3 階段）在 `tasks/duplex.py`。
 """
 
 from __future__ import annotations
@@ -13,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.training.duplex_task import DuplexTask
+from speakllm_jax.data.batching import ASR_BATCH
+from speakllm_jax.data.schema import BatchSchema
 from speakllm_jax.training.losses import text_loss, weighted_correct
-from speakllm_jax.training.task import (
-    TASKS,
+from speakllm_jax.training.tasks.base import (
     DataIterator,
     GrainBatches,
     Task,
@@ -108,13 +106,17 @@ class AsrConnectorTask(Task):
         correct = weighted_correct(logits, batch["text_ids"], batch["text_mask"])
         return total, weight, {"token_accuracy": correct}
 
+    def max_mel_frames(self) -> int:
+        """最長的梅爾框數：`data.max_audio_seconds × 100`，向下取到 4 的倍數。"""
+        frames = int(round(float(self.config.data.max_audio_seconds) * 100))
+        return frames - frames % 4
+
     def pipeline_config(self, process_count: int) -> dict[str, Any]:
         c = self.config
         if c.data.bucket_frames:
             bounds = tuple(int(b) for b in c.data.bucket_frames)
         else:
-            frames = int(round(float(c.data.max_audio_seconds) * 100))
-            frames -= frames % 4
+            frames = self.max_mel_frames()
             bounds = tuple(b for b in (400, 800, 1200, 2000, 3000) if b < frames) + (frames,)
         return dict(
             batch_size=int(c.train.batch_size) // process_count,
@@ -148,14 +150,18 @@ class AsrConnectorTask(Task):
             process_index=process_index,
             process_count=process_count,
         )
-        return GrainBatches(it, self.fields)
+        return GrainBatches(it, self.batch_schema().names)
 
-    def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
+    def batch_schema(self) -> BatchSchema:
+        return ASR_BATCH.subset(self.fields)
+
+    def batch_sizes(self, frames: int | None = None, text_len: int | None = None) -> dict:
+        c = self.config
         return {
-            "mel": ("batch", None, None),
-            "mel_mask": ("batch", None),
-            "text_ids": ("batch", None),
-            "text_mask": ("batch", None),
+            "n_mels": int(c.data.n_mels),
+            "mel_frames": int(frames if frames is not None else self.max_mel_frames()),
+            "text_len": int(text_len if text_len is not None else c.data.max_text_tokens),
+            "chars": int(c.model.max_chars_per_token),
         }
 
     def tokens_in(self, batch: dict[str, Any]) -> int:
@@ -165,11 +171,4 @@ class AsrConnectorTask(Task):
         return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
 
-def get_task(config: Any) -> Task:
-    """依 `config.task` 建立任務；名稱不明時列出可用任務。"""
-    if config.task not in TASKS:
-        raise KeyError(f"未知的任務 {config.task!r}；可用：{sorted(TASKS)}")
-    return TASKS[config.task](config)
-
-
-__all__ = ["AsrConnectorTask", "DuplexTask", "get_task", "subset_manifest"]
+__all__ = ["AsrConnectorTask", "subset_manifest"]

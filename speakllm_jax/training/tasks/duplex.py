@@ -1,7 +1,8 @@
 """第 1–3 階段的訓練任務：全雙工幀模型（SFT、雙工、情緒共用）。
 
 每筆資料是一列雙聲道對話（聲道 0 使用者、聲道 1 助理；語音指令配對先排成這種對話），
-由 `data.duplex.build_duplex_example` 放上 25 Hz 幀格，再補齊到 `data.max_frames` 幀。
+由 `config.data.ops` 組合的逐列 op（預設 `data.duplex.DUPLEX_TRAIN_OPS`）放上 25 Hz 幀格、
+補齊到 `data.max_frames` 幀，欄位依 `data.duplex.DUPLEX_BATCH` 綱要。
 助理第 t 幀的輸入是它第 t-1 幀的輸出（文字符號、聲調、語音碼），目標是第 t 幀的輸出。
 
 損失由 `training.losses.duplex_loss` 計算（各項的定義與正規化見該模組與
@@ -19,9 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.labels import EMOTIONS, emotion_token
+from speakllm_jax.audio.io import SkipCounter
+from speakllm_jax.cli import UserValueError
+from speakllm_jax.data.duplex import (
+    DUPLEX_BATCH,
+    DUPLEX_TRAIN_OPS,
+    DuplexConfig,
+    DuplexContext,
+    duplex_batch_sizes,
+)
+from speakllm_jax.data.ops import RowOps, compose
+from speakllm_jax.data.overlap import OverlapConfig
+from speakllm_jax.data.schema import BatchSchema
 from speakllm_jax.training.losses import LossWeights, duplex_loss
-from speakllm_jax.training.task import (
+from speakllm_jax.training.tasks.base import (
     DataIterator,
     GrainBatches,
     Task,
@@ -31,104 +43,21 @@ from speakllm_jax.training.task import (
 )
 
 
-class DuplexTransform:
-    """一列對話 → 補齊到固定幀數的訓練陣列；失敗時回傳 None（由 filter 濾掉並計數）。"""
-
-    def __init__(
-        self,
-        config: Any,
-        tokenizer: Any,
-        codes: dict[str, np.ndarray],
-        skips: dict,
-        num_codebooks: int = 4,
-    ):
-        from speakllm_jax.data.duplex import DuplexConfig
-        from speakllm_jax.data.overlap import OverlapConfig
-
-        r = config.research
-        self.cfg = DuplexConfig(
-            lead_frames=int(r.lead_frames) if r.dual_scale else 0,
-            tone_aware=bool(r.tone_aware),
-            overlap=OverlapConfig(
-                reaction_frames=int(r.reaction_frames),
-                barge_in_weight=float(r.barge_in_weight),
-                backchannel_weight=float(r.backchannel_weight),
-                ablation=not bool(r.overlap_aware),
-            ),
-            max_chars_per_token=int(config.model.max_chars_per_token),
-            num_codebooks=int(num_codebooks),
-        )
-        self.tokenizer = tokenizer
-        self.codes = codes
-        self.skips = skips
-        self.max_frames = int(config.data.max_frames)
-        self.n_mels = int(config.data.n_mels)
-        self.pad_id = int(tokenizer.eos_id)
-        self.emotion_ids = [tokenizer.special_id(emotion_token(e)) for e in EMOTIONS]
-
-    def _skip(self, reason: str) -> None:
-        self.skips[reason] = self.skips.get(reason, 0) + 1
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        from speakllm_jax.audio.features import log_mel_np
-        from speakllm_jax.audio.io import AudioError
-        from speakllm_jax.data.duplex import build_duplex_example
-        from speakllm_jax.data.transforms import mel_pad_value
-
-        try:
-            ex = build_duplex_example(
-                row, self.tokenizer, self.cfg, codes=self.codes.get(row["id"]), pad_id=self.pad_id
-            )
-        except AudioError as err:
-            self._skip(err.reason)
-            return None
-        except (ValueError, KeyError) as err:
-            self._skip("bad_row")
-            print(f"略過 {row.get('id')}: {err}")
-            return None
-        n, m = ex.num_frames, self.max_frames
-        if n > m:
-            self._skip("too_long")
-            return None
-        k = self.cfg.max_chars_per_token
-        mel = log_mel_np(ex.user_audio, n_mels=self.n_mels, pad_to_seconds=None)[:, : 4 * n]
-        mel_full = np.full((self.n_mels, 4 * m), mel_pad_value(mel), np.float32)
-        mel_full[:, : mel.shape[1]] = mel
-        mel_mask = np.zeros(4 * m, bool)
-        mel_mask[: mel.shape[1]] = True
-
-        def pad(x: np.ndarray, value: Any = 0) -> np.ndarray:
-            out = np.full((m,) + x.shape[1:], value, x.dtype)
-            out[:n] = x
-            return out
-
-        text_t = np.where(ex.text_mask, ex.text_ids, self.pad_id).astype(np.int32)
-        tones_t = np.where(ex.text_mask[:, None], ex.text_tones, 0).astype(np.int32)
-        codes = ex.codes.T.astype(np.int32)  # [N, 4]
-        # 情緒頭的目標是使用者（說話人）的情緒；條件符號是助理回應的風格（沒有時沿用 emotion）。
-        emotion = str(row.get("emotion") or "neutral")
-        style = str(row.get("response_style") or emotion)
-        if emotion not in EMOTIONS or style not in EMOTIONS:
-            self._skip("bad_emotion")
-            print(
-                f"略過 {row.get('id')}: 未知的情緒標籤 {emotion!r}／{style!r}（可用：{EMOTIONS}）"
-            )
-            return None
-        emo = EMOTIONS.index(emotion)
-        return {
-            "mel": mel_full,
-            "mel_mask": mel_mask,
-            "frame_mask": pad(np.ones(n, bool), False),
-            "text_target": pad(text_t, self.pad_id),
-            "text_is_token": pad(ex.text_mask.astype(bool), False),
-            "tones_target": pad(tones_t.reshape(n, k)),
-            "codes_target": pad(codes),
-            "code_weight": pad(ex.code_weight.astype(np.float32)),
-            "turn_target": pad(ex.turn_targets.astype(np.int32)),
-            "turn_weight": pad(ex.turn_weight.astype(np.float32)),
-            "emotion": np.int32(emo),
-            "emotion_token": np.int32(self.emotion_ids[EMOTIONS.index(style)]),
-        }
+def duplex_config(config: Any, num_codebooks: int) -> DuplexConfig:
+    """訓練設定（`config.research`、`config.model`）→ 逐列處理用的 `DuplexConfig`。"""
+    r = config.research
+    return DuplexConfig(
+        lead_frames=int(r.lead_frames) if r.dual_scale else 0,
+        tone_aware=bool(r.tone_aware),
+        overlap=OverlapConfig(
+            reaction_frames=int(r.reaction_frames),
+            barge_in_weight=float(r.barge_in_weight),
+            backchannel_weight=float(r.backchannel_weight),
+            ablation=not bool(r.overlap_aware),
+        ),
+        max_chars_per_token=int(config.model.max_chars_per_token),
+        num_codebooks=int(num_codebooks),
+    )
 
 
 def _shift(x: jax.Array, fill: Any) -> jax.Array:
@@ -161,6 +90,11 @@ class DuplexTask(Task):
         self.tokenizer = text_tokenizer(config)
         self.pad_id = int(self.tokenizer.eos_id)
         self.loss_w = LossWeights.from_config(config.loss)
+        try:
+            # 建立時就組一次 op：`data.ops` 寫錯在訓練開始前就以一行錯誤結束（結束碼 2）。
+            self.row_ops({})
+        except ValueError as err:
+            raise UserValueError(f"--config.{err}") from err
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from speakllm_jax.models.speakllm import SpeakLLM
@@ -192,28 +126,49 @@ class DuplexTask(Task):
         # 過擬合實驗：只取前 n 段（清單順序，決定性）。
         return (rows[:n] if n > 0 else rows), codes
 
+    def row_ops(self, codes: dict[str, np.ndarray], skips: SkipCounter | None = None) -> RowOps:
+        """逐列處理：`config.data.ops`（空白為 `DUPLEX_TRAIN_OPS`）→ `DUPLEX_BATCH` 的欄位。"""
+        ctx = DuplexContext(
+            self.tokenizer,
+            duplex_config(self.config, self.model_cfg.speech.num_codebooks),
+            pad_id=self.pad_id,
+            codes=codes,
+            max_frames=int(self.config.data.max_frames),
+            n_mels=int(self.config.data.n_mels),
+        )
+        spec = str(self.config.data.get("ops", "") or DUPLEX_TRAIN_OPS)
+        skips = SkipCounter(keep_items=False) if skips is None else skips
+        return RowOps(compose(spec, ctx), DUPLEX_BATCH, skips)
+
     def make_data(self, process_index: int, process_count: int) -> DataIterator:
         rows, codes = self._rows_and_codes()
         if not rows:
             raise ValueError("全雙工資料是空的：請檢查 data.train_manifests 或 data.duplex_sets")
-        skips: dict[str, int] = {}
-        transform = DuplexTransform(
-            self.config, self.tokenizer, codes, skips, self.model_cfg.speech.num_codebooks
-        )
+        transform = self.row_ops(codes)
         local = int(self.config.train.batch_size) // process_count
         ds = (
             grain.MapDataset.source(rows)
             .shuffle(seed=int(self.config.seed))
             .repeat(None)[process_index::process_count]
-            .map(transform)
+            .map(transform.process)
             .to_iter_dataset()
-            .filter(lambda x: x is not None)
+            .filter(transform.keep)
             .batch(local, drop_remainder=True)
         )
-        return GrainBatches(iter(ds), skipped=skips)
+        return GrainBatches(iter(ds), skipped=transform.skips)
 
-    def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
-        return {"mel": ("batch", None, None)}
+    def batch_schema(self) -> BatchSchema:
+        return DUPLEX_BATCH
+
+    def batch_sizes(self, frames: int | None = None, text_len: int | None = None) -> dict:
+        del text_len
+        m = int(frames if frames is not None else self.config.data.max_frames)
+        return duplex_batch_sizes(
+            m,
+            int(self.config.data.n_mels),
+            int(self.config.model.max_chars_per_token),
+            int(self.model_cfg.speech.num_codebooks),
+        )
 
     def tokens_in(self, batch: dict[str, Any]) -> int:
         return int(np.sum(batch["frame_mask"]))
