@@ -134,14 +134,20 @@ class ServerProcess:
                 raise RuntimeError(f"伺服器沒有啟動（結束碼 {self.proc.poll()}）")
         self.target = line.split("listening on")[1].strip()
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM 結束；回傳伺服器關機時印出的 tick 統計（`tick stats: {...}`，沒有則空）。"""
+        out = ""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.communicate(timeout=30)
+                out = self.proc.communicate(timeout=60)[0] or ""
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.communicate()
+        for line in out.splitlines():
+            if line.startswith("tick stats: "):
+                return json.loads(line.removeprefix("tick stats: "))
+        return {}
 
 
 def trim_leading_silence(x: np.ndarray) -> np.ndarray:
@@ -622,6 +628,130 @@ def feel_compare(
     return rows
 
 
+# ---------------------------------------------------------------- 排程：單一會話路徑對批次排程
+
+
+def sched_compare(
+    model_dir: Path,
+    voila_dir: Path,
+    levels: list[int],
+    old_levels: list[int],
+    overrides: list[str],
+    fast_senders: int,
+) -> list[dict[str, Any]]:
+    """每個（排程, 同時會話數）一個新的伺服器子行程，所有會話同時即時送出同一段片段。
+
+    量客戶端的：使用者最後一個語音幀送出 → 第一個助理音訊（ms）、打斷起點之後送到的助理音訊
+    幀數、串流牆鐘 ÷ 音訊長度、錯誤數；伺服器關機時印出的 tick 計算時間。另在每個排程跑
+    「1 個即時會話 + `fast_senders` 個盡快送出的會話」。
+    """
+    rows: list[dict[str, Any]] = []
+    clip: tuple[np.ndarray, int, int] | None = None
+    user_end = int(1.2 * SR) // FRAME_SAMPLES - 1
+    for sched in ("per_session", "batched"):
+        todo = [(c, 0) for c in (old_levels if sched == "per_session" else levels)]
+        todo.append((1, fast_senders))
+        for conc, fast in todo:
+            server = ServerProcess(
+                model_dir, voila_dir, [*overrides, f"--config.scheduler={sched}"]
+            )
+            try:
+                if clip is None:
+                    clip = build_clip(server.target, 10, 20)
+                wave, _, onset = clip
+                t0 = time.perf_counter()
+                ss = feel_level(server.target, wave, user_end, onset, conc, fast)
+                wall = time.perf_counter() - t0
+            finally:
+                ticks = server.stop()
+            first = [x["first_after_end_ms"] for x in ss if x["first_after_end_ms"] is not None]
+            row = {
+                "scheduler": sched,
+                "realtime_sessions": conc,
+                "fast_sessions": fast,
+                "errors": sum(not x["ok"] for x in ss) + conc - len(ss),
+                "first_after_end_ms": first,
+                "leaked_frames": [x["leaked_frames"] for x in ss],
+                "stream_rtf": [x["stream_rtf"] for x in ss],
+                "ticks": ticks,
+                "load_average": os.getloadavg(),
+            }
+            rows.append(row)
+            print(
+                f"  {sched} {conc} rt + {fast} fast: {wall:.1f} s, first p90 "
+                f"{pct(first)[1]:.0f} ms, load {row['load_average'][0]:.1f}",
+                flush=True,
+            )
+    return rows
+
+
+def print_sched(rows: list[dict[str, Any]]) -> None:
+    """排程比較表：各列對同排程 1 個會話的首包 p90 比值，批次對單一會話路徑的比值。"""
+    ref = {
+        r["scheduler"]: pct(r["first_after_end_ms"])[1]
+        for r in rows
+        if r["realtime_sessions"] == 1 and r["fast_sessions"] == 0
+    }
+    old = {
+        r["realtime_sessions"]: pct(r["first_after_end_ms"])[1]
+        for r in rows
+        if r["scheduler"] == "per_session" and r["fast_sessions"] == 0
+    }
+    table = []
+    for r in rows:
+        p50, p90, p99 = pct(r["first_after_end_ms"])
+        t = r["ticks"]
+        vs_old = (
+            p90 / old[r["realtime_sessions"]]
+            if r["scheduler"] == "batched"
+            and r["fast_sessions"] == 0
+            and r["realtime_sessions"] in old
+            else float("nan")
+        )
+        table.append(
+            [
+                r["scheduler"],
+                r["realtime_sessions"],
+                r["fast_sessions"],
+                r["errors"],
+                p50,
+                p90,
+                p99,
+                p90 / ref[r["scheduler"]],
+                vs_old,
+                max(r["leaked_frames"], default=-1),
+                t.get("p50_ms", float("nan")),
+                t.get("p90_ms", float("nan")),
+                t.get("frame_ms", float("nan")),
+                pct(r["stream_rtf"])[1],
+                r["load_average"][0],
+            ]
+        )
+    print_table(
+        "Scheduler (tiny demo model, CPU, real time; client-side first audio after user end ms; "
+        "x1 = p90 / same scheduler's 1 session; vs old = batched p90 / per_session p90; "
+        "leak = assistant audio frames after barge-in onset; tick = server compute per tick)",
+        [
+            "scheduler",
+            "rt",
+            "fast",
+            "err",
+            "p50",
+            "p90",
+            "p99",
+            "x1",
+            "vs old",
+            "leak",
+            "tick p50",
+            "tick p90",
+            "ms/frame",
+            "RTF p90",
+            "load",
+        ],
+        table,
+    )
+
+
 # ---------------------------------------------------------------- 主程式
 
 
@@ -644,6 +774,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feel", action="store_true", help="跑全雙工手感的舊版對新版比較")
     p.add_argument("--feel-levels", default="1,4,8", help="手感比較的同時會話數（逗號分隔）")
     p.add_argument("--old-commit", default="main", help="舊版伺服器的 commit（git archive）")
+    p.add_argument("--sched", action="store_true", help="比較單一會話路徑與批次排程")
+    p.add_argument("--sched-levels", default="1,4,8,16,32,64", help="批次排程的同時會話數")
+    p.add_argument(
+        "--old-levels", default="1,4,8,16", help="單一會話路徑的同時會話數（2 核上更多太慢）"
+    )
+    p.add_argument("--fast-senders", type=int, default=2, help="即時會話旁盡快送出的會話數")
+    p.add_argument(
+        "--no-estimate", action="store_true", help="不印 H100 紙上估算（需要 JAX 建抽象模型）"
+    )
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     report: dict[str, Any] = {"cpu_count": os.cpu_count()}
@@ -745,6 +884,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  load average: {os.getloadavg()}")
 
+    if args.sched:
+        sl = [int(x) for x in args.sched_levels.split(",") if x.strip()]
+        ol = [int(x) for x in args.old_levels.split(",") if x.strip()]
+        print(f"\nscheduler: per_session {ol} vs batched {sl}, load {os.getloadavg()}")
+        report["scheduler"] = sched_compare(
+            model_dir, voila_dir, sl, ol, args.server_arg, args.fast_senders
+        )
+        print_sched(report["scheduler"])
+        print(f"  load average: {os.getloadavg()}")
+
     if not args.no_heads:
         heads = prepare_head_assets(Path(args.assets_dir), args.seed)
         print(f"\nspeech heads ({args.head_sessions} real-time sessions each, concurrency 1):")
@@ -792,50 +941,55 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
 
-    est = full_preset_estimate([750, 7500, 30000], int(scfg.chunk_frames), int(scfg.end_silence_ms))
-    report["h100_estimate"] = est
-    print(
-        f"\nPaper estimate: full preset ({est['params_total'] / 1e9:.2f} B params) on one H100 SXM "
-        f"(989 TFLOP/s bf16, 3.35 TB/s), batch 1, bf16; KV cache "
-        f"{est['kv_bytes_per_frame'] / 1e3:.0f} kB/frame"
-    )
-    print_table(
-        "Per 40 ms frame",
-        ["context", "GFLOP", "GB read", "compute ms", "memory ms", "frame ms", "of 40 ms"],
-        [
+    if not args.no_estimate:
+        est = full_preset_estimate(
+            [750, 7500, 30000], int(scfg.chunk_frames), int(scfg.end_silence_ms)
+        )
+        report["h100_estimate"] = est
+        print(
+            f"\nPaper estimate: full preset ({est['params_total'] / 1e9:.2f} B params) on one H100 SXM "
+            f"(989 TFLOP/s bf16, 3.35 TB/s), batch 1, bf16; KV cache "
+            f"{est['kv_bytes_per_frame'] / 1e3:.0f} kB/frame"
+        )
+        print_table(
+            "Per 40 ms frame",
+            ["context", "GFLOP", "GB read", "compute ms", "memory ms", "frame ms", "of 40 ms"],
             [
-                f"{r['ctx_seconds']:.0f} s",
-                r["gflops"],
-                r["gbytes"],
-                r["compute_ms"],
-                r["memory_ms"],
-                r["frame_ms"],
-                f"{r['frame_ms'] / FRAME_BUDGET_MS * 100:.0f}%",
-            ]
-            for r in est["rows"]
-        ],
-    )
-    r0 = est["rows"][0]
-    print(
-        "  FLOPs (30 s ctx): " + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in r0["flops"].items())
-    )
-    print(
-        "  bytes (30 s ctx): " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r0["bytes"].items())
-    )
-    print(
-        f"  encoder as implemented (prefix re-encoded each chunk, 28 s session): "
-        f"+{est['prefix_reencode_ms_per_frame_at_28s']:.2f} ms/frame compute at peak"
-    )
-    budgets = ", ".join(f"{k} {v:.0f} ms" for k, v in FIRST_PACKET_BUDGETS_MS.items())
-    print(
-        f"  first-packet floor (chunk_frames={scfg.chunk_frames}): client-measured "
-        f"{est['first_packet_client_floor_ms']:.0f} ms; user-perceived with vad end_silence "
-        f"{scfg.end_silence_ms} ms: {est['first_packet_user_floor_ms']:.0f} ms (budgets: {budgets})"
-    )
-    print(
-        f"  batching: weights dominate until ~{est['ridge_batch']:.0f} sessions per step "
-        f"(bf16 ridge); KV for 30 s sessions fits ~{est['sessions_hbm_fit_30s']} sessions in 80 GB"
-    )
+                [
+                    f"{r['ctx_seconds']:.0f} s",
+                    r["gflops"],
+                    r["gbytes"],
+                    r["compute_ms"],
+                    r["memory_ms"],
+                    r["frame_ms"],
+                    f"{r['frame_ms'] / FRAME_BUDGET_MS * 100:.0f}%",
+                ]
+                for r in est["rows"]
+            ],
+        )
+        r0 = est["rows"][0]
+        print(
+            "  FLOPs (30 s ctx): "
+            + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in r0["flops"].items())
+        )
+        print(
+            "  bytes (30 s ctx): "
+            + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r0["bytes"].items())
+        )
+        print(
+            f"  encoder as implemented (prefix re-encoded each chunk, 28 s session): "
+            f"+{est['prefix_reencode_ms_per_frame_at_28s']:.2f} ms/frame compute at peak"
+        )
+        budgets = ", ".join(f"{k} {v:.0f} ms" for k, v in FIRST_PACKET_BUDGETS_MS.items())
+        print(
+            f"  first-packet floor (chunk_frames={scfg.chunk_frames}): client-measured "
+            f"{est['first_packet_client_floor_ms']:.0f} ms; user-perceived with vad end_silence "
+            f"{scfg.end_silence_ms} ms: {est['first_packet_user_floor_ms']:.0f} ms (budgets: {budgets})"
+        )
+        print(
+            f"  batching: weights dominate until ~{est['ridge_batch']:.0f} sessions per step "
+            f"(bf16 ridge); KV for 30 s sessions fits ~{est['sessions_hbm_fit_30s']} sessions in 80 GB"
+        )
     print(f"\ntotal {time.perf_counter() - t_all:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n")

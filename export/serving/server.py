@@ -204,6 +204,17 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         n = self.measured_frames
         return sum(t for _, t in self.costs) / n if n else 0.0
 
+    def tick_summary(self) -> dict[str, float]:
+        """最近量到的每幀計算毫秒；批次排程另有最近 `COST_WINDOW` 個有幀的 tick 的計算毫秒
+        p50／p90／p99 與平均每 tick 的會話幀數。"""
+        out: dict[str, float] = {"ticks": len(self.ticks), "frame_ms": self.frame_cost * 1000.0}
+        if self.ticks:
+            ms = np.array([t for _, t in self.ticks]) * 1000.0
+            p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+            frames = float(np.mean([n for n, _ in self.ticks]))
+            out.update(p50_ms=p50, p90_ms=p90, p99_ms=p99, frames=frames)
+        return out
+
     @property
     def tick_seconds(self) -> float:
         """批次排程最近量到的平均 tick 計算秒數（有幀要算的 tick；0 表示還沒量到）。"""
@@ -761,7 +772,9 @@ async def _serve(cfg: Any) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("shutting down: draining sessions", flush=True)
+    ticks = server.servicer.tick_summary() if server.servicer is not None else {}
     await server.stop()
+    print(f"tick stats: {json.dumps(ticks)}", flush=True)
     print("stopped", flush=True)
 
 
