@@ -349,23 +349,28 @@ class TorchSpeakLLM(nn.Module):
         self, state: dict[str, Any], mel: torch.Tensor, valid: int | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """同 JAX `SpeakLLM.stream_audio`：`mel [B, n_mels, 2c+1]`（這一區塊的梅爾加一框前瞻，
-        超出音訊處補零，`valid` 為真實框數）→ (`[B, c / stack, hidden]`, 新狀態)。"""
+        超出音訊處補零，`valid` 為真實框數）→ (`[B, c / stack, hidden]`, 新狀態)。
+
+        `state["index"]`（已編碼的框數）可以是每列一個的串列：位置取模的起點、開頭的卷積左邊界
+        與左方槽的有效遮罩都逐列計算，所以位置不同的多個串流（`encode_batch`）能合成一批。"""
         enc = self.encoder
         b, _, m = mel.shape
         c = (m - 1) // 2
-        index = int(state["index"])
+        per_row = isinstance(state["index"], list | tuple)
+        index = [int(i) for i in state["index"]] if per_row else int(state["index"])
         valid = m if valid is None else int(valid)
         full = torch.cat([state["mel"], mel.to(self.dtype)], dim=2)
         x = F.gelu(F.conv1d(full, enc.conv1.weight, enc.conv1.bias))
-        local = torch.arange(2 * c + 1, device=x.device)
-        keep = ((local > 0) | (index > 0)) & (local <= valid)
-        x = x * keep.to(x.dtype)
+        idx = torch.tensor(index if per_row else [index], device=x.device)[:, None]
+        local = torch.arange(2 * c + 1, device=x.device)[None]
+        keep = ((local > 0) | (idx > 0)) & (local <= valid)
+        x = x * keep[:, None, :].to(x.dtype)
         x = F.gelu(F.conv1d(x, enc.conv2.weight, enc.conv2.bias, stride=2)).permute(0, 2, 1)
-        pos = encoder_positions(index, c, enc.config.max_source_positions, x.device)
+        pos = (idx + torch.arange(c, device=x.device)[None]) % enc.config.max_source_positions
         x = x + enc.embed_positions.weight[pos].to(x.dtype)
         w = state["k"][0].shape[2]
-        slot = index - w + torch.arange(w + c, device=x.device)
-        bias = additive_mask((slot >= 0)[None, None, None, :], x.dtype)
+        slot = idx - w + torch.arange(w + c, device=x.device)[None]
+        bias = additive_mask((slot >= 0)[:, None, None, :], x.dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(enc.layers):
             a = layer.self_attn
@@ -380,7 +385,8 @@ class TorchSpeakLLM(nn.Module):
             x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
             new_k.append(k[:, :, c:])
             new_v.append(v[:, :, c:])
-        new = {"mel": full[:, :, -3:-1], "k": new_k, "v": new_v, "index": index + c}
+        new_index = [i + c for i in index] if per_row else index + c
+        new = {"mel": full[:, :, -3:-1], "k": new_k, "v": new_v, "index": new_index}
         return self.heads.connector(enc.layer_norm(x)), new
 
     # ---------------------------------------------------------------- 與 JAX 同名的方法
@@ -881,11 +887,23 @@ class Streamer:
         self.mel = torch.cat([self.mel, m], dim=2)
         return self._encode_ready(final=False)
 
-    def push_audio(self, samples: np.ndarray) -> torch.Tensor:
-        """餵 16 kHz float32 波形（批次 1）→ 新完成區塊的使用者串流 `[1, k, d]`。"""
+    def push_audio(self, samples: np.ndarray, encode: bool = True) -> torch.Tensor:
+        """餵 16 kHz float32 波形（批次 1）→ 新完成區塊的使用者串流 `[1, k, d]`。
+
+        `encode=False` 只累積梅爾、回傳空的串流；之後由 `encode_batch` 與其他串流一批編碼。"""
         if self.batch != 1:
             raise ValueError("push_audio 只用於批次 1；批次請以 push_mel 餵各自的梅爾")
-        return self.push_mel(self.logmel.push(samples)[None])
+        mel = self.logmel.push(samples)[None]
+        if encode:
+            return self.push_mel(mel)
+        self.mel = torch.cat([self.mel, self.model._in(mel, self.model.dtype)], dim=2)
+        d = self.model.cfg.llm_hidden
+        return torch.zeros((1, 0, d), dtype=self.model.dtype, device=self.model.device)
+
+    @property
+    def chunk_ready(self) -> bool:
+        """有界左方脈絡的編碼器已湊滿一個區塊（加一框前瞻）可以編碼。"""
+        return not self.windowed and self.mel.shape[2] >= 2 * self.chunk_enc + 1
 
     @torch.no_grad()
     def flush(self, audio: bool = False) -> torch.Tensor:
@@ -918,6 +936,50 @@ class Streamer:
             "mel": int(self.mel.shape[2]),
             "samples": self.logmel.buffered_samples,
         }
+
+
+@torch.no_grad()
+def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
+    """多個各自前進的 `Streamer`（批次 1、已編碼的框數各不相同）把已湊滿的區塊一批編碼。
+
+    各列的編碼器狀態（卷積左邊界的兩個梅爾框、每層左方 KV）疊成一批，以每列自己的框號
+    （`stream_audio` 的每列 `index`）算位置與遮罩，之後拆回各自的 `Streamer`；結果與逐一
+    `push_audio` 相同。回傳每個 `Streamer` 新完成區塊的使用者串流 `[1, k, d]`（沒有則 k = 0）。
+    舊匯出（切窗編碼）逐一編碼。
+    """
+    model = streamers[0].model
+    d = model.cfg.llm_hidden
+    out = [[] for _ in streamers]
+    while True:
+        rows = [i for i, st in enumerate(streamers) if st.chunk_ready]
+        if not rows:
+            break
+        group = [streamers[i] for i in rows]
+        size = 2 * group[0].chunk_enc + 1
+        if any(st.chunk_enc != group[0].chunk_enc for st in group):
+            raise ValueError("encode_batch 的 Streamer 必須有相同的 chunk_frames")
+        state = {
+            "mel": torch.cat([st.encoder["mel"] for st in group]),
+            "k": [torch.cat(ks) for ks in zip(*(st.encoder["k"] for st in group), strict=True)],
+            "v": [torch.cat(vs) for vs in zip(*(st.encoder["v"] for st in group), strict=True)],
+            "index": [int(st.encoder["index"]) for st in group],
+        }
+        mel = torch.cat([st.mel[:, :, :size] for st in group])
+        user, new = model.stream_audio(state, mel)
+        for r, (i, st) in enumerate(zip(rows, group, strict=True)):
+            st.encoder = {
+                "mel": new["mel"][r : r + 1],
+                "k": [k[r : r + 1] for k in new["k"]],
+                "v": [v[r : r + 1] for v in new["v"]],
+                "index": new["index"][r],
+            }
+            st.mel = st.mel[:, :, 2 * st.chunk_enc :]
+            out[i].append(user[r : r + 1])
+    for st, got in zip(streamers, out, strict=True):
+        if st.windowed:
+            got.append(st._encode_ready(final=False))
+    empty = torch.zeros((1, 0, d), dtype=model.dtype, device=model.device)
+    return [torch.cat(got, dim=1) if got else empty for got in out]
 
 
 @torch.no_grad()

@@ -106,7 +106,8 @@ def test_batched_sessions_equal_each_alone(engine, clips) -> None:
                 active.append(s)
             elif j == len(per[i]):
                 got[i] += s.finish()
-        batched_rounds += sum(1 for s in active if s.pending_steps) > 1
+        # 這一 tick 有多個會話湊滿編碼器區塊：編碼器與之後的模型步都是多列的一批。
+        batched_rounds += sum(s.streamer.chunk_ready for s in active) > 1
         msgs, errors = step_sessions(active)
         assert not errors
         for i, s in enumerate(sessions):

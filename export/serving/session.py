@@ -54,6 +54,7 @@ from export.torch_model import (
     SPEAKING_ACTIONS,
     Streamer,
     TorchSpeakLLM,
+    encode_batch,
     load_exported,
     step_batch,
 )
@@ -364,7 +365,7 @@ class DuplexSession:
             if defer and self.steps:
                 raise RuntimeError("defer=True 時上一幀的模型步還沒做完（先呼叫 step_sessions）")
             frame, self.pending = self.pending[:FRAME_SAMPLES], self.pending[FRAME_SAMPLES:]
-            out += self._on_frame(frame, now)
+            out += self._on_frame(frame, now, defer)
             if not defer:
                 out += self.run_steps()
         return out
@@ -431,11 +432,17 @@ class DuplexSession:
         self.seg_peak = max(self.seg_peak, rms)
         return True
 
-    def _on_frame(self, frame: np.ndarray, now: float) -> list[pb.ServerMessage]:
+    def _on_frame(
+        self, frame: np.ndarray, now: float, defer: bool = False
+    ) -> list[pb.ServerMessage]:
         t = self.frame
         self.arrival.append(now)
         self.frame += 1
         out = self._update_vad(t, self._voiced(frame), now)
+        if defer:
+            # 批次排程：只累積梅爾，區塊由 step_sessions 與其他會話一批編碼（encode_batch）。
+            self.streamer.push_audio(frame, encode=False)
+            return out
         t0 = time.perf_counter()
         user = self.streamer.push_audio(frame)
         self._queue_steps(user, time.perf_counter() - t0)
@@ -751,7 +758,8 @@ def step_sessions(
 ) -> tuple[dict[int, list[pb.ServerMessage]], dict[int, BaseException]]:
     """批次排程的一步：把各會話待跑的模型步一批前進，輪替策略仍在各會話裡。
 
-    每一輪取每個還有待跑模型步的會話的下一幀，voila 以 `step_batch` 一次前進（各自的快取與
+    先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
+    每個還有待跑模型步的會話的下一幀，voila 以 `step_batch` 一次前進（各自的快取與
     RoPE 位置；只有一個會話時直接 `Streamer.step`），cosyvoice2 逐會話 `Streamer.step`（talker 快取
     尚未批次化）；之後各會話做策略與說話判定，要解碼的 Voila 視窗依長度分組一批解碼，再各自送出。
     一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
@@ -761,6 +769,23 @@ def step_sessions(
     out: dict[int, list[pb.ServerMessage]] = {id(s): [] for s in sessions}
     errors: dict[int, BaseException] = {}
     live = list(sessions)
+    if live:
+        # 各會話已湊滿的編碼器區塊一批編碼，排成待跑的模型步。
+        t0 = time.perf_counter()
+        try:
+            users = encode_batch([s.streamer for s in live])
+        except Exception:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+            users = []
+            for s in live:
+                try:
+                    users.append(encode_batch([s.streamer])[0])
+                except Exception as e:
+                    errors[id(s)] = e
+                    users.append(None)
+        share = (time.perf_counter() - t0) / len(live)
+        for s, user in zip(live, users, strict=True):
+            if user is not None:
+                s._queue_steps(user, share)
     while True:
         ready = [s for s in live if s.steps and id(s) not in errors]
         if not ready:
