@@ -20,8 +20,13 @@
   （`--feel-levels`，預設 1,4,8）即時送出同一段片段，量客戶端的：使用者最後一個語音幀送出 → 收到
   第一個助理音訊（ms）、打斷起點之後送到的助理音訊幀數、串流牆鐘 ÷ 音訊長度；另跑「1 個即時會話
   + 2 個盡快送出的會話」看即時會話的首包。
-- 紙上估算：full 預設（Whisper-medium + Qwen2.5-7B + 4 層深度 Transformer）在 H100 SXM 上的
-  每幀時間 max(計算, 記憶體)，對照 40 ms 幀預算與 Voila 195 ms／Moshi 約 200 ms 首包預算。
+- 排程（`--sched`）：單一會話路徑（`scheduler=per_session`）對批次排程（`batched`），每個同時數
+  （`--old-levels`、`--sched-levels`，預設 1,4,8,16 與 1,4,8,16,32,64）一個新的伺服器子行程，
+  所有會話即時送出同一段片段，量客戶端的說完 → 首包 p50／p90／p99、打斷起點後送到的助理音訊幀數、
+  串流即時率、錯誤數，伺服器關機時印出的 tick 計算時間，與同排程 1 個會話、單一會話路徑的比值；
+  另跑「1 個即時 + `--fast-senders` 個盡快送出」；印出 load average（共用機器）。
+- 紙上估算：`benchmarks/paper_estimate.py`（full 預設在 H100 SXM 上批次 1／8／32／64 的每幀
+  FLOPs、位元組、時間與每張 GPU 能即時服務的會話數）；`--no-estimate` 略過。
 
 用法：`python benchmarks/bench_serving.py [--concurrency 1,4,8] [--sessions 8] [--no-fast]
 [--head-sessions 3] [--no-heads] [--frame-steps 100] [--assets-dir DIR] [--json out.json]`
@@ -57,13 +62,6 @@ from export.serving.server import build_demo_assets  # noqa: E402
 
 SR = 16000
 SENTENCE = "請問明天早上的火車幾點出發，我想要買兩張票。"
-
-# H100 SXM 的峰值：bf16 稠密矩陣乘與 HBM3 頻寬、容量。
-H100_BF16_FLOPS = 989e12
-H100_HBM_BYTES_PER_S = 3.35e12
-H100_HBM_BYTES = 80e9
-FRAME_BUDGET_MS = 40.0
-FIRST_PACKET_BUDGETS_MS = {"Voila": 195.0, "Moshi": 200.0}
 
 
 # ---------------------------------------------------------------- 共用
@@ -440,100 +438,6 @@ def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: in
         "jax_ms": [x * 1000 for x in t_jax],
         "jax_first_call_ms": t_compile * 1000,
         "first_step_text_logits_max_abs_diff": float(np.abs(torch_first - jax_first).max()),
-    }
-
-
-# ---------------------------------------------------------------- 紙上估算
-
-
-def full_preset_estimate(ctx_frames: list[int], chunk_frames: int, end_silence_ms: int) -> dict:
-    """full 預設每 40 ms 幀的 FLOPs 與 HBM 讀取量（batch 1、bf16），換算成 H100 SXM 的時間。
-
-    參數量由 `nnx.eval_shape` 建出的抽象 full 模型逐模組加總（不配置記憶體）。
-    計算：LLM 一步 2 × (各層 + lm_head) 參數 + 注意力 4 × 層數 × 寬 × 上下文；
-    深度 Transformer 逐碼本無快取前向（1+2+3+4 = 10 個位置）；Whisper-medium 編碼器每幀分攤
-    2 個編碼器幀（增量、理想）與其注意力；連接器。記憶體：權重每幀讀一次（嵌入表只讀一列），
-    深度 Transformer 每個碼本一趟各讀一次，編碼器權重每區塊一次，加上 KV 快取。
-    """
-    from collections import Counter
-
-    from flax import nnx
-
-    from configs.models import model_config
-    from speakllm_jax.models.speakllm import SpeakLLM, build_speakllm_config
-
-    mc = model_config("full")
-    mc.speech_head = "voila"
-    cfg = build_speakllm_config(mc)
-    abstract = nnx.eval_shape(lambda: SpeakLLM(cfg, rngs=nnx.Rngs(0)))
-    counts: Counter = Counter()
-    for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        counts[str(path[0])] += int(np.prod(v.get_value().shape))
-        if str(path[0]) == "llm":
-            counts[f"llm/{path[1]}"] += int(np.prod(v.get_value().shape))
-    qw, wh, sp = mc.qwen, mc.whisper, mc.speech
-    total = sum(v for k, v in counts.items() if "/" not in k)
-    llm_matmul = counts["llm/layers"] + counts["llm/lm_head"]
-    heads = counts["turn_head"] + counts["tone_head"]
-    depth = counts["speech_head"]
-    enc = counts["encoder"]
-    conn = counts["connector"]
-    head_dim = qw.hidden_size // qw.num_attention_heads
-    kv_per_frame = 2 * qw.num_hidden_layers * qw.num_key_value_heads * head_dim * 2  # bf16
-    enc_frames = 2  # 梅爾 100 Hz → 卷積步幅 2 → 50 Hz；一個 LLM 幀 = 2 個編碼器幀
-    depth_positions = sum(range(1, sp.num_codebooks + 1))
-    rows = []
-    for ctx in ctx_frames:
-        enc_ctx = min(enc_frames * ctx, wh.max_source_positions)
-        flops = {
-            "llm": 2 * (llm_matmul + heads) + 4 * qw.num_hidden_layers * qw.hidden_size * ctx,
-            "depth": 2 * depth * depth_positions,
-            "encoder": enc_frames * (2 * enc + 4 * wh.encoder_layers * wh.d_model * enc_ctx),
-            "connector": 2 * conn,
-        }
-        bytes_ = {
-            "weights_llm": 2 * (llm_matmul + heads),
-            "weights_depth": 2 * depth * sp.num_codebooks,
-            "weights_encoder": 2 * (enc + conn) / chunk_frames,
-            "kv_cache": kv_per_frame * ctx,
-        }
-        f_total = sum(flops.values())
-        b_total = sum(bytes_.values())
-        t_c = f_total / H100_BF16_FLOPS * 1000
-        t_m = b_total / H100_HBM_BYTES_PER_S * 1000
-        rows.append(
-            {
-                "ctx_frames": ctx,
-                "ctx_seconds": ctx * FRAME_SECONDS,
-                "flops": flops,
-                "bytes": bytes_,
-                "gflops": f_total / 1e9,
-                "gbytes": b_total / 1e9,
-                "compute_ms": t_c,
-                "memory_ms": t_m,
-                "frame_ms": max(t_c, t_m),
-            }
-        )
-    # 目前伺服器的做法：每區塊以區塊因果遮罩重算整段前綴（28 秒 = 1400 個編碼器幀）。
-    t_enc = wh.max_source_positions - 100
-    prefix_flops = 2 * enc * t_enc + 4 * wh.encoder_layers * wh.d_model * t_enc * t_enc / 2
-    prefix_ms = prefix_flops / chunk_frames / H100_BF16_FLOPS * 1000
-    # 首包：客戶端量的「送出第 f 幀 → 收到第 f 幀」至少要等區塊湊滿加一幀的計算；
-    # 使用者感受到的（說完 → 聽到）再加上 vad 策略的靜音判定與開口的下一幀。
-    step = rows[0]["frame_ms"]
-    fp_client = (chunk_frames - 1) * FRAME_BUDGET_MS + step
-    fp_user = end_silence_ms + FRAME_BUDGET_MS + fp_client
-    w_bytes = rows[0]["bytes"]["weights_llm"]
-    return {
-        "params_total": total,
-        "params": dict(counts),
-        "kv_bytes_per_frame": kv_per_frame,
-        "rows": rows,
-        "prefix_reencode_ms_per_frame_at_28s": prefix_ms,
-        "first_packet_client_floor_ms": fp_client,
-        "first_packet_user_floor_ms": fp_user,
-        "ridge_batch": H100_BF16_FLOPS / H100_HBM_BYTES_PER_S / 1.0,  # FLOP/byte；bf16 時≈批次
-        "sessions_hbm_fit_30s": int((H100_HBM_BYTES - w_bytes * 1.1) // (kv_per_frame * 750)),
     }
 
 
@@ -942,54 +846,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if not args.no_estimate:
-        est = full_preset_estimate(
-            [750, 7500, 30000], int(scfg.chunk_frames), int(scfg.end_silence_ms)
-        )
-        report["h100_estimate"] = est
-        print(
-            f"\nPaper estimate: full preset ({est['params_total'] / 1e9:.2f} B params) on one H100 SXM "
-            f"(989 TFLOP/s bf16, 3.35 TB/s), batch 1, bf16; KV cache "
-            f"{est['kv_bytes_per_frame'] / 1e3:.0f} kB/frame"
-        )
-        print_table(
-            "Per 40 ms frame",
-            ["context", "GFLOP", "GB read", "compute ms", "memory ms", "frame ms", "of 40 ms"],
-            [
-                [
-                    f"{r['ctx_seconds']:.0f} s",
-                    r["gflops"],
-                    r["gbytes"],
-                    r["compute_ms"],
-                    r["memory_ms"],
-                    r["frame_ms"],
-                    f"{r['frame_ms'] / FRAME_BUDGET_MS * 100:.0f}%",
-                ]
-                for r in est["rows"]
-            ],
-        )
-        r0 = est["rows"][0]
-        print(
-            "  FLOPs (30 s ctx): "
-            + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in r0["flops"].items())
-        )
-        print(
-            "  bytes (30 s ctx): "
-            + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r0["bytes"].items())
-        )
-        print(
-            f"  encoder as implemented (prefix re-encoded each chunk, 28 s session): "
-            f"+{est['prefix_reencode_ms_per_frame_at_28s']:.2f} ms/frame compute at peak"
-        )
-        budgets = ", ".join(f"{k} {v:.0f} ms" for k, v in FIRST_PACKET_BUDGETS_MS.items())
-        print(
-            f"  first-packet floor (chunk_frames={scfg.chunk_frames}): client-measured "
-            f"{est['first_packet_client_floor_ms']:.0f} ms; user-perceived with vad end_silence "
-            f"{scfg.end_silence_ms} ms: {est['first_packet_user_floor_ms']:.0f} ms (budgets: {budgets})"
-        )
-        print(
-            f"  batching: weights dominate until ~{est['ridge_batch']:.0f} sessions per step "
-            f"(bf16 ridge); KV for 30 s sessions fits ~{est['sessions_hbm_fit_30s']} sessions in 80 GB"
-        )
+        # H100 紙上估算（full 預設，批次 1／8／32／64）：見 benchmarks/paper_estimate.py。
+        import paper_estimate
+
+        print()
+        dims = paper_estimate.model_dims("full")
+        report["h100_estimate"] = [
+            paper_estimate.step_cost(dims, b, 750) for b in paper_estimate.DEFAULT_BATCHES
+        ]
+        paper_estimate.main([])
+
     print(f"\ntotal {time.perf_counter() - t_all:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
