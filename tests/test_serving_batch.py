@@ -1,15 +1,24 @@
 """批次排程：多個會話經 `step_sessions`（以及經真實伺服器的批次排程迴圈）得到的幀、事件與音訊，
-與每個會話單獨跑完全相同；准入控制依量到的 tick 時間拒絕會跟不上即時的會話；比即時快的客戶端
-每幀都不早於伺服器記下的即時到期時間才算。"""
+與每個會話單獨跑完全相同；GPU 檢查腳本沒有 GPU 時明說；H100 紙上估算用設定中的 full 尺寸。
+（准入與節流的測試在 `tests/test_serving_limits.py`。）"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
 import numpy as np
 import pytest
+import torch
 
 from configs.serving import get_config
 from export.serving import duplex_pb2 as pb
-from export.serving.server import build_demo_assets
+from export.serving.client import stream_audio
+from export.serving.server import ServerThread, build_demo_assets
 from export.serving.session import (
     FRAME_SAMPLES,
     DuplexSession,
@@ -125,3 +134,59 @@ def test_batched_voila_decode_matches_single(engine) -> None:
     batch = voila.decode_codes(windows)
     for w, got in zip(windows, batch, strict=True):
         assert np.abs(voila.decode_codes(w) - got).max() <= 1e-5
+
+
+def test_concurrent_sessions_over_loopback_equal_each_alone(assets, engine, clips) -> None:
+    # 真實伺服器（批次排程、即時節流）：三個會話同時串流與各自單獨串流，收到的幀、事件、文字與
+    # 輪次量測相同，音訊至多差 1 個量化階；同時跑的那次確實有多列的 tick。
+    cfg = get_config()
+    cfg.model_dir, cfg.voila_dir = map(str, assets)
+    cfg.port = 0
+    with ServerThread(cfg, engine) as st:
+        alone = [stream_audio(st.target, c, fast=True) for c in clips]
+        st.server.servicer.ticks.clear()
+        got: list = [None] * len(clips)
+
+        def one(i: int) -> None:
+            got[i] = stream_audio(st.target, clips[i], fast=True)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(clips))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        multi = max(n for n, _ in st.server.servicer.ticks)
+    assert multi > 1
+    for a, b in zip(alone, got, strict=True):
+        assert a.status == b.status == grpc.StatusCode.OK, (a.detail, b.detail)
+        assert_same(a.messages, b.messages)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="有 GPU 時腳本會真的跑基準")
+def test_gpu_check_says_plainly_without_gpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and "沒有可用的 CUDA GPU" in lines[0]
+
+
+def test_paper_estimate_uses_full_preset_dims() -> None:
+    # 設定中的 full 預設（8.03 B 參數）：批次越大每步讀的權重不變、KV 與 FLOPs 隨批次線性增長。
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paper_estimate
+
+    dims = paper_estimate.model_dims("full")
+    assert dims["llm_layers"] == 28 and dims["llm_hidden"] == 3584 and dims["llm_kv_heads"] == 4
+    assert 7.9e9 < dims["params_total"] < 8.2e9
+    one, many = (paper_estimate.step_cost(dims, b, 750) for b in (1, 32))
+    assert many["bytes"]["weights_llm"] == one["bytes"]["weights_llm"]
+    assert many["bytes"]["kv_llm"] == 32 * one["bytes"]["kv_llm"]
+    assert many["gflops"] == pytest.approx(32 * one["gflops"])
+    assert one["realtime"] and many["step_ms"] < 40.0
