@@ -17,8 +17,11 @@
 - 超過 `idle_timeout_s` 沒有音訊（空片段不算）→ DEADLINE_EXCEEDED；音訊總長超過
   `max_session_seconds`（> 0 時；在解碼與重取樣之前以宣告的取樣率算）→ OUT_OF_RANGE。
 
-每個會話兩個工作：讀取（抵達即記時間、驗證、解碼）與計算（依序、每幀不早於即時到期時間，
-`pace_realtime`）；送出迴圈把實際送出的音訊封包數與送出時間寫回 `TurnMetrics`。
+每個會話一個讀取工作（抵達即記時間、驗證、解碼，放進會話自己的佇列）。計算依 `scheduler`：
+`batched`（預設）為一個排程迴圈，每 40 ms 一個 tick 收集所有會話到期的幀（每幀不早於即時到期
+時間，`pace_realtime`），快速路徑各自做、編碼器區塊與 LLM 幀步與 Voila 解碼各一批
+（`session.step_sessions`）；`per_session` 為每個會話自己的計算工作（舊路徑）。送出迴圈把實際
+送出的音訊封包數與送出時間寫回 `TurnMetrics`。
 任何一個會話的錯誤都只結束該串流，伺服器繼續服務；客戶端消失時會話被取消並釋放。
 關機（SIGTERM／SIGINT 或 `stop`）先拒絕新會話，讓進行中的會話在 `shutdown_grace_s` 內結束，
 之後還在的會話各收到一個帶原因的 `SESSION_ENDED` 再關閉串流。
