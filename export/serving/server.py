@@ -218,11 +218,6 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
             out.update(p50_ms=p50, p90_ms=p90, p99_ms=p99, frames=frames)
         return out
 
-    @property
-    def tick_seconds(self) -> float:
-        """批次排程最近量到的平均 tick 計算秒數（有幀要算的 tick；0 表示還沒量到）。"""
-        return sum(t for _, t in self.ticks) / len(self.ticks) if self.ticks else 0.0
-
     def capacity(self) -> float:
         """依量到的每幀計算時間，能即時服務的會話數（還沒量到時為無限大）。
 
