@@ -982,6 +982,50 @@ def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
     return [torch.cat(got, dim=1) if got else empty for got in out]
 
 
+def _pad_caches(caches: list[Any], config: Any, device: Any) -> tuple[Any, list[int], int]:
+    """各列的 `DynamicCache`（批次 1、長度各不相同）補齊到最長者疊成一批；回傳（批次快取, 各列長度,
+    最長者）。補齊處由呼叫端以每列的鍵遮罩遮掉。"""
+    from transformers import DynamicCache
+
+    lengths = [int(c.get_seq_length()) for c in caches]
+    longest = max(lengths)
+    n = len(caches)
+    cache = DynamicCache(config=config)
+    if longest:
+        for i in range(len(next(c for c, m in zip(caches, lengths) if m).layers)):
+            ref = next(c.layers[i].keys for c, m in zip(caches, lengths) if m)
+            shape = (n, ref.shape[1], longest, ref.shape[3])
+            keys = torch.zeros(shape, dtype=ref.dtype, device=device)
+            values = torch.zeros(shape, dtype=ref.dtype, device=device)
+            for r, (c, m) in enumerate(zip(caches, lengths)):
+                if m:
+                    keys[r, :, :m] = c.layers[i].keys[0]
+                    values[r, :, :m] = c.layers[i].values[0]
+            cache.update(keys, values, i)
+    return cache, lengths, longest
+
+
+def _row_cache(cache: Any, r: int, length: int, longest: int, config: Any) -> Any:
+    """從批次快取拆回第 r 列：它自己的 `length` 個舊詞加上這一步新寫入的詞（去掉補齊處）。"""
+    from transformers import DynamicCache
+
+    own = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        keys = torch.cat([layer.keys[r : r + 1, :, :length], layer.keys[r : r + 1, :, longest:]], 2)
+        vals = torch.cat(
+            [layer.values[r : r + 1, :, :length], layer.values[r : r + 1, :, longest:]], 2
+        )
+        own.update(keys, vals, i)
+    return own
+
+
+def _row_bias(lengths: list[int], longest: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """每列只看自己的舊詞與這一步的新詞：`[N, 1, 1, longest + 1]` 加性遮罩。"""
+    slot = torch.arange(longest + 1, device=device)
+    allowed = (slot[None] < torch.tensor(lengths, device=device)[:, None]) | (slot[None] == longest)
+    return additive_mask(allowed[:, None, None], dtype)
+
+
 @torch.no_grad()
 def step_batch(
     streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
@@ -990,43 +1034,26 @@ def step_batch(
     一次前進一幀，結果與逐一 `Streamer.step` 相同。
 
     `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。各列的 LLM 快取
-    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；深度 Transformer 一次產生 N 列的
-    語音碼。之後把每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。只支援 voila 語音頭
-    （cosyvoice2 的 talker 快取尚未批次化）。
+    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；voila 的深度 Transformer 一次產生
+    N 列的語音碼；cosyvoice2 的 talker 快取同樣補齊、每列自己的遮罩與位置，一次前進 N 列。之後把
+    每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。
     """
-    from transformers import DynamicCache
-
     model = streamers[0].model
     if any(st.model is not model or st.batch != 1 for st in streamers):
         raise ValueError("step_batch 的 Streamer 必須共用同一個模型且批次為 1")
-    if model.is_cosyvoice2:
-        raise ValueError("step_batch 尚未支援 speech_head='cosyvoice2'（talker 快取）")
     n = len(streamers)
     if user_t.shape[0] != n:
         raise ValueError(f"user_t 有 {user_t.shape[0]} 列，Streamer 有 {n} 個")
+    cosy = model.is_cosyvoice2
     dev, dt = model.device, model.dtype
     zero = torch.zeros((1, model.cfg.llm_hidden), dtype=dt, device=dev)
     cond = torch.cat([zero if st.cond is None else model.embed(st.cond).to(dt) for st in streamers])
     x = model.frame_inputs(
         user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
     )
-    lengths = [int(st.cache.get_seq_length()) for st in streamers]
-    longest = max(lengths)
-    cache = DynamicCache(config=model.llm.config)
-    if longest:
-        for i in range(len(streamers[0].cache.layers)):
-            ref = next(st.cache.layers[i].keys for st, m in zip(streamers, lengths) if m)
-            shape = (n, ref.shape[1], longest, ref.shape[3])
-            keys = torch.zeros(shape, dtype=ref.dtype, device=dev)
-            values = torch.zeros(shape, dtype=ref.dtype, device=dev)
-            for r, (st, m) in enumerate(zip(streamers, lengths)):
-                if m:
-                    keys[r, :, :m] = st.cache.layers[i].keys[0]
-                    values[r, :, :m] = st.cache.layers[i].values[0]
-            cache.update(keys, values, i)
-    slot = torch.arange(longest + 1, device=dev)
-    allowed = (slot[None] < torch.tensor(lengths, device=dev)[:, None]) | (slot[None] == longest)
-    bias = additive_mask(allowed[:, None, None], x.dtype)
+    llm_caches = [st.cache.llm if cosy else st.cache for st in streamers]
+    cache, lengths, longest = _pad_caches(llm_caches, model.llm.config, dev)
+    bias = _row_bias(lengths, longest, x.dtype, dev)
     pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
     res = model.llm.model(
         inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
@@ -1035,17 +1062,33 @@ def step_batch(
     out = {
         "text": model.llm.lm_head(hidden).float(),
         "turn": model.heads.turn_head(hidden).float(),
-        "code_ids": model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1),
     }
+    talker_res = None
+    if cosy:
+        tk = model.talker
+        t_caches = [st.cache.talker for st in streamers]
+        t_cache, t_lengths, t_longest = _pad_caches(t_caches, tk.llm.model.config, dev)
+        text_out = torch.argmax(out["text"], dim=-1)
+        tx = tk.frame_inputs(hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"])
+        t_res = tk.llm.model.model(
+            inputs_embeds=tx,
+            attention_mask=_row_bias(t_lengths, t_longest, tx.dtype, dev),
+            position_ids=pos,
+            cache=t_cache,
+            use_cache=True,
+        )
+        out["code_ids"] = tk.greedy_codes(tk.decode(t_res.last_hidden_state))[..., None]
+        talker_res = (t_res.cache, t_lengths, t_longest, tk.llm.model.config)
+    else:
+        out["code_ids"] = model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1)
     for r, (st, m) in enumerate(zip(streamers, lengths)):
-        own = DynamicCache(config=model.llm.config)
-        for i, layer in enumerate(res.cache.layers):
-            keep = torch.cat([layer.keys[r : r + 1, :, :m], layer.keys[r : r + 1, :, longest:]], 2)
-            vals = torch.cat(
-                [layer.values[r : r + 1, :, :m], layer.values[r : r + 1, :, longest:]], 2
-            )
-            own.update(keep, vals, i)
-        st.cache = model._trim(own)
+        own = model._trim(_row_cache(res.cache, r, m, longest, model.llm.config))
+        if talker_res is not None:
+            t_cache, t_lengths, t_longest, t_cfg = talker_res
+            talker = model._trim(_row_cache(t_cache, r, t_lengths[r], t_longest, t_cfg))
+            st.cache = DuplexCache(own, talker)
+        else:
+            st.cache = own
         st.position += 1
     return out
 

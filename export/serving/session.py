@@ -759,9 +759,8 @@ def step_sessions(
     """批次排程的一步：把各會話待跑的模型步一批前進，輪替策略仍在各會話裡。
 
     先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
-    每個還有待跑模型步的會話的下一幀，voila 以 `step_batch` 一次前進（各自的快取與
-    RoPE 位置；只有一個會話時直接 `Streamer.step`），cosyvoice2 逐會話 `Streamer.step`（talker 快取
-    尚未批次化）；之後各會話做策略與說話判定，要解碼的 Voila 視窗依長度分組一批解碼，再各自送出。
+    每個還有待跑模型步的會話的下一幀，以 `step_batch` 一次前進（各自的 LLM／talker 快取與
+    RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話判定，要解碼的 Voila 視窗依長度分組一批解碼，再各自送出。
     一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
     `run_steps` 相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
     例外只結束該會話，其他會話照常。
@@ -790,10 +789,9 @@ def step_sessions(
         ready = [s for s in live if s.steps and id(s) not in errors]
         if not ready:
             break
-        model = ready[0].engine.model
         t0 = time.perf_counter()
         results: list[dict[str, torch.Tensor] | None] = []
-        if len(ready) > 1 and not model.is_cosyvoice2:
+        if len(ready) > 1:
             user = torch.cat([s.steps[0][1] for s in ready])
             prev = {k: torch.cat([s.prev[k] for s in ready]) for k in ready[0].prev}
             try:
