@@ -20,8 +20,13 @@
   （`--feel-levels`，預設 1,4,8）即時送出同一段片段，量客戶端的：使用者最後一個語音幀送出 → 收到
   第一個助理音訊（ms）、打斷起點之後送到的助理音訊幀數、串流牆鐘 ÷ 音訊長度；另跑「1 個即時會話
   + 2 個盡快送出的會話」看即時會話的首包。
-- 紙上估算：full 預設（Whisper-medium + Qwen2.5-7B + 4 層深度 Transformer）在 H100 SXM 上的
-  每幀時間 max(計算, 記憶體)，對照 40 ms 幀預算與 Voila 195 ms／Moshi 約 200 ms 首包預算。
+- 排程（`--sched`）：單一會話路徑（`scheduler=per_session`）對批次排程（`batched`），每個同時數
+  （`--old-levels`、`--sched-levels`，預設 1,4,8,16 與 1,4,8,16,32,64）一個新的伺服器子行程，
+  所有會話即時送出同一段片段，量客戶端的說完 → 首包 p50／p90／p99、打斷起點後送到的助理音訊幀數、
+  串流即時率、錯誤數，伺服器關機時印出的 tick 計算時間，與同排程 1 個會話、單一會話路徑的比值；
+  另跑「1 個即時 + `--fast-senders` 個盡快送出」；印出 load average（共用機器）。
+- 紙上估算：`benchmarks/paper_estimate.py`（full 預設在 H100 SXM 上批次 1／8／32／64 的每幀
+  FLOPs、位元組、時間與每張 GPU 能即時服務的會話數）；`--no-estimate` 略過。
 
 用法：`python benchmarks/bench_serving.py [--concurrency 1,4,8] [--sessions 8] [--no-fast]
 [--head-sessions 3] [--no-heads] [--frame-steps 100] [--assets-dir DIR] [--json out.json]`
@@ -57,13 +62,6 @@ from export.serving.server import build_demo_assets  # noqa: E402
 
 SR = 16000
 SENTENCE = "請問明天早上的火車幾點出發，我想要買兩張票。"
-
-# H100 SXM 的峰值：bf16 稠密矩陣乘與 HBM3 頻寬、容量。
-H100_BF16_FLOPS = 989e12
-H100_HBM_BYTES_PER_S = 3.35e12
-H100_HBM_BYTES = 80e9
-FRAME_BUDGET_MS = 40.0
-FIRST_PACKET_BUDGETS_MS = {"Voila": 195.0, "Moshi": 200.0}
 
 
 # ---------------------------------------------------------------- 共用
@@ -134,14 +132,20 @@ class ServerProcess:
                 raise RuntimeError(f"伺服器沒有啟動（結束碼 {self.proc.poll()}）")
         self.target = line.split("listening on")[1].strip()
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM 結束；回傳伺服器關機時印出的 tick 統計（`tick stats: {...}`，沒有則空）。"""
+        out = ""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.communicate(timeout=30)
+                out = self.proc.communicate(timeout=60)[0] or ""
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.communicate()
+        for line in out.splitlines():
+            if line.startswith("tick stats: "):
+                return json.loads(line.removeprefix("tick stats: "))
+        return {}
 
 
 def trim_leading_silence(x: np.ndarray) -> np.ndarray:
@@ -437,100 +441,6 @@ def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: in
     }
 
 
-# ---------------------------------------------------------------- 紙上估算
-
-
-def full_preset_estimate(ctx_frames: list[int], chunk_frames: int, end_silence_ms: int) -> dict:
-    """full 預設每 40 ms 幀的 FLOPs 與 HBM 讀取量（batch 1、bf16），換算成 H100 SXM 的時間。
-
-    參數量由 `nnx.eval_shape` 建出的抽象 full 模型逐模組加總（不配置記憶體）。
-    計算：LLM 一步 2 × (各層 + lm_head) 參數 + 注意力 4 × 層數 × 寬 × 上下文；
-    深度 Transformer 逐碼本無快取前向（1+2+3+4 = 10 個位置）；Whisper-medium 編碼器每幀分攤
-    2 個編碼器幀（增量、理想）與其注意力；連接器。記憶體：權重每幀讀一次（嵌入表只讀一列），
-    深度 Transformer 每個碼本一趟各讀一次，編碼器權重每區塊一次，加上 KV 快取。
-    """
-    from collections import Counter
-
-    from flax import nnx
-
-    from configs.models import model_config
-    from speakllm_jax.models.speakllm import SpeakLLM, build_speakllm_config
-
-    mc = model_config("full")
-    mc.speech_head = "voila"
-    cfg = build_speakllm_config(mc)
-    abstract = nnx.eval_shape(lambda: SpeakLLM(cfg, rngs=nnx.Rngs(0)))
-    counts: Counter = Counter()
-    for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        counts[str(path[0])] += int(np.prod(v.get_value().shape))
-        if str(path[0]) == "llm":
-            counts[f"llm/{path[1]}"] += int(np.prod(v.get_value().shape))
-    qw, wh, sp = mc.qwen, mc.whisper, mc.speech
-    total = sum(v for k, v in counts.items() if "/" not in k)
-    llm_matmul = counts["llm/layers"] + counts["llm/lm_head"]
-    heads = counts["turn_head"] + counts["tone_head"]
-    depth = counts["speech_head"]
-    enc = counts["encoder"]
-    conn = counts["connector"]
-    head_dim = qw.hidden_size // qw.num_attention_heads
-    kv_per_frame = 2 * qw.num_hidden_layers * qw.num_key_value_heads * head_dim * 2  # bf16
-    enc_frames = 2  # 梅爾 100 Hz → 卷積步幅 2 → 50 Hz；一個 LLM 幀 = 2 個編碼器幀
-    depth_positions = sum(range(1, sp.num_codebooks + 1))
-    rows = []
-    for ctx in ctx_frames:
-        enc_ctx = min(enc_frames * ctx, wh.max_source_positions)
-        flops = {
-            "llm": 2 * (llm_matmul + heads) + 4 * qw.num_hidden_layers * qw.hidden_size * ctx,
-            "depth": 2 * depth * depth_positions,
-            "encoder": enc_frames * (2 * enc + 4 * wh.encoder_layers * wh.d_model * enc_ctx),
-            "connector": 2 * conn,
-        }
-        bytes_ = {
-            "weights_llm": 2 * (llm_matmul + heads),
-            "weights_depth": 2 * depth * sp.num_codebooks,
-            "weights_encoder": 2 * (enc + conn) / chunk_frames,
-            "kv_cache": kv_per_frame * ctx,
-        }
-        f_total = sum(flops.values())
-        b_total = sum(bytes_.values())
-        t_c = f_total / H100_BF16_FLOPS * 1000
-        t_m = b_total / H100_HBM_BYTES_PER_S * 1000
-        rows.append(
-            {
-                "ctx_frames": ctx,
-                "ctx_seconds": ctx * FRAME_SECONDS,
-                "flops": flops,
-                "bytes": bytes_,
-                "gflops": f_total / 1e9,
-                "gbytes": b_total / 1e9,
-                "compute_ms": t_c,
-                "memory_ms": t_m,
-                "frame_ms": max(t_c, t_m),
-            }
-        )
-    # 目前伺服器的做法：每區塊以區塊因果遮罩重算整段前綴（28 秒 = 1400 個編碼器幀）。
-    t_enc = wh.max_source_positions - 100
-    prefix_flops = 2 * enc * t_enc + 4 * wh.encoder_layers * wh.d_model * t_enc * t_enc / 2
-    prefix_ms = prefix_flops / chunk_frames / H100_BF16_FLOPS * 1000
-    # 首包：客戶端量的「送出第 f 幀 → 收到第 f 幀」至少要等區塊湊滿加一幀的計算；
-    # 使用者感受到的（說完 → 聽到）再加上 vad 策略的靜音判定與開口的下一幀。
-    step = rows[0]["frame_ms"]
-    fp_client = (chunk_frames - 1) * FRAME_BUDGET_MS + step
-    fp_user = end_silence_ms + FRAME_BUDGET_MS + fp_client
-    w_bytes = rows[0]["bytes"]["weights_llm"]
-    return {
-        "params_total": total,
-        "params": dict(counts),
-        "kv_bytes_per_frame": kv_per_frame,
-        "rows": rows,
-        "prefix_reencode_ms_per_frame_at_28s": prefix_ms,
-        "first_packet_client_floor_ms": fp_client,
-        "first_packet_user_floor_ms": fp_user,
-        "ridge_batch": H100_BF16_FLOPS / H100_HBM_BYTES_PER_S / 1.0,  # FLOP/byte；bf16 時≈批次
-        "sessions_hbm_fit_30s": int((H100_HBM_BYTES - w_bytes * 1.1) // (kv_per_frame * 750)),
-    }
-
-
 # ---------------------------------------------------------------- 全雙工手感：舊版對新版
 
 
@@ -622,6 +532,130 @@ def feel_compare(
     return rows
 
 
+# ---------------------------------------------------------------- 排程：單一會話路徑對批次排程
+
+
+def sched_compare(
+    model_dir: Path,
+    voila_dir: Path,
+    levels: list[int],
+    old_levels: list[int],
+    overrides: list[str],
+    fast_senders: int,
+) -> list[dict[str, Any]]:
+    """每個（排程, 同時會話數）一個新的伺服器子行程，所有會話同時即時送出同一段片段。
+
+    量客戶端的：使用者最後一個語音幀送出 → 第一個助理音訊（ms）、打斷起點之後送到的助理音訊
+    幀數、串流牆鐘 ÷ 音訊長度、錯誤數；伺服器關機時印出的 tick 計算時間。另在每個排程跑
+    「1 個即時會話 + `fast_senders` 個盡快送出的會話」。
+    """
+    rows: list[dict[str, Any]] = []
+    clip: tuple[np.ndarray, int, int] | None = None
+    user_end = int(1.2 * SR) // FRAME_SAMPLES - 1
+    for sched in ("per_session", "batched"):
+        todo = [(c, 0) for c in (old_levels if sched == "per_session" else levels)]
+        todo.append((1, fast_senders))
+        for conc, fast in todo:
+            server = ServerProcess(
+                model_dir, voila_dir, [*overrides, f"--config.scheduler={sched}"]
+            )
+            try:
+                if clip is None:
+                    clip = build_clip(server.target, 10, 20)
+                wave, _, onset = clip
+                t0 = time.perf_counter()
+                ss = feel_level(server.target, wave, user_end, onset, conc, fast)
+                wall = time.perf_counter() - t0
+            finally:
+                ticks = server.stop()
+            first = [x["first_after_end_ms"] for x in ss if x["first_after_end_ms"] is not None]
+            row = {
+                "scheduler": sched,
+                "realtime_sessions": conc,
+                "fast_sessions": fast,
+                "errors": sum(not x["ok"] for x in ss) + conc - len(ss),
+                "first_after_end_ms": first,
+                "leaked_frames": [x["leaked_frames"] for x in ss],
+                "stream_rtf": [x["stream_rtf"] for x in ss],
+                "ticks": ticks,
+                "load_average": os.getloadavg(),
+            }
+            rows.append(row)
+            print(
+                f"  {sched} {conc} rt + {fast} fast: {wall:.1f} s, first p90 "
+                f"{pct(first)[1]:.0f} ms, load {row['load_average'][0]:.1f}",
+                flush=True,
+            )
+    return rows
+
+
+def print_sched(rows: list[dict[str, Any]]) -> None:
+    """排程比較表：各列對同排程 1 個會話的首包 p90 比值，批次對單一會話路徑的比值。"""
+    ref = {
+        r["scheduler"]: pct(r["first_after_end_ms"])[1]
+        for r in rows
+        if r["realtime_sessions"] == 1 and r["fast_sessions"] == 0
+    }
+    old = {
+        r["realtime_sessions"]: pct(r["first_after_end_ms"])[1]
+        for r in rows
+        if r["scheduler"] == "per_session" and r["fast_sessions"] == 0
+    }
+    table = []
+    for r in rows:
+        p50, p90, p99 = pct(r["first_after_end_ms"])
+        t = r["ticks"]
+        vs_old = (
+            p90 / old[r["realtime_sessions"]]
+            if r["scheduler"] == "batched"
+            and r["fast_sessions"] == 0
+            and r["realtime_sessions"] in old
+            else float("nan")
+        )
+        table.append(
+            [
+                r["scheduler"],
+                r["realtime_sessions"],
+                r["fast_sessions"],
+                r["errors"],
+                p50,
+                p90,
+                p99,
+                p90 / ref[r["scheduler"]],
+                vs_old,
+                max(r["leaked_frames"], default=-1),
+                t.get("p50_ms", float("nan")),
+                t.get("p90_ms", float("nan")),
+                t.get("frame_ms", float("nan")),
+                pct(r["stream_rtf"])[1],
+                r["load_average"][0],
+            ]
+        )
+    print_table(
+        "Scheduler (tiny demo model, CPU, real time; client-side first audio after user end ms; "
+        "x1 = p90 / same scheduler's 1 session; vs old = batched p90 / per_session p90; "
+        "leak = assistant audio frames after barge-in onset; tick = server compute per tick)",
+        [
+            "scheduler",
+            "rt",
+            "fast",
+            "err",
+            "p50",
+            "p90",
+            "p99",
+            "x1",
+            "vs old",
+            "leak",
+            "tick p50",
+            "tick p90",
+            "ms/frame",
+            "RTF p90",
+            "load",
+        ],
+        table,
+    )
+
+
 # ---------------------------------------------------------------- 主程式
 
 
@@ -644,6 +678,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feel", action="store_true", help="跑全雙工手感的舊版對新版比較")
     p.add_argument("--feel-levels", default="1,4,8", help="手感比較的同時會話數（逗號分隔）")
     p.add_argument("--old-commit", default="main", help="舊版伺服器的 commit（git archive）")
+    p.add_argument("--sched", action="store_true", help="比較單一會話路徑與批次排程")
+    p.add_argument("--sched-levels", default="1,4,8,16,32,64", help="批次排程的同時會話數")
+    p.add_argument(
+        "--old-levels", default="1,4,8,16", help="單一會話路徑的同時會話數（2 核上更多太慢）"
+    )
+    p.add_argument("--fast-senders", type=int, default=2, help="即時會話旁盡快送出的會話數")
+    p.add_argument(
+        "--no-estimate", action="store_true", help="不印 H100 紙上估算（需要 JAX 建抽象模型）"
+    )
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     report: dict[str, Any] = {"cpu_count": os.cpu_count()}
@@ -745,6 +788,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  load average: {os.getloadavg()}")
 
+    if args.sched:
+        sl = [int(x) for x in args.sched_levels.split(",") if x.strip()]
+        ol = [int(x) for x in args.old_levels.split(",") if x.strip()]
+        print(f"\nscheduler: per_session {ol} vs batched {sl}, load {os.getloadavg()}")
+        report["scheduler"] = sched_compare(
+            model_dir, voila_dir, sl, ol, args.server_arg, args.fast_senders
+        )
+        print_sched(report["scheduler"])
+        print(f"  load average: {os.getloadavg()}")
+
     if not args.no_heads:
         heads = prepare_head_assets(Path(args.assets_dir), args.seed)
         print(f"\nspeech heads ({args.head_sessions} real-time sessions each, concurrency 1):")
@@ -792,50 +845,17 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
 
-    est = full_preset_estimate([750, 7500, 30000], int(scfg.chunk_frames), int(scfg.end_silence_ms))
-    report["h100_estimate"] = est
-    print(
-        f"\nPaper estimate: full preset ({est['params_total'] / 1e9:.2f} B params) on one H100 SXM "
-        f"(989 TFLOP/s bf16, 3.35 TB/s), batch 1, bf16; KV cache "
-        f"{est['kv_bytes_per_frame'] / 1e3:.0f} kB/frame"
-    )
-    print_table(
-        "Per 40 ms frame",
-        ["context", "GFLOP", "GB read", "compute ms", "memory ms", "frame ms", "of 40 ms"],
-        [
-            [
-                f"{r['ctx_seconds']:.0f} s",
-                r["gflops"],
-                r["gbytes"],
-                r["compute_ms"],
-                r["memory_ms"],
-                r["frame_ms"],
-                f"{r['frame_ms'] / FRAME_BUDGET_MS * 100:.0f}%",
-            ]
-            for r in est["rows"]
-        ],
-    )
-    r0 = est["rows"][0]
-    print(
-        "  FLOPs (30 s ctx): " + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in r0["flops"].items())
-    )
-    print(
-        "  bytes (30 s ctx): " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r0["bytes"].items())
-    )
-    print(
-        f"  encoder as implemented (prefix re-encoded each chunk, 28 s session): "
-        f"+{est['prefix_reencode_ms_per_frame_at_28s']:.2f} ms/frame compute at peak"
-    )
-    budgets = ", ".join(f"{k} {v:.0f} ms" for k, v in FIRST_PACKET_BUDGETS_MS.items())
-    print(
-        f"  first-packet floor (chunk_frames={scfg.chunk_frames}): client-measured "
-        f"{est['first_packet_client_floor_ms']:.0f} ms; user-perceived with vad end_silence "
-        f"{scfg.end_silence_ms} ms: {est['first_packet_user_floor_ms']:.0f} ms (budgets: {budgets})"
-    )
-    print(
-        f"  batching: weights dominate until ~{est['ridge_batch']:.0f} sessions per step "
-        f"(bf16 ridge); KV for 30 s sessions fits ~{est['sessions_hbm_fit_30s']} sessions in 80 GB"
-    )
+    if not args.no_estimate:
+        # H100 紙上估算（full 預設，批次 1／8／32／64）：見 benchmarks/paper_estimate.py。
+        import paper_estimate
+
+        print()
+        dims = paper_estimate.model_dims("full")
+        report["h100_estimate"] = [
+            paper_estimate.step_cost(dims, b, 750) for b in paper_estimate.DEFAULT_BATCHES
+        ]
+        paper_estimate.main([])
+
     print(f"\ntotal {time.perf_counter() - t_all:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n")

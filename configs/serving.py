@@ -20,7 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.device = "cpu"
     c.dtype = "float32"
     c.attn_implementation = "sdpa"
-    # 每個工作執行緒的 torch 執行緒數與同時計算的工作執行緒數。
+    # 排程："batched"（預設）：一個迴圈每 40 ms 一個 tick，把所有會話到期的幀合成一批
+    # （模型計算只在一個執行緒）；"per_session"：每個會話自己的計算工作，在 compute_workers 個
+    # 執行緒裡輪流跑（舊的路徑，基準比較用）。
+    c.scheduler = "batched"
+    # 每個工作執行緒的 torch 執行緒數與（per_session 排程）同時計算的工作執行緒數。
     c.torch_threads = 1
     c.compute_workers = 2
 
@@ -34,8 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.idle_timeout_s = 10.0  # 這麼久沒有音訊（空片段不算）就結束會話
     # 比即時快的客戶端被節流到即時：每一幀不早於它的即時到期時間才算。
     c.pace_realtime = True
-    # 准入控制：依量到的每幀計算時間（最近 256 次處理，含排隊），會話數超過
-    # headroom × compute_workers × 40 ms ÷ 每幀時間（再多就跟不上即時）時拒絕新會話
+    # 准入控制：依量到的每幀計算時間（批次排程：最近 256 個 tick 的計算秒數 ÷ 會話幀數；
+    # per_session：最近 256 次處理，含排隊），會話數超過
+    # headroom × 計算執行緒數 × 40 ms ÷ 每幀時間（再多就跟不上即時）時拒絕新會話
     # （RESOURCE_EXHAUSTED）。0 表示只看 max_sessions（預設：共用的 CPU 上量到的時間雜訊大）；
     # 專用機器建議 0.9。
     c.admission_headroom = 0.0

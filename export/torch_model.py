@@ -349,23 +349,28 @@ class TorchSpeakLLM(nn.Module):
         self, state: dict[str, Any], mel: torch.Tensor, valid: int | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """同 JAX `SpeakLLM.stream_audio`：`mel [B, n_mels, 2c+1]`（這一區塊的梅爾加一框前瞻，
-        超出音訊處補零，`valid` 為真實框數）→ (`[B, c / stack, hidden]`, 新狀態)。"""
+        超出音訊處補零，`valid` 為真實框數）→ (`[B, c / stack, hidden]`, 新狀態)。
+
+        `state["index"]`（已編碼的框數）可以是每列一個的串列：位置取模的起點、開頭的卷積左邊界
+        與左方槽的有效遮罩都逐列計算，所以位置不同的多個串流（`encode_batch`）能合成一批。"""
         enc = self.encoder
         b, _, m = mel.shape
         c = (m - 1) // 2
-        index = int(state["index"])
+        per_row = isinstance(state["index"], list | tuple)
+        index = [int(i) for i in state["index"]] if per_row else int(state["index"])
         valid = m if valid is None else int(valid)
         full = torch.cat([state["mel"], mel.to(self.dtype)], dim=2)
         x = F.gelu(F.conv1d(full, enc.conv1.weight, enc.conv1.bias))
-        local = torch.arange(2 * c + 1, device=x.device)
-        keep = ((local > 0) | (index > 0)) & (local <= valid)
-        x = x * keep.to(x.dtype)
+        idx = torch.tensor(index if per_row else [index], device=x.device)[:, None]
+        local = torch.arange(2 * c + 1, device=x.device)[None]
+        keep = ((local > 0) | (idx > 0)) & (local <= valid)
+        x = x * keep[:, None, :].to(x.dtype)
         x = F.gelu(F.conv1d(x, enc.conv2.weight, enc.conv2.bias, stride=2)).permute(0, 2, 1)
-        pos = encoder_positions(index, c, enc.config.max_source_positions, x.device)
+        pos = (idx + torch.arange(c, device=x.device)[None]) % enc.config.max_source_positions
         x = x + enc.embed_positions.weight[pos].to(x.dtype)
         w = state["k"][0].shape[2]
-        slot = index - w + torch.arange(w + c, device=x.device)
-        bias = additive_mask((slot >= 0)[None, None, None, :], x.dtype)
+        slot = idx - w + torch.arange(w + c, device=x.device)[None]
+        bias = additive_mask((slot >= 0)[:, None, None, :], x.dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(enc.layers):
             a = layer.self_attn
@@ -380,7 +385,8 @@ class TorchSpeakLLM(nn.Module):
             x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
             new_k.append(k[:, :, c:])
             new_v.append(v[:, :, c:])
-        new = {"mel": full[:, :, -3:-1], "k": new_k, "v": new_v, "index": index + c}
+        new_index = [i + c for i in index] if per_row else index + c
+        new = {"mel": full[:, :, -3:-1], "k": new_k, "v": new_v, "index": new_index}
         return self.heads.connector(enc.layer_norm(x)), new
 
     # ---------------------------------------------------------------- 與 JAX 同名的方法
@@ -881,11 +887,23 @@ class Streamer:
         self.mel = torch.cat([self.mel, m], dim=2)
         return self._encode_ready(final=False)
 
-    def push_audio(self, samples: np.ndarray) -> torch.Tensor:
-        """餵 16 kHz float32 波形（批次 1）→ 新完成區塊的使用者串流 `[1, k, d]`。"""
+    def push_audio(self, samples: np.ndarray, encode: bool = True) -> torch.Tensor:
+        """餵 16 kHz float32 波形（批次 1）→ 新完成區塊的使用者串流 `[1, k, d]`。
+
+        `encode=False` 只累積梅爾、回傳空的串流；之後由 `encode_batch` 與其他串流一批編碼。"""
         if self.batch != 1:
             raise ValueError("push_audio 只用於批次 1；批次請以 push_mel 餵各自的梅爾")
-        return self.push_mel(self.logmel.push(samples)[None])
+        mel = self.logmel.push(samples)[None]
+        if encode:
+            return self.push_mel(mel)
+        self.mel = torch.cat([self.mel, self.model._in(mel, self.model.dtype)], dim=2)
+        d = self.model.cfg.llm_hidden
+        return torch.zeros((1, 0, d), dtype=self.model.dtype, device=self.model.device)
+
+    @property
+    def chunk_ready(self) -> bool:
+        """有界左方脈絡的編碼器已湊滿一個區塊（加一框前瞻）可以編碼。"""
+        return not self.windowed and self.mel.shape[2] >= 2 * self.chunk_enc + 1
 
     @torch.no_grad()
     def flush(self, audio: bool = False) -> torch.Tensor:
@@ -921,6 +939,94 @@ class Streamer:
 
 
 @torch.no_grad()
+def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
+    """多個各自前進的 `Streamer`（批次 1、已編碼的框數各不相同）把已湊滿的區塊一批編碼。
+
+    各列的編碼器狀態（卷積左邊界的兩個梅爾框、每層左方 KV）疊成一批，以每列自己的框號
+    （`stream_audio` 的每列 `index`）算位置與遮罩，之後拆回各自的 `Streamer`；結果與逐一
+    `push_audio` 相同。回傳每個 `Streamer` 新完成區塊的使用者串流 `[1, k, d]`（沒有則 k = 0）。
+    舊匯出（切窗編碼）逐一編碼。
+    """
+    model = streamers[0].model
+    d = model.cfg.llm_hidden
+    out = [[] for _ in streamers]
+    while True:
+        rows = [i for i, st in enumerate(streamers) if st.chunk_ready]
+        if not rows:
+            break
+        group = [streamers[i] for i in rows]
+        size = 2 * group[0].chunk_enc + 1
+        if any(st.chunk_enc != group[0].chunk_enc for st in group):
+            raise ValueError("encode_batch 的 Streamer 必須有相同的 chunk_frames")
+        state = {
+            "mel": torch.cat([st.encoder["mel"] for st in group]),
+            "k": [torch.cat(ks) for ks in zip(*(st.encoder["k"] for st in group), strict=True)],
+            "v": [torch.cat(vs) for vs in zip(*(st.encoder["v"] for st in group), strict=True)],
+            "index": [int(st.encoder["index"]) for st in group],
+        }
+        mel = torch.cat([st.mel[:, :, :size] for st in group])
+        user, new = model.stream_audio(state, mel)
+        for r, (i, st) in enumerate(zip(rows, group, strict=True)):
+            st.encoder = {
+                "mel": new["mel"][r : r + 1],
+                "k": [k[r : r + 1] for k in new["k"]],
+                "v": [v[r : r + 1] for v in new["v"]],
+                "index": new["index"][r],
+            }
+            st.mel = st.mel[:, :, 2 * st.chunk_enc :]
+            out[i].append(user[r : r + 1])
+    for st, got in zip(streamers, out, strict=True):
+        if st.windowed:
+            got.append(st._encode_ready(final=False))
+    empty = torch.zeros((1, 0, d), dtype=model.dtype, device=model.device)
+    return [torch.cat(got, dim=1) if got else empty for got in out]
+
+
+def _pad_caches(caches: list[Any], config: Any, device: Any) -> tuple[Any, list[int], int]:
+    """各列的 `DynamicCache`（批次 1、長度各不相同）補齊到最長者疊成一批；回傳（批次快取, 各列長度,
+    最長者）。補齊處由呼叫端以每列的鍵遮罩遮掉。"""
+    from transformers import DynamicCache
+
+    lengths = [int(c.get_seq_length()) for c in caches]
+    longest = max(lengths)
+    n = len(caches)
+    cache = DynamicCache(config=config)
+    if longest:
+        for i in range(len(next(c for c, m in zip(caches, lengths) if m).layers)):
+            ref = next(c.layers[i].keys for c, m in zip(caches, lengths) if m)
+            shape = (n, ref.shape[1], longest, ref.shape[3])
+            keys = torch.zeros(shape, dtype=ref.dtype, device=device)
+            values = torch.zeros(shape, dtype=ref.dtype, device=device)
+            for r, (c, m) in enumerate(zip(caches, lengths)):
+                if m:
+                    keys[r, :, :m] = c.layers[i].keys[0]
+                    values[r, :, :m] = c.layers[i].values[0]
+            cache.update(keys, values, i)
+    return cache, lengths, longest
+
+
+def _row_cache(cache: Any, r: int, length: int, longest: int, config: Any) -> Any:
+    """從批次快取拆回第 r 列：它自己的 `length` 個舊詞加上這一步新寫入的詞（去掉補齊處）。"""
+    from transformers import DynamicCache
+
+    own = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        keys = torch.cat([layer.keys[r : r + 1, :, :length], layer.keys[r : r + 1, :, longest:]], 2)
+        vals = torch.cat(
+            [layer.values[r : r + 1, :, :length], layer.values[r : r + 1, :, longest:]], 2
+        )
+        own.update(keys, vals, i)
+    return own
+
+
+def _row_bias(lengths: list[int], longest: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """每列只看自己的舊詞與這一步的新詞：`[N, 1, 1, longest + 1]` 加性遮罩。"""
+    slot = torch.arange(longest + 1, device=device)
+    allowed = (slot[None] < torch.tensor(lengths, device=device)[:, None]) | (slot[None] == longest)
+    return additive_mask(allowed[:, None, None], dtype)
+
+
+@torch.no_grad()
 def step_batch(
     streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -928,43 +1034,26 @@ def step_batch(
     一次前進一幀，結果與逐一 `Streamer.step` 相同。
 
     `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。各列的 LLM 快取
-    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；深度 Transformer 一次產生 N 列的
-    語音碼。之後把每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。只支援 voila 語音頭
-    （cosyvoice2 的 talker 快取尚未批次化）。
+    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；voila 的深度 Transformer 一次產生
+    N 列的語音碼；cosyvoice2 的 talker 快取同樣補齊、每列自己的遮罩與位置，一次前進 N 列。之後把
+    每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。
     """
-    from transformers import DynamicCache
-
     model = streamers[0].model
     if any(st.model is not model or st.batch != 1 for st in streamers):
         raise ValueError("step_batch 的 Streamer 必須共用同一個模型且批次為 1")
-    if model.is_cosyvoice2:
-        raise ValueError("step_batch 尚未支援 speech_head='cosyvoice2'（talker 快取）")
     n = len(streamers)
     if user_t.shape[0] != n:
         raise ValueError(f"user_t 有 {user_t.shape[0]} 列，Streamer 有 {n} 個")
+    cosy = model.is_cosyvoice2
     dev, dt = model.device, model.dtype
     zero = torch.zeros((1, model.cfg.llm_hidden), dtype=dt, device=dev)
     cond = torch.cat([zero if st.cond is None else model.embed(st.cond).to(dt) for st in streamers])
     x = model.frame_inputs(
         user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
     )
-    lengths = [int(st.cache.get_seq_length()) for st in streamers]
-    longest = max(lengths)
-    cache = DynamicCache(config=model.llm.config)
-    if longest:
-        for i in range(len(streamers[0].cache.layers)):
-            ref = next(st.cache.layers[i].keys for st, m in zip(streamers, lengths) if m)
-            shape = (n, ref.shape[1], longest, ref.shape[3])
-            keys = torch.zeros(shape, dtype=ref.dtype, device=dev)
-            values = torch.zeros(shape, dtype=ref.dtype, device=dev)
-            for r, (st, m) in enumerate(zip(streamers, lengths)):
-                if m:
-                    keys[r, :, :m] = st.cache.layers[i].keys[0]
-                    values[r, :, :m] = st.cache.layers[i].values[0]
-            cache.update(keys, values, i)
-    slot = torch.arange(longest + 1, device=dev)
-    allowed = (slot[None] < torch.tensor(lengths, device=dev)[:, None]) | (slot[None] == longest)
-    bias = additive_mask(allowed[:, None, None], x.dtype)
+    llm_caches = [st.cache.llm if cosy else st.cache for st in streamers]
+    cache, lengths, longest = _pad_caches(llm_caches, model.llm.config, dev)
+    bias = _row_bias(lengths, longest, x.dtype, dev)
     pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
     res = model.llm.model(
         inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
@@ -973,17 +1062,33 @@ def step_batch(
     out = {
         "text": model.llm.lm_head(hidden).float(),
         "turn": model.heads.turn_head(hidden).float(),
-        "code_ids": model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1),
     }
+    talker_res = None
+    if cosy:
+        tk = model.talker
+        t_caches = [st.cache.talker for st in streamers]
+        t_cache, t_lengths, t_longest = _pad_caches(t_caches, tk.llm.model.config, dev)
+        text_out = torch.argmax(out["text"], dim=-1)
+        tx = tk.frame_inputs(hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"])
+        t_res = tk.llm.model.model(
+            inputs_embeds=tx,
+            attention_mask=_row_bias(t_lengths, t_longest, tx.dtype, dev),
+            position_ids=pos,
+            cache=t_cache,
+            use_cache=True,
+        )
+        out["code_ids"] = tk.greedy_codes(tk.decode(t_res.last_hidden_state))[..., None]
+        talker_res = (t_res.cache, t_lengths, t_longest, tk.llm.model.config)
+    else:
+        out["code_ids"] = model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1)
     for r, (st, m) in enumerate(zip(streamers, lengths)):
-        own = DynamicCache(config=model.llm.config)
-        for i, layer in enumerate(res.cache.layers):
-            keep = torch.cat([layer.keys[r : r + 1, :, :m], layer.keys[r : r + 1, :, longest:]], 2)
-            vals = torch.cat(
-                [layer.values[r : r + 1, :, :m], layer.values[r : r + 1, :, longest:]], 2
-            )
-            own.update(keep, vals, i)
-        st.cache = model._trim(own)
+        own = model._trim(_row_cache(res.cache, r, m, longest, model.llm.config))
+        if talker_res is not None:
+            t_cache, t_lengths, t_longest, t_cfg = talker_res
+            talker = model._trim(_row_cache(t_cache, r, t_lengths[r], t_longest, t_cfg))
+            st.cache = DuplexCache(own, talker)
+        else:
+            st.cache = own
         st.position += 1
     return out
 

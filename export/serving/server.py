@@ -17,8 +17,11 @@
 - 超過 `idle_timeout_s` 沒有音訊（空片段不算）→ DEADLINE_EXCEEDED；音訊總長超過
   `max_session_seconds`（> 0 時；在解碼與重取樣之前以宣告的取樣率算）→ OUT_OF_RANGE。
 
-每個會話兩個工作：讀取（抵達即記時間、驗證、解碼）與計算（依序、每幀不早於即時到期時間，
-`pace_realtime`）；送出迴圈把實際送出的音訊封包數與送出時間寫回 `TurnMetrics`。
+每個會話一個讀取工作（抵達即記時間、驗證、解碼，放進會話自己的佇列）。計算依 `scheduler`：
+`batched`（預設）為一個排程迴圈，每 40 ms 一個 tick 收集所有會話到期的幀（每幀不早於即時到期
+時間，`pace_realtime`），快速路徑各自做、編碼器區塊與 LLM 幀步與 Voila 解碼各一批
+（`session.step_sessions`）；`per_session` 為每個會話自己的計算工作（舊路徑）。送出迴圈把實際
+送出的音訊封包數與送出時間寫回 `TurnMetrics`。
 任何一個會話的錯誤都只結束該串流，伺服器繼續服務；客戶端消失時會話被取消並釋放。
 關機（SIGTERM／SIGINT 或 `stop`）先拒絕新會話，讓進行中的會話在 `shutdown_grace_s` 內結束，
 之後還在的會話各收到一個帶原因的 `SESSION_ENDED` 再關閉串流。
@@ -53,12 +56,16 @@ from export.serving.session import (
     SessionError,
     SessionSettings,
     load_engine,
+    step_sessions,
 )
 
 MIN_INPUT_RATE = 8000
 MAX_INPUT_RATE = 192000
 BACKLOG_MESSAGES = 64  # 每個會話讀進來但還沒處理的訊息上限（滿了就不再讀：gRPC 流量控制擋住客戶端）
 COST_WINDOW = 256  # 准入控制：以最近這麼多次處理（跨會話）的計算時間估每幀成本
+SCHEDULERS = ("batched", "per_session")
+MAX_ROUNDS = 8  # 批次排程：落後時一個 tick 內至多補跑幾輪（每輪每個會話一幀），之後讓出事件迴圈
+FRAME_LOG_SESSIONS = 32  # 伺服器記下最近這麼多個會話的每幀到期、抵達與計算時間（測試與基準用）
 
 
 class _Abort:
@@ -141,6 +148,10 @@ class _Live:
         self.anchor: float | None = None  # 第 0 幀到期的時間（第一則音訊抵達時）
         self.fed = 0  # 已交給會話的 16 kHz 樣本數
         self.queued = 0  # 已讀進待處理佇列的 16 kHz 樣本數
+        self.cur: list[Any] | None = None  # 批次排程：正在切成幀的訊息（樣本, 位置, 抵達時間）
+        self.done = False  # 批次排程：已處理 END（或已被關閉），不再排程
+        # 每幀的（即時到期, 抵達, 開始計算）時間：節流看得到、可測（不靠客戶端的牆鐘）。
+        self.log: dict[str, list[float]] = {"due": [], "arrival": [], "run": []}
 
     def due(self, samples: int) -> float:
         """累計 `samples` 個樣本時最後一個完整幀的即時到期時間（第 0 幀在第一則音訊抵達時到期）。"""
@@ -166,6 +177,15 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         self.sessions_done.set()
         self.live: set[_Live] = set()
         self.costs: deque[tuple[int, float]] = deque(maxlen=COST_WINDOW)  # （幀數, 秒）
+        self.scheduler = str(cfg.get("scheduler", "batched"))
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={self.scheduler!r}；可用 {', '.join(SCHEDULERS)}")
+        self.ticks: deque[tuple[int, float]] = deque(maxlen=COST_WINDOW)  # （會話幀數, tick 秒）
+        self.frame_log: deque[dict[str, list[float]]] = deque(maxlen=FRAME_LOG_SESSIONS)
+        self.wake = asyncio.Event()
+        self.loop_task: asyncio.Task | None = None
+        # 批次排程的模型計算只在這一個執行緒（所有會話一批）；事件迴圈照常收發。
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="sched")
 
     def _check_auth(self, context: grpc.aio.ServicerContext) -> str:
         """回傳錯誤說明（空字串表示通過）。重複的 `authorization` 一律拒絕。"""
@@ -187,11 +207,25 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         n = self.measured_frames
         return sum(t for _, t in self.costs) / n if n else 0.0
 
+    def tick_summary(self) -> dict[str, float]:
+        """最近量到的每幀計算毫秒；批次排程另有最近 `COST_WINDOW` 個有幀的 tick 的計算毫秒
+        p50／p90／p99 與平均每 tick 的會話幀數。"""
+        out: dict[str, float] = {"ticks": len(self.ticks), "frame_ms": self.frame_cost * 1000.0}
+        if self.ticks:
+            ms = np.array([t for _, t in self.ticks]) * 1000.0
+            p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+            frames = float(np.mean([n for n, _ in self.ticks]))
+            out.update(p50_ms=p50, p90_ms=p90, p99_ms=p99, frames=frames)
+        return out
+
     def capacity(self) -> float:
-        """依量到的每幀計算時間，能即時服務的會話數（還沒量到時為無限大）。"""
+        """依量到的每幀計算時間，能即時服務的會話數（還沒量到時為無限大）。
+
+        批次排程只有一個計算迴圈：每個會話幀的成本 = tick 計算秒數 ÷ 這個 tick 的會話幀數
+        （批次攤掉的固定成本已在裡面）；單一會話路徑乘上 `compute_workers`。"""
         if self.frame_cost <= 0:
             return float("inf")
-        workers = max(1, int(self.cfg.compute_workers))
+        workers = 1 if self.scheduler == "batched" else max(1, int(self.cfg.compute_workers))
         return float(self.cfg.admission_headroom) * workers * FRAME_SECONDS / self.frame_cost
 
     def _admission_error(self) -> str:
@@ -200,8 +234,9 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         if float(self.cfg.admission_headroom) > 0 and self.active + 1 > self.capacity():
             return (
                 f"再加一個會話會跟不上即時：量到每幀計算 {self.frame_cost * 1000:.1f} ms，"
-                f"compute_workers={self.cfg.compute_workers}、admission_headroom="
-                f"{self.cfg.admission_headroom} 下最多 {self.capacity():.1f} 個會話"
+                f"scheduler={self.scheduler}、compute_workers={self.cfg.compute_workers}、"
+                f"admission_headroom={self.cfg.admission_headroom} 下最多 "
+                f"{self.capacity():.1f} 個會話"
             )
         return ""
 
@@ -228,12 +263,13 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
             session = await self._run(self._new_session, first.control.options)
             live = _Live(session)
             self.live.add(live)
+            if self.scheduler == "batched":
+                self._ensure_loop()
             for m in session.start_messages():
                 yield m
-            live.tasks = [
-                asyncio.ensure_future(self._read(live, request_iterator)),
-                asyncio.ensure_future(self._work(live)),
-            ]
+            live.tasks = [asyncio.ensure_future(self._read(live, request_iterator))]
+            if self.scheduler != "batched":
+                live.tasks.append(asyncio.ensure_future(self._work(live)))
             sent = _SentAudio(session)
             while True:
                 msg = await live.out_q.get()
@@ -248,7 +284,9 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
             await context.abort(getattr(grpc.StatusCode, e.code), e.detail)
         finally:
             if live is not None:
+                live.done = True
                 self.live.discard(live)
+                self.frame_log.append(live.log)
                 await _cancel(live.tasks)
             self.active -= 1
             if self.active == 0:
@@ -321,6 +359,7 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
                 arrival = time.perf_counter()
                 if msg is None:
                     await live.work_q.put(("end", None, arrival))
+                    self.wake.set()
                     return
                 kind = msg.WhichOneof("payload")
                 if kind == "audio":
@@ -330,6 +369,7 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
                     if len(samples):
                         live.queued += len(samples)
                         await live.work_q.put(("audio", samples, arrival))
+                        self.wake.set()
                     if len(msg.audio.pcm16):
                         # 閒置計時只看真的音訊；節流中的積壓播完之前不算閒置。
                         backlog_end = live.due(live.queued) if live.anchor is not None else 0.0
@@ -337,9 +377,11 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
                 elif kind == "control":
                     if msg.control.kind == pb.Control.END:
                         await live.work_q.put(("end", None, arrival))
+                        self.wake.set()
                         return
                     if msg.control.kind == pb.Control.INTERRUPT:
                         await live.work_q.put(("interrupt", None, arrival))
+                        self.wake.set()
                     else:
                         raise SessionError("INVALID_ARGUMENT", "會話中重複的 Control{kind: START}")
                 else:
@@ -378,6 +420,8 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
                             await asyncio.sleep(wait)
                     # 比即時快送來的幀，以它的即時到期時間當作抵達時間。
                     stamp = max(arrival, due)
+                    if live.fed // FRAME_SAMPLES > (live.fed - len(piece)) // FRAME_SAMPLES:
+                        self._log(live, due, arrival)
                     frames = session.frame
                     t0 = time.perf_counter()
                     msgs = await self._run(session.feed, piece, stamp)
@@ -391,6 +435,112 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
             live.out_q.put_nowait(_Abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
         live.out_q.put_nowait(None)
 
+    def _log(self, live: _Live, due: float, arrival: float) -> None:
+        live.log["due"].append(due)
+        live.log["arrival"].append(arrival)
+        live.log["run"].append(time.perf_counter())
+
+    # ---------------------------------------------------------------- 批次排程
+
+    def _ensure_loop(self) -> None:
+        if self.loop_task is None or self.loop_task.done():
+            self.loop_task = asyncio.ensure_future(self._schedule())
+
+    async def _schedule(self) -> None:
+        """批次排程迴圈：每 40 ms 一個 tick，收集所有會話到期的幀，快速路徑各自做、模型一批前進。
+
+        tick 落在固定的 40 ms 格點上（`pace_realtime=False` 時不等，有事就做）；每個會話每輪至多
+        一幀，落後時同一 tick 內再補跑（至多 `MAX_ROUNDS` 輪），所以比即時快的會話的積壓
+        只在自己的佇列裡，不會讓其他會話等。"""
+        loop = asyncio.get_running_loop()
+        pace = bool(self.cfg.pace_realtime)
+        next_tick = time.perf_counter()
+        while True:
+            rounds = 0
+            while rounds < MAX_ROUNDS:
+                now = time.perf_counter()
+                work = [(live, self._take(live, now, pace)) for live in list(self.live)]
+                work = [(live, ops) for live, ops in work if ops]
+                if not work:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(self.compute, _run_tick, work)
+                except Exception as e:  # 意外：只結束這一輪的會話，迴圈繼續
+                    results = [([], e, 0, False) for _ in work]
+                seconds = time.perf_counter() - t0
+                frames = 0
+                for (live, _), (msgs, err, n, end) in zip(work, results, strict=True):
+                    frames += n
+                    if live.done and not end:
+                        continue  # 已被關閉（關機、客戶端消失）
+                    self._put(live.out_q, msgs)
+                    if err is not None:
+                        live.done = True
+                        if isinstance(err, SessionError):
+                            self._fail(live, err)
+                        else:
+                            live.out_q.put_nowait(
+                                _Abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+                            )
+                        live.out_q.put_nowait(None)
+                    elif end:
+                        live.out_q.put_nowait(None)
+                if frames:
+                    self.ticks.append((frames, seconds))
+                    self._measure(frames, seconds)
+                rounds += 1
+            if not self.live:
+                return  # 沒有會話：迴圈結束，下一個會話開始時再啟動
+            now = time.perf_counter()
+            if pace:
+                # 固定的 40 ms 格點；落後時不累積欠帳，補跑滿 MAX_ROUNDS 輪時只讓出事件迴圈。
+                next_tick = max(next_tick + FRAME_SECONDS, now - FRAME_SECONDS)
+                wait = 0.0 if rounds >= MAX_ROUNDS else next_tick - now
+                await asyncio.sleep(max(0.0, wait))
+            elif rounds == 0:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=FRAME_SECONDS)
+            else:
+                await asyncio.sleep(0)
+
+    def _take(self, live: _Live, now: float, pace: bool) -> list[tuple]:
+        """這一輪要交給會話的東西（依序）：控制訊息與切好的音訊片段，至多完成一幀；
+        完成的幀還沒到即時到期時間（`pace`）就留到之後的 tick。"""
+        ops: list[tuple] = []
+        if live.done:
+            return ops
+        while True:
+            if live.cur is None:
+                if live.work_q.empty():
+                    break
+                kind, samples, arrival = live.work_q.get_nowait()
+                if kind != "audio":
+                    ops.append((kind,))
+                    if kind == "end":
+                        break
+                    continue
+                live.cur = [samples, 0, arrival]
+            samples, pos, arrival = live.cur
+            take = FRAME_SAMPLES - live.fed % FRAME_SAMPLES
+            piece = samples[pos : pos + take]
+            fed = live.fed + len(piece)
+            completes = fed // FRAME_SAMPLES > live.fed // FRAME_SAMPLES
+            due = live.due(fed)
+            if completes and pace and due > now:
+                break
+            live.fed = fed
+            live.cur = None if pos + len(piece) >= len(samples) else [samples, pos + take, arrival]
+            # 比即時快送來的幀，以它的即時到期時間當作抵達時間。
+            ops.append(("audio", piece, max(arrival, due)))
+            if completes:
+                self._log(live, due, arrival)
+                break
+        if ops and ops[-1][0] == "end":
+            live.done = True
+        return ops
+
     def _measure(self, frames: int, seconds: float) -> None:
         if frames > 0:
             self.costs.append((frames, seconds))
@@ -398,10 +548,44 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
     async def close_all(self, reason: str) -> None:
         """結束所有進行中的會話：停下讀取與計算，送出帶原因的 `SESSION_ENDED` 後關閉串流。"""
         for live in list(self.live):
+            live.done = True
             await _cancel(live.tasks)
             for m in live.session.close_messages(reason):
                 live.out_q.put_nowait(m)
             live.out_q.put_nowait(None)
+
+
+def _run_tick(work: list[tuple[_Live, list[tuple]]]) -> list[tuple[list, Any, int, bool]]:
+    """批次排程一輪（在計算執行緒）：各會話依序吃這一輪的片段與控制（快速路徑、編碼），
+    再以 `step_sessions` 一批跑模型步。回傳每個會話的（訊息, 例外, 這一輪收到的幀數, 是否結束）。"""
+    res: list[list[Any]] = []
+    for live, ops in work:
+        s = live.session
+        msgs: list[pb.ServerMessage] = []
+        err: BaseException | None = None
+        end = False
+        before = s.frame
+        try:
+            for op in ops:
+                if op[0] == "audio":
+                    msgs += s.feed(op[1], op[2], defer=True)
+                elif op[0] == "interrupt":
+                    msgs += s.run_steps() + s.interrupt()
+                else:
+                    msgs += s.run_steps() + s.finish()
+                    end = True
+        except Exception as e:  # 只結束這個會話
+            err = e
+        res.append([msgs, err, before, end])
+    ready = [live.session for (live, _), r in zip(work, res, strict=True) if r[1] is None]
+    out, errors = step_sessions(ready)
+    for (live, _), r in zip(work, res, strict=True):
+        s = live.session
+        r[0] += out.get(id(s), [])
+        if r[1] is None:
+            r[1] = errors.get(id(s))
+        r[2] = s.frame - r[2]
+    return [tuple(r) for r in res]
 
 
 class _SentAudio:
@@ -498,6 +682,9 @@ class DuplexServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.servicer.sessions_done.wait(), timeout=5.0)
         await self.server.stop(0)
+        if self.servicer is not None and self.servicer.loop_task is not None:
+            await _cancel([self.servicer.loop_task])
+            self.servicer.compute.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -583,7 +770,9 @@ async def _serve(cfg: Any) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("shutting down: draining sessions", flush=True)
+    ticks = server.servicer.tick_summary() if server.servicer is not None else {}
     await server.stop()
+    print(f"tick stats: {json.dumps(ticks)}", flush=True)
     print("stopped", flush=True)
 
 

@@ -50,7 +50,14 @@ import torch
 import webrtcvad
 
 from export.serving import duplex_pb2 as pb
-from export.torch_model import SPEAKING_ACTIONS, Streamer, TorchSpeakLLM, load_exported
+from export.torch_model import (
+    SPEAKING_ACTIONS,
+    Streamer,
+    TorchSpeakLLM,
+    encode_batch,
+    load_exported,
+    step_batch,
+)
 from speakllm_jax.labels import TurnAction
 
 SAMPLE_RATE = 16000
@@ -255,6 +262,22 @@ class _Turn:
     packets: int = 0
 
 
+@dataclass
+class _StepJob:
+    """一個會話一幀的模型輸出在解碼前後之間的東西（批次排程在中間一批解碼）。"""
+
+    f: int
+    t0: float
+    enc_time: float
+    tok: int = 0
+    codes: Any = None
+    speaking: bool = False
+    window: np.ndarray | None = (
+        None  # 要解碼的 Voila 語音碼視窗 [Q, T]（不說話或 cosyvoice2 為 None）
+    )
+    out: list = field(default_factory=list)
+
+
 class DuplexSession:
     """一段對話。方法都不是執行緒安全的：伺服器對同一會話依序呼叫。"""
 
@@ -284,6 +307,8 @@ class DuplexSession:
             "codes_valid": torch.zeros((1, 1), dtype=torch.bool, device=dev),
         }
         self.pending = np.zeros(0, np.float32)  # 不足一幀的樣本
+        # 已編好、還沒跑模型的幀：（幀號, 使用者串流 [1, 1, d], 分攤的編碼秒數）。
+        self.steps: deque[tuple[int, torch.Tensor, float]] = deque()
         self.frame = 0  # 已收到的完整幀數
         self.model_frame = 0  # 已跑過模型的幀數
         # 還沒跑模型的幀的抵達時間（第 arrival_base 幀起）。
@@ -326,14 +351,39 @@ class DuplexSession:
             self._event(pb.Event.LISTENING, 0)
         ]
 
-    def feed(self, samples: np.ndarray, arrival: float | None = None) -> list[pb.ServerMessage]:
-        """餵 16 kHz float32 音訊（任意長度）；回傳要送給客戶端的訊息（依時間順序）。"""
+    def feed(
+        self, samples: np.ndarray, arrival: float | None = None, defer: bool = False
+    ) -> list[pb.ServerMessage]:
+        """餵 16 kHz float32 音訊（任意長度）；回傳要送給客戶端的訊息（依時間順序）。
+
+        `defer=True`（批次排程）：只做快速路徑與編碼，這一幀之後的模型步留在 `pending_steps`，
+        由 `step_sessions` 與其他會話一批前進；此時一次至多完成一幀，且上一幀的模型步須已做完。"""
         now = time.perf_counter() if arrival is None else arrival
         self.pending = np.concatenate([self.pending, np.asarray(samples, np.float32)])
         out: list[pb.ServerMessage] = []
         while len(self.pending) >= FRAME_SAMPLES:
+            if defer and self.steps:
+                raise RuntimeError("defer=True 時上一幀的模型步還沒做完（先呼叫 step_sessions）")
             frame, self.pending = self.pending[:FRAME_SAMPLES], self.pending[FRAME_SAMPLES:]
-            out += self._on_frame(frame, now)
+            out += self._on_frame(frame, now, defer)
+            if not defer:
+                out += self.run_steps()
+        return out
+
+    @property
+    def pending_steps(self) -> int:
+        """已編好、還沒跑模型的幀數。"""
+        return len(self.steps)
+
+    def run_steps(self) -> list[pb.ServerMessage]:
+        """逐一跑完待跑的模型步（單一會話的路徑）。"""
+        out: list[pb.ServerMessage] = []
+        while self.steps:
+            f, user_t, enc_time = self.steps[0]
+            t0 = time.perf_counter()
+            res = self.streamer.step(user_t, self.prev)
+            job = self.after_step(f, res, t0, enc_time)
+            out += self.finish_step(job, self.decode([job])[0])
         return out
 
     def interrupt(self) -> list[pb.ServerMessage]:
@@ -347,9 +397,11 @@ class DuplexSession:
         """結束會話：把剩下的幀跑完（不足一個區塊也跑）、結算進行中的輪次。"""
         if self.ended:
             return []
+        out = self.run_steps()
         t0 = time.perf_counter()
         user = self.streamer.flush(audio=True)
-        out = self._run_model(user, time.perf_counter() - t0)
+        self._queue_steps(user, time.perf_counter() - t0)
+        out += self.run_steps()
         if self.turn is not None:
             out += self._end_turn(self.frame, yielded=False)
         self.ended = True
@@ -380,14 +432,21 @@ class DuplexSession:
         self.seg_peak = max(self.seg_peak, rms)
         return True
 
-    def _on_frame(self, frame: np.ndarray, now: float) -> list[pb.ServerMessage]:
+    def _on_frame(
+        self, frame: np.ndarray, now: float, defer: bool = False
+    ) -> list[pb.ServerMessage]:
         t = self.frame
         self.arrival.append(now)
         self.frame += 1
         out = self._update_vad(t, self._voiced(frame), now)
+        if defer:
+            # 批次排程：只累積梅爾，區塊由 step_sessions 與其他會話一批編碼（encode_batch）。
+            self.streamer.push_audio(frame, encode=False)
+            return out
         t0 = time.perf_counter()
         user = self.streamer.push_audio(frame)
-        return out + self._run_model(user, time.perf_counter() - t0)
+        self._queue_steps(user, time.perf_counter() - t0)
+        return out
 
     def _update_vad(self, t: int, speech: bool, now: float) -> list[pb.ServerMessage]:
         s = self.s
@@ -549,43 +608,65 @@ class DuplexSession:
 
     # ---------------------------------------------------------------- 模型路徑
 
-    def _run_model(self, user: torch.Tensor, enc_seconds: float) -> list[pb.ServerMessage]:
-        """Streamer 新編好的使用者串流 `[1, k, d]` 逐幀跑模型（最後補零的區塊只跑到收到的幀）。"""
-        count = min(user.shape[1], self.frame - self.model_frame)
+    def _queue_steps(self, user: torch.Tensor, enc_seconds: float) -> None:
+        """Streamer 新編好的使用者串流 `[1, k, d]` 排成待跑的模型步（最後補零的區塊只排到收到的幀）。"""
+        count = min(user.shape[1], self.frame - self.model_frame - len(self.steps))
         if count <= 0:
-            return []
-        enc_time = enc_seconds / count
-        out: list[pb.ServerMessage] = []
+            return
+        f = self.model_frame + len(self.steps)
         for i in range(count):
-            out += self._step(self.model_frame, user[:, i : i + 1], enc_time)
-            self.model_frame += 1
-        del self.arrival[: self.model_frame - self.arrival_base]
-        self.arrival_base = self.model_frame
-        return out
+            self.steps.append((f + i, user[:, i : i + 1], enc_seconds / count))
 
-    def _step(self, f: int, user_t: torch.Tensor, enc_time: float) -> list[pb.ServerMessage]:
-        t0 = time.perf_counter()
+    def next_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """下一個待跑模型步的輸入：（使用者串流 `[1, 1, d]`, 上一幀的輸出 `prev`）。"""
+        return self.steps[0][1], self.prev
+
+    def after_step(
+        self, f: int, res: dict[str, torch.Tensor], t0: float, enc_time: float
+    ) -> _StepJob:
+        """模型一步之後、解碼之前的輪替：策略、這一幀說不說、語音碼與要解碼的視窗。"""
         eng = self.engine
-        res = self.streamer.step(user_t, self.prev)
-        tok = int(torch.argmax(res["text"][0, 0]))
+        job = _StepJob(f, t0, enc_time)
+        job.tok = int(torch.argmax(res["text"][0, 0]))
         act = int(torch.argmax(res["turn"][0, 0]))
-        codes = res["code_ids"][0, 0].to(torch.long)
-        out: list[pb.ServerMessage] = []
+        job.codes = res["code_ids"][0, 0].to(torch.long)
         if self.s.policy == "model":
-            out += self._model_policy(f, act)
-        speaking = (
+            job.out += self._model_policy(f, act)
+        job.speaking = (
             self.turn is not None
             and not self.turn.done
             and (self.s.policy == "model" or self.plan.get(f) == self.turn.index)
         )
-        if speaking:
+        if job.speaking:
             turn = self.turn
-            turn.codes.append(codes.cpu().numpy())
+            turn.codes.append(job.codes.cpu().numpy())
             if eng.token2wav is not None:
-                out += self._cosy_push(turn, f, int(codes[0]))
+                job.out += self._cosy_push(turn, f, int(job.codes[0]))
             else:
-                window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
-                wave = eng.voila.decode_codes(window)[-FRAME_SAMPLES:]
+                job.window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
+        return job
+
+    def decode(self, jobs: list[_StepJob]) -> list[np.ndarray | None]:
+        """Voila 解碼：同樣視窗長度的工作一批解，各取最後一幀的 640 個樣本。"""
+        waves: list[np.ndarray | None] = [None] * len(jobs)
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if job.window is not None:
+                groups.setdefault(job.window.shape[1], []).append(i)
+        for idx in groups.values():
+            batch = np.stack([jobs[i].window for i in idx])
+            audio = self.engine.voila.decode_codes(batch)
+            for r, i in enumerate(idx):
+                waves[i] = audio[r, -FRAME_SAMPLES:]
+        return waves
+
+    def finish_step(self, job: _StepJob, wave: np.ndarray | None) -> list[pb.ServerMessage]:
+        """解碼之後：送出這一幀的音訊與文字、回饋給下一幀的輸入、這一輪是否產生完。"""
+        eng = self.engine
+        f, tok, out = job.f, job.tok, job.out
+        if job.speaking:
+            turn = self.turn
+            if wave is not None:
                 out += self._speak([self._audio(wave, SAMPLE_RATE, f)], f)
                 if turn.first_audio_frame < 0:
                     turn.first_audio_frame = f
@@ -598,16 +679,22 @@ class DuplexSession:
         self.prev = {
             "text": torch.tensor([[tok]], dtype=torch.long, device=eng.device),
             "tones": torch.zeros_like(self.prev["tones"]),
-            "codes": codes.view(1, 1, -1),
-            "codes_valid": torch.tensor([[speaking]], dtype=torch.bool, device=eng.device),
+            "codes": job.codes.view(1, 1, -1),
+            "codes_valid": torch.tensor([[job.speaking]], dtype=torch.bool, device=eng.device),
         }
-        if self.turn is not None and speaking:
-            self.turn.compute += time.perf_counter() - t0 + enc_time
+        if self.turn is not None and job.speaking:
+            self.turn.compute += time.perf_counter() - job.t0 + job.enc_time
             if (
                 self.s.policy == "vad"
                 and f - self.turn.trigger_frame >= self.s.max_reply_frames - 1
             ):
                 out += self._turn_complete(f)
+        self.model_frame = f + 1
+        if self.steps and self.steps[0][0] == f:
+            self.steps.popleft()
+        if not self.steps:
+            del self.arrival[: self.model_frame - self.arrival_base]
+            self.arrival_base = self.model_frame
         return out
 
     def _turn_complete(self, f: int) -> list[pb.ServerMessage]:
@@ -664,3 +751,77 @@ class DuplexSession:
         elif not want and self.turn is not None and not self.turn.done:
             out += self._turn_complete(f)
         return out
+
+
+def step_sessions(
+    sessions: list[DuplexSession],
+) -> tuple[dict[int, list[pb.ServerMessage]], dict[int, BaseException]]:
+    """批次排程的一步：把各會話待跑的模型步一批前進，輪替策略仍在各會話裡。
+
+    先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
+    每個還有待跑模型步的會話的下一幀，以 `step_batch` 一次前進（各自的 LLM／talker 快取與
+    RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話判定，要解碼的 Voila 視窗依長度分組一批解碼，再各自送出。
+    一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
+    `run_steps` 相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
+    例外只結束該會話，其他會話照常。
+    """
+    out: dict[int, list[pb.ServerMessage]] = {id(s): [] for s in sessions}
+    errors: dict[int, BaseException] = {}
+    live = list(sessions)
+    if live:
+        # 各會話已湊滿的編碼器區塊一批編碼，排成待跑的模型步。
+        t0 = time.perf_counter()
+        try:
+            users = encode_batch([s.streamer for s in live])
+        except Exception:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+            users = []
+            for s in live:
+                try:
+                    users.append(encode_batch([s.streamer])[0])
+                except Exception as e:
+                    errors[id(s)] = e
+                    users.append(None)
+        share = (time.perf_counter() - t0) / len(live)
+        for s, user in zip(live, users, strict=True):
+            if user is not None:
+                s._queue_steps(user, share)
+    while True:
+        ready = [s for s in live if s.steps and id(s) not in errors]
+        if not ready:
+            break
+        t0 = time.perf_counter()
+        results: list[dict[str, torch.Tensor] | None] = []
+        if len(ready) > 1:
+            user = torch.cat([s.steps[0][1] for s in ready])
+            prev = {k: torch.cat([s.prev[k] for s in ready]) for k in ready[0].prev}
+            try:
+                res = step_batch([s.streamer for s in ready], user, prev)
+                results = [{k: v[r : r + 1] for k, v in res.items()} for r in range(len(ready))]
+            except Exception:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+                results = []
+        if not results:
+            for s in ready:
+                try:
+                    results.append(s.streamer.step(s.steps[0][1], s.prev))
+                except Exception as e:
+                    errors[id(s)] = e
+                    results.append(None)
+        share = (time.perf_counter() - t0) / len(ready)
+        jobs: list[tuple[DuplexSession, _StepJob]] = []
+        for s, res in zip(ready, results, strict=True):
+            if res is None:
+                continue
+            try:
+                f, _, enc_time = s.steps[0]
+                jobs.append((s, s.after_step(f, res, time.perf_counter() - share, enc_time)))
+            except Exception as e:
+                errors[id(s)] = e
+        if not jobs:
+            continue
+        waves = jobs[0][0].decode([j for _, j in jobs])
+        for (s, job), wave in zip(jobs, waves, strict=True):
+            try:
+                out[id(s)] += s.finish_step(job, wave)
+            except Exception as e:
+                errors[id(s)] = e
+    return out, errors

@@ -1,0 +1,192 @@
+"""批次排程：多個會話經 `step_sessions`（以及經真實伺服器的批次排程迴圈）得到的幀、事件與音訊，
+與每個會話單獨跑完全相同；GPU 檢查腳本沒有 GPU 時明說；H100 紙上估算用設定中的 full 尺寸。
+（准入與節流的測試在 `tests/test_serving_limits.py`。）"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from configs.serving import get_config
+from export.serving import duplex_pb2 as pb
+from export.serving.client import stream_audio
+from export.serving.server import ServerThread, build_demo_assets
+from export.serving.session import (
+    FRAME_SAMPLES,
+    DuplexSession,
+    SessionSettings,
+    load_engine,
+    step_sessions,
+)
+from speakllm_jax.data.demo_corpus import synth
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory):
+    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+
+
+@pytest.fixture(scope="module")
+def engine(assets):
+    return load_engine(*assets)
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    """三段不同的使用者聲道：說一句 → 靜音（助理回話）→ 插話或附和 → 靜音。"""
+    zh = synth("你好，請幫我查一下天氣。", "cmn")[:16000]
+    en = synth("hello there", "en")[:12000]
+    quiet = np.zeros(16000 * 2, np.float32)
+    short = synth("嗯", "cmn")[:5600]
+    return [
+        np.concatenate([zh, quiet, zh[:8000], quiet]),
+        np.concatenate([en, quiet[:20000], short, quiet]),
+        np.concatenate([quiet[:4000], zh[:9600], quiet, quiet[:8000]]),
+    ]
+
+
+def settings() -> SessionSettings:
+    return SessionSettings.from_config(get_config())
+
+
+def frames_of(x: np.ndarray) -> list[np.ndarray]:
+    n = len(x) // FRAME_SAMPLES
+    return [x[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES] for i in range(n)]
+
+
+def canonical(msgs: list[pb.ServerMessage]) -> tuple[list[bytes], list[np.ndarray]]:
+    """（訊息的位元組，去掉牆鐘量測與音訊樣本；各音訊封包的 PCM16 樣本）。"""
+    out, pcm = [], []
+    for m in msgs:
+        m = pb.ServerMessage.FromString(m.SerializeToString())
+        kind = m.WhichOneof("payload")
+        if kind == "metrics":
+            m.metrics.first_packet_latency_ms = 0.0
+            m.metrics.rtf = 0.0
+            m.metrics.compute_seconds = 0.0
+        elif kind == "audio":
+            pcm.append(np.frombuffer(m.audio.pcm16, "<i2").astype(np.int32))
+            m.audio.pcm16 = b""
+        out.append(m.SerializeToString(deterministic=True))
+    return out, pcm
+
+
+def assert_same(a: list[pb.ServerMessage], b: list[pb.ServerMessage]) -> None:
+    """事件、文字、幀號、輪次量測逐位元組相同；音訊樣本至多差 PCM16 的 1 個量化階
+    （批次解碼的浮點誤差 ≤ 1e-5，量化時偶爾跨過捨入邊界）。"""
+    ma, pa = canonical(a)
+    mb, pb_ = canonical(b)
+    assert ma == mb
+    assert len(pa) == len(pb_) and len(pa) > 20
+    assert max(int(np.abs(x - y).max()) for x, y in zip(pa, pb_, strict=True)) <= 1
+
+
+def test_batched_sessions_equal_each_alone(engine, clips) -> None:
+    alone = []
+    for clip in clips:
+        s = DuplexSession(engine, settings())
+        msgs = s.start_messages()
+        for fr in frames_of(clip):
+            msgs += s.feed(fr, 0.0)
+        msgs += s.finish()
+        alone.append(msgs)
+    # 同樣的輸入經批次排程：不同時間開始（位置、快取長度、說話的時機都不同），每個 tick 每個
+    # 會話一幀，模型一批前進。
+    offsets = [0, 3, 7]
+    sessions = [DuplexSession(engine, settings()) for _ in clips]
+    got = [s.start_messages() for s in sessions]
+    per = [frames_of(c) for c in clips]
+    ticks = max(o + len(p) for o, p in zip(offsets, per, strict=True))
+    batched_rounds = 0
+    for k in range(ticks + 1):
+        active = []
+        for i, s in enumerate(sessions):
+            j = k - offsets[i]
+            if 0 <= j < len(per[i]):
+                got[i] += s.feed(per[i][j], 0.0, defer=True)
+                active.append(s)
+            elif j == len(per[i]):
+                got[i] += s.finish()
+        # 這一 tick 有多個會話湊滿編碼器區塊：編碼器與之後的模型步都是多列的一批。
+        batched_rounds += sum(s.streamer.chunk_ready for s in active) > 1
+        msgs, errors = step_sessions(active)
+        assert not errors
+        for i, s in enumerate(sessions):
+            got[i] += msgs.get(id(s), [])
+    assert batched_rounds > 10  # 真的有多個會話合成一批
+    for a, b in zip(alone, got, strict=True):
+        assert_same(a, b)
+
+
+def test_batched_voila_decode_matches_single(engine) -> None:
+    # 同長度的視窗一批解碼與逐一解碼的浮點波形相同（≤ 1e-5）。
+    rng = np.random.default_rng(0)
+    voila = engine.voila
+    windows = rng.integers(0, voila.codebook_size, (5, voila.num_codebooks, 8))
+    batch = voila.decode_codes(windows)
+    for w, got in zip(windows, batch, strict=True):
+        assert np.abs(voila.decode_codes(w) - got).max() <= 1e-5
+
+
+def test_concurrent_sessions_over_loopback_equal_each_alone(assets, engine, clips) -> None:
+    # 真實伺服器（批次排程、即時節流）：三個會話同時串流與各自單獨串流，收到的幀、事件、文字與
+    # 輪次量測相同，音訊至多差 1 個量化階；同時跑的那次確實有多列的 tick。
+    cfg = get_config()
+    cfg.model_dir, cfg.voila_dir = map(str, assets)
+    cfg.port = 0
+    with ServerThread(cfg, engine) as st:
+        alone = [stream_audio(st.target, c, fast=True) for c in clips]
+        st.server.servicer.ticks.clear()
+        got: list = [None] * len(clips)
+
+        def one(i: int) -> None:
+            got[i] = stream_audio(st.target, clips[i], fast=True)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(clips))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        multi = max(n for n, _ in st.server.servicer.ticks)
+    assert multi > 1
+    for a, b in zip(alone, got, strict=True):
+        assert a.status == b.status == grpc.StatusCode.OK, (a.detail, b.detail)
+        assert_same(a.messages, b.messages)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="有 GPU 時腳本會真的跑基準")
+def test_gpu_check_says_plainly_without_gpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and "沒有可用的 CUDA GPU" in lines[0]
+
+
+def test_paper_estimate_uses_full_preset_dims() -> None:
+    # 設定中的 full 預設（8.03 B 參數）：批次越大每步讀的權重不變、KV 與 FLOPs 隨批次線性增長。
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paper_estimate
+
+    dims = paper_estimate.model_dims("full")
+    assert dims["llm_layers"] == 28 and dims["llm_hidden"] == 3584 and dims["llm_kv_heads"] == 4
+    assert 7.9e9 < dims["params_total"] < 8.2e9
+    one, many = (paper_estimate.step_cost(dims, b, 750) for b in (1, 32))
+    assert many["bytes"]["weights_llm"] == one["bytes"]["weights_llm"]
+    assert many["bytes"]["kv_llm"] == 32 * one["bytes"]["kv_llm"]
+    assert many["gflops"] == pytest.approx(32 * one["gflops"])
+    assert one["realtime"] and many["step_ms"] < 40.0
