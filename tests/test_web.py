@@ -412,7 +412,7 @@ def test_bridge_maps_errors_to_close_codes(web) -> None:
     """錯誤狀態 → 4000 + 狀態碼，關閉原因與 status 訊息帶 gRPC 伺服器的同一段說明。"""
     grpc_detail = stream_audio(web.server.target, np.zeros(SR, np.float32), token="wrong").detail
     got = asyncio.run(_ws_session(f"{web.url}ws?token=wrong", [], {"type": "start"}))
-    assert got["code"] == 4016 and got["reason"] == grpc_detail
+    assert got["code"] == 4016 and got["reason"] == grpc_detail, got
     (status,) = [j for j in got["json"] if j["type"] == "status"]
     assert status == {
         "type": "status",

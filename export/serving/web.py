@@ -46,6 +46,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 CLOSE_OK = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_STATUS_BASE = 4000  # 關閉碼 = 4000 + gRPC 狀態碼
+_STATUS_WAIT_S = 5.0  # 讀取迴圈出錯後等伺服器最終狀態的上限（秒）
 MAX_CLOSE_REASON_BYTES = 123  # WebSocket 關閉原因的上限（RFC 6455）
 AUDIO_HEADER = struct.Struct("<iI")  # 送給瀏覽器的音訊：seq、sample_rate，其後 PCM16
 
@@ -244,14 +245,18 @@ class WebBridge:
         await asyncio.wait({in_task, out_task}, return_when=asyncio.FIRST_COMPLETED)
         bad: BridgeError | None = None
         if in_task.done():
-            # 讀取迴圈只在客戶端離開或送了無法轉換的訊息時結束：結束 gRPC 串流。
-            call.cancel()
             exc = in_task.exception()
-            bad = (
-                in_task.result()
-                if exc is None
-                else BridgeError(grpc.StatusCode.INTERNAL, repr(exc))
-            )
+            if exc is None:
+                # 讀取迴圈只在客戶端離開或送了無法轉換的訊息時結束：結束 gRPC 串流。
+                call.cancel()
+                bad = in_task.result()
+            else:
+                # 寫入失敗多半是伺服器剛以自己的狀態結束串流（例如權杖被拒）：先等那個狀態。
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(out_task), _STATUS_WAIT_S)
+                if not out_task.done():
+                    call.cancel()
+                    bad = BridgeError(grpc.StatusCode.INTERNAL, repr(exc))
         code, detail = await out_task
         if not in_task.done():
             in_task.cancel()
