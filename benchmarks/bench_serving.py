@@ -356,7 +356,7 @@ def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: in
 
     from export.torch_model import load_exported
     from speakllm_jax.models.streaming import _frame_step
-    from speakllm_jax.training.config_io import load_config
+    from speakllm_jax.config import load_config
     from speakllm_jax.training.tasks import get_task
 
     torch.set_num_threads(torch_threads)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if "jax" in sys.modules:
         raise RuntimeError("JAX 在設定 XLA_FLAGS 之前就被匯入了")
 
-    from speakllm_jax.training.config_io import load_config
+    from speakllm_jax.config import load_config
     from speakllm_jax.training.planner import format_table, plan
 
     cfg = load_config(args.config, overrides)

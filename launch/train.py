@@ -15,7 +15,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
-from speakllm_jax.training.config_io import check_train_config, load_config  # noqa: E402
+from speakllm_jax.config import load_config  # noqa: E402
+from speakllm_jax.training.config_io import check_train_config  # noqa: E402
 
 
 def _logged_losses(workdir: Path) -> list[float]:

@@ -299,7 +299,7 @@ def test_cli_helpers_do_not_import_jax() -> None:
     # 客戶端、錯誤處理與設定解析不匯入 JAX／Flax；之後匯入 Flax 時仍關閉立即分片。
     code = (
         "import sys, export.serving.client, speakllm_jax.cli, speakllm_jax.audio.io\n"
-        "from speakllm_jax.training.config_io import load_config\n"
+        "from speakllm_jax.config import load_config\n"
         "load_config('phase2', ['--config.train.steps=3'])\n"
         "print(sorted(m for m in ('jax', 'flax', 'torch') if m in sys.modules))\n"
         "from flax import nnx\n"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from speakllm_jax.training.checkpointing import Checkpointer
-from speakllm_jax.training.config_io import load_config
+from speakllm_jax.config import load_config
 from speakllm_jax.training.loop import TooManyBadSteps, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -546,7 +546,7 @@ def build_demo_assets(
         from flax import nnx
 
         from export.to_torch import export_model
-        from speakllm_jax.training.config_io import load_config
+        from speakllm_jax.config import load_config
         from speakllm_jax.training.tasks import get_task
 
         overrides = [] if speech_head == "voila" else [f"--config.model.speech_head={speech_head}"]
@@ -624,7 +624,7 @@ def check_model_paths(cfg: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from speakllm_jax.cli import ArgumentParser
-    from speakllm_jax.training.config_io import load_config
+    from speakllm_jax.config import load_config
 
     p = ArgumentParser(
         prog="python -m export.serving.server", description="全雙工語音對話 gRPC 伺服器"

@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from speakllm_jax.config import config_to_dict
 from speakllm_jax.training import distributed
 from speakllm_jax.training.checkpointing import Checkpointer, overlay_params
-from speakllm_jax.training.config_io import config_to_dict, write_resolved
+from speakllm_jax.training.config_io import write_resolved
 from speakllm_jax.training.metrics_log import MetricsLogger
 from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
 from speakllm_jax.training.sharding import make_mesh
