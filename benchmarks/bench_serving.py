@@ -54,6 +54,7 @@ from export.serving.client import (  # noqa: E402
     stream_audio,
 )
 from export.serving.server import build_demo_assets  # noqa: E402
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 
 SR = 16000
 SENTENCE = "請問明天早上的火車幾點出發，我想要買兩張票。"
@@ -355,8 +356,8 @@ def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: in
     from flax import nnx
 
     from export.torch_model import load_exported
-    from speakllm_jax.models.streaming import _frame_step
     from speakllm_jax.config import load_config
+    from speakllm_jax.models.streaming import _frame_step
     from speakllm_jax.training.tasks import get_task
 
     torch.set_num_threads(torch_threads)
@@ -645,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feel-levels", default="1,4,8", help="手感比較的同時會話數（逗號分隔）")
     p.add_argument("--old-commit", default="main", help="舊版伺服器的 commit（git archive）")
     args = p.parse_args(argv)
+    configure_cpu_simulation()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     report: dict[str, Any] = {"cpu_count": os.cpu_count()}
     t_all = time.perf_counter()

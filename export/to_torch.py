@@ -46,6 +46,7 @@ from export.torch_model import (
     HeadsConfig,
 )
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli
+from speakllm_jax.cpu_simulation import configure_cpu_simulation
 
 
 def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="一致性檢查的隨機種子")
     p.add_argument("--skip-parity", action="store_true", help="不做一致性檢查（不寫 parity.json）")
     args = p.parse_args(argv)
+    configure_cpu_simulation()
     from speakllm_jax.training.config_io import require_run_dir
 
     require_run_dir(args.checkpoint, args.step, flag="--checkpoint")

@@ -296,11 +296,14 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 
 def test_cli_helpers_do_not_import_jax() -> None:
-    # 客戶端、錯誤處理與設定解析不匯入 JAX／Flax；之後匯入 Flax 時仍關閉立即分片。
+    # 客戶端、錯誤處理、設定解析與入口的執行環境設定不匯入 JAX／Flax；之後匯入 Flax 時立即分片
+    # 仍是關閉的。
     code = (
         "import sys, export.serving.client, speakllm_jax.cli, speakllm_jax.audio.io\n"
         "from speakllm_jax.config import load_config\n"
+        "from speakllm_jax.cpu_simulation import configure_cpu_simulation\n"
         "load_config('phase2', ['--config.train.steps=3'])\n"
+        "configure_cpu_simulation()\n"
         "print(sorted(m for m in ('jax', 'flax', 'torch') if m in sys.modules))\n"
         "from flax import nnx\n"
         "print(nnx.using_eager_sharding())\n"

@@ -1,6 +1,6 @@
 """匯入層級：由 AST 讀出每個模組的匯入（模組層級與函式內），檢查只往下指、沒有環。
 
-層級（由下而上）：`base`（`speakllm_jax` 套件本身、`labels`、`cpu_simulation`）→ `text` → `audio`
+層級（由下而上）：`base`（`speakllm_jax` 套件本身、`labels`、`cpu_simulation`、`config`）→ `text` → `audio`
 → `data`；`models`（不匯入 data／checkpoints／training／eval）→ `checkpoints`（只到 models）→
 `configs` → `training` → `eval` → 入口（`launch/`、`data/` 的 CLI、`benchmarks/`、`export/`）。
 `export/` 不匯入 eval；`export/serving/` 只用 base／text／audio／data 與 export，且模組層級
@@ -24,6 +24,7 @@ LAYER_OF = {
     "speakllm_jax": "base",
     "speakllm_jax.labels": "base",
     "speakllm_jax.cpu_simulation": "base",
+    "speakllm_jax.config": "base",
     "speakllm_jax.text": "text",
     "speakllm_jax.audio": "audio",
     "speakllm_jax.data": "data",
@@ -68,10 +69,9 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     ("speakllm_jax.data.cosyvoice2_tokens", "speakllm_jax.checkpoints.state_check"): (
         "PyTorch 端的語音碼抽取器應移出 speakllm_jax/（例如 data/tokenizers/ 或 export/）"
     ),
-    ("export.serving.server", "speakllm_jax.training.config_io"): (
-        "server 的 --demo-assets 以訓練設定建任務；應改由無 jax 的設定載入（服務端的修改中）"
+    ("export.serving.server", "speakllm_jax.training.tasks"): (
+        "server 的 --demo-assets 以訓練任務建示範模型與分詞器；應移到入口層（服務端的修改中）"
     ),
-    ("export.serving.server", "speakllm_jax.training.tasks"): "同上：以訓練任務取得分詞器",
 }
 # 仍然存在的環（模組集合）。
 ALLOWED_CYCLES: list[frozenset[str]] = []

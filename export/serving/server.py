@@ -640,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     cfg = load_config(args.config, rest)
     if args.demo_assets:
+        from speakllm_jax.cpu_simulation import configure_cpu_simulation
+
+        configure_cpu_simulation()  # 示範模型以 JAX 建立
         model_dir, dec_dir = build_demo_assets(args.demo_assets, speech_head=args.demo_head)
         with cfg.unlocked():
             cfg.model_dir = str(model_dir)
