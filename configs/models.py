@@ -113,7 +113,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
             speech_head="none",
             speech=speech_preset(preset),
             talker=talker_preset(preset),
-            # 官方 CosyVoice2 `llm.pt`（或同鍵 safetensors）；給定時載入 talker 權重。
+            # 官方 CosyVoice2 `llm.pt` 轉成的同鍵 safetensors（`python -m export.convert_llm_pt`）；
+            # 給定時載入 talker 權重。
             talker_path="",
             max_chars_per_token=4,
             num_emotions=0,

@@ -17,7 +17,7 @@
   `talker_config.json` 為主幹的 HF `config.json` 內容（`qwen`）與 `speech_token_size`、
   `thinker_hidden`、`fusion`、`fusion_hidden`。選 safetensors 而不是 `torch.save` 的 `.pt`：
   不經 pickle、可記憶體映射，JAX 端 `load_cosyvoice2_llm` 與 PyTorch 端都能直接讀；需要官方格式時
-  `torch.save(safetensors.torch.load_file("talker/llm.safetensors"), "llm.pt")` 即得同鍵的
+  `python -m export.convert_llm_pt --reverse --input talker/llm.safetensors` 即得同鍵的
   `llm.pt`（官方程式以 `strict=False` 載入時忽略 `fusion.*`）。
 - `DIR/heads.safetensors` + `DIR/heads_config.json`：連接器、思考者的語音碼嵌入、深度輸入投影與
   碼本位置（voila）、輪替／聲調／情緒頭與聲調嵌入（PyTorch `state_dict` 的鍵與佈局），以及重建

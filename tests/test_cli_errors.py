@@ -36,6 +36,8 @@ def _files(root: Path) -> dict[str, Path]:
     run = root / "run_no_ckpt"
     run.mkdir()
     (run / "config.json").write_text("{}")
+    pt = root / "llm.pt"
+    pt.write_bytes(b"")  # 只看副檔名：JAX 端不讀 pickle
     aishell = root / "aishell"
     (aishell / "transcript").mkdir(parents=True)
     (aishell / "transcript" / "aishell_transcript_v0.8.txt").write_text("")
@@ -49,6 +51,7 @@ def _files(root: Path) -> dict[str, Path]:
         "run": run,
         "aishell": aishell,
         "missing": root / "missing",
+        "pt": pt,
         "reply": root / "reply.wav",
     }
 
@@ -90,6 +93,21 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "train_unknown_preset",
         ["launch/train.py", "--config.preset=huge"],
         ["--config.preset=huge", "tiny"],
+    ),
+    (
+        "train_talker_pickle",
+        ["launch/train.py", "--config", "phase2", "--config.model.talker_path={pt}"],
+        ["--config.model.talker_path={pt}", "python -m export.convert_llm_pt --input {pt}"],
+    ),
+    (
+        "convert_missing_pt",
+        ["-m", "export.convert_llm_pt", "--input", "{missing}.pt"],
+        ["--input", "{missing}.pt"],
+    ),
+    (
+        "train_file_config_bad_preset",
+        ["launch/train.py", "--config", "configs/phase2_duplex.py:preset=huge"],
+        ["--config configs/phase2_duplex.py:preset=huge", "tiny"],
     ),
     ("evaluate_no_workdir_flag", ["launch/evaluate.py"], ["--workdir"]),
     ("evaluate_missing_workdir", ["launch/evaluate.py", "--workdir", "{missing}"], ["{missing}"]),

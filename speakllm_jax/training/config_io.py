@@ -73,6 +73,12 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
             raise UserFileError(
                 f"--config.model.{key}={value}：路徑不存在（需要本機的官方權重資料夾）"
             )
+    talker = str(cfg.model.get("talker_path", ""))
+    if local(talker) and Path(talker).suffix in (".pt", ".pth", ".bin"):
+        raise UserValueError(
+            f"--config.model.talker_path={talker}：JAX 訓練不讀 PyTorch pickle，請先轉成 safetensors："
+            f"python -m export.convert_llm_pt --input {talker}"
+        )
     for key in ("train_manifests", "eval_manifests"):
         for item in str(cfg.data.get(key, "")).split(","):
             if local(item.strip()) and not Path(item.strip()).is_file():
