@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         if a.session:
-            from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
+            from export.tokenizers.voila import make_demo_voila_tokenizer
 
             voila_dir = Path(tmp) / "voila"
             make_demo_voila_tokenizer(voila_dir, seed=0)

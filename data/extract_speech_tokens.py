@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.tokenizers.cosyvoice2 import S3CheckpointError  # noqa: E402
+from export.tokenizers.extract import SUPPORTED_TOKENIZERS, extract_speech_tokens  # noqa: E402
 from speakllm_jax.cli import (  # noqa: E402
     ArgumentParser,
     UserError,
@@ -25,12 +27,7 @@ from speakllm_jax.cli import (  # noqa: E402
     require_dir,
     run_cli,
 )
-from speakllm_jax.data.cosyvoice2_tokens import S3CheckpointError  # noqa: E402
 from speakllm_jax.data.manifest import require_rows  # noqa: E402
-from speakllm_jax.data.speech_tokens import (  # noqa: E402
-    SUPPORTED_TOKENIZERS,
-    extract_speech_tokens,
-)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speakllm_jax.data.demo_data import prepare_demo_speech
+from export.tokenizers.extract import prepare_demo_speech
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {"phase0": 5, "phase1": 5, "phase2": 4, "phase3": 4}

@@ -566,7 +566,7 @@ def build_demo_assets(
         if not (t2w_dir / TOKEN2WAV_CONFIG).exists():
             save_random_token2wav(t2w_dir, seed=seed)
         return model_dir, t2w_dir
-    from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
+    from export.tokenizers.voila import make_demo_voila_tokenizer
 
     voila_dir = out / "voila"
     make_demo_voila_tokenizer(voila_dir, seed=seed)

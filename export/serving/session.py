@@ -147,7 +147,7 @@ def load_engine(
             model.cfg.pad_id,
             token2wav=_load_token2wav(model, token2wav_dir, device),
         )
-    from speakllm_jax.data.speech_tokens import VoilaTokenizer
+    from export.tokenizers.voila import VoilaTokenizer
 
     if not str(voila_dir):
         raise ValueError("設定 voila_dir 是空的：需要 Voila-Tokenizer（EncodecModel）資料夾")
