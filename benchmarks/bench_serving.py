@@ -54,9 +54,10 @@ from export.serving.client import (  # noqa: E402
     stream_audio,
 )
 from export.serving.server import build_demo_assets  # noqa: E402
+from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 
-SR = 16000
+SR = SAMPLE_RATE
 SENTENCE = "請問明天早上的火車幾點出發，我想要買兩張票。"
 
 # H100 SXM 的峰值：bf16 稠密矩陣乘與 HBM3 頻寬、容量。

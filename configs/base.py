@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.models import PRESETS, model_config
+from speakllm_jax.models.axis_rules import DEFAULT_RULES
 
 
 def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
@@ -116,6 +117,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # 邏輯軸 → 網格軸的規則表（MaxText 的 logical_axis_rules）；參數、批次與模型內的活化約束都用它。
+    c.logical_axis_rules = DEFAULT_RULES
     c.logging = ml_collections.ConfigDict(
         dict(tensorboard=True, wandb_project="voice-duplex-zh", wandb=False, plot=True)
     )

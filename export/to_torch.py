@@ -50,25 +50,8 @@ from speakllm_jax.cpu_simulation import configure_cpu_simulation
 
 
 def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
-    """由 JAX `SpeakLLM` 的設定取出重建小模組所需的欄位。"""
-    c = model.cfg
-    return HeadsConfig(
-        whisper_d_model=int(c.whisper.d_model),
-        llm_hidden=int(c.qwen.hidden_size),
-        connector_stack=int(c.connector_stack),
-        connector_hidden=int(c.connector_hidden),
-        speech_head=str(c.speech_head),
-        num_codebooks=int(c.speech.num_codebooks),
-        codebook_size=int(c.speech.codebook_size),
-        depth_hidden=int(c.speech.depth_hidden),
-        max_chars_per_token=int(c.max_chars_per_token),
-        num_emotions=int(c.num_emotions),
-        pad_id=int(pad_id),
-        stream_chunk_frames=int(c.stream_chunk_frames),
-        encoder_left_chunks=int(c.encoder_left_chunks),
-        llm_sink_frames=int(c.llm_sink_frames),
-        llm_window_frames=int(c.llm_window_frames),
-    )
+    """由 JAX `SpeakLLM` 的設定取出重建小模組所需的欄位（見 `HeadsConfig.from_model_config`）。"""
+    return HeadsConfig.from_model_config(model.cfg, pad_id)
 
 
 def _np(x: Any) -> np.ndarray:

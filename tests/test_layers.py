@@ -55,7 +55,8 @@ ALLOWED = {
     "training": _JAX_SIDE,
     "eval": _JAX_SIDE | {"eval"},
     "export": _JAX_SIDE | {"export", "serving"},
-    "serving": {"base", "text", "audio", "data", "export", "serving"},
+    # 服務端讀自己的設定定義（configs/serving.py，只用 ml_collections）。
+    "serving": {"base", "text", "audio", "data", "configs", "export", "serving"},
     "entry": _JAX_SIDE | {"eval", "export", "serving", "entry"},
 }
 JAX_MODULES = ("jax", "flax", "optax", "orbax", "jaxlib")

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from speakllm_jax.audio.constants import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 from speakllm_jax.cli import UserFileError
 
 # Voila-Tokenizer 的規格（用來檢查載入的設定）。
-VOILA_SAMPLE_RATE = 16000
-VOILA_FRAME_RATE = 25
-VOILA_HOP = 640
+VOILA_SAMPLE_RATE = SAMPLE_RATE
+VOILA_FRAME_RATE = FRAME_RATE
+VOILA_HOP = FRAME_SAMPLES
 VOILA_CODEBOOK_SIZE = 2048
 VOILA_NUM_CODEBOOKS = 4
 VOILA_BANDWIDTH = 1.1

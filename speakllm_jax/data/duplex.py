@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from speakllm_jax.audio.constants import FRAME_SAMPLES, SAMPLE_RATE
 from speakllm_jax.data.interleave import (
     FRAME_SECONDS,
     align_text_to_frames,
@@ -39,8 +40,7 @@ from speakllm_jax.data.interleave import (
 from speakllm_jax.data.overlap import OverlapConfig, overlap_aware_targets
 
 NUM_CODEBOOKS = 4
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = int(round(SAMPLE_RATE * FRAME_SECONDS))  # 640
+SAMPLES_PER_FRAME = FRAME_SAMPLES  # 640
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """依邏輯軸名稱約束活化值的分片（只在 `jax.set_mesh` 設定了網格時生效）。
 
     沒有這個約束時，FSDP 網格上 XLA 可能保持權重分片而把整個全域批次的活化值收集到每個
-    裝置，記憶體隨全域批次而非每裝置批次成長。規則表用 `models.sharding.DEFAULT_RULES`。
+    裝置，記憶體隨全域批次而非每裝置批次成長。規則表為目前的 `models.sharding.active_rules()`。
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:

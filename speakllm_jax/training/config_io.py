@@ -13,6 +13,7 @@ import ml_collections
 
 from speakllm_jax.cli import UserFileError, UserValueError
 from speakllm_jax.config import config_to_dict
+from speakllm_jax.models.axis_rules import DEFAULT_RULES, rules_from_config
 
 
 def write_resolved(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -60,6 +61,11 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
             raise UserValueError(
                 f"--config.mesh.{axis}={size}：網格軸的大小必須 ≥ 1（-1 表示用剩下的裝置）"
             )
+
+    try:
+        rules_from_config(cfg.get("logical_axis_rules", DEFAULT_RULES))
+    except (TypeError, ValueError) as err:
+        raise UserValueError(f"--config.logical_axis_rules：{err}") from None
 
     def local(value: Any) -> bool:
         return bool(value) and "://" not in str(value)
