@@ -25,7 +25,11 @@ from speakllm_jax.training.planner import format_table, mesh_size, parse_mesh, p
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
+    parser.add_argument(
+        "--config",
+        default="phase0",
+        help="階段名稱（phase0…phase3）或設定檔路徑，可加 :preset=full",
+    )
     parser.add_argument(
         "--mesh",
         required=True,

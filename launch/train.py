@@ -72,7 +72,11 @@ def print_train_summary(result: Any, workdir: Path, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
+    parser.add_argument(
+        "--config",
+        default="phase0",
+        help="階段名稱（phase0…phase3）或設定檔路徑，可加 :preset=full",
+    )
     parser.add_argument("--workdir", default="", help="執行資料夾（預設 runs/<階段>）")
     parser.add_argument("--no_progress", action="store_true", help="不顯示進度條")
     args, overrides = parser.parse_known_args(argv)
