@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from export.demo_assets import build_demo_assets  # noqa: E402
 from export.serving import duplex_pb2 as pb  # noqa: E402
 from export.serving.client import (  # noqa: E402
     FRAME_SAMPLES,
@@ -53,7 +54,6 @@ from export.serving.client import (  # noqa: E402
     StreamResult,
     stream_audio,
 )
-from export.serving.server import build_demo_assets  # noqa: E402
 from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 

@@ -67,9 +67,6 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {
         "清單層級的 resample_split 應移到 speakllm_jax/data/（例如 data/segment.py）；"
         "本輪 CLI 錯誤訊息的修改也在這個函式，合併後再移"
     ),
-    ("export.serving.server", "speakllm_jax.training.tasks"): (
-        "server 的 --demo-assets 以訓練任務建示範模型與分詞器；應移到入口層（服務端的修改中）"
-    ),
 }
 # 仍然存在的環（模組集合）。
 ALLOWED_CYCLES: list[frozenset[str]] = []
