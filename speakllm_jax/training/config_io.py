@@ -1,6 +1,7 @@
 """訓練執行資料夾與設定的檢查：寫出解析後的設定、找檢查點、訓練前檢查路徑與網格。
 
-設定的載入與覆寫在 `speakllm_jax.config`（`ml_collections.config_flags`）。
+設定的載入與覆寫在 `speakllm_jax.config`（`ml_collections.config_flags`）；`load_config` 在此仍可
+匯入（舊的匯入路徑），新程式請直接用 `speakllm_jax.config`。
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import ml_collections
 
 from speakllm_jax.cli import UserFileError, UserValueError
 from speakllm_jax.config import config_to_dict
+from speakllm_jax.config import (
+    load_config as load_config,  # 舊的匯入路徑（main 上的 serving/web.py）
+)
 from speakllm_jax.models.axis_rules import DEFAULT_RULES, rules_from_config
 
 
