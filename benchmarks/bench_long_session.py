@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+
 FRAMES_PER_MINUTE = 25 * 60
 
 
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder_left_chunks", type=int, default=100)
     p.add_argument("--session", action="store_true", help="驅動 DuplexSession（含輪替與解碼）")
     a = p.parse_args(argv)
+    configure_cpu_simulation()
     try:
         marks = [float(m) for m in a.marks.split(",") if m.strip()]
     except ValueError:
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         if a.session:
-            from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
+            from export.tokenizers.voila import make_demo_voila_tokenizer
 
             voila_dir = Path(tmp) / "voila"
             make_demo_voila_tokenizer(voila_dir, seed=0)

@@ -18,6 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+
+configure_cpu_simulation()  # 在匯入 JAX 之前
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from export.demo_assets import build_demo_assets  # noqa: E402
 from export.serving import duplex_pb2 as pb  # noqa: E402
 from export.serving.client import (  # noqa: E402
     FRAME_SAMPLES,
@@ -58,9 +59,10 @@ from export.serving.client import (  # noqa: E402
     StreamResult,
     stream_audio,
 )
-from export.serving.server import build_demo_assets  # noqa: E402
+from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 
-SR = 16000
+SR = SAMPLE_RATE
 SENTENCE = "請問明天早上的火車幾點出發，我想要買兩張票。"
 
 
@@ -359,8 +361,8 @@ def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: in
     from flax import nnx
 
     from export.torch_model import load_exported
+    from speakllm_jax.config import load_config
     from speakllm_jax.models.streaming import _frame_step
-    from speakllm_jax.training.config_io import load_config
     from speakllm_jax.training.tasks import get_task
 
     torch.set_num_threads(torch_threads)
@@ -688,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-estimate", action="store_true", help="不印 H100 紙上估算（需要 JAX 建抽象模型）"
     )
     args = p.parse_args(argv)
+    configure_cpu_simulation()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     report: dict[str, Any] = {"cpu_count": os.cpu_count()}
     t_all = time.perf_counter()

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no_torch", action="store_true", help="不跑 PyTorch 對照組")
     args = p.parse_args(argv)
+    configure_cpu_simulation()
 
     import jax
 

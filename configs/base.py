@@ -4,7 +4,27 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.models import model_config
+from configs.models import PRESETS, model_config
+from speakllm_jax.models.axis_rules import DEFAULT_RULES
+
+
+def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
+    """`get_config` 的字串引數（`--config 檔案:引數`，big_vision 的寫法）→ 具名的值。
+
+    引數為逗號分隔的 `鍵=值`；單獨一個預設名稱（`tiny`、`full`）等同 `preset=名稱`。未知的鍵
+    拋出 ValueError 並列出可用的鍵。
+    """
+    out = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep and "preset" in defaults and item in PRESETS:
+            key, value = "preset", item
+        if key not in out:
+            raise ValueError(f"設定檔引數 {item!r} 無法辨識；可用的鍵：{sorted(defaults)}")
+        out[key] = value
+    if "preset" in out and out.preset not in PRESETS:
+        raise ValueError(f"未知的模型預設 {out.preset!r}；可用：{PRESETS}")
+    return out
 
 
 def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -103,6 +123,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # 邏輯軸 → 網格軸的規則表（MaxText 的 logical_axis_rules）；參數、批次與模型內的活化約束都用它。
+    c.logical_axis_rules = DEFAULT_RULES
     c.logging = ml_collections.ConfigDict(
         dict(tensorboard=True, wandb_project="voice-duplex-zh", wandb=False, plot=True)
     )

@@ -4,7 +4,9 @@
 full 為 Qwen2.5-0.5B），思考者的語音碼輸入嵌入改為 1 個碼本、6561 + 3 個碼（`speech` 區塊不用）。
 
 欄位名稱與 `speakllm_jax.models.whisper.WhisperConfig`、`speakllm_jax.models.qwen2.Qwen2Config`
-一致；`whisper_path` / `qwen_path` 指向官方 Hugging Face 資料夾時，訓練開始前會載入其權重。
+一致：full 預設由這些 dataclass 的官方預設以 `speakllm.preset_fields` 取得（不另寫欄位清單），
+tiny 預設逐一寫出同一組欄位（`tests/test_config_source.py` 檢查兩者欄位相同），設定區塊 → dataclass
+只在 `speakllm_jax.models.speakllm.build_speakllm_config` 一處；`whisper_path` / `qwen_path` 指向官方 Hugging Face 資料夾時，訓練開始前會載入其權重。
 """
 
 from __future__ import annotations
@@ -12,32 +14,13 @@ from __future__ import annotations
 import ml_collections
 
 PRESETS = ("tiny", "full")
-# 預設區塊中出現的結構欄位（tiny 逐一寫出；full 由模型模組的官方預設取得）。
-_WHISPER_FIELDS = (
-    "num_mel_bins",
-    "d_model",
-    "encoder_layers",
-    "encoder_attention_heads",
-    "encoder_ffn_dim",
-    "decoder_layers",
-    "decoder_attention_heads",
-    "decoder_ffn_dim",
-    "max_source_positions",
-    "max_target_positions",
-    "vocab_size",
-)
-_QWEN_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "max_position_embeddings",
-)
+
+
+def _full(cfg: object) -> ml_collections.ConfigDict:
+    """full 預設：取官方結構 dataclass 的預設區塊欄位（`speakllm.preset_fields`，不重抄數字與欄位）。"""
+    from speakllm_jax.models.speakllm import preset_fields
+
+    return ml_collections.ConfigDict(preset_fields(cfg))
 
 
 def whisper_preset(name: str) -> ml_collections.ConfigDict:
@@ -59,11 +42,9 @@ def whisper_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
-        # 與 `speakllm_jax.models.whisper.whisper_medium()` 同一份事實，不在這裡重抄數字。
         from speakllm_jax.models.whisper import whisper_medium
 
-        medium = whisper_medium()
-        return ml_collections.ConfigDict({k: getattr(medium, k) for k in _WHISPER_FIELDS})
+        return _full(whisper_medium())
     raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
 
 
@@ -85,11 +66,9 @@ def qwen_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
-        # 與 `Qwen2Config.qwen2_5_7b()` 同一份事實，不在這裡重抄數字。
         from speakllm_jax.models.qwen2 import Qwen2Config
 
-        q7b = Qwen2Config.qwen2_5_7b()
-        return ml_collections.ConfigDict({k: getattr(q7b, k) for k in _QWEN_FIELDS})
+        return _full(Qwen2Config.qwen2_5_7b())
     raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
 
 
@@ -113,7 +92,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
             speech_head="none",
             speech=speech_preset(preset),
             talker=talker_preset(preset),
-            # 官方 CosyVoice2 `llm.pt`（或同鍵 safetensors）；給定時載入 talker 權重。
+            # 官方 CosyVoice2 `llm.pt` 轉成的同鍵 safetensors（`python -m export.convert_llm_pt`）；
+            # 給定時載入 talker 權重。
             talker_path="",
             max_chars_per_token=4,
             num_emotions=0,
@@ -143,17 +123,9 @@ def speech_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
-        return ml_collections.ConfigDict(
-            dict(
-                num_codebooks=4,
-                codebook_size=2048,
-                depth_layers=4,
-                depth_hidden=1024,
-                depth_heads=16,
-                depth_kv_heads=16,
-                depth_intermediate=2816,
-            )
-        )
+        from speakllm_jax.models.speech_heads import SpeechHeadConfig
+
+        return _full(SpeechHeadConfig())  # 預設值即 Voila 的實際值
     raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
 
 
@@ -165,15 +137,19 @@ def talker_preset(name: str) -> ml_collections.ConfigDict:
     """
     if name == "tiny":
         # tiny 的 talker 主幹與 tiny 的思考者 Qwen 同尺寸（同一個真實 Qwen 詞表）。
-        qwen = qwen_preset("tiny").to_dict()
-    elif name == "full":
-        # 與 `Qwen2Config.qwen2_5_0_5b()` 同一份事實。
-        from speakllm_jax.models.qwen2 import Qwen2Config
+        return ml_collections.ConfigDict(
+            dict(
+                speech_token_size=6561,
+                fusion="residual",
+                fusion_hidden=0,
+                qwen=qwen_preset("tiny").to_dict(),
+            )
+        )
+    if name == "full":
+        from speakllm_jax.models.cosyvoice2_talker import TalkerConfig
 
-        q05 = Qwen2Config.qwen2_5_0_5b()
-        qwen = {k: getattr(q05, k) for k in _QWEN_FIELDS}
-    else:
-        raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")
-    return ml_collections.ConfigDict(
-        dict(speech_token_size=6561, fusion="residual", fusion_hidden=0, qwen=qwen)
-    )
+        official = TalkerConfig.cosyvoice2()  # 主幹 Qwen2.5-0.5B、6561 個語音碼
+        out = _full(official)
+        out.qwen = _full(official.qwen)
+        return out
+    raise ValueError(f"未知的模型預設 {name!r}；可用：{PRESETS}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.base import base_config
+from configs.base import base_config, parse_arg
 
 
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """`arg`：`preset=tiny|full`（或只寫預設名稱），見 `configs.base.parse_arg`。"""
+    preset = parse_arg(arg, preset="tiny").preset
     c = base_config(preset)
     c.phase = "phase0_connector"
     c.task = "asr_connector"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.base import parse_arg
 from configs.phase1_sft import get_config as phase1
 
 
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """`arg`：`preset=tiny|full`（或只寫預設名稱），見 `configs.base.parse_arg`。"""
+    preset = parse_arg(arg, preset="tiny").preset
     c = phase1(preset)
     c.phase = "phase2_duplex"
     c.data.duplex_sets = "dialogue,instructions"

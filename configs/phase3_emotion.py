@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.base import parse_arg
 from configs.phase2_duplex import get_config as phase2
 from speakllm_jax.labels import NUM_EMOTIONS
 
 
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """`arg`：`preset=tiny|full`（或只寫預設名稱），見 `configs.base.parse_arg`。"""
+    preset = parse_arg(arg, preset="tiny").preset
     c = phase2(preset)
     c.phase = "phase3_emotion"
     c.model.num_emotions = NUM_EMOTIONS  # 情緒頭輸出 labels.EMOTIONS 的各類

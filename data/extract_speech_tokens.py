@@ -17,6 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.tokenizers.cosyvoice2 import S3CheckpointError  # noqa: E402
+from export.tokenizers.extract import (  # noqa: E402
+    SUPPORTED_TOKENIZERS,
+    extract_speech_tokens,
+    load_speech_tokenizer,
+)
 from speakllm_jax.cli import (  # noqa: E402
     ArgumentParser,
     UserError,
@@ -26,12 +32,7 @@ from speakllm_jax.cli import (  # noqa: E402
     run_cli,
 )
 from speakllm_jax.data.chain_cli import add_chain_flags, run_chain_cli  # noqa: E402
-from speakllm_jax.data.cosyvoice2_tokens import S3CheckpointError  # noqa: E402
 from speakllm_jax.data.manifest import require_rows  # noqa: E402
-from speakllm_jax.data.speech_tokens import (  # noqa: E402
-    SUPPORTED_TOKENIZERS,
-    extract_speech_tokens,
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=a.checkpoint,
             device=a.device,
             token_batch_size=a.batch_size,
+            tokenizer_loader=f"{load_speech_tokenizer.__module__}:{load_speech_tokenizer.__name__}",
         )
     try:
         report = extract_speech_tokens(

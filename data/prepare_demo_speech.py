@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.tokenizers.extract import prepare_demo_speech  # noqa: E402
 from speakllm_jax.cli import ArgumentParser, print_summary, require_dir, run_cli  # noqa: E402
-from speakllm_jax.data.demo_data import DEMO_SPEECH_TOKENIZERS, prepare_demo_speech  # noqa: E402
+from speakllm_jax.data.demo_data import DEMO_SPEECH_TOKENIZERS  # noqa: E402
 
 LABELS = {
     "dialogue": "對話清單",

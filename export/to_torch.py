@@ -17,7 +17,7 @@
   `talker_config.json` 為主幹的 HF `config.json` 內容（`qwen`）與 `speech_token_size`、
   `thinker_hidden`、`fusion`、`fusion_hidden`。選 safetensors 而不是 `torch.save` 的 `.pt`：
   不經 pickle、可記憶體映射，JAX 端 `load_cosyvoice2_llm` 與 PyTorch 端都能直接讀；需要官方格式時
-  `torch.save(safetensors.torch.load_file("talker/llm.safetensors"), "llm.pt")` 即得同鍵的
+  `python -m export.convert_llm_pt --reverse --input talker/llm.safetensors` 即得同鍵的
   `llm.pt`（官方程式以 `strict=False` 載入時忽略 `fusion.*`）。
 - `DIR/heads.safetensors` + `DIR/heads_config.json`：連接器、思考者的語音碼嵌入、深度輸入投影與
   碼本位置（voila）、輪替／聲調／情緒頭與聲調嵌入（PyTorch `state_dict` 的鍵與佈局），以及重建
@@ -46,28 +46,12 @@ from export.torch_model import (
     HeadsConfig,
 )
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli
+from speakllm_jax.cpu_simulation import configure_cpu_simulation
 
 
 def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
-    """由 JAX `SpeakLLM` 的設定取出重建小模組所需的欄位。"""
-    c = model.cfg
-    return HeadsConfig(
-        whisper_d_model=int(c.whisper.d_model),
-        llm_hidden=int(c.qwen.hidden_size),
-        connector_stack=int(c.connector_stack),
-        connector_hidden=int(c.connector_hidden),
-        speech_head=str(c.speech_head),
-        num_codebooks=int(c.speech.num_codebooks),
-        codebook_size=int(c.speech.codebook_size),
-        depth_hidden=int(c.speech.depth_hidden),
-        max_chars_per_token=int(c.max_chars_per_token),
-        num_emotions=int(c.num_emotions),
-        pad_id=int(pad_id),
-        stream_chunk_frames=int(c.stream_chunk_frames),
-        encoder_left_chunks=int(c.encoder_left_chunks),
-        llm_sink_frames=int(c.llm_sink_frames),
-        llm_window_frames=int(c.llm_window_frames),
-    )
+    """由 JAX `SpeakLLM` 的設定取出重建小模組所需的欄位（見 `HeadsConfig.from_model_config`）。"""
+    return HeadsConfig.from_model_config(model.cfg, pad_id)
 
 
 def _np(x: Any) -> np.ndarray:
@@ -220,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="一致性檢查的隨機種子")
     p.add_argument("--skip-parity", action="store_true", help="不做一致性檢查（不寫 parity.json）")
     args = p.parse_args(argv)
+    configure_cpu_simulation()
     from speakllm_jax.training.config_io import require_run_dir
 
     require_run_dir(args.checkpoint, args.step, flag="--checkpoint")

@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,24 @@ TALKER_DIR = "talker"
 TALKER_WEIGHTS = "llm.safetensors"
 TALKER_CONFIG = "talker_config.json"
 SPEECH_HEADS = ("none", "voila", "cosyvoice2")
+# `HeadsConfig` 中與 `SpeakLLMConfig` 不同名的欄位 → 取自哪個子設定的哪個屬性。
+NESTED_SOURCES: dict[str, tuple[str, str]] = {
+    "whisper_d_model": ("whisper", "d_model"),
+    "llm_hidden": ("qwen", "hidden_size"),
+    "num_codebooks": ("speech", "num_codebooks"),
+    "codebook_size": ("speech", "codebook_size"),
+    "depth_hidden": ("speech", "depth_hidden"),
+}
 
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    """重建小模組所需的 `SpeakLLMConfig` 欄位。"""
+    """重建小模組所需的 `SpeakLLMConfig` 欄位（`heads_config.json`）。
+
+    與 `SpeakLLMConfig` 同名的欄位直接取同名值；其餘由 `NESTED_SOURCES` 指出取自哪個子設定，
+    只有 `pad_id` 由匯出時的分詞器給。`export.to_torch.heads_config_from` 依此逐欄取值，
+    `tests/test_config_source.py` 檢查 `SpeakLLMConfig` 的每個純量欄位都在這裡、預設值相同。
+    """
 
     whisper_d_model: int
     llm_hidden: int
@@ -66,6 +79,19 @@ class HeadsConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_model_config(cls, cfg: Any, pad_id: int) -> HeadsConfig:
+        """由 JAX 的 `SpeakLLMConfig`（只讀屬性，不需匯入 JAX）逐欄取值。"""
+        kw: dict[str, Any] = {"pad_id": int(pad_id)}
+        for f in fields(cls):
+            if f.name == "pad_id":
+                continue
+            value = cfg
+            for attr in NESTED_SOURCES.get(f.name, (f.name,)):
+                value = getattr(value, attr)
+            kw[f.name] = type(f.default)(value) if f.default is not MISSING else int(value)
+        return cls(**kw)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = HEADS_CONFIG) -> HeadsConfig:

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 from speakllm_jax.training.config_io import require_run_dir  # noqa: E402
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token2wav_dir", default="", help="CosyVoice2 token2wav（預設：示範解碼器）")
     p.add_argument("--realtime", action="store_true", help="依音訊時間串流（預設加速時鐘）")
     a = p.parse_args(argv)
+    configure_cpu_simulation()
     if a.duplex_server:
         return _duplex_server(a)
     workdir = require_run_dir(a.workdir, a.step)

@@ -2,7 +2,8 @@
 
 在 CPU 上模擬網格大小個裝置，抽象地建立模型（不配置全尺寸陣列），計算每裝置的參數與
 優化器狀態位元組，並編譯訓練步取得 XLA 記憶體分析。所有邏輯在
-`speakllm_jax.training.planner`；本檔先解析參數、設定環境變數，之後才匯入 JAX。
+`speakllm_jax.training.planner`（它在函式內才匯入 JAX）；本檔先解析參數、設定模擬裝置數與
+`configure_cpu_simulation()`，之後才載入設定與 JAX。
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from speakllm_jax.cli import ArgumentParser, run_cli  # noqa: E402  套件本身不匯入 JAX
+from speakllm_jax.cli import ArgumentParser, run_cli  # noqa: E402
+from speakllm_jax.config import load_config  # noqa: E402
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+from speakllm_jax.training.planner import format_table, mesh_size, parse_mesh, plan  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
+    parser.add_argument(
+        "--config",
+        default="phase0",
+        help="階段名稱（phase0…phase3）或設定檔路徑，可加 :preset=full",
+    )
     parser.add_argument(
         "--mesh",
         required=True,
@@ -45,15 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leaves", action="store_true", help="JSON 中附上每個葉節點的分片明細")
     args, overrides = parser.parse_known_args(argv)
 
-    # 先解析網格，再在匯入 JAX 之前設定模擬裝置數（套件與 planner 模組本身不匯入 JAX；
-    # full 預設的設定會匯入模型，所以設定在設好環境變數之後才載入）。
-    from speakllm_jax.training import planner as planner_light
-
+    # 先解析網格，再在匯入 JAX 之前設定模擬裝置數（full 預設的設定會匯入模型，所以設定在
+    # 設好環境變數之後才載入）。
     try:
-        mesh = planner_light.parse_mesh(args.mesh)
+        mesh = parse_mesh(args.mesh)
     except ValueError as err:
         parser.error(str(err))
-    n = planner_light.mesh_size(mesh)
+    n = mesh_size(mesh)
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -61,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "jax" in sys.modules:
         raise RuntimeError("JAX 在設定 XLA_FLAGS 之前就被匯入了")
-
-    from speakllm_jax.training.config_io import load_config
-    from speakllm_jax.training.planner import format_table, plan
+    configure_cpu_simulation()
 
     cfg = load_config(args.config, overrides)
     t0 = time.perf_counter()

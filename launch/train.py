@@ -15,7 +15,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
-from speakllm_jax.training.config_io import check_train_config, load_config  # noqa: E402
+from speakllm_jax.config import load_config  # noqa: E402
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+from speakllm_jax.training.config_io import check_train_config  # noqa: E402
 
 
 def _logged_losses(workdir: Path) -> list[float]:
@@ -70,10 +72,15 @@ def print_train_summary(result: Any, workdir: Path, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="phase0", help="階段名稱（phase0…phase3）或設定檔路徑")
+    parser.add_argument(
+        "--config",
+        default="phase0",
+        help="階段名稱（phase0…phase3）或設定檔路徑，可加 :preset=full",
+    )
     parser.add_argument("--workdir", default="", help="執行資料夾（預設 runs/<階段>）")
     parser.add_argument("--no_progress", action="store_true", help="不顯示進度條")
     args, overrides = parser.parse_known_args(argv)
+    configure_cpu_simulation()
     cfg = load_config(args.config, overrides)
     check_train_config(cfg)
     workdir = Path(args.workdir or Path("runs") / cfg.phase)

@@ -23,6 +23,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # 使 8 裝置的集體通訊等太久而中止。
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# 入口在匯入 JAX 之前做的設定（關閉 Flax 的立即分片；PJRT_NPROC 上面已設定）；套件匯入本身不改環境。
+from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+
+configure_cpu_simulation()
+
 import pytest  # noqa: E402
 
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs.serving import get_config
+from export.demo_assets import build_demo_assets
 from export.serving import duplex_pb2 as pb
 from export.serving.client import FRAME_SAMPLES, StreamResult, stream_audio
-from export.serving.server import ServerThread, build_demo_assets
+from export.serving.server import ServerThread
 from export.serving.session import load_engine
 from speakllm_jax.data.demo_corpus import synth
 

@@ -36,6 +36,8 @@ def _files(root: Path) -> dict[str, Path]:
     run = root / "run_no_ckpt"
     run.mkdir()
     (run / "config.json").write_text("{}")
+    pt = root / "llm.pt"
+    pt.write_bytes(b"")  # 只看副檔名：JAX 端不讀 pickle
     aishell = root / "aishell"
     (aishell / "transcript").mkdir(parents=True)
     (aishell / "transcript" / "aishell_transcript_v0.8.txt").write_text("")
@@ -49,6 +51,7 @@ def _files(root: Path) -> dict[str, Path]:
         "run": run,
         "aishell": aishell,
         "missing": root / "missing",
+        "pt": pt,
         "reply": root / "reply.wav",
     }
 
@@ -90,6 +93,21 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "train_unknown_preset",
         ["launch/train.py", "--config.preset=huge"],
         ["--config.preset=huge", "tiny"],
+    ),
+    (
+        "train_talker_pickle",
+        ["launch/train.py", "--config", "phase2", "--config.model.talker_path={pt}"],
+        ["--config.model.talker_path={pt}", "python -m export.convert_llm_pt --input {pt}"],
+    ),
+    (
+        "convert_missing_pt",
+        ["-m", "export.convert_llm_pt", "--input", "{missing}.pt"],
+        ["--input", "{missing}.pt"],
+    ),
+    (
+        "train_file_config_bad_preset",
+        ["launch/train.py", "--config", "configs/phase2_duplex.py:preset=huge"],
+        ["--config configs/phase2_duplex.py:preset=huge", "tiny"],
     ),
     ("evaluate_no_workdir_flag", ["launch/evaluate.py"], ["--workdir"]),
     ("evaluate_missing_workdir", ["launch/evaluate.py", "--workdir", "{missing}"], ["{missing}"]),
@@ -301,11 +319,14 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 
 def test_cli_helpers_do_not_import_jax() -> None:
-    # 客戶端、錯誤處理與設定解析不匯入 JAX／Flax；之後匯入 Flax 時仍關閉立即分片。
+    # 客戶端、錯誤處理、設定解析與入口的執行環境設定不匯入 JAX／Flax；之後匯入 Flax 時立即分片
+    # 仍是關閉的。
     code = (
         "import sys, export.serving.client, speakllm_jax.cli, speakllm_jax.audio.io\n"
-        "from speakllm_jax.training.config_io import load_config\n"
+        "from speakllm_jax.config import load_config\n"
+        "from speakllm_jax.cpu_simulation import configure_cpu_simulation\n"
         "load_config('phase2', ['--config.train.steps=3'])\n"
+        "configure_cpu_simulation()\n"
         "print(sorted(m for m in ('jax', 'flax', 'torch') if m in sys.modules))\n"
         "from flax import nnx\n"
         "print(nnx.using_eager_sharding())\n"

@@ -9,8 +9,9 @@ import pytest
 import soundfile as sf
 
 from configs.serving import get_config
+from export.demo_assets import build_demo_assets
 from export.serving.client import main as client_main
-from export.serving.server import ServerThread, build_demo_assets
+from export.serving.server import ServerThread
 from export.serving.session import load_engine
 from speakllm_jax.cli import run_cli
 

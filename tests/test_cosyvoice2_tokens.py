@@ -11,8 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from speakllm_jax.audio.io import load_audio  # noqa: E402
-from speakllm_jax.data.cosyvoice2_tokens import (  # noqa: E402
+from export.tokenizers.cosyvoice2 import (  # noqa: E402
     CHECKPOINT_NAME,
     CONFIG_NAME,
     ONNX_NAME,
@@ -27,8 +26,10 @@ from speakllm_jax.data.cosyvoice2_tokens import (  # noqa: E402
     save_random_s3tokenizer,
     tokens_for_samples,
 )
+from export.tokenizers.extract import extract_speech_tokens  # noqa: E402
+from speakllm_jax.audio.io import load_audio  # noqa: E402
 from speakllm_jax.data.manifest import write_manifest  # noqa: E402
-from speakllm_jax.data.speech_tokens import extract_speech_tokens, load_codes  # noqa: E402
+from speakllm_jax.data.speech_tokens import load_codes  # noqa: E402
 
 TINY = S3TokenizerV2Config.tiny()
 
@@ -271,7 +272,8 @@ def test_prepare_demo_speech_cosyvoice2(tmp_path):
     """示範語料的助理聲道也能抽 CosyVoice2 碼；與 Voila 共用清單、分開存放。"""
     if shutil.which("espeak-ng") is None:
         pytest.skip("需要 espeak-ng")
-    from speakllm_jax.data.demo_data import duplex_paths, prepare_demo_speech
+    from export.tokenizers.extract import prepare_demo_speech
+    from speakllm_jax.data.demo_data import duplex_paths
     from speakllm_jax.data.manifest import read_manifest
 
     paths = prepare_demo_speech(tmp_path, tokenizer="cosyvoice2")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.training.config_io import load_config
+from speakllm_jax.config import load_config
 from speakllm_jax.training.loop import train
 from speakllm_jax.training.runs import load_run
 

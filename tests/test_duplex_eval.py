@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from export.demo_assets import build_demo_assets
 from export.serving.duplex_eval import parse_policies
-from export.serving.server import build_demo_assets
 from speakllm_jax.data.demo_corpus import has_espeak
 from speakllm_jax.data.demo_data import turn_dialogue_manifest
 from speakllm_jax.eval.duplex_bench import METRIC_KEYS, check_report

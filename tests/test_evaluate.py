@@ -8,9 +8,9 @@ from pathlib import Path
 import jiwer
 import pytest
 
+from speakllm_jax.config import load_config
 from speakllm_jax.eval.evaluate import evaluate_run
 from speakllm_jax.text.normalize import normalize_for_scoring
-from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
 
 

@@ -24,8 +24,8 @@ from flax import nnx
 
 from export import to_torch
 from export.torch_model import HEADS_CONFIG, load_exported
+from speakllm_jax.config import load_config
 from speakllm_jax.models.lora import LoRALinear
-from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
 from speakllm_jax.training.runs import load_run
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
+from speakllm_jax.config import load_config
 from speakllm_jax.eval.evaluate import evaluate_asr
-from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import train
 from speakllm_jax.training.runs import load_run
 

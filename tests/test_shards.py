@@ -233,14 +233,18 @@ def test_cli_flags_run_the_chain_and_reject_bad_runner(chain, tmp_path):
 
 def test_speech_codes_in_shards_equal_extract_speech_tokens(chain, tmp_path):
     """工作者內抽的 Voila 碼與逐句 CLI 路徑（`extract_speech_tokens` 讀同樣的 16 kHz WAV）相同。"""
-    from speakllm_jax.data.speech_tokens import (
-        extract_speech_tokens,
-        load_codes,
-        make_demo_voila_tokenizer,
-    )
+    from export.tokenizers.extract import extract_speech_tokens
+    from export.tokenizers.voila import make_demo_voila_tokenizer
+    from speakllm_jax.data.speech_tokens import load_codes
 
     ckpt = make_demo_voila_tokenizer(tmp_path / "voila")
-    cfg = ChainConfig(vad=False, tokenizer="voila", checkpoint=str(ckpt), token_batch_size=1)
+    cfg = ChainConfig(
+        vad=False,
+        tokenizer="voila",
+        checkpoint=str(ckpt),
+        token_batch_size=1,
+        tokenizer_loader="export.tokenizers.extract:load_speech_tokenizer",
+    )
     out = tmp_path / "coded"
     run_chain(chain["jsonl"], out, 2, cfg, runner="inline", log=print)
     extract_speech_tokens(

@@ -10,15 +10,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from speakllm_jax.audio.io import load_audio  # noqa: E402
-from speakllm_jax.data.manifest import write_manifest  # noqa: E402
-from speakllm_jax.data.speech_tokens import (  # noqa: E402
+from export.tokenizers.extract import extract_speech_tokens  # noqa: E402
+from export.tokenizers.voila import (  # noqa: E402
     VoilaTokenizer,
-    extract_speech_tokens,
-    load_codes,
     make_demo_voila_tokenizer,
     num_codebooks_for_bandwidth,
 )
+from speakllm_jax.audio.io import load_audio  # noqa: E402
+from speakllm_jax.data.manifest import write_manifest  # noqa: E402
+from speakllm_jax.data.speech_tokens import load_codes  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from flax import nnx
 
 from configs.models import model_config
+from export.convert_llm_pt import convert_llm_pt
 from export.cosyvoice2 import talker as torch_talker
 from export.cosyvoice2.talker import CosyVoice2TalkerTorch
 from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm, save_cosyvoice2_llm
@@ -142,11 +144,12 @@ def _t(x: np.ndarray) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def official_pt(tmp_path_factory) -> tuple[Path, CosyVoice2TalkerTorch]:
-    """PyTorch 孿生以官方佈局 `torch.save(state_dict)` 寫成的 llm.pt（沒有融合鍵）。"""
+    """PyTorch 孿生以官方佈局 `torch.save(state_dict)` 寫成的 llm.pt（沒有融合鍵），
+    以 `export.convert_llm_pt` 轉成的 safetensors（JAX 端讀這個）。"""
     twin = _torch_twin(0, seed=1)
     path = tmp_path_factory.mktemp("cv2") / "llm.pt"
     torch.save(twin.state_dict(), path)
-    return path, twin
+    return convert_llm_pt(path), twin
 
 
 def test_special_ids_and_kinds_match_reference() -> None:
@@ -160,7 +163,10 @@ def test_special_ids_and_kinds_match_reference() -> None:
 
 def test_official_layout_loads_with_parity_interleaved(official_pt) -> None:
     path, twin = official_pt
-    sd = torch.load(path, weights_only=True)
+    sd = torch.load(path.with_suffix(".pt"), weights_only=True)
+    converted = safetensors.torch.load_file(path)
+    assert set(converted) == set(sd)  # 轉換保留每個鍵與值（綁定的 lm_head 也各自一份）
+    assert all(torch.equal(converted[k], sd[k]) for k in sd)
     assert set(sd) == _official_keys(QWEN.num_hidden_layers)
     assert tuple(sd["llm_embedding.weight"].shape) == (2, 64)
     assert tuple(sd["speech_embedding.weight"].shape) == (SPEECH + 3, 64)
@@ -215,13 +221,14 @@ def test_sharded_load_matches(official_pt) -> None:
 def test_fusion_parity_roundtrip_and_frames(tmp_path: Path) -> None:
     model = CosyVoice2Talker(_cfg(THINKER), rngs=nnx.Rngs(0))
     _randomize_jax(model, 3)
-    pt = save_cosyvoice2_llm(model, tmp_path / "llm.pt")
+    st = save_cosyvoice2_llm(model, tmp_path / "llm.safetensors")
     twin = CosyVoice2TalkerTorch.from_hf_dict(
         qwen2_config_to_hf(QWEN), speech_token_size=SPEECH, thinker_hidden=THINKER
     ).eval()
-    twin.load_state_dict(torch.load(pt, weights_only=True), strict=True)
-    # safetensors 同鍵檔案載回得到相同參數
-    st = save_cosyvoice2_llm(model, tmp_path / "llm.safetensors")
+    twin.load_state_dict(safetensors.torch.load_file(st), strict=True)
+    with pytest.raises(ValueError, match="export.convert_llm_pt --reverse"):
+        save_cosyvoice2_llm(model, tmp_path / "llm.pt")
+    # 同鍵檔案載回得到相同參數
     again = load_cosyvoice2_llm(st, _cfg(THINKER))
     for (p1, v1), (p2, v2) in zip(
         nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again)), strict=True
@@ -290,12 +297,16 @@ def test_fusion_parity_roundtrip_and_frames(tmp_path: Path) -> None:
 
 def test_strict_load_errors(official_pt, tmp_path: Path) -> None:
     path, _ = official_pt
-    sd = torch.load(path, weights_only=True)
+    sd = torch.load(path.with_suffix(".pt"), weights_only=True)
 
     def save(d: dict, name: str) -> Path:
         p = tmp_path / name
         torch.save(d, p)
-        return p
+        return convert_llm_pt(p)
+
+    # JAX 端不讀 pickle：一行錯誤指出轉換指令
+    with pytest.raises(ValueError, match=r"python -m export\.convert_llm_pt --input .*llm\.pt"):
+        load_cosyvoice2_llm(path.with_suffix(".pt"), _cfg())
 
     missing = {k: v for k, v in sd.items() if k != "llm_decoder.bias"}
     with pytest.raises(ValueError, match=r"缺少鍵 llm_decoder\.bias"):

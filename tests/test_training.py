@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from speakllm_jax.config import load_config
 from speakllm_jax.training.checkpointing import Checkpointer
-from speakllm_jax.training.config_io import load_config
 from speakllm_jax.training.loop import TooManyBadSteps, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +92,15 @@ def test_overrides_and_errors() -> None:
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.train.steps == 7
     full = load_config("phase0", ["--config.preset=full"])
     assert full.model.qwen.hidden_size == 3584 and full.model.whisper.d_model == 1024
+    # big_vision 式：檔案路徑或短名稱加 `:preset=full`，覆寫照常套用
+    by_path = load_config(
+        f"{REPO / 'configs' / 'phase2_duplex.py'}:preset=full", ["--config.seed=3"]
+    )
+    assert by_path.model.qwen.hidden_size == 3584 and by_path.seed == 3
+    assert (
+        load_config("phase2:full").to_dict()
+        == load_config("phase2", ["--config.preset=full"]).to_dict()
+    )
     with pytest.raises(KeyError, match="optim.nope"):
         load_config("phase0", ["--config.optim.nope=1"])
     with pytest.raises(FileNotFoundError, match="phase9"):

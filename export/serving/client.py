@@ -29,10 +29,7 @@ import numpy as np
 
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
-
-SAMPLE_RATE = 16000
-FRAME_SAMPLES = 640
-FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+from speakllm_jax.audio.constants import FRAME_SECONDS, SAMPLE_RATE
 
 
 @dataclass

@@ -237,6 +237,6 @@ def demo_decoder_dir(model_dir: str | Path, out_dir: str | Path) -> dict[str, st
         if not (d / TOKEN2WAV_CONFIG).exists():
             save_random_token2wav(d, seed=0)
         return {"token2wav_dir": str(d)}
-    from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
+    from export.tokenizers.voila import make_demo_voila_tokenizer
 
     return {"voila_dir": str(make_demo_voila_tokenizer(Path(out_dir) / "voila", seed=0))}

@@ -45,6 +45,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from export.demo_assets import build_demo_assets
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
 from export.serving.session import (
@@ -716,50 +717,6 @@ class ServerThread:
         self.stop(0)
 
 
-def build_demo_assets(
-    out_dir: str | Path, phase: str = "phase2", seed: int = 0, speech_head: str = "voila"
-) -> tuple[Path, Path]:
-    """建立示範用的隨機初始化小模型（匯出成 PyTorch 資料夾）與語音解碼器；已存在就沿用。
-
-    `speech_head="voila"` 回傳（模型資料夾, Voila-Tokenizer 資料夾）；`"cosyvoice2"` 回傳
-    （模型資料夾, 隨機 tiny token2wav 資料夾，`save_random_token2wav`）。需要 JAX 與示範語料
-    （必要時以 espeak-ng 生成）。
-    """
-    if speech_head not in ("voila", "cosyvoice2"):
-        raise ValueError(f"speech_head={speech_head!r}；示範資產只支援 voila、cosyvoice2")
-    out = Path(out_dir)
-    model_dir = out / "model"
-    if not (model_dir / "heads_config.json").exists():
-        from flax import nnx
-
-        from export.to_torch import export_model
-        from speakllm_jax.training.config_io import load_config
-        from speakllm_jax.training.tasks import get_task
-
-        overrides = [] if speech_head == "voila" else [f"--config.model.speech_head={speech_head}"]
-        task = get_task(load_config(phase, overrides))
-        model = task.build_model(nnx.Rngs(seed))
-        pad_id = int(getattr(task, "pad_id", task.tokenizer.eos_id))
-        tmp = out / "model.tmp"
-        export_model(model, tmp, task.tokenizer, pad_id=pad_id, parity_seed=None)
-        tmp.replace(model_dir)
-    head = json.loads((model_dir / "heads_config.json").read_text(encoding="utf-8"))["speech_head"]
-    if head != speech_head:
-        raise ValueError(f"{model_dir} 已存在但 speech_head={head!r}，要求的是 {speech_head!r}")
-    if speech_head == "cosyvoice2":
-        from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
-
-        t2w_dir = out / "token2wav"
-        if not (t2w_dir / TOKEN2WAV_CONFIG).exists():
-            save_random_token2wav(t2w_dir, seed=seed)
-        return model_dir, t2w_dir
-    from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
-
-    voila_dir = out / "voila"
-    make_demo_voila_tokenizer(voila_dir, seed=seed)
-    return model_dir, voila_dir
-
-
 async def _serve(cfg: Any) -> None:
     server = DuplexServer(cfg)
     port = await server.start()
@@ -774,6 +731,20 @@ async def _serve(cfg: Any) -> None:
     await server.stop()
     print(f"tick stats: {json.dumps(ticks)}", flush=True)
     print("stopped", flush=True)
+
+
+def use_demo_assets(cfg: Any, folder: str, speech_head: str = "voila") -> None:
+    """在 `folder` 建（或沿用）示範模型與解碼器，並把路徑寫進服務設定（伺服器與網頁橋接共用）。"""
+    from speakllm_jax.cpu_simulation import configure_cpu_simulation
+
+    configure_cpu_simulation()  # 示範模型以 JAX 建立
+    model_dir, dec_dir = build_demo_assets(folder, speech_head=speech_head)
+    with cfg.unlocked():
+        cfg.model_dir = str(model_dir)
+        if speech_head == "cosyvoice2":
+            cfg.token2wav_dir = str(dec_dir)
+        else:
+            cfg.voila_dir = str(dec_dir)
 
 
 def check_model_paths(cfg: Any) -> None:
@@ -813,7 +784,7 @@ def check_model_paths(cfg: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from speakllm_jax.cli import ArgumentParser
-    from speakllm_jax.training.config_io import load_config
+    from speakllm_jax.config import load_config
 
     p = ArgumentParser(
         prog="python -m export.serving.server", description="全雙工語音對話 gRPC 伺服器"
@@ -829,13 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     cfg = load_config(args.config, rest)
     if args.demo_assets:
-        model_dir, dec_dir = build_demo_assets(args.demo_assets, speech_head=args.demo_head)
-        with cfg.unlocked():
-            cfg.model_dir = str(model_dir)
-            if args.demo_head == "cosyvoice2":
-                cfg.token2wav_dir = str(dec_dir)
-            else:
-                cfg.voila_dir = str(dec_dir)
+        use_demo_assets(cfg, args.demo_assets, args.demo_head)
     check_model_paths(cfg)
     asyncio.run(_serve(cfg))
     return 0

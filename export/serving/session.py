@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import webrtcvad
 
+from configs.serving import get_config as serving_config
 from export.serving import duplex_pb2 as pb
 from export.torch_model import (
     SPEAKING_ACTIONS,
@@ -58,11 +59,9 @@ from export.torch_model import (
     load_exported,
     step_batch,
 )
+from speakllm_jax.audio.constants import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE
 from speakllm_jax.labels import TurnAction
 
-SAMPLE_RATE = 16000
-FRAME_SAMPLES = 640  # 40 ms：一個 LLM 幀、一個 Voila 語音碼幀
-FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
 COSYVOICE2_RATE = 24000  # CosyVoice2 token2wav（HiFT）的輸出取樣率
 YIELD_ACTION = int(TurnAction.YIELD)
 POLICIES = ("vad", "model")
@@ -154,7 +153,7 @@ def load_engine(
             model.cfg.pad_id,
             token2wav=_load_token2wav(model, token2wav_dir, device),
         )
-    from speakllm_jax.data.speech_tokens import VoilaTokenizer
+    from export.tokenizers.voila import VoilaTokenizer
 
     if not str(voila_dir):
         raise ValueError("設定 voila_dir 是空的：需要 Voila-Tokenizer（EncodecModel）資料夾")
@@ -194,20 +193,24 @@ def _load_token2wav(model: TorchSpeakLLM, token2wav_dir: str | Path, device: str
     return t2w
 
 
+_SERVING = serving_config()  # 欄位的預設值取自 configs/serving.py（唯一的一份）
+
+
 @dataclass
 class SessionSettings:
-    """單一會話用到的設定（由伺服器設定與會話選項合併）。"""
+    """單一會話用到的設定（由伺服器設定與會話選項合併）；每個欄位都是 `configs/serving.py` 的同名
+    欄位，預設值也取自那裡（`tests/test_config_source.py` 檢查名稱與型別）。"""
 
-    policy: str = "vad"
-    chunk_frames: int = 2
-    decode_window_frames: int = 8
-    vad_aggressiveness: int = 2
-    onset_frames: int = 2
-    end_silence_ms: int = 320
-    max_reply_seconds: float = 3.0
-    backchannel_max_seconds: float = 0.4
-    reaction_window_frames: int = 15
-    condition: str = ""
+    policy: str = _SERVING.policy
+    chunk_frames: int = _SERVING.chunk_frames
+    decode_window_frames: int = _SERVING.decode_window_frames
+    vad_aggressiveness: int = _SERVING.vad_aggressiveness
+    onset_frames: int = _SERVING.onset_frames
+    end_silence_ms: int = _SERVING.end_silence_ms
+    max_reply_seconds: float = _SERVING.max_reply_seconds
+    backchannel_max_seconds: float = _SERVING.backchannel_max_seconds
+    reaction_window_frames: int = _SERVING.reaction_window_frames
+    condition: str = _SERVING.condition
 
     @classmethod
     def from_config(cls, cfg: Any) -> SessionSettings:

@@ -424,9 +424,9 @@ async def _serve(cfg: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.serving.server import build_demo_assets, check_model_paths
+    from export.serving.server import check_model_paths, use_demo_assets
     from speakllm_jax.cli import ArgumentParser
-    from speakllm_jax.training.config_io import load_config
+    from speakllm_jax.config import load_config
 
     p = ArgumentParser(
         prog="python -m export.serving.web",
@@ -444,13 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, rest)
     if not str(cfg.get("web_grpc_target", "")):
         if args.demo_assets:
-            model_dir, dec_dir = build_demo_assets(args.demo_assets, speech_head=args.demo_head)
-            with cfg.unlocked():
-                cfg.model_dir = str(model_dir)
-                if args.demo_head == "cosyvoice2":
-                    cfg.token2wav_dir = str(dec_dir)
-                else:
-                    cfg.voila_dir = str(dec_dir)
+            use_demo_assets(cfg, args.demo_assets, args.demo_head)
         check_model_paths(cfg)
     asyncio.run(_serve(cfg))
     return 0

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from speakllm_jax.audio.constants import HOP_LENGTH, N_FFT, SAMPLE_RATE
+
 if TYPE_CHECKING:
     import jax
 
-SAMPLE_RATE = 16000
-N_FFT = 400
-HOP_LENGTH = 160
+
 CHUNK_SECONDS = 30.0
 LOG_FLOOR = 1e-10
 

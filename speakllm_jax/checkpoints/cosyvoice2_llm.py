@@ -1,4 +1,4 @@
-"""CosyVoice2 `llm.pt`（或同鍵的 safetensors）↔ `CosyVoice2Talker` 的讀寫。
+"""CosyVoice2 `llm.pt` 佈局的 safetensors ↔ `CosyVoice2Talker` 的讀寫。
 
 官方 `llm.pt` 是 `Qwen2LM.state_dict()` 的 `torch.save`：
 `llm.model.model.embed_tokens.weight`、`llm.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.*`、
@@ -10,19 +10,19 @@
 本專案的融合模組鍵為 `fusion.{proj_in,proj_out,gate}.{weight,bias}`；官方檔沒有這些鍵，
 此時融合參數保留初始化值（偏置為 0，思考者隱狀態為 0 時退化成原本的 CosyVoice2）。
 
-只有讀寫 `.pt` 檔時才匯入 torch；safetensors 檔以 `hf_io` 的記憶體映射讀取。
+JAX 路徑不匯入 torch：官方 `llm.pt`（pickle）先以 `python -m export.convert_llm_pt` 轉成同鍵的
+safetensors（一次），這裡以 `hf_io` 的記憶體映射讀取；給 `.pt` 時報一行錯誤並指出轉換指令。
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -36,6 +36,7 @@ from speakllm_jax.checkpoints.hf_io import (
     write_safetensors,
 )
 from speakllm_jax.checkpoints.qwen2_hf import qwen2_key_map
+from speakllm_jax.cli import UserValueError
 from speakllm_jax.models.cosyvoice2_talker import (
     CosyVoice2Talker,
     TalkerConfig,
@@ -84,67 +85,21 @@ def talker_key_map(cfg: TalkerConfig, include_fusion: bool = True) -> dict[str, 
 
 # ---------------------------------------------------------------- 讀取來源
 
-
-def _torch_to_numpy(t: Any) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.contiguous().numpy()
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-class _DictSource(SafetensorsFolder):
-    """把 `{鍵: np.ndarray}` 包成 `load_params` 可用的來源（與 `SafetensorsFolder` 同介面）。"""
-
-    def __init__(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
-        self.path = path
-        self.metadata = {}
-        self._tensors = dict(tensors)
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.get(key).shape)
-
-    def dtype(self, key: str) -> np.dtype:
-        return self.get(key).dtype
-
-    def get(self, key: str) -> np.ndarray:
-        if key not in self._tensors:
-            raise KeyError(f"檢查點 {self.path} 中沒有鍵 {key}")
-        return self._tensors[key]
-
-
-def read_llm_pt(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """讀取 `llm.pt`（`torch.load(weights_only=True)`）→ `{鍵: np.ndarray}`。"""
-    import torch
-
+def convert_hint(path: str | os.PathLike) -> str:
+    """把 PyTorch pickle 轉成 safetensors 的指令（錯誤訊息用）。"""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"找不到 CosyVoice2 LM 檢查點 {p}")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{p} 的內容是 {type(obj).__name__}，預期 state_dict（鍵 → 張量）")
-    out: dict[str, np.ndarray] = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{p} 的鍵 {k} 不是張量（{type(v).__name__}）")
-        out[str(k)] = _torch_to_numpy(v)
-    return out
+    return f"python -m export.convert_llm_pt --input {p} --output {p.with_suffix('.safetensors')}"
 
 
 def _open(path: str | os.PathLike) -> SafetensorsFolder:
     p = Path(path)
-    if p.suffix in (".pt", ".pth", ".bin"):
-        return _DictSource(p, read_llm_pt(p))
+    if p.suffix in PICKLE_SUFFIXES:
+        raise UserValueError(
+            f"{p}：JAX 端不讀 PyTorch pickle（{p.suffix}），請先轉成 safetensors：{convert_hint(p)}"
+        )
     return SafetensorsFolder(p)
 
 
@@ -165,7 +120,7 @@ def load_cosyvoice2_llm(
     rules: Sequence[tuple[str, Any]] | None = None,
     seed: int = 0,
 ) -> CosyVoice2Talker:
-    """載入 `llm.pt`（或同鍵 safetensors）到 `CosyVoice2Talker`。
+    """載入 `llm.pt` 佈局的 safetensors（`export.convert_llm_pt` 的輸出）到 `CosyVoice2Talker`。
 
     `cfg` 缺省為官方結構（`TalkerConfig.cosyvoice2()`）。缺少的鍵、多出的鍵（RoPE 緩衝區與
     綁定時的 `llm.model.lm_head.weight` 除外）與形狀不符一律 `ValueError`，訊息指名鍵與形狀。
@@ -241,23 +196,15 @@ def save_cosyvoice2_llm(
     include_fusion: bool = True,
     dtype: Any = None,
 ) -> Path:
-    """把 talker 存成 `llm.pt` 佈局：副檔名 `.pt` 以 `torch.save`，否則寫 safetensors。
+    """把 talker 存成 `llm.pt` 佈局的 safetensors（要 `.pt` 時再以 `export.convert_llm_pt --reverse`）。
 
     `include_fusion=False` 時不寫融合參數（與官方檔相同的鍵集合）。
     """
-    tensors = talker_tensors(model, include_fusion=include_fusion, dtype=dtype)
     p = Path(path)
-    if p.suffix in (".pt", ".pth", ".bin"):
-        import torch
-
-        p.parent.mkdir(parents=True, exist_ok=True)
-        sd = {}
-        for k, v in tensors.items():
-            if v.dtype == ml_dtypes.bfloat16:
-                sd[k] = torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16)
-            else:
-                sd[k] = torch.from_numpy(v.copy())
-        torch.save(sd, p)
-        return p
-    # safetensors 不允許兩個鍵共用同一塊記憶體以外沒有限制；這裡每個鍵各自寫出。
-    return write_safetensors(p, tensors)
+    if p.suffix in PICKLE_SUFFIXES:
+        raise UserValueError(
+            f"{p}：JAX 端只寫 safetensors；要 {p.suffix} 時以 "
+            "python -m export.convert_llm_pt --reverse 轉換"
+        )
+    # 每個鍵各自寫出（綁定時 lm_head 與詞嵌入是兩份）。
+    return write_safetensors(p, talker_tensors(model, include_fusion=include_fusion, dtype=dtype))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.io import resample, write_audio
 from speakllm_jax.cli import UserError, UserValueError
 from speakllm_jax.text.normalize import normalize_zh
@@ -34,7 +35,7 @@ from speakllm_jax.text.normalize import normalize_zh
 # 示範語料的預設資料夾（相對於專案根目錄）；訓練預設、資料設定 configs/data/demo.py 與
 # data/make_demo_corpus.py 都用這一個名稱。
 DEMO_DIR = "demo_corpus"
-SR = 16000
+SR = SAMPLE_RATE
 CV_SR = 48000
 CV_VERSION = "cv-corpus-0.0-demo"
 

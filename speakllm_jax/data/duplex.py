@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from speakllm_jax.audio.features import HOP_LENGTH, log_mel_np
+from speakllm_jax.audio.constants import FRAME_SAMPLES, HOP_LENGTH, SAMPLE_RATE
+from speakllm_jax.audio.features import log_mel_np
 from speakllm_jax.audio.io import load_audio as read_audio
 from speakllm_jax.data.interleave import (
     FRAME_SECONDS,
@@ -52,8 +53,7 @@ from speakllm_jax.data.transforms import mel_pad_value
 from speakllm_jax.labels import EMOTIONS, emotion_token
 
 NUM_CODEBOOKS = 4
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = int(round(SAMPLE_RATE * FRAME_SECONDS))  # 640
+SAMPLES_PER_FRAME = FRAME_SAMPLES  # 640
 # 每個 25 Hz 幀對應的梅爾框數（100 Hz）。
 MEL_PER_FRAME = SAMPLES_PER_FRAME // HOP_LENGTH  # 4
 

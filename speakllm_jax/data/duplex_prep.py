@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.io import load_audio, write_audio
 from speakllm_jax.data.manifest import resolve_path, write_manifest
-
-SAMPLE_RATE = 16000
 
 
 def instruction_to_dialogue(

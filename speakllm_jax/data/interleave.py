@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from speakllm_jax.audio.constants import FRAME_SECONDS
 from speakllm_jax.labels import IGNORE_ID, KIND_SOS, KIND_SPEECH, KIND_TASK, KIND_TEXT
 from speakllm_jax.text.codeswitch import split_spans
 
-FRAME_SECONDS = 0.04
-FRAME_RATE = 25
 _EPS = 1e-6
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -54,12 +55,16 @@ class ChainConfig:
     checkpoint: str | None = None
     device: str = "cpu"
     token_batch_size: int = 8
+    # PyTorch 語音碼抽取器的載入函式（`模組:函式`）；由入口給（data/ 不匯入 export/）。
+    tokenizer_loader: str = ""
 
     def validate(self) -> None:
         if self.audio_format not in sh.AUDIO_FORMATS:
             raise ValueError(f"audio_format 必須是 {sh.AUDIO_FORMATS} 之一：{self.audio_format!r}")
         if self.tokenizer and not self.checkpoint:
             raise ValueError("抽語音碼（tokenizer）需要 checkpoint")
+        if self.tokenizer and ":" not in self.tokenizer_loader:
+            raise ValueError("抽語音碼（tokenizer）需要 tokenizer_loader（`模組:函式`，由入口給）")
 
 
 # ---------------------------------------------------------------- 工作者端
@@ -70,11 +75,11 @@ _TOKENIZERS: dict[tuple[str, str, str], Any] = {}
 
 def _speech_tokenizer(cfg: ChainConfig) -> Any:
     """每個工作行程只載入一次模型（Ray 重複使用工作行程，之後的分片直接取用）。"""
-    key = (str(cfg.tokenizer), str(cfg.checkpoint), str(cfg.device))
+    key = (cfg.tokenizer_loader, str(cfg.tokenizer), str(cfg.checkpoint), str(cfg.device))
     tok = _TOKENIZERS.get(key)
     if tok is None:
-        from speakllm_jax.data.speech_tokens import load_speech_tokenizer
-
+        module, name = cfg.tokenizer_loader.split(":", 1)
+        load_speech_tokenizer = getattr(importlib.import_module(module), name)
         tok = _TOKENIZERS[key] = load_speech_tokenizer(
             str(cfg.tokenizer), str(cfg.checkpoint), device=cfg.device
         )

@@ -1,7 +1,7 @@
 """所有模型共用的基本層與慣例。
 
 慣例：
-- 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `speakllm_jax.models.axes.AXES`），
+- 每個參數都以 `nnx.with_partitioning` 標上邏輯軸名稱（見 `speakllm_jax.models.axis_rules.AXES`），
   由 `speakllm_jax.models.sharding` 的規則表對應到網格軸。
 - `dtype` 是計算精度，`param_dtype` 是參數（主權重）精度。
 - 堆疊的層以 `nnx.vmap` 建立、以 `nnx.scan` 前向；其前綴軸名為 `"layers"`。
@@ -153,7 +153,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """依邏輯軸名稱約束活化值的分片（只在 `jax.set_mesh` 設定了網格時生效）。
 
     沒有這個約束時，FSDP 網格上 XLA 可能保持權重分片而把整個全域批次的活化值收集到每個
-    裝置，記憶體隨全域批次而非每裝置批次成長。規則表用 `models.sharding.DEFAULT_RULES`。
+    裝置，記憶體隨全域批次而非每裝置批次成長。規則表為目前的 `models.sharding.active_rules()`。
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:

@@ -7,7 +7,7 @@ GQA、q/k/v 帶偏置而 o_proj 不帶、SwiGLU MLP、綁定或獨立的 lm_head
 - 注意力、遮罩、RoPE 與 KV 快取在 `speakllm_jax.models.attention`，層堆疊（`scan_layers`、
   `remat`）在 `speakllm_jax.models.stack`，貪婪解碼 `generate` 在 `speakllm_jax.models.sampling`；
   HF `config.json` 的轉換在 `speakllm_jax.checkpoints.qwen2_hf`。
-- 每個參數帶邏輯軸名稱（見 `speakllm_jax.models.axes.AXES`），分片由規則表決定。
+- 每個參數帶邏輯軸名稱（見 `speakllm_jax.models.axis_rules.AXES`），分片由規則表決定。
 - 計算精度為 `cfg.dtype`（支援 bf16），注意力的 softmax 與正規化一律以 fp32 計算。
 - `forward_embeds` 回傳新的快取（純函數式），因此可以整段放進 `jax.jit`／`lax` 迴圈。
 - 有填充（左填充）時位置由遮罩累加得到，與 `transformers` 的 `generate` 相同。

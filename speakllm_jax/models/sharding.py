@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -16,27 +17,31 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from speakllm_jax.models.axes import MESH_AXES
+from speakllm_jax.models.axis_rules import DEFAULT_RULES, MESH_AXES, rules_from_config
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "activation_spec", "logical_to_spec", "shard_model"]
+__all__ = [
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "rules_from_config",
+]  # 規則表本身在 axis_rules（不匯入 JAX）
 
-# 邏輯軸 → 網格軸（或網格軸的元組、或 None 表示複製）。
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("norm", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("kernel", None),
-    ("codebook", None),
-)
+Rules = Sequence[tuple[str, Any]]
+_ACTIVE: list[tuple[tuple[str, Any], ...]] = []
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+    """在此範圍內，未明確給 `rules` 的分片函式（含模型內的活化約束）改用這份規則表。"""
+    _ACTIVE.append(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def active_rules() -> tuple[tuple[str, Any], ...]:
+    """目前的規則表：`use_rules` 設定的，否則 `DEFAULT_RULES`。"""
+    return _ACTIVE[-1] if _ACTIVE else DEFAULT_RULES
 
 
 def _axis_size(mesh: Mesh, mesh_axes: Any) -> int:
@@ -51,7 +56,7 @@ def logical_to_spec(
     names: Sequence[str | None] | None,
     shape: Sequence[int] | None,
     mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    rules: Rules | None = None,
 ) -> PartitionSpec:
     """把一組邏輯軸名稱轉成 `PartitionSpec`。
 
@@ -59,7 +64,7 @@ def logical_to_spec(
     """
     if not names:
         return PartitionSpec()
-    table = dict(rules)
+    table = dict(active_rules() if rules is None else rules)
     used: set[str] = set()
     out: list[Any] = []
     for i, name in enumerate(names):
@@ -86,7 +91,7 @@ def _names_of(var: nnx.Variable) -> tuple | None:
 def state_shardings(
     state: nnx.State,
     mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    rules: Rules | None = None,
 ) -> Any:
     """回傳與 `state` 同結構的 `NamedSharding` 樹（值可為陣列或 ShapeDtypeStruct）。"""
 
@@ -104,15 +109,13 @@ def state_shardings(
 def activation_spec(
     names: Sequence[str | None],
     mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    rules: Rules | None = None,
 ) -> NamedSharding:
     """活化值（例如批次 `("batch", "length")`）的 `NamedSharding`。"""
     return NamedSharding(mesh, logical_to_spec(names, None, mesh, rules))
 
 
-def shard_model(
-    model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
-) -> nnx.Module:
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.Module:
     """把已存在的模型參數依規則放到網格上（原地更新並回傳模型）。"""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)

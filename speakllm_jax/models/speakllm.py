@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,6 +349,33 @@ def _masked_mean(x: jax.Array, frame_mask: jax.Array | None) -> jax.Array:
     return jnp.sum(x.astype(jnp.float32) * m[..., None], axis=1) / jnp.maximum(
         jnp.sum(m, axis=1, keepdims=True), 1.0
     )
+
+
+# 子模型設定中不屬於預設區塊（`config.model.whisper`、`.qwen`、`.speech`、`.talker`）的欄位：
+# 由 `config.model` 的共用欄位（dtype、remat…）、`config.lora` 或思考者的寬度填入。
+SHARED_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat",
+    "scan_layers",
+    "hf_extra",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "thinker_hidden",
+)
+
+
+def preset_fields(cfg: Any) -> dict[str, Any]:
+    """子模型設定（dataclass）→ 預設區塊的內容：除 `SHARED_FIELDS` 與巢狀設定外的所有欄位。
+
+    `configs/models.py` 的 full 預設由此取得，欄位清單不另外手寫。
+    """
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in SHARED_FIELDS and not dataclasses.is_dataclass(getattr(cfg, f.name))
+    }
 
 
 def build_speakllm_config(model: Any, lora: Any = None) -> SpeakLLMConfig:

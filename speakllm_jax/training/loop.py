@@ -20,10 +20,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from speakllm_jax.config import config_to_dict
 from speakllm_jax.models.layers import count_params
+from speakllm_jax.models.sharding import DEFAULT_RULES, rules_from_config, use_rules
 from speakllm_jax.training import distributed
 from speakllm_jax.training.checkpointing import Checkpointer, overlay_params
-from speakllm_jax.training.config_io import config_to_dict, write_resolved
+from speakllm_jax.training.config_io import write_resolved
 from speakllm_jax.training.metrics_log import MetricsLogger
 from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
 from speakllm_jax.training.sharding import make_mesh
@@ -171,7 +173,18 @@ def train(
     progress: bool = True,
     keep_state: bool = False,
 ) -> TrainResult:
-    """執行（或恢復）一次訓練，回傳摘要。"""
+    """執行（或恢復）一次訓練，回傳摘要；分片規則取自 `cfg.logical_axis_rules`。"""
+    with use_rules(rules_from_config(cfg.get("logical_axis_rules", DEFAULT_RULES))):
+        return _train(cfg, workdir, progress=progress, keep_state=keep_state)
+
+
+def _train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    progress: bool,
+    keep_state: bool,
+) -> TrainResult:
     distributed.maybe_initialize(cfg.distributed)
     workdir = Path(workdir)
     if jax.process_index() == 0:

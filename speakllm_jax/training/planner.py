@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from speakllm_jax.models.axes import MESH_AXES
+from speakllm_jax.models.axis_rules import MESH_AXES
 
 # 每顆晶片的 HBM（GiB）。
 TPU_HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
@@ -208,9 +208,39 @@ def plan(
 ) -> PlanResult:
     """規劃一次訓練：分片、每裝置記憶體、（選擇性）編譯訓練步並取 XLA 記憶體分析。
 
-    `cfg` 的 `mesh` 欄位會被 `mesh_shape` 取代。裝置數必須至少為網格大小
-    （CPU 上以 `--xla_force_host_platform_device_count` 模擬）。
+    `cfg` 的 `mesh` 欄位會被 `mesh_shape` 取代；分片規則取自 `cfg.logical_axis_rules`。裝置數必須
+    至少為網格大小（CPU 上以 `--xla_force_host_platform_device_count` 模擬）。
     """
+    # 函式內匯入：本模組的解析函式在設定 XLA_FLAGS 之前就被 launch/plan.py 使用。
+    from speakllm_jax.models.axis_rules import DEFAULT_RULES, rules_from_config
+    from speakllm_jax.models.sharding import use_rules
+
+    with use_rules(rules_from_config(cfg.get("logical_axis_rules", DEFAULT_RULES))):
+        return _plan(
+            cfg,
+            mesh_shape,
+            batch=batch,
+            frames=frames,
+            text_len=text_len,
+            tpu=tpu,
+            config_name=config_name,
+            compile_step=compile_step,
+            keep_leaves=keep_leaves,
+        )
+
+
+def _plan(
+    cfg: Any,
+    mesh_shape: Mapping[str, int],
+    *,
+    batch: int | None,
+    frames: int | None,
+    text_len: int | None,
+    tpu: str,
+    config_name: str,
+    compile_step: bool,
+    keep_leaves: bool,
+) -> PlanResult:
     import jax
     from flax import nnx
 

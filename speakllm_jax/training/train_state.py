@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from speakllm_jax.models.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
+from speakllm_jax.models.sharding import logical_to_spec, state_shardings
 from speakllm_jax.training.tasks.base import Task
 
 
@@ -69,7 +69,7 @@ def state_sharding_tree(
     patterns: Sequence[str],
     tx: optax.GradientTransformation,
     mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    rules: Sequence[tuple[str, Any]] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """回傳 (抽象狀態, 分片樹)。優化器狀態中與參數同形的部分沿用參數的分片。"""
     graphdef, trainable_v, rest_v = nnx.split(abstract_model, path_filter(patterns), ...)
@@ -110,7 +110,7 @@ def batch_shardings(
     batch: dict[str, Any],
     mesh: Mesh,
     axes: dict[str, tuple[str | None, ...]],
-    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    rules: Sequence[tuple[str, Any]] | None = None,
 ) -> dict[str, NamedSharding]:
     """批次各欄位的分片：第 0 軸為 "batch"，其餘依任務給的邏輯軸。"""
     out = {}

@@ -41,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
+from speakllm_jax.audio.constants import FRAME_RATE
 from speakllm_jax.audio.features import HOP_LENGTH, N_FFT, SAMPLE_RATE, log_mel_np
 
 S3_SAMPLE_RATE = SAMPLE_RATE
 S3_MEL_HOP = HOP_LENGTH
-S3_TOKEN_RATE = 25
+S3_TOKEN_RATE = FRAME_RATE
 S3_SAMPLES_PER_TOKEN = S3_SAMPLE_RATE // S3_TOKEN_RATE  # 640
 S3_FSQ_DIM = 8
 S3_FSQ_LEVELS = 3
