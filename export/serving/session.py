@@ -29,7 +29,9 @@
 - `vad`：規則決定何時說話——使用者說完（最後一個語音幀後靜音滿 `end_silence_ms`）的那一幀開始說，
   最多 `max_reply_seconds`；內容（語音碼、文字）仍由模型產生。未訓練的小模型也能得到可重現的輪替，
   測試用這個策略。
-- `model`：輪替頭決定（動作為 speak／continue／backchannel 時說話）；停住、打斷與附和的判定與
+- `model`：輪替頭決定：每幀的輪替 logits 經 `speakllm_jax.turn_policy.TurnDecider`（門檻、平滑、
+  最短說話幀數；規則是匯出資料夾 `heads_config.json` 的 `turn_rule`，與 JAX 串流推論、PyTorch
+  孿生的 `stream` 同一份），動作為 speak／continue／backchannel 時說話；停住、打斷與附和的判定與
   `vad` 相同，輪替頭在使用者說話時輸出 yield 也算打斷。被打斷後到使用者說完之前不再說話。
 
 增量解碼的近似：Voila-Tokenizer（EncodecModel）的解碼器是因果卷積加 LSTM，這裡每幀把最近
@@ -50,8 +52,9 @@ import torch
 import webrtcvad
 
 from export.serving import duplex_pb2 as pb
-from export.torch_model import SPEAKING_ACTIONS, Streamer, TorchSpeakLLM, load_exported
-from speakllm_jax.labels import TurnAction
+from export.torch_model import Streamer, TorchSpeakLLM, load_exported
+from speakllm_jax.labels import SPEAKING_ACTIONS, TurnAction
+from speakllm_jax.turn_policy import TurnDecider
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 640  # 40 ms：一個 LLM 幀、一個 Voila 語音碼幀
@@ -275,6 +278,8 @@ class DuplexSession:
         self.vad = webrtcvad.Vad(int(settings.vad_aggressiveness))
         # 串流狀態（梅爾、編碼器、LLM／深度／talker 快取）都在模型的 Streamer 裡。
         self.streamer = Streamer(m, settings.chunk_frames, cond_ids=self.cond)
+        # policy="model" 的輪替決策（與 JAX／孿生的串流推論同一個規則）。
+        self.decider = TurnDecider(m.cfg.rule)
         k, q = m.cfg.max_chars_per_token, m.cfg.num_codebooks
         dev = m.device
         self.prev = {
@@ -568,7 +573,9 @@ class DuplexSession:
         eng = self.engine
         res = self.streamer.step(user_t, self.prev)
         tok = int(torch.argmax(res["text"][0, 0]))
-        act = int(torch.argmax(res["turn"][0, 0]))
+        if self.turn is None and self.decider.speaking:
+            self.decider.stop()  # 這一輪已由快速路徑（打斷）結束
+        act = self.decider.step(res["turn"][0, 0].tolist(), allow_start=not self.yield_lock)
         codes = res["code_ids"][0, 0].to(torch.long)
         out: list[pb.ServerMessage] = []
         if self.s.policy == "model":
