@@ -8,7 +8,8 @@
   產生，訊息存在會話裡不送出。語音持續到 `backchannel_max_seconds` 是打斷（barge-in）：送出
   `YIELDED`、丟掉停住的音訊、結束這一輪（伺服器同時丟掉送出佇列中還沒送出的音訊）；較短的語音
   在兩個靜音幀後判定為附和：送出 `BACKCHANNEL`、依序放出停住的音訊，同一輪從停住處繼續
-  （幀號連續、不丟不重複；播放比原定晚了停住的時間）。
+  （幀號連續、不丟不重複；播放比原定晚了停住的時間）。`policy="model"` 時打斷與附和由輪替頭的
+  yield 分辨，長度上限改為 `model_barge_in_seconds`（輪替頭一直沒讓出時的後備）。
 - 模型路徑：每一幀的 640 個樣本交給 PyTorch 孿生的 `Streamer`（`export.torch_model`），串流狀態
   都在它裡面：增量對數梅爾（因果正規化）、有界左方脈絡的編碼器快取、LLM（注意力槽加滑動視窗）
   與深度／talker 的快取。每湊滿一個區塊（`chunk_frames` 幀；含梅爾窗與卷積的前瞻，比快速路徑
@@ -202,6 +203,7 @@ class SessionSettings:
     end_silence_ms: int = 320
     max_reply_seconds: float = 3.0
     backchannel_max_seconds: float = 0.4
+    model_barge_in_seconds: float = 0.8
     reaction_window_frames: int = 15
     condition: str = ""
 
@@ -231,6 +233,14 @@ class SessionSettings:
     @property
     def backchannel_max_frames(self) -> int:
         return max(1, round(self.backchannel_max_seconds / FRAME_SECONDS))
+
+    @property
+    def barge_in_frames(self) -> int:
+        """停住後使用者語音持續幾幀就以長度判定為打斷：`vad` 為 `backchannel_max_seconds`，
+        `model` 為 `model_barge_in_seconds`（在那之前由輪替頭的 yield 分辨打斷與附和）。"""
+        if self.policy != "model":
+            return self.backchannel_max_frames
+        return max(self.backchannel_max_frames, round(self.model_barge_in_seconds / FRAME_SECONDS))
 
     @property
     def max_reply_frames(self) -> int:
@@ -410,7 +420,7 @@ class DuplexSession:
                     # 使用者在助理說話時開口：先停住助理音訊（模型照常產生），等判定。
                     self.holding = True
                     self.turn.hold_frame = t
-            if self.holding and t - self.user_onset + 1 >= s.backchannel_max_frames:
+            if self.holding and t - self.user_onset + 1 >= s.barge_in_frames:
                 # 使用者語音長到不是附和：打斷，停住的音訊丟掉。
                 self.yield_lock = True
                 out += self._end_turn(t, yielded=True, onset=self.user_onset, detail="barge-in")
