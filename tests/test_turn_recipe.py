@@ -105,14 +105,14 @@ def test_jax_and_torch_turn_decisions_match(run: Path, dialogues: Path) -> None:
     feats = log_mel_np(ex.user_audio, n_mels=int(cfg.data.n_mels), pad_to_seconds=None)
     feats = feats[None, :, : 4 * n]
     chunk = max(1, int(model.cfg.stream_chunk_frames))
-    # 以這個模型自己的機率分布選門檻，讓決策在這段對話上有開有停（規則本身不變）。
-    probe = run_streaming(model, feats, n, chunk, pad_id=task.pad_id, keep_text_logits=False)
-    p = np.asarray([softmax(r) for r in probe.turn_logits[0]])
-    talk = p[:, 1] + p[:, 2] + p[:, 4]
-    stop = p[:, 0] + p[:, 3]
+    # 以這個模型聆聽時自己的說話機率選開口門檻（先以永不開口的規則跑一遍），讓決策在這段對話上
+    # 有聽有說（規則本身不變）。
+    never = TurnRule(start_threshold=1.0, yield_threshold=1.0)
+    probe = run_streaming(model, feats, n, chunk, pad_id=task.pad_id, turn_rule=never)
+    talk = np.asarray([sum(softmax(r)[a] for a in (1, 2, 4)) for r in probe.turn_logits[0]])
     rule = TurnRule(
-        start_threshold=float(np.quantile(talk, 0.7)),
-        stop_threshold=float(np.quantile(stop, 0.5)),
+        start_threshold=float(np.quantile(talk, 0.9)),
+        stop_threshold=0.5,
         yield_threshold=1.0,
         min_speak_frames=2,
     )
