@@ -11,7 +11,8 @@ JAX 串流推論（`speakllm_jax.models.streaming.run_streaming`）、PyTorch �
   輪替頭的 SPEAK 目標每輪只有一幀（其餘是 LISTEN），所以 argmax 幾乎不會選到它；門檻取代 argmax。
 - 說話中：p(yield) ≥ `yield_threshold` 立即讓出（YIELD）；說滿 `min_speak_frames` 幀之後，
   停止機率 p(listen) + p(yield) ≥ `stop_threshold` 就結束這一輪（LISTEN）；否則繼續（CONTINUE）。
-  兩個門檻不同（遲滯），單幀的抖動不會讓助理說說停停。
+  停止機率 = 1 − 說話機率，所以必須 `start_threshold + stop_threshold > 1`（遲滯）：否則說話機率
+  落在 [start, 1 − stop] 的幀會「剛停就開口」，助理說說停停（`TurnRule` 建立時檢查）。
 - `allow_start=False`（例如伺服器在被打斷後、使用者說完之前）時不開口。
 """
 
@@ -36,10 +37,22 @@ class TurnRule:
     """決策規則的常數（`heads_config.json` 的 `turn_rule`、訓練設定的 `turn_rule`）。"""
 
     start_threshold: float = 0.3
-    stop_threshold: float = 0.6
+    stop_threshold: float = 0.8
     yield_threshold: float = 0.5
     min_speak_frames: int = 25
     smooth_frames: int = 1
+
+    def __post_init__(self) -> None:
+        for k in ("start_threshold", "stop_threshold", "yield_threshold"):
+            if not 0.0 < getattr(self, k) <= 1.0:
+                raise ValueError(f"turn_rule.{k} 必須在 (0, 1]，得到 {getattr(self, k)}")
+        if self.start_threshold + self.stop_threshold <= 1.0:
+            raise ValueError(
+                f"turn_rule：start_threshold + stop_threshold 必須 > 1（遲滯），得到 "
+                f"{self.start_threshold} + {self.stop_threshold}"
+            )
+        if self.min_speak_frames < 1 or self.smooth_frames < 1:
+            raise ValueError("turn_rule：min_speak_frames 與 smooth_frames 必須 ≥ 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,13 +65,10 @@ class TurnRule:
         bad = sorted(set(d) - names)
         if bad:
             raise ValueError(f"{source} 有未知欄位 {bad}；可用 {sorted(names)}")
-        rule = cls(**{k: type(getattr(cls, k))(v) for k, v in d.items()})
-        for k in ("start_threshold", "stop_threshold", "yield_threshold"):
-            if not 0.0 < getattr(rule, k) <= 1.0:
-                raise ValueError(f"{source}.{k} 必須在 (0, 1]，得到 {getattr(rule, k)}")
-        if rule.min_speak_frames < 1 or rule.smooth_frames < 1:
-            raise ValueError(f"{source}: min_speak_frames 與 smooth_frames 必須 ≥ 1")
-        return rule
+        try:
+            return cls(**{k: type(getattr(cls, k))(v) for k, v in d.items()})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
 
 
 def softmax(logits: Sequence[float]) -> list[float]:

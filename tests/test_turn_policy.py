@@ -36,14 +36,14 @@ def test_start_threshold_replaces_argmax() -> None:
 
 
 def test_min_speak_frames_and_hysteresis() -> None:
-    rule = TurnRule(start_threshold=0.3, stop_threshold=0.6, min_speak_frames=3)
+    rule = TurnRule(start_threshold=0.3, stop_threshold=0.8, min_speak_frames=3)
     start = logits(speak=0.9)
-    stop = logits(listen=0.7)
+    stop = logits(listen=0.9)
     # 開口後第 2、3 幀就算停止機率夠也繼續（最短 3 幀），第 4 幀才結束。
     assert decide_all([start, stop, stop, stop, stop], rule) == [S, C, C, L, L]
-    # 停止機率 0.45 + 0.1375 < 0.6：說話中繼續（單看 argmax 是 LISTEN）。
-    mid = logits(listen=0.45)
-    d = TurnDecider(TurnRule(start_threshold=0.3, stop_threshold=0.6, min_speak_frames=1))
+    # 停止機率 0.6 + 0.1 < 0.8：說話中繼續（單看 argmax 是 LISTEN）；聆聽中說話機率 0.3 ≥ 0.3 開口。
+    mid = logits(listen=0.6)
+    d = TurnDecider(TurnRule(start_threshold=0.3, stop_threshold=0.8, min_speak_frames=1))
     assert [d.step(start), d.step(mid), d.step(mid)] == [S, C, C]
 
 
@@ -69,7 +69,7 @@ def test_smoothing_averages_recent_frames() -> None:
 
 
 def test_rule_round_trip_and_errors() -> None:
-    r = TurnRule(start_threshold=0.2, min_speak_frames=5)
+    r = TurnRule(start_threshold=0.25, min_speak_frames=5)
     assert TurnRule.from_dict(r.to_dict()) == r
     assert TurnRule.from_dict({}) == TurnRule()
     with pytest.raises(ValueError, match="未知欄位"):
@@ -78,3 +78,6 @@ def test_rule_round_trip_and_errors() -> None:
         TurnRule.from_dict({"start_threshold": 0.0})
     with pytest.raises(ValueError, match="min_speak_frames"):
         TurnRule.from_dict({"min_speak_frames": 0})
+    # 沒有遲滯（說話機率 0.35 時剛停就會再開口）：拒絕。
+    with pytest.raises(ValueError, match="遲滯"):
+        TurnRule(start_threshold=0.3, stop_threshold=0.6)

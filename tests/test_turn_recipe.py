@@ -110,9 +110,10 @@ def test_jax_and_torch_turn_decisions_match(run: Path, dialogues: Path) -> None:
     never = TurnRule(start_threshold=1.0, yield_threshold=1.0)
     probe = run_streaming(model, feats, n, chunk, pad_id=task.pad_id, turn_rule=never)
     talk = np.asarray([sum(softmax(r)[a] for a in (1, 2, 4)) for r in probe.turn_logits[0]])
+    start = float(np.quantile(talk, 0.9))
     rule = TurnRule(
-        start_threshold=float(np.quantile(talk, 0.9)),
-        stop_threshold=0.5,
+        start_threshold=start,
+        stop_threshold=1.0 - start / 2,
         yield_threshold=1.0,
         min_speak_frames=2,
     )
