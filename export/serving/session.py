@@ -33,7 +33,8 @@
 - `model`：輪替頭決定：每幀的輪替 logits 經 `speakllm_jax.turn_policy.TurnDecider`（門檻、平滑、
   最短說話幀數；規則是匯出資料夾 `heads_config.json` 的 `turn_rule`，與 JAX 串流推論、PyTorch
   孿生的 `stream` 同一份），動作為 speak／continue／backchannel 時說話；停住、打斷與附和的判定與
-  `vad` 相同，輪替頭在使用者說話時輸出 yield 也算打斷。被打斷後到使用者說完之前不再說話。
+  `vad` 相同，輪替頭在使用者說話時輸出 yield 也算打斷。被打斷後到使用者說完之前、以及使用者
+  最近兩幀內有語音時不開口。
 
 增量解碼的近似：Voila-Tokenizer（EncodecModel）的解碼器是因果卷積加 LSTM，這裡每幀把最近
 `decode_window_frames` 幀的語音碼一起解碼、只取最後一幀的 640 個樣本，而不是保留解碼器的內部狀態；
@@ -585,7 +586,12 @@ class DuplexSession:
         tok = int(torch.argmax(res["text"][0, 0]))
         if self.turn is None and self.decider.speaking:
             self.decider.stop()  # 這一輪已由快速路徑（打斷）結束
-        act = self.decider.step(res["turn"][0, 0].tolist(), allow_start=not self.yield_lock)
+        # 不在使用者有聲的幀上開口（快速路徑最近 BACKCHANNEL_GAP_FRAMES 幀內有語音）：否則輪替頭
+        # 在使用者說話中途剛停又開口時，新的一輪沒有停住可用。
+        quiet = self.silence_run >= BACKCHANNEL_GAP_FRAMES
+        act = self.decider.step(
+            res["turn"][0, 0].tolist(), allow_start=not self.yield_lock and quiet
+        )
         codes = res["code_ids"][0, 0].to(torch.long)
         out: list[pb.ServerMessage] = []
         if self.s.policy == "model":
