@@ -1,7 +1,7 @@
 """輪替配方的完整一輪：生成輪替示範對話 → 抽助理聲道語音碼 → `phase2_turns` 訓練 →
 經 loopback 伺服器在 test 切分上評估（`model` 與 `vad` 同一次執行），印出與驗收目標的對照。
 
-python benchmarks/bench_turn_recipe.py [--dialogues 150] [--steps 200] [--workdir runs/turn_recipe]
+python benchmarks/bench_turn_recipe.py [--dialogues 150] [--steps 600] [--workdir runs/turn_recipe]
     [--ablation none|overlap_off|lead0|tone_off] [--max_test 0] [--eval_only]
 
 每一步都是使用者會打的指令（子程序），所以這也是配方的說明書。印出訓練的每步秒數、
@@ -48,7 +48,7 @@ def _run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dialogues", type=int, default=150)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--workdir", default="runs/turn_recipe")
     p.add_argument("--ablation", default="none", choices=sorted(ABLATIONS))
     p.add_argument("--max_test", type=int, default=0, help="只評估 test 切分的前 N 段（0：全部）")
