@@ -146,6 +146,7 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
         turn_taking_metrics,
     )
     from speakllm_jax.models.streaming import run_streaming
+    from speakllm_jax.turn_policy import TurnRule
 
     rows = _dialogue_rows(cfg, task)[:max_dialogues]
     anns, acts, plots = [], [], []
@@ -170,7 +171,13 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
             continue
         feats = mel[None, :, : 4 * n]
         out = run_streaming(
-            model, feats, n, chunk_frames=25, pad_id=task.pad_id, keep_text_logits=False
+            model,
+            feats,
+            n,
+            chunk_frames=25,
+            pad_id=task.pad_id,
+            keep_text_logits=False,
+            turn_rule=TurnRule.from_dict(cfg.get("turn_rule")),
         )
         speaking = np.isin(out.turn[0], SPEAKING_ACTIONS)
         anns.append(ann)
