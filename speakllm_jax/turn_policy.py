@@ -45,14 +45,14 @@ class TurnRule:
     def __post_init__(self) -> None:
         for k in ("start_threshold", "stop_threshold", "yield_threshold"):
             if not 0.0 < getattr(self, k) <= 1.0:
-                raise ValueError(f"turn_rule.{k} 必須在 (0, 1]，得到 {getattr(self, k)}")
+                raise ValueError(f"{k} 必須在 (0, 1]，得到 {getattr(self, k)}")
         if self.start_threshold + self.stop_threshold <= 1.0:
             raise ValueError(
-                f"turn_rule：start_threshold + stop_threshold 必須 > 1（遲滯），得到 "
+                "start_threshold + stop_threshold 必須 > 1（遲滯），得到 "
                 f"{self.start_threshold} + {self.stop_threshold}"
             )
         if self.min_speak_frames < 1 or self.smooth_frames < 1:
-            raise ValueError("turn_rule：min_speak_frames 與 smooth_frames 必須 ≥ 1")
+            raise ValueError("min_speak_frames 與 smooth_frames 必須 ≥ 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -221,6 +221,14 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
                 f"--config.mesh.{axis}={size}：網格軸的大小必須 ≥ 1（-1 表示用剩下的裝置）"
             )
 
+    if "turn_rule" in cfg:
+        from speakllm_jax.turn_policy import TurnRule
+
+        try:
+            TurnRule.from_dict(cfg.turn_rule, "--config.turn_rule")
+        except (TypeError, ValueError) as err:
+            raise UserValueError(str(err)) from err
+
     def local(value: Any) -> bool:
         return bool(value) and "://" not in str(value)
 
