@@ -81,3 +81,21 @@ def test_rule_round_trip_and_errors() -> None:
     # 沒有遲滯（說話機率 0.35 時剛停就會再開口）：拒絕。
     with pytest.raises(ValueError, match="遲滯"):
         TurnRule(start_threshold=0.3, stop_threshold=0.6)
+
+
+def test_train_cli_rejects_a_rule_without_hysteresis(tmp_path, capsys) -> None:
+    """`--config.turn_rule.*` 的錯誤在訓練開始前以一行 `錯誤：…`、結束碼 2 回報。"""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+    spec = importlib.util.spec_from_file_location("launch_train_rule", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from speakllm_jax.cli import run_cli
+
+    argv = ["--config", "phase2_turns", "--workdir", str(tmp_path / "r")]
+    argv += ["--config.turn_rule.stop_threshold=0.5"]
+    assert run_cli(mod.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("錯誤：--config.turn_rule") and "遲滯" in err and "\n" not in err
