@@ -6,6 +6,7 @@ import ml_collections
 
 from configs.models import PRESETS, model_config
 from speakllm_jax.models.axis_rules import DEFAULT_RULES
+from speakllm_jax.turn_policy import TurnRule
 
 
 def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
@@ -81,6 +82,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(
         dict(text=1.0, code=1.0, turn=1.0, tone=0.2, emotion=0.5, pad_weight=0.5)
     )
+    # 輪替頭的決策規則（門檻、遲滯、最短說話幀數；`speakllm_jax.turn_policy.TurnRule`），
+    # 匯出時寫進 heads_config.json，JAX 串流推論、PyTorch 孿生與伺服器的 policy=model 共用。
+    c.turn_rule = ml_collections.ConfigDict(TurnRule().to_dict())
     c.train = ml_collections.ConfigDict(
         dict(
             steps=30,

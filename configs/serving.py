@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.end_silence_ms = 320  # 使用者靜音多久算說完（vad 策略：接著回應）
     c.max_reply_seconds = 3.0  # vad 策略：每輪最多說多久
     c.backchannel_max_seconds = 0.4  # 助理說話時，短於此的使用者語音視為附和，不打斷
+    # model 策略：附和與打斷由輪替頭分辨（yield 即打斷）；使用者語音長到這個秒數仍未讓出時才
+    # 以長度判定為打斷（附和最長約 0.6 秒）。停住仍在開口後 onset_frames 幀，停止延遲不變。
+    c.model_barge_in_seconds = 0.8
     c.reaction_window_frames = 15  # 打斷反應的上限（自使用者語音起點起算的幀數）
     c.condition = ""  # 預設條件符號（例如 "<|emo_neutral|>"）
 

@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="PyTorch 裝置：cpu、cuda、cuda:0")
     p.add_argument("--max_seconds", type=float, default=60.0, help="長於此秒數的語句略過")
     p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="只取這個聲道（雙聲道對話的助理聲道為 1）；預設混成單聲道",
+    )
+    p.add_argument(
         "--no_progress", action="store_true", help="不顯示進度條（預設在終端機上顯示於 stderr）"
     )
     add_chain_flags(p, conversion=False)
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=a.batch_size,
             device=a.device,
             max_seconds=a.max_seconds,
+            channel=a.channel,
             progress=False if a.no_progress else None,
         )
     except (NotImplementedError, S3CheckpointError) as e:

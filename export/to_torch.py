@@ -47,11 +47,14 @@ from export.torch_model import (
 )
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli
 from speakllm_jax.cpu_simulation import configure_cpu_simulation
+from speakllm_jax.turn_policy import TurnRule
 
 
-def heads_config_from(model: Any, pad_id: int) -> HeadsConfig:
-    """由 JAX `SpeakLLM` 的設定取出重建小模組所需的欄位（見 `HeadsConfig.from_model_config`）。"""
-    return HeadsConfig.from_model_config(model.cfg, pad_id)
+def heads_config_from(model: Any, pad_id: int, turn_rule: Any = None) -> HeadsConfig:
+    """由 JAX `SpeakLLM` 的設定取出重建小模組所需的欄位（見 `HeadsConfig.from_model_config`）；
+    `turn_rule`（訓練設定的 `turn_rule` 或 `TurnRule`）缺省為 `TurnRule()`。"""
+    rule = turn_rule if isinstance(turn_rule, TurnRule) else TurnRule.from_dict(turn_rule)
+    return HeadsConfig.from_model_config(model.cfg, pad_id, turn_rule=rule.to_dict())
 
 
 def _np(x: Any) -> np.ndarray:
@@ -126,8 +129,11 @@ def export_model(
     pad_id: int = 0,
     parity_seed: int | None = 0,
     info: dict[str, Any] | None = None,
+    turn_rule: Any = None,
 ) -> dict[str, Any]:
     """把 JAX `SpeakLLM` 寫成 PyTorch 可讀的資料夾；`parity_seed` 不為 None 時做一致性檢查。
+
+    `turn_rule`：輪替決策規則（寫進 `heads_config.json`；缺省 `TurnRule()`）。
 
     回傳一致性檢查的結果（未檢查時為空字典）。
     """
@@ -137,7 +143,7 @@ def export_model(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = heads_config_from(model, pad_id)
+    cfg = heads_config_from(model, pad_id, turn_rule)
     save_qwen2(model.llm, out / "llm")
     save_whisper(model.encoder, out / "whisper_encoder")
     if cfg.speech_head == "voila":
@@ -188,7 +194,8 @@ def export_run(
         "phase": str(cfg.get("phase", "")),
         "task": str(cfg.get("task", "")),
     }
-    return export_model(model, out, task.tokenizer, pad_id, parity_seed, info)
+    rule = cfg.get("turn_rule")
+    return export_model(model, out, task.tokenizer, pad_id, parity_seed, info, turn_rule=rule)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from speakllm_jax.cli import UserFileError
-from speakllm_jax.labels import NUM_TONES, NUM_TURN_ACTIONS, SPEAKING_ACTIONS
+from speakllm_jax.labels import NUM_TONES, NUM_TURN_ACTIONS
+from speakllm_jax.turn_policy import TurnDecider, TurnRule, is_speaking
 
 HEADS_FILE = "heads.safetensors"
 HEADS_CONFIG = "heads_config.json"
@@ -76,16 +77,27 @@ class HeadsConfig:
     encoder_left_chunks: int = 0
     llm_sink_frames: int = 0
     llm_window_frames: int = 0
+    # 輪替決策規則（`speakllm_jax.turn_policy.TurnRule` 的欄位；舊匯出沒有時用其缺省值）。
+    turn_rule: dict[str, Any] = field(default_factory=lambda: TurnRule().to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def rule(self) -> TurnRule:
+        """`turn_rule` 解析成 `TurnRule`（JAX 串流推論與伺服器用同一個規則）。"""
+        return TurnRule.from_dict(self.turn_rule, f"{HEADS_CONFIG} 的 turn_rule")
+
     @classmethod
-    def from_model_config(cls, cfg: Any, pad_id: int) -> HeadsConfig:
-        """由 JAX 的 `SpeakLLMConfig`（只讀屬性，不需匯入 JAX）逐欄取值。"""
+    def from_model_config(
+        cls, cfg: Any, pad_id: int, turn_rule: dict[str, Any] | None = None
+    ) -> HeadsConfig:
+        """由 JAX 的 `SpeakLLMConfig`（只讀屬性，不需匯入 JAX）逐欄取值；輪替規則來自訓練設定。"""
         kw: dict[str, Any] = {"pad_id": int(pad_id)}
+        if turn_rule is not None:
+            kw["turn_rule"] = dict(turn_rule)
         for f in fields(cls):
-            if f.name == "pad_id":
+            if f.name in ("pad_id", "turn_rule"):
                 continue
             value = cfg
             for attr in NESTED_SOURCES.get(f.name, (f.name,)):
@@ -766,6 +778,7 @@ class TorchSpeakLLM(nn.Module):
             raise ValueError("speech_head='cosyvoice2' 的教師強制串流需要 teacher['text_out']")
         cache = self.new_cache()
         text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
+        deciders = [TurnDecider(self.cfg.rule) for _ in range(b)]
         # 有界左方脈絡時逐區塊帶 KV 快取編碼（同 JAX `SpeakLLM.stream_audio`）；舊匯出
         # （encoder_left_chunks = 0）逐編碼窗以區塊因果遮罩重編窗內前綴（同 JAX 切窗）。
         streamer = Streamer(self, chunk_frames, batch=b)
@@ -786,18 +799,21 @@ class TorchSpeakLLM(nn.Module):
                     text_out = tch["text_out"][:, t : t + 1].long()
             cache, out = self.frame_step(cache, t, user_t, prev, target, cond, text_out)
             tok = torch.argmax(out["text"][:, 0], dim=-1)
-            act = torch.argmax(out["turn"][:, 0], dim=-1)
+            turn_np = out["turn"][:, 0].cpu().numpy()
+            act = torch.tensor(
+                [d.step(row) for d, row in zip(deciders, turn_np)], dtype=torch.long, device=dev
+            )
             text_l.append(out["text"][:, 0].cpu().numpy())
-            turn_l.append(out["turn"][:, 0].cpu().numpy())
+            turn_l.append(turn_np)
             if "codes" in out:
                 code_l.append(out["codes"][:, 0].cpu().numpy())
             texts.append(tok.cpu().numpy())
             turns.append(act.cpu().numpy())
             codes.append(out["code_ids"][:, 0].cpu().numpy())
             if tch is None:
-                speaking = torch.zeros_like(act, dtype=torch.bool)
-                for a in SPEAKING_ACTIONS:
-                    speaking |= act == a
+                speaking = torch.tensor(
+                    [is_speaking(a) for a in act.tolist()], dtype=torch.bool, device=dev
+                )
                 prev = {
                     "text": tok[:, None],
                     "tones": torch.zeros((b, 1, k), dtype=torch.long, device=dev),

@@ -204,6 +204,21 @@ def test_turn_loss_weighted():
     # Σ v·CE = 2·ce0 + 1·log 5（第三個目標忽略、第四幀是補齊的）
     assert float(total) == pytest.approx(2 * ce0 + math.log(5), rel=1e-5)
     assert float(wsum) == 3.0
+    # 類別權重 c_y：SPEAK ×8、YIELD ×4（輪替配方的設定），v_t 再乘上目標類別的權重。
+    cw = (1.0, 8.0, 1.0, 4.0, 1.0)
+    total, wsum = turn_loss(logits, targets, weights, frame, class_weights=cw)
+    assert float(total) == pytest.approx(4 * 2 * ce0 + 1 * math.log(5), rel=1e-5)
+    assert float(wsum) == 4 * 2 + 1
+    with pytest.raises(ValueError, match="class_weights"):
+        turn_loss(logits, targets, weights, frame, class_weights=(1.0, 2.0))
+    lw = LossWeights.from_config(dict(LossWeights().__dict__, turn_classes=[1, 8, 1, 4, 1]))
+    assert lw.turn_classes == cw
+    assert (
+        LossWeights.from_config(
+            {k: 1.0 for k in ("text", "code", "turn", "tone", "emotion", "pad_weight")}
+        ).turn_classes
+        == ()
+    )
 
 
 def test_emotion_loss_weights_by_valid_frames():

@@ -8,7 +8,8 @@
   產生，訊息存在會話裡不送出。語音持續到 `backchannel_max_seconds` 是打斷（barge-in）：送出
   `YIELDED`、丟掉停住的音訊、結束這一輪（伺服器同時丟掉送出佇列中還沒送出的音訊）；較短的語音
   在兩個靜音幀後判定為附和：送出 `BACKCHANNEL`、依序放出停住的音訊，同一輪從停住處繼續
-  （幀號連續、不丟不重複；播放比原定晚了停住的時間）。
+  （幀號連續、不丟不重複；播放比原定晚了停住的時間）。`policy="model"` 時打斷與附和由輪替頭的
+  yield 分辨，長度上限改為 `model_barge_in_seconds`（輪替頭一直沒讓出時的後備）。
 - 模型路徑：每一幀的 640 個樣本交給 PyTorch 孿生的 `Streamer`（`export.torch_model`），串流狀態
   都在它裡面：增量對數梅爾（因果正規化）、有界左方脈絡的編碼器快取、LLM（注意力槽加滑動視窗）
   與深度／talker 的快取。每湊滿一個區塊（`chunk_frames` 幀；含梅爾窗與卷積的前瞻，比快速路徑
@@ -29,8 +30,11 @@
 - `vad`：規則決定何時說話——使用者說完（最後一個語音幀後靜音滿 `end_silence_ms`）的那一幀開始說，
   最多 `max_reply_seconds`；內容（語音碼、文字）仍由模型產生。未訓練的小模型也能得到可重現的輪替，
   測試用這個策略。
-- `model`：輪替頭決定（動作為 speak／continue／backchannel 時說話）；停住、打斷與附和的判定與
-  `vad` 相同，輪替頭在使用者說話時輸出 yield 也算打斷。被打斷後到使用者說完之前不再說話。
+- `model`：輪替頭決定：每幀的輪替 logits 經 `speakllm_jax.turn_policy.TurnDecider`（門檻、平滑、
+  最短說話幀數；規則是匯出資料夾 `heads_config.json` 的 `turn_rule`，與 JAX 串流推論、PyTorch
+  孿生的 `stream` 同一份），動作為 speak／continue／backchannel 時說話；停住、打斷與附和的判定與
+  `vad` 相同，輪替頭在使用者說話時輸出 yield 也算打斷。被打斷後到使用者說完之前、以及使用者
+  最近兩幀內有語音時不開口。
 
 增量解碼的近似：Voila-Tokenizer（EncodecModel）的解碼器是因果卷積加 LSTM，這裡每幀把最近
 `decode_window_frames` 幀的語音碼一起解碼、只取最後一幀的 640 個樣本，而不是保留解碼器的內部狀態；
@@ -52,7 +56,6 @@ import webrtcvad
 from configs.serving import get_config as serving_config
 from export.serving import duplex_pb2 as pb
 from export.torch_model import (
-    SPEAKING_ACTIONS,
     Streamer,
     TorchSpeakLLM,
     encode_batch,
@@ -60,7 +63,8 @@ from export.torch_model import (
     step_batch,
 )
 from speakllm_jax.audio.constants import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE
-from speakllm_jax.labels import TurnAction
+from speakllm_jax.labels import SPEAKING_ACTIONS, TurnAction
+from speakllm_jax.turn_policy import TurnDecider
 
 COSYVOICE2_RATE = 24000  # CosyVoice2 token2wav（HiFT）的輸出取樣率
 YIELD_ACTION = int(TurnAction.YIELD)
@@ -209,6 +213,7 @@ class SessionSettings:
     end_silence_ms: int = _SERVING.end_silence_ms
     max_reply_seconds: float = _SERVING.max_reply_seconds
     backchannel_max_seconds: float = _SERVING.backchannel_max_seconds
+    model_barge_in_seconds: float = _SERVING.model_barge_in_seconds
     reaction_window_frames: int = _SERVING.reaction_window_frames
     condition: str = _SERVING.condition
 
@@ -238,6 +243,14 @@ class SessionSettings:
     @property
     def backchannel_max_frames(self) -> int:
         return max(1, round(self.backchannel_max_seconds / FRAME_SECONDS))
+
+    @property
+    def barge_in_frames(self) -> int:
+        """停住後使用者語音持續幾幀就以長度判定為打斷：`vad` 為 `backchannel_max_seconds`，
+        `model` 為 `model_barge_in_seconds`（在那之前由輪替頭的 yield 分辨打斷與附和）。"""
+        if self.policy != "model":
+            return self.backchannel_max_frames
+        return max(self.backchannel_max_frames, round(self.model_barge_in_seconds / FRAME_SECONDS))
 
     @property
     def max_reply_frames(self) -> int:
@@ -301,6 +314,8 @@ class DuplexSession:
         self.vad = webrtcvad.Vad(int(settings.vad_aggressiveness))
         # 串流狀態（梅爾、編碼器、LLM／深度／talker 快取）都在模型的 Streamer 裡。
         self.streamer = Streamer(m, settings.chunk_frames, cond_ids=self.cond)
+        # policy="model" 的輪替決策（與 JAX／孿生的串流推論同一個規則）。
+        self.decider = TurnDecider(m.cfg.rule)
         k, q = m.cfg.max_chars_per_token, m.cfg.num_codebooks
         dev = m.device
         self.prev = {
@@ -467,7 +482,7 @@ class DuplexSession:
                     # 使用者在助理說話時開口：先停住助理音訊（模型照常產生），等判定。
                     self.holding = True
                     self.turn.hold_frame = t
-            if self.holding and t - self.user_onset + 1 >= s.backchannel_max_frames:
+            if self.holding and t - self.user_onset + 1 >= s.barge_in_frames:
                 # 使用者語音長到不是附和：打斷，停住的音訊丟掉。
                 self.yield_lock = True
                 out += self._end_turn(t, yielded=True, onset=self.user_onset, detail="barge-in")
@@ -631,7 +646,14 @@ class DuplexSession:
         eng = self.engine
         job = _StepJob(f, t0, enc_time)
         job.tok = int(torch.argmax(res["text"][0, 0]))
-        act = int(torch.argmax(res["turn"][0, 0]))
+        if self.turn is None and self.decider.speaking:
+            self.decider.stop()  # 這一輪已由快速路徑（打斷）結束
+        # 不在使用者有聲的幀上開口（快速路徑最近 BACKCHANNEL_GAP_FRAMES 幀內有語音）：否則輪替頭
+        # 在使用者說話中途剛停又開口時，新的一輪沒有停住可用。
+        quiet = self.silence_run >= BACKCHANNEL_GAP_FRAMES
+        act = self.decider.step(
+            res["turn"][0, 0].tolist(), allow_start=not self.yield_lock and quiet
+        )
         job.codes = res["code_ids"][0, 0].to(torch.long)
         if self.s.policy == "model":
             job.out += self._model_policy(f, act)

@@ -147,6 +147,7 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
         turn_taking_metrics,
     )
     from speakllm_jax.models.streaming import run_streaming
+    from speakllm_jax.turn_policy import TurnRule
 
     rows = _dialogue_rows(cfg, task)[:max_dialogues]
     # 與訓練相同的逐列 op（不補齊）：對話放上幀格，再取使用者聲道的梅爾 [n_mels, 4N]。
@@ -172,7 +173,13 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
             continue
         feats = ex["mel"][None]
         out = run_streaming(
-            model, feats, n, chunk_frames=25, pad_id=task.pad_id, keep_text_logits=False
+            model,
+            feats,
+            n,
+            chunk_frames=25,
+            pad_id=task.pad_id,
+            keep_text_logits=False,
+            turn_rule=TurnRule.from_dict(cfg.get("turn_rule")),
         )
         speaking = np.isin(out.turn[0], SPEAKING_ACTIONS)
         anns.append(ann)

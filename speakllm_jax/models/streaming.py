@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from speakllm_jax.labels import SPEAKING_ACTIONS
 from speakllm_jax.models.speakllm import SpeakLLM
+from speakllm_jax.turn_policy import TurnDecider, TurnRule, is_speaking
 
 
 @dataclass
@@ -192,6 +192,7 @@ def run_streaming(
     cond_ids: Any = None,
     pad_id: int = 0,
     keep_text_logits: bool = True,
+    turn_rule: TurnRule | None = None,
 ) -> StreamOutputs:
     """逐幀執行整段對話（任意長度：使用者聲道逐編碼窗編碼，見模組說明）。
 
@@ -202,6 +203,9 @@ def run_streaming(
     `teacher["text_out"] [B,N]`（與 `duplex_forward` 的 `text_out` 相同），自由執行時用每幀
     貪婪選出的文字。`keep_text_logits=False` 時不保留每幀的文字 logits（`text_logits` 為 None；
     長對話時 `[B, N, V]` 很大），評估只需要輪替與文字符號。
+    每幀的輪替動作由 `speakllm_jax.turn_policy.TurnDecider`（規則 `turn_rule`，缺省為 `TurnRule()`）
+    從輪替 logits 決定，與 PyTorch 孿生、伺服器的 `policy="model"` 同一個規則；教師強制時也照樣
+    逐幀決策（但不回饋）。
     """
     features = jnp.asarray(features)
     b = features.shape[0]
@@ -226,6 +230,7 @@ def run_streaming(
     use_cond = cond_ids is not None
     cond = jnp.zeros((b,), jnp.int32) if cond_ids is None else jnp.asarray(cond_ids, jnp.int32)
     text_l, turn_l, code_l, texts, turns, codes = [], [], [], [], [], []
+    deciders = [TurnDecider(turn_rule) for _ in range(b)]
     chunk_enc = chunk_frames * model.connector.stack
     user = None if streamed else encode_user_stream(model, features, n, chunk_frames)
     for t in range(n):
@@ -264,18 +269,19 @@ def run_streaming(
         if cosy:
             talker_cache = out.pop("talker_cache")
         tok = jnp.argmax(out["text"][:, 0], axis=-1).astype(jnp.int32)
-        act = jnp.argmax(out["turn"][:, 0], axis=-1).astype(jnp.int32)
+        turn_np = np.asarray(out["turn"][:, 0])
+        act = np.asarray([d.step(row) for d, row in zip(deciders, turn_np)], np.int32)
         if keep_text_logits:
             text_l.append(np.asarray(out["text"][:, 0]))
-        turn_l.append(np.asarray(out["turn"][:, 0]))
+        turn_l.append(turn_np)
         if "codes" in out:
             code_l.append(np.asarray(out["codes"][:, 0]))
         texts.append(np.asarray(tok))
-        turns.append(np.asarray(act))
+        turns.append(act)
         codes.append(np.asarray(out["code_ids"][:, 0]))
         if teacher is None:
             # 自由執行：助理這一幀「在說話」時（輪替為 speak／continue／backchannel）語音碼才有效。
-            speaking = jnp.isin(act, jnp.asarray(SPEAKING_ACTIONS))
+            speaking = jnp.asarray([is_speaking(a) for a in act])
             prev = {
                 "text": tok[:, None],
                 "tones": jnp.zeros((b, 1, k), jnp.int32),

@@ -70,6 +70,13 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
         rules_from_config(cfg.get("logical_axis_rules", DEFAULT_RULES))
     except (TypeError, ValueError) as err:
         raise UserValueError(f"--config.logical_axis_rules：{err}") from None
+    if "turn_rule" in cfg:
+        from speakllm_jax.turn_policy import TurnRule
+
+        try:
+            TurnRule.from_dict(cfg.turn_rule, "--config.turn_rule")
+        except (TypeError, ValueError) as err:
+            raise UserValueError(str(err)) from err
 
     def local(value: Any) -> bool:
         return bool(value) and "://" not in str(value)

@@ -129,13 +129,22 @@ def turn_loss(
     turn_targets: jax.Array,
     turn_weight: jax.Array | None = None,
     frame_mask: jax.Array | None = None,
+    class_weights: Sequence[float] | None = None,
 ) -> LossTerm:
     """輪替頭損失：`turn_logits [..., N, 5]`、`turn_targets [..., N]`（TurnAction，-1 忽略）、
-    `turn_weight [..., N]`（Overlap-Aware 的輪替權重）。權重 v_t = turn_weight_t · frame_t。"""
+    `turn_weight [..., N]`（Overlap-Aware 的輪替權重）、`class_weights [5]`（各類別的權重 c_y，
+    缺省全為 1；SPEAK 每輪只有一幀，類別權重抵銷它的稀少）。權重 v_t = turn_weight_t · frame_t · c_{y_t}。"""
     w = None if turn_weight is None else jnp.asarray(turn_weight, jnp.float32)
     if frame_mask is not None:
         f = jnp.asarray(frame_mask, jnp.float32)
         w = f if w is None else w * f
+    if class_weights is not None and len(class_weights):
+        cw = jnp.asarray(class_weights, jnp.float32)
+        if cw.shape != (turn_logits.shape[-1],):
+            raise ValueError(f"class_weights 長度應為 {turn_logits.shape[-1]}，得到 {cw.shape}")
+        safe = jnp.where(turn_targets == IGNORE_ID, 0, turn_targets).astype(jnp.int32)
+        c = cw[safe]
+        w = c if w is None else w * c
     return masked_cross_entropy(turn_logits, turn_targets, w)
 
 
@@ -150,7 +159,8 @@ def emotion_loss(emotion_logits: jax.Array, emotion: jax.Array, frame_mask: jax.
 
 @dataclass(frozen=True)
 class LossWeights:
-    """全雙工損失各項的權重（`config.loss`）；`pad_weight` 為無文字幀預測填充符號的權重。"""
+    """全雙工損失各項的權重（`config.loss`）；`pad_weight` 為無文字幀預測填充符號的權重；
+    `turn_classes` 為輪替頭各類別（`TurnAction` 順序）的權重，空的表示全為 1。"""
 
     text: float = 1.0
     code: float = 1.0
@@ -158,15 +168,23 @@ class LossWeights:
     tone: float = 0.2
     emotion: float = 0.5
     pad_weight: float = 0.5
+    turn_classes: tuple[float, ...] = ()
 
     @classmethod
     def from_config(cls, loss: Any) -> LossWeights:
-        """由 `config.loss` 建立；每個欄位都必須在設定中。"""
-        return cls(**{f.name: float(loss[f.name]) for f in fields(cls)})
+        """由 `config.loss` 建立；純量欄位都必須在設定中，`turn_classes` 可省略。"""
+        kw: dict[str, Any] = {
+            f.name: float(loss[f.name]) for f in fields(cls) if f.name != "turn_classes"
+        }
+        kw["turn_classes"] = tuple(float(x) for x in (loss.get("turn_classes") or ()))
+        return cls(**kw)
 
 
 def duplex_loss_terms(
-    out: dict[str, jax.Array], batch: dict[str, jax.Array], pad_weight: float
+    out: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    pad_weight: float,
+    turn_classes: Sequence[float] | None = None,
 ) -> dict[str, LossTerm]:
     """全雙工的各損失項。`out` 為 `SpeakLLM.duplex_forward` 的輸出，`batch` 為任務的批次。
 
@@ -179,7 +197,9 @@ def duplex_loss_terms(
             out["text"], batch["text_target"], is_tok, frame, pad_weight=pad_weight
         ),
         "code": speech_code_loss(out["codes"], batch["codes_target"], batch["code_weight"], frame),
-        "turn": turn_loss(out["turn"], batch["turn_target"], batch["turn_weight"], frame),
+        "turn": turn_loss(
+            out["turn"], batch["turn_target"], batch["turn_weight"], frame, turn_classes
+        ),
         "tone": tone_aux_loss(out["tones"], batch["tones_target"], is_tok * frame),
     }
     if "emotion" in out:
@@ -195,7 +215,7 @@ def duplex_loss(
     S_k 為第 k 項的加權總和、λ_k 為 `weights` 中的權重；引擎把總和除以整個全域批次的有效幀數，
     記錄的 `<k>_loss` 指標同樣是 S_k / Σ frame_mask。
     """
-    terms = duplex_loss_terms(out, batch, weights.pad_weight)
+    terms = duplex_loss_terms(out, batch, weights.pad_weight, weights.turn_classes)
     total = sum(getattr(weights, k) * s for k, (s, _) in terms.items())
     metrics = {f"{k}_loss": s for k, (s, _) in terms.items()}
     return total, jnp.sum(batch["frame_mask"].astype(jnp.float32)), metrics

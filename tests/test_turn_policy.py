@@ -1,0 +1,101 @@
+"""輪替決策規則（`speakllm_jax.turn_policy`）在手寫 logits 序列上的行為：門檻、遲滯、最短說話幀數、
+讓出、平滑與 `allow_start`，以及 `TurnRule` 的欄位檢查。"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from speakllm_jax.labels import TurnAction
+from speakllm_jax.turn_policy import TurnDecider, TurnRule, decide_all, softmax
+
+L, S, C, Y = (
+    int(a) for a in (TurnAction.LISTEN, TurnAction.SPEAK, TurnAction.CONTINUE, TurnAction.YIELD)
+)
+
+
+def logits(**probs: float) -> list[float]:
+    """由各類別機率（其餘平均分掉）組出 logits。"""
+    names = [a.name.lower() for a in TurnAction]
+    rest = (1.0 - sum(probs.values())) / (len(names) - len(probs))
+    return [math.log(probs.get(n, rest)) for n in names]
+
+
+def test_softmax_inverts_logits() -> None:
+    p = softmax(logits(speak=0.25, listen=0.5))
+    assert p[S] == pytest.approx(0.25) and p[L] == pytest.approx(0.5)
+    assert sum(p) == pytest.approx(1.0)
+
+
+def test_start_threshold_replaces_argmax() -> None:
+    # SPEAK 0.35 不是 argmax（LISTEN 0.6），但說話機率 0.35 + 0.025 · 2 ≥ 0.3：開口。
+    rule = TurnRule(start_threshold=0.3, min_speak_frames=1)
+    frames = [logits(listen=0.9, speak=0.05), logits(listen=0.6, speak=0.35)]
+    assert decide_all(frames, rule) == [L, S]
+
+
+def test_min_speak_frames_and_hysteresis() -> None:
+    rule = TurnRule(start_threshold=0.3, stop_threshold=0.8, min_speak_frames=3)
+    start = logits(speak=0.9)
+    stop = logits(listen=0.9)
+    # 開口後第 2、3 幀就算停止機率夠也繼續（最短 3 幀），第 4 幀才結束。
+    assert decide_all([start, stop, stop, stop, stop], rule) == [S, C, C, L, L]
+    # 停止機率 0.6 + 0.1 < 0.8：說話中繼續（單看 argmax 是 LISTEN）；聆聽中說話機率 0.3 ≥ 0.3 開口。
+    mid = logits(listen=0.6)
+    d = TurnDecider(TurnRule(start_threshold=0.3, stop_threshold=0.8, min_speak_frames=1))
+    assert [d.step(start), d.step(mid), d.step(mid)] == [S, C, C]
+
+
+def test_yield_is_immediate_and_allow_start() -> None:
+    rule = TurnRule(yield_threshold=0.5, min_speak_frames=25)
+    d = TurnDecider(rule)
+    assert d.step(logits(speak=0.9)) == S
+    # 讓出不受最短說話幀數限制。
+    assert d.step(logits(**{"yield": 0.6})) == Y
+    assert not d.speaking
+    assert d.step(logits(speak=0.9), allow_start=False) == L
+    assert d.step(logits(speak=0.9)) == S
+    d.stop()
+    assert not d.speaking and d.step(logits(listen=0.9)) == L
+
+
+def test_smoothing_averages_recent_frames() -> None:
+    rule = TurnRule(start_threshold=0.6, smooth_frames=2, min_speak_frames=1)
+    # 說話機率：0.15、0.95、0.95；單幀的尖峰與前一幀平均 0.55 < 0.6：不開口；連續兩幀才開口。
+    frames = [logits(speak=0.05, listen=0.8), logits(speak=0.9), logits(speak=0.9)]
+    assert decide_all(frames, rule) == [L, L, S]
+    assert decide_all(frames, TurnRule(start_threshold=0.6, min_speak_frames=1)) == [L, S, C]
+
+
+def test_rule_round_trip_and_errors() -> None:
+    r = TurnRule(start_threshold=0.25, min_speak_frames=5)
+    assert TurnRule.from_dict(r.to_dict()) == r
+    assert TurnRule.from_dict({}) == TurnRule()
+    with pytest.raises(ValueError, match="未知欄位"):
+        TurnRule.from_dict({"start": 0.2})
+    with pytest.raises(ValueError, match="start_threshold"):
+        TurnRule.from_dict({"start_threshold": 0.0})
+    with pytest.raises(ValueError, match="min_speak_frames"):
+        TurnRule.from_dict({"min_speak_frames": 0})
+    # 沒有遲滯（說話機率 0.35 時剛停就會再開口）：拒絕。
+    with pytest.raises(ValueError, match="遲滯"):
+        TurnRule(start_threshold=0.3, stop_threshold=0.6)
+
+
+def test_train_cli_rejects_a_rule_without_hysteresis(tmp_path, capsys) -> None:
+    """`--config.turn_rule.*` 的錯誤在訓練開始前以一行 `錯誤：…`、結束碼 2 回報。"""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+    spec = importlib.util.spec_from_file_location("launch_train_rule", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from speakllm_jax.cli import run_cli
+
+    argv = ["--config", "phase2_turns", "--workdir", str(tmp_path / "r")]
+    argv += ["--config.turn_rule.stop_threshold=0.5"]
+    assert run_cli(mod.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("錯誤：--config.turn_rule") and "遲滯" in err and "\n" not in err
