@@ -20,6 +20,7 @@ from export.torch_model import NESTED_SOURCES, HeadsConfig
 from speakllm_jax.audio import constants
 from speakllm_jax.config import load_config
 from speakllm_jax.labels import EMOTIONS
+from speakllm_jax.turn_policy import TurnRule
 from speakllm_jax.models.axis_rules import DEFAULT_RULES
 from speakllm_jax.models.qwen2 import Qwen2Config
 from speakllm_jax.models.sharding import logical_to_spec, use_rules
@@ -78,14 +79,17 @@ def test_heads_config_is_derived_from_the_model_config() -> None:
         and f.name != "talker"
     }
     heads = {f.name: f.default for f in dataclasses.fields(HeadsConfig)}
-    # SpeakLLMConfig 的每個純量欄位都匯出，預設值相同；其餘欄位都指出來源。
+    # SpeakLLMConfig 的每個純量欄位都匯出，預設值相同；其餘欄位都指出來源（輪替規則來自訓練設定）。
     assert {k: heads.get(k, "缺少") for k in scalars} == scalars
-    assert set(heads) - set(scalars) == set(NESTED_SOURCES) | {"pad_id"}
+    assert set(heads) - set(scalars) == set(NESTED_SOURCES) | {"pad_id", "turn_rule"}
 
     mc = load_config("phase3").model
     mc.streaming.llm_window_frames = 77
     model = nnx.eval_shape(lambda: SpeakLLM(build_speakllm_config(mc), rngs=nnx.Rngs(0)))
     got = heads_config_from(model, pad_id=9)
+    assert got.rule == TurnRule()
+    rule = TurnRule.from_dict(load_config("phase2_turns").turn_rule)
+    assert heads_config_from(model, pad_id=9, turn_rule=rule).rule == rule
     assert got.num_emotions == len(EMOTIONS) and got.llm_window_frames == 77 and got.pad_id == 9
     assert (got.whisper_d_model, got.llm_hidden) == (mc.whisper.d_model, mc.qwen.hidden_size)
     assert got.speech_head == "voila" and got.num_codebooks == mc.speech.num_codebooks
