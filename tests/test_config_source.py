@@ -20,7 +20,6 @@ from export.torch_model import NESTED_SOURCES, HeadsConfig
 from speakllm_jax.audio import constants
 from speakllm_jax.config import load_config
 from speakllm_jax.labels import EMOTIONS
-from speakllm_jax.turn_policy import TurnRule
 from speakllm_jax.models.axis_rules import DEFAULT_RULES
 from speakllm_jax.models.qwen2 import Qwen2Config
 from speakllm_jax.models.sharding import logical_to_spec, use_rules
@@ -33,6 +32,7 @@ from speakllm_jax.models.speakllm import (
 from speakllm_jax.models.speech_heads import SpeechHeadConfig
 from speakllm_jax.models.whisper import WhisperConfig
 from speakllm_jax.training.sharding import make_mesh
+from speakllm_jax.turn_policy import TurnRule
 
 REPO = Path(__file__).resolve().parents[1]
 
