@@ -14,9 +14,10 @@ import pytest
 from configs.serving import get_config
 from export.demo_assets import build_demo_assets
 from export.serving import duplex_pb2 as pb
-from export.serving.client import FRAME_SAMPLES, StreamResult, stream_audio
+from export.serving.client import StreamResult, stream_audio
 from export.serving.server import ServerThread
 from export.serving.session import load_engine
+from speakllm_jax.audio.constants import FRAME_SAMPLES
 from speakllm_jax.data.demo_corpus import synth
 
 SR = 16000

@@ -23,10 +23,11 @@ import soundfile as sf
 
 from configs.serving import get_config
 from export.serving import duplex_pb2 as pb
-from export.serving.client import FRAME_SAMPLES, stream_audio
+from export.serving.client import stream_audio
 from export.serving.server import build_demo_assets
 from export.serving.session import load_engine
 from export.serving.web import AUDIO_HEADER, WebThread, close_code
+from speakllm_jax.audio.constants import FRAME_SAMPLES
 from speakllm_jax.data.demo_corpus import synth
 
 SR = 16000
