@@ -250,6 +250,8 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         full = self._admission_error()
         if full:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
+        # 接受了：先送初始中繼資料，客戶端（例如網頁橋接）可以等到串流被接受才開始寫入。
+        await context.send_initial_metadata(())
         self.active += 1
         self.total += 1
         self.sessions_done.clear()

@@ -275,6 +275,11 @@ class WebBridge:
     ) -> BridgeError | None:
         """瀏覽器 → gRPC。只在客戶端離開（None）或送了無法轉換的訊息（該錯誤）時回傳；送完 END 後等著被取消。"""
         try:
+            # 伺服器接受（送出初始中繼資料）或拒絕之後才寫：在拒絕的串流上寫入會讓 gRPC 把
+            # 最終狀態換成 INTERNAL，瀏覽器就看不到真正的原因（例如權杖被拒）。
+            await call.initial_metadata()
+            if call.done():
+                await asyncio.Event().wait()  # 已被拒絕：狀態由送出迴圈讀
             if head is not None:
                 await call.write(head)
             while True:
