@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -279,3 +281,51 @@ def test_scanner_sees_module_level_and_function_local_imports(source, expect, mo
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: source)
     assert [t for t, _ in _imports(name)] == [expect]
     assert layer(_internal(expect)) not in ALLOWED[layer(name)]
+
+
+def _uncommented_local_imports(path: Path) -> list[int]:
+    """函式內、上一行與匯入行都沒有註解說明理由的匯入 → 行號。"""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    commented = {
+        tok.start[0]
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    bad: list[int] = []
+
+    def visit(node: ast.AST, local: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if local and isinstance(child, ast.Import | ast.ImportFrom):
+                above = lines[child.lineno - 2].strip() if child.lineno > 1 else ""
+                span = range(child.lineno, (child.end_lineno or child.lineno) + 1)
+                if not above.startswith("#") and not commented.intersection(span):
+                    bad.append(child.lineno)
+            visit(child, local or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
+
+    visit(ast.parse(text), False)
+    return bad
+
+
+def test_function_local_imports_say_why():
+    """函式內匯入只留給重的選用套件、保持不載入 JAX 或打破環，且每個都有一行註解說明理由。"""
+    found = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for m, p in MODULES.items()
+        if m.startswith("speakllm_jax")
+        for line in _uncommented_local_imports(p)
+    ]
+    assert not found, (
+        "沒有註明理由的函式內匯入（請移到模組頂端，或在上一行註明理由）：\n" + "\n".join(found)
+    )
+
+
+def test_local_import_check_sees_missing_reason(tmp_path):
+    """檢查本身：沒有理由的函式內匯入被抓到，有註解的與模組層級的不算。"""
+    src = tmp_path / "m.py"
+    src.write_text(
+        "import os\n\n\ndef f():\n    import json\n\n    # 延後匯入：很重\n    import ray\n"
+        "    import yaml  # 延後匯入：選用\n    return os, json, ray, yaml\n",
+        encoding="utf-8",
+    )
+    assert _uncommented_local_imports(src) == [5]
