@@ -284,7 +284,10 @@ def test_scanner_sees_module_level_and_function_local_imports(source, expect, mo
 
 
 def _uncommented_local_imports(path: Path) -> list[int]:
-    """函式內、上一行與匯入行都沒有註解說明理由的匯入 → 行號。"""
+    """函式內、沒有註解說明理由的匯入 → 行號。
+
+    理由寫在上一行或匯入行尾；緊接在一個有理由的匯入之後的匯入（同一組）沿用該理由。
+    """
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     commented = {
@@ -293,13 +296,20 @@ def _uncommented_local_imports(path: Path) -> list[int]:
         if tok.type == tokenize.COMMENT
     }
     bad: list[int] = []
+    reasoned: set[int] = set()
 
     def visit(node: ast.AST, local: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if local and isinstance(child, ast.Import | ast.ImportFrom):
                 above = lines[child.lineno - 2].strip() if child.lineno > 1 else ""
                 span = range(child.lineno, (child.end_lineno or child.lineno) + 1)
-                if not above.startswith("#") and not commented.intersection(span):
+                if (
+                    above.startswith("#")
+                    or commented.intersection(span)
+                    or child.lineno - 1 in reasoned
+                ):
+                    reasoned.add(span[-1])
+                else:
                     bad.append(child.lineno)
             visit(child, local or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
 
@@ -321,11 +331,12 @@ def test_function_local_imports_say_why():
 
 
 def test_local_import_check_sees_missing_reason(tmp_path):
-    """檢查本身：沒有理由的函式內匯入被抓到，有註解的與模組層級的不算。"""
+    """檢查本身：沒有理由的函式內匯入被抓到；有註解的、緊接其後同一組的與模組層級的不算。"""
     src = tmp_path / "m.py"
     src.write_text(
         "import os\n\n\ndef f():\n    import json\n\n    # 延後匯入：很重\n    import ray\n"
-        "    import yaml  # 延後匯入：選用\n    return os, json, ray, yaml\n",
+        "    import ray.data\n\n    import yaml  # 延後匯入：選用\n\n    import toml\n"
+        "    return os, json, ray, yaml, toml\n",
         encoding="utf-8",
     )
-    assert _uncommented_local_imports(src) == [5]
+    assert _uncommented_local_imports(src) == [5, 13]

@@ -259,8 +259,6 @@ def _log_mel_jnp_jit() -> Any:
 def _log_mel_jnp_impl(x: jax.Array, n_mels: int, target: int) -> jax.Array:
     # 延後匯入：服務路徑匯入本模組，模組層級不可載入 JAX
     import jax
-
-    # 延後匯入：服務路徑匯入本模組，模組層級不可載入 JAX
     import jax.numpy as jnp
 
     n = x.shape[-1]

@@ -903,7 +903,6 @@ def jsonl(
 ) -> Iterator[dict]:
     """通用 JSONL 清單：root 為清單檔（或資料夾加 `filename`）；相對音訊路徑以清單所在處為準。"""
     src = Path(root) if filename is None else Path(root) / filename
-
     probe = _Prober(skips, expected_sr)
     for i, rec in enumerate(iter_manifest(src, skips)):
         key = f"{src}:{rec.get('id', i)}"

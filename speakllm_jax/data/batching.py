@@ -55,7 +55,6 @@ def collate(
     `language` [B]、`example_mask` [B]、`utt_id` [B]（字串，空字串為填充列）、
     `skipped` {原因: 自上一批以來略過的筆數}。梅爾補齊值見 `transforms.mel_pad_value`。
     """
-
     b, t, length, k = batch_size, bucket, max_text_tokens, max_chars_per_token
     sizes = {"n_mels": n_mels, "mel_frames": t, "text_len": length, "chars": k}
     z = ASR_BATCH.zeros(

@@ -27,7 +27,6 @@ def add_chain_flags(p: argparse.ArgumentParser, conversion: bool = True) -> None
 
 def run_chain_cli(a: argparse.Namespace, output_dir: str | None = None, **overrides: Any) -> int:
     """依 CLI 參數跑離線鏈，印出摘要；全部被略過時以 `錯誤：…` 結束（結束碼 2）。"""
-
     try:
         check_runner(a.runner)
     except ValueError as e:

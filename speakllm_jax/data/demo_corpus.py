@@ -165,7 +165,6 @@ def has_espeak() -> bool:
 
 def _voice_for(text: str, voice: str) -> str:
     """純英文句子改用英文聲音（保留變體），其餘用原聲音。"""
-
     if language_of(text) == "en" and voice.startswith("cmn"):
         return "en-us" + voice[3:]
     return voice

@@ -140,7 +140,6 @@ def _load_stereo(row: dict[str, Any], sr: int) -> np.ndarray:
 def _prepare_text(text: str, normalize: str | None) -> str:
     if normalize is None:
         return text
-
     return normalize_zh(text, normalize)
 
 

@@ -93,7 +93,6 @@ def _speech_tokenizer(cfg: ChainConfig) -> Any:
 def _row_pieces(
     row: dict[str, Any], cfg: ChainConfig, skips: SkipCounter, key: str
 ) -> list[tuple[dict[str, Any], Any, Any]]:
-
     if cfg.conversion:
         reason = normalize_row(row, cfg.conversion, cfg.verbalize_numbers, cfg.keep_punct)
         if reason:
@@ -115,7 +114,6 @@ def _row_pieces(
 
 def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     """處理一個分片並寫出 ArrayRecord 檔與完成標記；回傳標記內容（含清單列與略過）。"""
-
     cfg = ChainConfig(**task["config"])
     out = Path(task["output_dir"])
     name = sh.shard_name(task["shard"], task["num_shards"])
@@ -246,7 +244,6 @@ def run_chain(
     `runner`：`inline`、`local`（本機 Ray，`num_workers` 個工作者）或 Ray 叢集位址。
     已完成（標記與輸入指紋相符）的分片不重做，摘要的 `reused` 記數量。
     """
-
     cfg = config or ChainConfig()
     cfg.validate()
     check_runner(runner)

@@ -343,7 +343,6 @@ def source_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
     """`shards:DIR` → 分片資料夾的清單列；`tfds:NAME[/SPLIT]`（可加 `@DATA_DIR`）→ tfds 資料目錄中
     該資料集切分的 ArrayRecord 分片。結尾加 `#SPLIT` 時只取該切分（分片依列的 split 欄篩選）。
     列只帶清單欄位，音訊在逐筆轉換時才從分片讀。"""
-
     if spec.startswith("shards:"):
         directory, _, want = spec.removeprefix("shards:").partition("#")
         rows = shard_rows(directory)
@@ -353,7 +352,6 @@ def source_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
         if not picked:
             raise UserFileError(f"{directory}：分片中沒有 split={want!r} 的列")
         return picked
-
     spec, _, given = spec.removeprefix("tfds:").partition("#")
     return tfds_rows(spec, given or split)
 
@@ -374,7 +372,6 @@ class Pipeline:
 
 def _ensure_absl_flags_parsed() -> None:
     """Grain 的多行程預取會讀 absl 旗標；不是由 `absl.app.run` 啟動時先標記為已解析（用預設值）。"""
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

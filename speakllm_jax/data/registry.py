@@ -380,7 +380,6 @@ def load_config(path: str | os.PathLike) -> Any:
         p = p.with_suffix(".py")  # 種子文件的 configs/data/*.yaml 名稱對應到同名 .py
     if not p.is_file():
         raise UserFileError(f"--config {p}：設定檔不存在")
-
     root = str(p.resolve().parents[2])
     if (Path(root) / "configs").is_dir() and root not in sys.path:
         sys.path.insert(0, root)
@@ -453,7 +452,6 @@ def hf_token(env_file: str | os.PathLike | None = None) -> str | None:
     tok = os.environ.get(HF_TOKEN_ENV, "").strip()
     if tok:
         return tok
-
     paths = [Path(env_file)] if env_file else [Path.cwd() / ENV_FILE, _REPO_ROOT / ENV_FILE]
     for path in paths:
         if path.is_file():
@@ -630,7 +628,6 @@ def download_corpus(
                 f"同意條款，再把 {HF_TOKEN_ENV} 寫進 .env（見 .env.example）或設成環境變數"
             )
         check_connectivity("https://huggingface.co", connect_timeout)
-
         kw: dict[str, Any] = {"token": token} if token else {}
         if spec.hf_config and spec.layout == "commonvoice":
             kw["allow_patterns"] = [f"*{spec.hf_config}*", "*.py", "*.md", "*.json"]

@@ -58,7 +58,6 @@ def encode_audio(wave: np.ndarray, sr: int, audio_format: str = "pcm16") -> byte
 
     由 libsndfile 轉換，與 `write_audio` 寫 16 位元 WAV 的量化完全相同。
     """
-
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"audio_format 必須是 {AUDIO_FORMATS} 之一，收到 {audio_format!r}")
     w = np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0)
@@ -76,7 +75,6 @@ def decode_audio(record: dict[str, Any]) -> np.ndarray:
     if record["audio_format"] == "pcm16":
         pcm = np.frombuffer(record["audio"], dtype="<i2").reshape(-1, ch)
         return pcm.astype(np.float32) / np.float32(32768.0)
-
     data, _ = sf.read(io.BytesIO(record["audio"]), dtype="float32", always_2d=True)
     return data
 
@@ -124,7 +122,6 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 def write_shard(path: str | os.PathLike, records: list[bytes]) -> int:
     """寫一個 ArrayRecord 分片（先寫暫存檔再改名，中途被終止不會留下壞檔）；回傳位元組數。"""
-
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
@@ -250,7 +247,6 @@ def reader_for(directory: str | os.PathLike) -> Any:
 
 def read_index(directory: str | os.PathLike) -> dict[str, Any]:
     """讀 `index.json`；不存在或格式不符時以 `UserFileError` 指出檔案。"""
-
     p = Path(directory) / INDEX_FILE
     if not p.is_file():
         raise UserFileError(f"{p}：分片索引不存在（離線鏈尚未完成？）")
@@ -266,7 +262,6 @@ def read_index(directory: str | os.PathLike) -> dict[str, Any]:
 def shard_rows(directory: str | os.PathLike) -> list[dict[str, Any]]:
     """分片資料夾的清單列（只有清單欄位，不含音訊），每列帶 `_shards`（資料夾）與
     `shard_record`（全域紀錄編號）；輸入管線依此從分片讀音訊。"""
-
     d = Path(directory).resolve()
     index = read_index(d)
     rows = read_manifest(d / MANIFEST_FILE)

@@ -136,7 +136,7 @@ class ExampleTransform:
     def _token_bytes(self, ids: Any) -> list[bytes]:
         """同 `TextTokenizer.token_bytes`，但快取位元組反映射與特殊符號集合（每筆都要用）。"""
         if getattr(self, "_byte_inv", None) is None:
-            # 延後匯入：transformers 很重，只在建立或轉換分詞器時需要
+            # 延後匯入：transformers 很重，只在第一次解出詞元位元組時需要
             from transformers.convert_slow_tokenizer import bytes_to_unicode
 
             self._byte_inv = {v: k for k, v in bytes_to_unicode().items()}
@@ -270,7 +270,6 @@ class ExampleTransform:
 def shard_audio(row: dict[str, Any], max_seconds: float | None = None) -> np.ndarray:
     """從分片讀一列的 16 kHz 單聲道音訊，片段的取法與 `load_audio` 讀同一個 WAV 完全相同
     （offset／duration 換算成樣本的捨入、多聲道取平均），所以兩條路徑的梅爾逐位元相同。"""
-
     try:
         rec = reader_for(row["_shards"])[int(row["shard_record"])]
     except (KeyError, IndexError, ValueError, TypeError) as e:

@@ -296,11 +296,7 @@ def plot_duplex_timeline(
     matplotlib.use("Agg", force=False)
     # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib.pyplot as plt
-
-    # 延後匯入：matplotlib 很重，只在畫圖時需要
     from matplotlib.lines import Line2D
-
-    # 延後匯入：matplotlib 很重，只在畫圖時需要
     from matplotlib.patches import Patch
 
     fs = FRAME_SECONDS

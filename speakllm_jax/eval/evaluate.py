@@ -46,13 +46,11 @@ from speakllm_jax.turn_policy import TurnRule
 
 
 def _asr_rows(cfg: Any) -> list[dict[str, Any]]:
-
     if cfg.data.eval_manifests:
         rows: list[dict] = []
         for m in str(cfg.data.eval_manifests).split(","):
             rows += [dict(r, _manifest=m) for r in read_manifest(m)]
         return rows
-
     corpora = tuple(s for s in str(cfg.data.demo_corpora).split(",") if s)
     m = demo_manifest(corpora, cfg.data.demo_dir or None, split="test", seed=int(cfg.seed))
     return [dict(r, _manifest=str(m)) for r in read_manifest(m)]
@@ -60,7 +58,6 @@ def _asr_rows(cfg: Any) -> list[dict[str, Any]]:
 
 def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[str, Any]:
     """逐句貪婪解碼並計算錯誤率；壞音訊略過並計數。"""
-
     rows = _asr_rows(cfg)[:max_utts]
     refs, hyps, items = [], [], []
     skips = SkipCounter()
@@ -125,7 +122,6 @@ def _skip_fields(skips: SkipCounter) -> dict[str, Any]:
 
 def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
     """全雙工評估的對話列：`data.eval_manifests`（音訊相對路徑相對於清單檔）或示範對話。"""
-
     if cfg.data.eval_manifests:
         rows: list[dict] = []
         for m in (x for x in str(cfg.data.eval_manifests).split(",") if x):
@@ -135,7 +131,6 @@ def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
                     r = dict(r, audio=str(resolve_audio(r, base)))
                 rows.append(r)
         return rows
-
     paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
     return read_manifest(paths["dialogue"])
 
@@ -146,7 +141,6 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     無法評估的對話（音訊壞、清單列缺欄位）略過，依原因計數於 `skipped`、id 列於 `skipped_items`；
     `dialogues` 為實際評估的段數。
     """
-
     rows = _dialogue_rows(cfg, task)[:max_dialogues]
     # 與訓練相同的逐列 op（不補齊）：對話放上幀格，再取使用者聲道的梅爾 [n_mels, 4N]。
     ctx = DuplexContext(task.tokenizer, pad_id=task.pad_id, n_mels=int(cfg.data.n_mels))
@@ -204,7 +198,6 @@ def predict_emotion(model: Any, mel: Any, num_frames: int) -> str:
 
     與訓練時的前向相同（窗內全注意力）；超過編碼器上限時逐窗編碼後串接，在全部幀上平均。
     """
-
     user = encode_user_stream(model, mel, num_frames)
     logits = model.emotion_logits(user, jnp.ones(user.shape[:2], bool))
     return EMOTIONS[int(np.argmax(np.asarray(logits)[0]))]

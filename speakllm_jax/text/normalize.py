@@ -57,7 +57,6 @@ _HAN_RE = re.compile(rf"[{HAN}]")
 
 @lru_cache(maxsize=8)
 def _converter(conversion: str):
-
     return opencc.OpenCC(conversion)
 
 

@@ -104,7 +104,6 @@ def _inject_nan(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
-
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 

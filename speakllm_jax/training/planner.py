@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from speakllm_jax.models.axis_rules import MESH_AXES
+from speakllm_jax.models.axis_rules import DEFAULT_RULES, MESH_AXES, rules_from_config
 
 # 每顆晶片的 HBM（GiB）。
 TPU_HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
@@ -214,9 +214,6 @@ def plan(
     `cfg` 的 `mesh` 欄位會被 `mesh_shape` 取代；分片規則取自 `cfg.logical_axis_rules`。裝置數必須
     至少為網格大小（CPU 上以 `--xla_force_host_platform_device_count` 模擬）。
     """
-    # 函式內匯入：本模組的解析函式在設定 XLA_FLAGS 之前就被 launch/plan.py 使用。
-    from speakllm_jax.models.axis_rules import DEFAULT_RULES, rules_from_config
-
     # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from speakllm_jax.models.sharding import use_rules
 
@@ -248,23 +245,12 @@ def _plan(
 ) -> PlanResult:
     # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     import jax
-
-    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from flax import nnx
 
-    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from speakllm_jax.models.layers import count_params
-
-    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from speakllm_jax.training.optim import learning_rate_schedule, make_optimizer
-
-    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from speakllm_jax.training.sharding import make_mesh
-
-    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from speakllm_jax.training.tasks import get_task
-
-    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from speakllm_jax.training.train_state import (
         batch_shardings,
         make_init_fn,

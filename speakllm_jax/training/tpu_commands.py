@@ -259,7 +259,6 @@ def run_commands(
     max_wait_seconds: float = 6 * 3600,
 ) -> None:
     """依序執行指令；任何一個失敗即停止。排隊資源的狀態查詢會重複到 ACTIVE 為止。"""
-
     require_gcloud()
     waiter = wait_command(spec)
     for cmd in commands:

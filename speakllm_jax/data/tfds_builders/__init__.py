@@ -28,7 +28,6 @@ def parse_spec(spec: str, split: str = "train") -> tuple[str, str, Path]:
 
 def split_files(name: str, split: str, data_dir: Path) -> list[str]:
     """資料集最新版本中某切分的 ArrayRecord 檔；找不到時以 `UserFileError` 指出。"""
-
     base = data_dir / name
     versions = sorted(
         (p for p in base.glob("*") if (p / "dataset_info.json").is_file()),
@@ -44,7 +43,6 @@ def split_files(name: str, split: str, data_dir: Path) -> list[str]:
 
 def tfds_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
     """tfds 資料集一個切分的清單列（每列帶 `_shards` 讀取鍵與 `shard_record`）。"""
-
     name, split, data_dir = parse_spec(spec, split)
     files = split_files(name, split, data_dir)
     reader = TfdsReader(files)

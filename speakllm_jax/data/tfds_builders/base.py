@@ -58,12 +58,10 @@ class ChainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise UserFileError(
                 f"{self.name}：需要 --manual_dir（{self.MANUAL_DOWNLOAD_INSTRUCTIONS}）"
             )
-
         demo = ensure_demo_corpus(Path(self.data_dir).parents[1] / "speakllm_demo_corpus")
         return Path(demo) / self.DEMO_SUBDIR
 
     def _split_generators(self, dl_manager: Any) -> dict:
-
         root = self._corpus_root(dl_manager)
         skips = SkipCounter()
         rows = []
@@ -85,7 +83,6 @@ class ChainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {s: self._generate_examples(work / "shards", s) for s in splits}
 
     def _generate_examples(self, shards: Path, split: str):
-
         reader = ShardReader(shards)
         for r in shard_rows(shards):
             if str(r.get("split") or "train") != split:

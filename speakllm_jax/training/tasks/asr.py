@@ -50,7 +50,6 @@ def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list
 
 def subset_manifest(paths: list[str], n: int) -> str:
     """取清單的前 n 列寫成新清單（過擬合實驗用）；寫在第一份清單旁。"""
-
     rows: list[dict] = []
     for p in paths:
         for r in read_manifest(p):
@@ -69,7 +68,6 @@ class AsrConnectorTask(Task):
 
     def __init__(self, config: Any):
         super().__init__(config)
-
         self.model_cfg = build_speakllm_config(config.model, config.lora)
         self.tokenizer = text_tokenizer(config)
         if self.tokenizer.vocab_size > self.model_cfg.qwen.vocab_size:
@@ -86,7 +84,6 @@ class AsrConnectorTask(Task):
         self.suffix = np.asarray([self.tokenizer.special_id("<|audio_end|>")], np.int32)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
@@ -133,7 +130,6 @@ class AsrConnectorTask(Task):
         return self._data("test", process_index, process_count)
 
     def _data(self, split: str, process_index: int, process_count: int) -> DataIterator:
-
         corpora = tuple(s for s in str(self.config.data.demo_corpora).split(",") if s)
         pipe = self.pipeline_config(process_count)
         if split != "train":

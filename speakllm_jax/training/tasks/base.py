@@ -156,7 +156,6 @@ class GrainBatches(DataIterator):
 
 def text_tokenizer(cfg: Any) -> Any:
     """任務用的文字分詞器：`model.tokenizer_path`、`model.qwen_path` 或內建的 Qwen 詞表。"""
-
     if cfg.model.tokenizer_path:
         return TextTokenizer.from_dir(cfg.model.tokenizer_path)
     if cfg.model.qwen_path:
@@ -181,7 +180,6 @@ def load_pretrained_parts(model: Any, c: Any, model_cfg: Any) -> Any:
             raise ValueError(
                 f"model.talker_path 只用於 speech_head='cosyvoice2'，目前為 {model_cfg.speech_head!r}"
             )
-
         src = load_cosyvoice2_llm(c.talker_path, model_cfg.talker)
         nnx.update(model.speech_head, nnx.state(src))
     return model

@@ -83,11 +83,9 @@ class DuplexTask(Task):
 
     def __init__(self, config: Any):
         super().__init__(config)
-
         self.model_cfg = build_speakllm_config(config.model, config.lora)
         chunk = self.model_cfg.stream_chunk_frames
         self.stream_chunk_enc = chunk * self.model_cfg.connector_stack if chunk > 0 else None
-
         # 語音頭與它所用的語音符號同名（voila：4 層 RVQ；cosyvoice2：單碼本 FSQ），
         # 示範資料的碼資料夾依此選擇。
         head = self.model_cfg.speech_head
@@ -106,14 +104,12 @@ class DuplexTask(Task):
             raise UserValueError(f"--config.{err}") from err
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def load_pretrained(self, model: nnx.Module) -> nnx.Module:
         return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
     def _rows_and_codes(self) -> tuple[list[dict], dict[str, np.ndarray]]:
-
         d = self.config.data
         rows: list[dict] = []
         codes: dict[str, np.ndarray] = {}
@@ -210,7 +206,6 @@ def ensure_demo_duplex(demo_dir: str | None, tokenizer: str = "voila") -> dict[s
 
     `tokenizer` 為 `voila` 或 `cosyvoice2`：兩者共用清單，語音碼放在各自的資料夾。
     """
-
     paths = duplex_paths(demo_dir or default_demo_dir(), tokenizer)
     done = all((paths[f"{n}_codes"] / "index.jsonl").exists() for n in ("dialogue", "instructions"))
     if not done:
