@@ -286,7 +286,7 @@ def test_scanner_sees_module_level_and_function_local_imports(source, expect, mo
 def _uncommented_local_imports(path: Path) -> list[int]:
     """函式內、沒有註解說明理由的匯入 → 行號。
 
-    理由寫在上一行或匯入行尾；緊接在一個有理由的匯入之後的匯入（同一組）沿用該理由。
+    理由寫在上一行或匯入行尾；緊接在有理由的匯入之後（中間只有空行）的匯入屬同一組，沿用該理由。
     """
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
@@ -296,21 +296,25 @@ def _uncommented_local_imports(path: Path) -> list[int]:
         if tok.type == tokenize.COMMENT
     }
     bad: list[int] = []
-    reasoned: set[int] = set()
 
     def visit(node: ast.AST, local: bool) -> None:
+        prev_reasoned = 0  # 同一區塊中上一個敘述若是有理由的匯入：其最後一行
         for child in ast.iter_child_nodes(node):
             if local and isinstance(child, ast.Import | ast.ImportFrom):
                 above = lines[child.lineno - 2].strip() if child.lineno > 1 else ""
                 span = range(child.lineno, (child.end_lineno or child.lineno) + 1)
+                gap = lines[prev_reasoned : child.lineno - 1] if prev_reasoned else None
                 if (
                     above.startswith("#")
                     or commented.intersection(span)
-                    or child.lineno - 1 in reasoned
+                    or (gap is not None and not any(g.strip() for g in gap))
                 ):
-                    reasoned.add(span[-1])
+                    prev_reasoned = span[-1]
                 else:
                     bad.append(child.lineno)
+                    prev_reasoned = 0
+            elif isinstance(child, ast.stmt):
+                prev_reasoned = 0
             visit(child, local or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
 
     visit(ast.parse(text), False)
@@ -335,8 +339,8 @@ def test_local_import_check_sees_missing_reason(tmp_path):
     src = tmp_path / "m.py"
     src.write_text(
         "import os\n\n\ndef f():\n    import json\n\n    # 延後匯入：很重\n    import ray\n"
-        "    import ray.data\n\n    import yaml  # 延後匯入：選用\n\n    import toml\n"
-        "    return os, json, ray, yaml, toml\n",
+        "    import ray.data\n\n    import yaml  # 延後匯入：選用\n    x = 1\n    import toml\n"
+        "    return os, json, ray, yaml, toml, x\n",
         encoding="utf-8",
     )
     assert _uncommented_local_imports(src) == [5, 13]
