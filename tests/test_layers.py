@@ -107,6 +107,13 @@ def _resolve(importer: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith(
+        "TYPE_CHECKING"
+    )
+
+
 def _imports(name: str) -> list[tuple[str, bool]]:
     """(被匯入的模組, 是否在模組層級)；`from a import b` 在 a.b 是模組時指向 a.b。"""
     tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
@@ -114,9 +121,11 @@ def _imports(name: str) -> list[tuple[str, bool]]:
 
     def visit(node: ast.AST, top: bool) -> None:
         for child in ast.iter_child_nodes(node):
+            # `if TYPE_CHECKING:` 區塊只給型別檢查器，執行期不匯入，不算模組層級。
             inner = top and not isinstance(
                 child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
             )
+            inner = inner and not _is_type_checking(child)
             if isinstance(child, ast.Import):
                 found.extend((a.name, top) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -345,3 +354,14 @@ def test_local_import_check_sees_missing_reason(tmp_path):
         encoding="utf-8",
     )
     assert _uncommented_local_imports(src) == [5, 13]
+
+
+def test_scanner_type_checking_block_is_not_module_level(monkeypatch):
+    """`if TYPE_CHECKING:` 內的匯入執行期不發生：看得到，但不算模組層級。"""
+    src = "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    import jax\nimport numpy\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: src)
+    assert _imports("speakllm_jax.audio.features") == [
+        ("typing", True),
+        ("jax", False),
+        ("numpy", True),
+    ]
