@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
+from export.tokenizers.voila import make_demo_voila_tokenizer
+from speakllm_jax.config import load_config
+
 
 def build_demo_assets(
     out_dir: str | Path, phase: str = "phase2", seed: int = 0, speech_head: str = "voila"
@@ -24,10 +28,10 @@ def build_demo_assets(
     out = Path(out_dir)
     model_dir = out / "model"
     if not (model_dir / "heads_config.json").exists():
+        # 延後匯入：伺服器匯入本模組，只在建示範模型時才載入 JAX 與訓練任務
         from flax import nnx
 
         from export.to_torch import export_model
-        from speakllm_jax.config import load_config
         from speakllm_jax.training.tasks import get_task
 
         overrides = [] if speech_head == "voila" else [f"--config.model.speech_head={speech_head}"]
@@ -41,14 +45,10 @@ def build_demo_assets(
     if head != speech_head:
         raise ValueError(f"{model_dir} 已存在但 speech_head={head!r}，要求的是 {speech_head!r}")
     if speech_head == "cosyvoice2":
-        from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
-
         t2w_dir = out / "token2wav"
         if not (t2w_dir / TOKEN2WAV_CONFIG).exists():
             save_random_token2wav(t2w_dir, seed=seed)
         return model_dir, t2w_dir
-    from export.tokenizers.voila import make_demo_voila_tokenizer
-
     voila_dir = out / "voila"
     make_demo_voila_tokenizer(voila_dir, seed=seed)
     return model_dir, voila_dir

@@ -25,16 +25,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import torch
+from flax import nnx
+
+from speakllm_jax.models.speakllm import SpeakLLM
+from speakllm_jax.models.streaming import run_streaming
 
 
 def fp32_copy(model: Any) -> Any:
     """計算精度不是 fp32 時，回傳參數相同、以 fp32 計算的 JAX 模型副本；否則原樣回傳。"""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from speakllm_jax.models.speakllm import SpeakLLM
-
     c = model.cfg
     talker = getattr(c, "talker", None)
     dtypes = [c.qwen.dtype, c.whisper.dtype] + ([talker.qwen.dtype] if talker else [])
@@ -56,9 +58,6 @@ def fp32_copy(model: Any) -> Any:
 
 
 def jax_tree_to_f32(state: Any) -> Any:
-    import jax
-    import jax.numpy as jnp
-
     def cast(x: Any) -> Any:
         return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
@@ -104,8 +103,6 @@ def _inputs(model: Any, rng: np.random.Generator, b: int, n: int) -> dict[str, n
 
 def check_asr(jax_model: Any, torch_model: Any, rng: np.random.Generator) -> dict[str, float]:
     """ASR 前向的 logits 差。"""
-    import jax.numpy as jnp
-
     c = jax_model.cfg
     b, f, length = 2, 40, 5
     v = c.qwen.vocab_size
@@ -130,8 +127,6 @@ def check_duplex(
     chunk_frames: int | None = None,
 ) -> dict[str, float]:
     """全雙工整段前向各頭的差。"""
-    import jax.numpy as jnp
-
     x = _inputs(jax_model, rng, 2, 12)
     keys = (
         "features",
@@ -170,8 +165,6 @@ def check_streaming(
     chunk_frames: int = 4,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """逐幀串流：教師強制與自由執行各一次，回傳兩份報告。"""
-    from speakllm_jax.models.streaming import run_streaming
-
     x = _inputs(jax_model, rng, 1, frames)
     pad = int(torch_model.cfg.pad_id)
     keys = ["text_in", "tones_in", "codes_in", "codes_in_valid", "codes_target"]
@@ -219,9 +212,6 @@ def check_talker_interleaved(
     jax_model: Any, torch_model: Any, rng: np.random.Generator
 ) -> dict[str, float]:
     """cosyvoice2：talker 單獨以交錯序列前向（含融合、填充）的 logits 差。"""
-    import jax.numpy as jnp
-    import torch
-
     talker = jax_model.speech_head
     tc = talker.cfg
     b, length = 2, 14
@@ -250,8 +240,6 @@ def check_talker_interleaved(
 
 def check_parity(jax_model: Any, torch_model: Any, seed: int = 0) -> dict[str, Any]:
     """執行全部檢查，回傳可寫成 JSON 的報告（`max_abs_diff` 為所有 logits 差的最大值）。"""
-    import torch
-
     rng = np.random.default_rng(seed)
     model = fp32_copy(jax_model)
     torch_model = torch_model.float()

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
 
 from export.torch_model import (
     HEADS_CONFIG,
@@ -44,9 +46,12 @@ from export.torch_model import (
     TALKER_DIR,
     TALKER_WEIGHTS,
     HeadsConfig,
+    load_exported,
 )
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli
 from speakllm_jax.cpu_simulation import configure_cpu_simulation
+from speakllm_jax.data.demo_data import duplex_paths
+from speakllm_jax.training.config_io import require_run_dir
 from speakllm_jax.turn_policy import TurnRule
 
 
@@ -63,7 +68,6 @@ def _np(x: Any) -> np.ndarray:
 
 def heads_state_dict(model: Any, cfg: HeadsConfig) -> dict[str, Any]:
     """JAX 小模組參數 → `SpeechHeads` 的 state_dict（torch 張量；線性層權重轉成 `[out, in]`）。"""
-    import torch
 
     def lin(prefix: str, layer: Any, bias: bool = True) -> dict[str, np.ndarray]:
         out = {f"{prefix}.weight": _np(layer.kernel).T}
@@ -96,7 +100,8 @@ def heads_state_dict(model: Any, cfg: HeadsConfig) -> dict[str, Any]:
 
 def talker_config_dict(talker: Any) -> dict[str, Any]:
     """JAX `CosyVoice2Talker` 的設定 → `talker_config.json` 的內容。"""
-    from speakllm_jax.checkpoints.qwen2_hf import qwen2_config_to_hf  # 匯出時才載入 JAX 側
+    # 延後匯入：入口先設定 CPU 模擬再載入 JAX
+    from speakllm_jax.checkpoints.qwen2_hf import qwen2_config_to_hf
 
     t = talker.cfg
     return {
@@ -111,6 +116,7 @@ def talker_config_dict(talker: Any) -> dict[str, Any]:
 
 def save_talker(talker: Any, directory: str | Path) -> Path:
     """寫出 `talker/`：`llm.safetensors`（官方 `llm.pt` 鍵佈局 + `fusion.*`）與 `talker_config.json`。"""
+    # 延後匯入：入口先設定 CPU 模擬再載入 JAX
     from speakllm_jax.checkpoints.cosyvoice2_llm import save_cosyvoice2_llm
 
     d = Path(directory)
@@ -137,8 +143,7 @@ def export_model(
 
     回傳一致性檢查的結果（未檢查時為空字典）。
     """
-    from safetensors.torch import save_file
-
+    # 延後匯入：入口先設定 CPU 模擬再載入 JAX
     from speakllm_jax.checkpoints.hf import save_qwen2, save_whisper
 
     out = Path(out)
@@ -168,8 +173,8 @@ def export_model(
         # 不留下舊的檢查結果，以免誤以為這次的匯出檢查過。
         (out / "parity.json").unlink(missing_ok=True)
     else:
+        # 延後匯入：入口先設定 CPU 模擬再載入 JAX
         from export.parity import check_parity
-        from export.torch_model import load_exported
 
         torch_model = load_exported(out)
         report = check_parity(model, torch_model, seed=int(parity_seed))
@@ -184,6 +189,7 @@ def export_run(
     parity_seed: int | None = 0,
 ) -> dict[str, Any]:
     """由訓練執行資料夾（`config.json` + Orbax 檢查點）匯出；回傳一致性檢查結果。"""
+    # 延後匯入：入口先設定 CPU 模擬再載入 JAX
     from speakllm_jax.training.runs import load_run
 
     cfg, task, model, step = load_run(checkpoint, step)
@@ -212,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-parity", action="store_true", help="不做一致性檢查（不寫 parity.json）")
     args = p.parse_args(argv)
     configure_cpu_simulation()
-    from speakllm_jax.training.config_io import require_run_dir
-
     require_run_dir(args.checkpoint, args.step, flag="--checkpoint")
     report = export_run(
         args.checkpoint, args.out, args.step, None if args.skip_parity else args.seed
@@ -243,8 +247,6 @@ def serve_command(model_dir: Path, run_dir: str | Path) -> str:
         return (
             f"（speech_head={head!r} 的模型沒有語音頭，不能啟動語音服務；請匯出第 1–3 階段的執行）"
         )
-    from speakllm_jax.data.demo_data import duplex_paths
-
     run_cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
     data = run_cfg.get("data", {})
     demo = duplex_paths(data.get("demo_dir") or None)["tokenizer"]

@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from speakllm_jax.audio.features import IncrementalLogMel
 from speakllm_jax.cli import UserFileError
 from speakllm_jax.labels import NUM_TONES, NUM_TURN_ACTIONS
 from speakllm_jax.turn_policy import TurnDecider, TurnRule, is_speaking
@@ -550,6 +552,7 @@ class TorchSpeakLLM(nn.Module):
 
     def depth_generate(self, hidden: torch.Tensor) -> torch.Tensor:
         """逐碼本貪婪產生：`hidden [M, d]` → `codes [M, Q]`（與 JAX 相同的計算順序）。"""
+        # 延後匯入：transformers 很重，只在載入或生成時需要
         from transformers import DynamicCache
 
         m = hidden.shape[0]
@@ -662,6 +665,7 @@ class TorchSpeakLLM(nn.Module):
     def new_cache(self) -> Any:
         """空的串流快取：voila 為 transformers `DynamicCache`；cosyvoice2 為 `DuplexCache`
         （思考者與 talker 各一個 `DynamicCache`）。"""
+        # 延後匯入：transformers 很重，只在載入或生成時需要
         from transformers import DynamicCache
 
         llm_cache = DynamicCache(config=self.llm.config)
@@ -852,8 +856,6 @@ class Streamer:
         batch: int = 1,
         cond_ids: torch.Tensor | None = None,
     ) -> None:
-        from speakllm_jax.audio.features import IncrementalLogMel
-
         if int(chunk_frames) < 1:
             raise ValueError(f"chunk_frames 必須 ≥ 1，收到 {chunk_frames}")
         self.model = model
@@ -1027,6 +1029,7 @@ def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
 def _pad_caches(caches: list[Any], config: Any, device: Any) -> tuple[Any, list[int], int]:
     """各列的 `DynamicCache`（批次 1、長度各不相同）補齊到最長者疊成一批；回傳（批次快取, 各列長度,
     最長者）。補齊處由呼叫端以每列的鍵遮罩遮掉。"""
+    # 延後匯入：transformers 很重，只在載入或生成時需要
     from transformers import DynamicCache
 
     lengths = [int(c.get_seq_length()) for c in caches]
@@ -1049,6 +1052,7 @@ def _pad_caches(caches: list[Any], config: Any, device: Any) -> tuple[Any, list[
 
 def _row_cache(cache: Any, r: int, length: int, longest: int, config: Any) -> Any:
     """從批次快取拆回第 r 列：它自己的 `length` 個舊詞加上這一步新寫入的詞（去掉補齊處）。"""
+    # 延後匯入：transformers 很重，只在載入或生成時需要
     from transformers import DynamicCache
 
     own = DynamicCache(config=config)
@@ -1156,8 +1160,8 @@ def load_talker(
 
     權重檔的鍵即官方 `llm.pt` 的佈局（另有 `fusion.*`），以 strict 載入：缺少或多出的鍵都指名報錯。
     """
+    # 延後匯入：transformers 很重，只在載入或生成時需要
     import transformers
-    from safetensors.torch import load_file
 
     from export.cosyvoice2.talker import CosyVoice2TalkerTorch
 
@@ -1203,7 +1207,7 @@ def load_exported(
 
     `attn_implementation` 傳給 transformers（`eager` 為一致性檢查用，服務端可用 `sdpa`）。
     """
-    from safetensors.torch import load_file
+    # 延後匯入：transformers 很重，只在載入或生成時需要
     from transformers import Qwen2ForCausalLM
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return _duplex_server(a)
     workdir = require_run_dir(a.workdir, a.step)
 
+    # 延後匯入：先設定 CPU 模擬再載入 JAX
     from speakllm_jax.eval.evaluate import evaluate_run
 
     report = evaluate_run(workdir, a.step, a.max_utts, a.max_dialogues)
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _duplex_server(a: argparse.Namespace) -> int:
+    # 延後匯入：只有 --duplex-server 需要 torch 與 gRPC 伺服器
     from export.serving.duplex_eval import (
         demo_decoder_dir,
         evaluate_duplex_server,
@@ -89,6 +91,7 @@ def _duplex_server(a: argparse.Namespace) -> int:
         return 2
     model_dir = a.model_dir
     if not model_dir:
+        # 延後匯入：只有沒給 --model_dir 時才匯出（torch）
         from export.to_torch import export_run
 
         model_dir = str(Path(a.out) / "export")

@@ -7,11 +7,15 @@
 可達的模組都不匯入 jax／flax。`speakllm_jax/` 的 JAX 路徑不在模組層級匯入 torch。
 
 尚未修好的違規列在下面有註解的允許清單；清單中的項目不再發生時測試也會失敗（請刪掉該行）。
+`speakllm_jax/`、`export/`、`launch/` 的函式內匯入都要有一行註解說明理由（上一行或行尾；
+同一組共用一行）。
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -104,6 +108,13 @@ def _resolve(importer: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith(
+        "TYPE_CHECKING"
+    )
+
+
 def _imports(name: str) -> list[tuple[str, bool]]:
     """(被匯入的模組, 是否在模組層級)；`from a import b` 在 a.b 是模組時指向 a.b。"""
     tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
@@ -111,9 +122,11 @@ def _imports(name: str) -> list[tuple[str, bool]]:
 
     def visit(node: ast.AST, top: bool) -> None:
         for child in ast.iter_child_nodes(node):
+            # `if TYPE_CHECKING:` 區塊只給型別檢查器，執行期不匯入，不算模組層級。
             inner = top and not isinstance(
                 child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
             )
+            inner = inner and not _is_type_checking(child)
             if isinstance(child, ast.Import):
                 found.extend((a.name, top) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -279,3 +292,77 @@ def test_scanner_sees_module_level_and_function_local_imports(source, expect, mo
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: source)
     assert [t for t, _ in _imports(name)] == [expect]
     assert layer(_internal(expect)) not in ALLOWED[layer(name)]
+
+
+def _uncommented_local_imports(path: Path) -> list[int]:
+    """函式內、沒有註解說明理由的匯入 → 行號。
+
+    理由寫在上一行或匯入行尾；緊接在有理由的匯入之後（中間只有空行）的匯入屬同一組，沿用該理由。
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    commented = {
+        tok.start[0]
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    bad: list[int] = []
+
+    def visit(node: ast.AST, local: bool) -> None:
+        prev_reasoned = 0  # 同一區塊中上一個敘述若是有理由的匯入：其最後一行
+        for child in ast.iter_child_nodes(node):
+            if local and isinstance(child, ast.Import | ast.ImportFrom):
+                above = lines[child.lineno - 2].strip() if child.lineno > 1 else ""
+                span = range(child.lineno, (child.end_lineno or child.lineno) + 1)
+                gap = lines[prev_reasoned : child.lineno - 1] if prev_reasoned else None
+                if (
+                    above.startswith("#")
+                    or commented.intersection(span)
+                    or (gap is not None and not any(g.strip() for g in gap))
+                ):
+                    prev_reasoned = span[-1]
+                else:
+                    bad.append(child.lineno)
+                    prev_reasoned = 0
+            elif isinstance(child, ast.stmt):
+                prev_reasoned = 0
+            visit(child, local or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
+
+    visit(ast.parse(text), False)
+    return bad
+
+
+def test_function_local_imports_say_why():
+    """函式內匯入只留給重的選用套件、保持不載入 JAX 或打破環，且每個都有一行註解說明理由。"""
+    found = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for m, p in MODULES.items()
+        if m.split(".")[0] in ("speakllm_jax", "export", "launch")
+        for line in _uncommented_local_imports(p)
+    ]
+    assert not found, (
+        "沒有註明理由的函式內匯入（請移到模組頂端，或在上一行註明理由）：\n" + "\n".join(found)
+    )
+
+
+def test_local_import_check_sees_missing_reason(tmp_path):
+    """檢查本身：沒有理由的函式內匯入被抓到；有註解的、緊接其後同一組的與模組層級的不算。"""
+    src = tmp_path / "m.py"
+    src.write_text(
+        "import os\n\n\ndef f():\n    import json\n\n    # 延後匯入：很重\n    import ray\n"
+        "    import ray.data\n\n    import yaml  # 延後匯入：選用\n    x = 1\n    import toml\n"
+        "    return os, json, ray, yaml, toml, x\n",
+        encoding="utf-8",
+    )
+    assert _uncommented_local_imports(src) == [5, 13]
+
+
+def test_scanner_type_checking_block_is_not_module_level(monkeypatch):
+    """`if TYPE_CHECKING:` 內的匯入執行期不發生：看得到，但不算模組層級。"""
+    src = "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    import jax\nimport numpy\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: src)
+    assert _imports("speakllm_jax.audio.features") == [
+        ("typing", True),
+        ("jax", False),
+        ("numpy", True),
+    ]

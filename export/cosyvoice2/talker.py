@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
+from transformers import DynamicCache
 
 # 交錯序列的輸入種類（與 `speakllm_jax.data.interleave` 的 KIND_* 相同）。
 KIND_TEXT = 0
@@ -211,8 +212,6 @@ class CosyVoice2TalkerTorch(nn.Module):
 
     def new_cache(self) -> Any:
         """空的 transformers KV 快取。"""
-        from transformers import DynamicCache
-
         return DynamicCache(config=self.llm.model.config)
 
     def step(

@@ -26,10 +26,13 @@ from typing import Any
 
 import grpc
 import numpy as np
+import soundfile as sf
 
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
 from speakllm_jax.audio.constants import FRAME_SECONDS, SAMPLE_RATE
+from speakllm_jax.audio.io import AudioError, load_audio
+from speakllm_jax.cli import ArgumentParser, UserError, require_file
 
 
 @dataclass
@@ -178,11 +181,6 @@ def stream_audio(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import soundfile as sf
-
-    from speakllm_jax.audio.io import AudioError, load_audio
-    from speakllm_jax.cli import ArgumentParser, UserError, require_file
-
     p = ArgumentParser(prog="python -m export.serving.client", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stream", help="串流一個音檔並存下回覆")

@@ -30,9 +30,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from configs.serving import get_config
+from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
 from export.serving import duplex_pb2 as pb
 from export.serving.client import FRAME_SECONDS, SAMPLE_RATE, stream_audio
-from export.serving.session import POLICIES
+from export.serving.server import ServerThread
+from export.serving.session import POLICIES, load_engine
+from export.tokenizers.voila import make_demo_voila_tokenizer
 from speakllm_jax.audio.io import load_audio
 from speakllm_jax.data.manifest import read_manifest, resolve_audio
 from speakllm_jax.eval.duplex_bench import (
@@ -192,10 +196,6 @@ def evaluate_duplex_server(
     `overrides` 覆寫服務設定（`configs/serving.py` 的欄位）。`max_session_seconds` > 0 時，使用者
     聲道加上 `tail_seconds` 超過它的對話會被伺服器拒絕，因此事先拋出 ValueError。
     """
-    from configs.serving import get_config
-    from export.serving.server import ServerThread
-    from export.serving.session import load_engine
-
     rows = dialogue_rows(manifest, max_dialogues)
     cfg = get_config()
     cfg.model_dir, cfg.voila_dir, cfg.token2wav_dir = (
@@ -231,12 +231,8 @@ def demo_decoder_dir(model_dir: str | Path, out_dir: str | Path) -> dict[str, st
     抽碼用的相同），cosyvoice2 頭用隨機 tiny token2wav。回傳 `voila_dir` 或 `token2wav_dir`。"""
     head = json.loads((Path(model_dir) / "heads_config.json").read_text("utf-8"))["speech_head"]
     if head == "cosyvoice2":
-        from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
-
         d = Path(out_dir) / "token2wav"
         if not (d / TOKEN2WAV_CONFIG).exists():
             save_random_token2wav(d, seed=0)
         return {"token2wav_dir": str(d)}
-    from export.tokenizers.voila import make_demo_voila_tokenizer
-
     return {"voila_dir": str(make_demo_voila_tokenizer(Path(out_dir) / "voila", seed=0))}

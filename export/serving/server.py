@@ -43,6 +43,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 from google.protobuf.message import DecodeError
 
 from export.demo_assets import build_demo_assets
@@ -59,6 +60,9 @@ from export.serving.session import (
     load_engine,
     step_sessions,
 )
+from speakllm_jax.cli import ArgumentParser, UserFileError, UserValueError
+from speakllm_jax.config import load_config
+from speakllm_jax.cpu_simulation import configure_cpu_simulation
 
 MIN_INPUT_RATE = 8000
 MAX_INPUT_RATE = 192000
@@ -131,6 +135,7 @@ class _InputDecoder:
         x = np.frombuffer(chunk.pcm16, dtype="<i2").astype(np.float32) / 32768.0
         if rate != SAMPLE_RATE:
             if self.resampler is None:
+                # 延後匯入：soxr 載入約 0.14 秒，只在來源取樣率不是 16 kHz 時需要
                 import soxr
 
                 self.resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
@@ -634,8 +639,6 @@ class DuplexServer:
     """可在程式內啟停的伺服器（測試與 CLI 共用）。"""
 
     def __init__(self, cfg: Any, engine: Engine | None = None) -> None:
-        import torch
-
         self.cfg = cfg
         torch.set_num_threads(max(1, int(cfg.torch_threads)))
         self.engine = engine or load_engine(
@@ -737,8 +740,6 @@ async def _serve(cfg: Any) -> None:
 
 def use_demo_assets(cfg: Any, folder: str, speech_head: str = "voila") -> None:
     """在 `folder` 建（或沿用）示範模型與解碼器，並把路徑寫進服務設定（伺服器與網頁橋接共用）。"""
-    from speakllm_jax.cpu_simulation import configure_cpu_simulation
-
     configure_cpu_simulation()  # 示範模型以 JAX 建立
     model_dir, dec_dir = build_demo_assets(folder, speech_head=speech_head)
     with cfg.unlocked():
@@ -751,8 +752,6 @@ def use_demo_assets(cfg: Any, folder: str, speech_head: str = "voila") -> None:
 
 def check_model_paths(cfg: Any) -> None:
     """啟動前檢查模型與語音解碼器的資料夾，錯誤時拋出指出設定欄位的 `UserError`。"""
-    from speakllm_jax.cli import UserFileError, UserValueError
-
     demo = "，或以 --demo-assets DIR 使用示範模型"
     if not str(cfg.model_dir):
         raise UserValueError(
@@ -785,9 +784,6 @@ def check_model_paths(cfg: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from speakllm_jax.cli import ArgumentParser
-    from speakllm_jax.config import load_config
-
     p = ArgumentParser(
         prog="python -m export.serving.server", description="全雙工語音對話 gRPC 伺服器"
     )

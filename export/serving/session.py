@@ -54,7 +54,9 @@ import torch
 import webrtcvad
 
 from configs.serving import get_config as serving_config
+from export.cosyvoice2.token2wav import load_token2wav
 from export.serving import duplex_pb2 as pb
+from export.tokenizers.voila import VoilaTokenizer
 from export.torch_model import (
     Streamer,
     TorchSpeakLLM,
@@ -131,6 +133,7 @@ def load_engine(
     `speech_head="voila"` 需要 `voila_dir`（Voila-Tokenizer）；`speech_head="cosyvoice2"` 需要
     `token2wav_dir`（`flow.pt`、`hift.pt` 與選擇性的 `token2wav.json`）。
     """
+    # 延後匯入：transformers 很重，只在載入文字分詞器時需要
     from transformers import AutoTokenizer
 
     if not str(model_dir):
@@ -157,8 +160,6 @@ def load_engine(
             model.cfg.pad_id,
             token2wav=_load_token2wav(model, token2wav_dir, device),
         )
-    from export.tokenizers.voila import VoilaTokenizer
-
     if not str(voila_dir):
         raise ValueError("設定 voila_dir 是空的：需要 Voila-Tokenizer（EncodecModel）資料夾")
     voila = VoilaTokenizer(voila_dir, device=device)
@@ -176,8 +177,6 @@ def load_engine(
 
 def _load_token2wav(model: TorchSpeakLLM, token2wav_dir: str | Path, device: str) -> Any:
     """cosyvoice2：讀 token2wav 資料夾並檢查與 talker 的語音詞表、取樣率相容。"""
-    from export.cosyvoice2.token2wav import load_token2wav
-
     if not str(token2wav_dir):
         raise ValueError(
             "設定 token2wav_dir 是空的：speech_head='cosyvoice2' 需要 CosyVoice2 token2wav 資料夾"

@@ -39,7 +39,10 @@ from aiohttp import WSMsgType, web
 
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
+from export.serving.server import DuplexServer, check_model_paths, use_demo_assets
 from export.serving.session import FRAME_SECONDS, POLICIES, SAMPLE_RATE
+from speakllm_jax.cli import ArgumentParser, UserValueError
+from speakllm_jax.config import load_config
 from speakllm_jax.labels import EMOTIONS, emotion_token
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -345,8 +348,6 @@ class WebServer:
         self.grpc_server: Any = None
         target = str(cfg.get("web_grpc_target", ""))
         if not target:
-            from export.serving.server import DuplexServer
-
             self.grpc_server = DuplexServer(cfg, engine)
         self.target = target
         self.bridge: WebBridge | None = None
@@ -403,8 +404,6 @@ class WebThread:
 
 
 async def _serve(cfg: Any) -> None:
-    from speakllm_jax.cli import UserValueError
-
     server = WebServer(cfg)
     try:
         await server.start()
@@ -429,10 +428,6 @@ async def _serve(cfg: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.serving.server import check_model_paths, use_demo_assets
-    from speakllm_jax.cli import ArgumentParser
-    from speakllm_jax.config import load_config
-
     p = ArgumentParser(
         prog="python -m export.serving.web",
         description="全雙工語音對話的瀏覽器頁面與 WebSocket 橋接",

@@ -43,6 +43,7 @@ import numpy as np
 
 from speakllm_jax.audio.constants import FRAME_RATE
 from speakllm_jax.audio.features import HOP_LENGTH, N_FFT, SAMPLE_RATE, log_mel_np
+from speakllm_jax.checkpoints.state_check import shapes_of, state_dict_problems
 
 S3_SAMPLE_RATE = SAMPLE_RATE
 S3_MEL_HOP = HOP_LENGTH
@@ -288,8 +289,6 @@ def _infer_config(state: dict[str, Any], source: str) -> S3TokenizerV2Config:
 
 def check_state_dict(state: dict[str, Any], config: S3TokenizerV2Config, source: str) -> None:
     """嚴格比對鍵名與形狀；列出缺少、多出與形狀不符的鍵。"""
-    from speakllm_jax.checkpoints.state_check import shapes_of, state_dict_problems
-
     parts = state_dict_problems(shapes_of(state), config.param_shapes(), limit=8)
     if parts:
         raise S3CheckpointError(
@@ -316,6 +315,7 @@ class S3TokenizerV2:
         dtype: str = "float32",
         source: str = "<params>",
     ) -> None:
+        # 延後匯入：torch 很重，只在抽取語音碼時需要
         import torch
 
         self.torch = torch
@@ -342,6 +342,7 @@ class S3TokenizerV2:
         cls, checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32"
     ) -> S3TokenizerV2:
         """讀 s3tokenizer 版面的 `.pt`（資料夾或檔案），嚴格載入。"""
+        # 延後匯入：torch 很重，只在抽取語音碼時需要
         import torch
 
         pt, cfg_path = _resolve_checkpoint(checkpoint)
@@ -366,6 +367,7 @@ class S3TokenizerV2:
     @classmethod
     def random(cls, config: S3TokenizerV2Config, seed: int = 0, **kwargs: Any) -> S3TokenizerV2:
         """隨機初始化（Linear／Conv 以 1/√fan_in 的常態分布，LayerNorm 接近單位）。"""
+        # 延後匯入：torch 很重，只在抽取語音碼時需要
         import torch
 
         g = torch.Generator().manual_seed(int(seed))
@@ -542,6 +544,7 @@ def make_demo_s3_tokenizer(output_dir: str | os.PathLike, seed: int = 0) -> Path
     都會出現、不同語音得到不同的碼。只供示範與測試管線；真實訓練請用官方
     `speech_tokenizer_v2` 轉出的權重。
     """
+    # 延後匯入：torch 很重，只在抽取語音碼時需要
     import torch
 
     out = Path(output_dir)

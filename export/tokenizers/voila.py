@@ -57,6 +57,7 @@ class VoilaTokenizer:
         num_codebooks: int = VOILA_NUM_CODEBOOKS,
         dtype: str = "float32",
     ) -> None:
+        # 延後匯入：torch 很重，只在抽取語音碼時需要
         import torch
         from transformers import EncodecModel
 
@@ -210,8 +211,7 @@ def make_demo_voila_tokenizer(output_dir: str | os.PathLike, seed: int = 0) -> P
     對一段掃頻訊號的輸出殘差初始化（如 Encodec 的 k-means 初始化），讓不同語音得到不同的碼。
     只供示範與測試管線；真實訓練請用 maitrix-org/Voila-Tokenizer。
     """
-    import math
-
+    # 延後匯入：torch 很重，只在抽取語音碼時需要
     import torch
     from transformers import EncodecConfig, EncodecModel
 

@@ -250,12 +250,14 @@ class IncrementalLogMel:
 @functools.cache
 def _log_mel_jnp_jit() -> Any:
     """jit 過的 jnp 實作（第一次呼叫時才匯入 JAX 並建立）。"""
+    # 延後匯入：服務路徑匯入本模組，模組層級不可載入 JAX
     import jax
 
     return jax.jit(_log_mel_jnp_impl, static_argnames=("n_mels", "target"))
 
 
 def _log_mel_jnp_impl(x: jax.Array, n_mels: int, target: int) -> jax.Array:
+    # 延後匯入：服務路徑匯入本模組，模組層級不可載入 JAX
     import jax
     import jax.numpy as jnp
 
@@ -290,6 +292,7 @@ def log_mel_jnp(
     以 float32 計算；`n_mels` 與 `pad_to_seconds` 為靜態值，可在 `jax.jit` 內呼叫。
     批次中每筆各自以其最大值截斷（與 transformers 相同）。
     """
+    # 延後匯入：服務路徑匯入本模組，模組層級不可載入 JAX
     import jax.numpy as jnp
 
     x = jnp.asarray(audio)

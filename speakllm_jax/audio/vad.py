@@ -18,8 +18,18 @@ from typing import Any
 import numpy as np
 import webrtcvad
 
-from speakllm_jax.audio.io import resample
+from speakllm_jax.audio.io import AudioError, SkipCounter, check_audio_detail, load_audio, resample
+from speakllm_jax.audio.io import write_audio as _write
 from speakllm_jax.cli import UserValueError
+from speakllm_jax.data.manifest import (
+    iter_manifest,
+    resolve_audio,
+    resolve_path,
+    validate_row,
+    write_manifest,
+)
+from speakllm_jax.text.codeswitch import language_of
+from speakllm_jax.text.normalize import fix_spaces
 
 VAD_RATES = (8000, 16000, 32000, 48000)
 
@@ -222,9 +232,6 @@ def split_row(
     新列的 `audio` 尚未填（由呼叫端寫檔或寫入分片後決定）；壞列、壞檔依原因記入 `skips`，
     回傳空串列，不拋例外；`key` 為列沒有 id 時的略過鍵。規則見 `resample_split`。
     """
-    from speakllm_jax.audio.io import AudioError, check_audio_detail, load_audio
-    from speakllm_jax.data.manifest import resolve_audio, resolve_path, validate_row
-
     rid = str(row.get("id", key))
     probs = validate_row(row)
     if probs:
@@ -281,9 +288,6 @@ def split_row(
             if not texts:
                 skips.add(pid, "no_text", "片段內沒有任何 turn 文字")
                 continue
-            from speakllm_jax.text.codeswitch import language_of
-            from speakllm_jax.text.normalize import fix_spaces
-
             new["text"] = fix_spaces(" ".join(texts))
             new["language"] = language_of(new["text"])
         resp = None
@@ -316,10 +320,6 @@ def resample_split(
     只重取樣並保留所有聲道。每個輸出列帶 source_id、source_start、source_end（原檔時間，秒）。
     壞檔與壞列依原因計數，寫入 `*.skipped.jsonl`，不會中斷。逐列的規則在 `split_row`。
     """
-    from speakllm_jax.audio.io import SkipCounter
-    from speakllm_jax.audio.io import write_audio as _write
-    from speakllm_jax.data.manifest import iter_manifest, write_manifest
-
     src = Path(manifest)
     out_dir = Path(output_dir)
     out_manifest = Path(output_manifest) if output_manifest else out_dir / "manifest.jsonl"

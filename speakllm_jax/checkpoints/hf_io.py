@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from speakllm_jax.models.sharding import DEFAULT_RULES, state_shardings
 
@@ -468,8 +469,6 @@ def load_params(
 
 def _host(value: Any) -> np.ndarray:
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         value = multihost_utils.process_allgather(value, tiled=True)
     return np.asarray(jax.device_get(value))
 

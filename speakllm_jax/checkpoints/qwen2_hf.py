@@ -29,6 +29,7 @@ from speakllm_jax.checkpoints.hf_io import (
     stacked_keys,
     transposed,
 )
+from speakllm_jax.models.lora import merge_lora
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from speakllm_jax.models.sharding import DEFAULT_RULES
 
@@ -241,8 +242,6 @@ def save_qwen2(
     """
     cfg: Qwen2Config = model.cfg
     if cfg.lora_rank > 0 and cfg.lora_targets:
-        from speakllm_jax.models.lora import merge_lora
-
         model = merge_lora(nnx.clone(model))
     return save_params(
         model,

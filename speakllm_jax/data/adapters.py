@@ -35,7 +35,7 @@ from speakllm_jax.audio.io import (
     load_audio,
 )
 from speakllm_jax.cli import UserFileError, UserValueError, suggest
-from speakllm_jax.data.manifest import resolve_path, validate_row, write_manifest
+from speakllm_jax.data.manifest import iter_manifest, resolve_path, validate_row, write_manifest
 from speakllm_jax.data.registry import LOCAL_REGISTRY, read_local_registry
 from speakllm_jax.text.codeswitch import language_of
 from speakllm_jax.text.normalize import fix_spaces, remove_annotations
@@ -903,8 +903,6 @@ def jsonl(
 ) -> Iterator[dict]:
     """通用 JSONL 清單：root 為清單檔（或資料夾加 `filename`）；相對音訊路徑以清單所在處為準。"""
     src = Path(root) if filename is None else Path(root) / filename
-    from speakllm_jax.data.manifest import iter_manifest
-
     probe = _Prober(skips, expected_sr)
     for i, rec in enumerate(iter_manifest(src, skips)):
         key = f"{src}:{rec.get('id', i)}"

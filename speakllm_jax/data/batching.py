@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from speakllm_jax.data.schema import BatchSchema, Field
+from speakllm_jax.data.transforms import mel_pad_value
 
 # ASR 管線批次的綱要（唯一的一份；`utt_id` 與 `skipped` 不是數值陣列，不在其中）。
 # 維度：mel_frames = 桶長（梅爾框，100 Hz）、text_len = max_text_tokens、chars = max_chars_per_token。
@@ -54,8 +55,6 @@ def collate(
     `language` [B]、`example_mask` [B]、`utt_id` [B]（字串，空字串為填充列）、
     `skipped` {原因: 自上一批以來略過的筆數}。梅爾補齊值見 `transforms.mel_pad_value`。
     """
-    from speakllm_jax.data.transforms import mel_pad_value
-
     b, t, length, k = batch_size, bucket, max_text_tokens, max_chars_per_token
     sizes = {"n_mels": n_mels, "mel_frames": t, "text_len": length, "chars": k}
     z = ASR_BATCH.zeros(

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from speakllm_jax.cli import UserValueError, empty_manifest
+from speakllm_jax.data.offline_chain import ChainConfig, check_runner, run_chain
 
 
 def add_chain_flags(p: argparse.ArgumentParser, conversion: bool = True) -> None:
@@ -26,8 +27,6 @@ def add_chain_flags(p: argparse.ArgumentParser, conversion: bool = True) -> None
 
 def run_chain_cli(a: argparse.Namespace, output_dir: str | None = None, **overrides: Any) -> int:
     """依 CLI 參數跑離線鏈，印出摘要；全部被略過時以 `錯誤：…` 結束（結束碼 2）。"""
-    from speakllm_jax.data.offline_chain import ChainConfig, check_runner, run_chain
-
     try:
         check_runner(a.runner)
     except ValueError as e:

@@ -30,6 +30,7 @@ import soundfile as sf
 from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.io import resample, write_audio
 from speakllm_jax.cli import UserError, UserValueError
+from speakllm_jax.text.codeswitch import language_of
 from speakllm_jax.text.normalize import normalize_zh
 
 # 示範語料的預設資料夾（相對於專案根目錄）；訓練預設、資料設定 configs/data/demo.py 與
@@ -164,8 +165,6 @@ def has_espeak() -> bool:
 
 def _voice_for(text: str, voice: str) -> str:
     """純英文句子改用英文聲音（保留變體），其餘用原聲音。"""
-    from speakllm_jax.text.codeswitch import language_of
-
     if language_of(text) == "en" and voice.startswith("cmn"):
         return "en-us" + voice[3:]
     return voice

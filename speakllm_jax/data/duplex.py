@@ -51,6 +51,7 @@ from speakllm_jax.data.overlap import OverlapConfig, overlap_aware_targets
 from speakllm_jax.data.schema import BatchSchema, Field
 from speakllm_jax.data.transforms import mel_pad_value
 from speakllm_jax.labels import EMOTIONS, emotion_token
+from speakllm_jax.text.normalize import normalize_zh
 
 NUM_CODEBOOKS = 4
 SAMPLES_PER_FRAME = FRAME_SAMPLES  # 640
@@ -139,8 +140,6 @@ def _load_stereo(row: dict[str, Any], sr: int) -> np.ndarray:
 def _prepare_text(text: str, normalize: str | None) -> str:
     if normalize is None:
         return text
-    from speakllm_jax.text.normalize import normalize_zh
-
     return normalize_zh(text, normalize)
 
 

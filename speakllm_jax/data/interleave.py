@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -255,8 +256,6 @@ def align_text_to_frames(
 
 def encode_for_alignment(tokenizer: Any, text: str, max_chars_per_token: int = 4) -> dict[str, Any]:
     """以 `TextTokenizer` 編碼並附上字元範圍：回傳 ids [n]、tones [n, K]、spans [n, 2]、text（NFC）。"""
-    import unicodedata
-
     text = unicodedata.normalize("NFC", text)
     enc = tokenizer.encode_with_tones(text, max_chars_per_token)
     spans = token_char_spans(text, tokenizer.token_bytes(enc["ids"]))

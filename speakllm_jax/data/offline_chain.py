@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speakllm_jax.audio.io import SkipCounter
+from speakllm_jax.audio.io import SkipCounter, write_audio
+from speakllm_jax.audio.vad import VadConfig, split_row
 from speakllm_jax.data import shards as sh
+from speakllm_jax.data.manifest import iter_manifest, resolve_path, write_manifest
+from speakllm_jax.text.manifest_text import normalize_row
+from speakllm_jax.text.tones import char_tones
 
 RUNNERS = ("inline", "local")
 
@@ -89,9 +93,6 @@ def _speech_tokenizer(cfg: ChainConfig) -> Any:
 def _row_pieces(
     row: dict[str, Any], cfg: ChainConfig, skips: SkipCounter, key: str
 ) -> list[tuple[dict[str, Any], Any, Any]]:
-    from speakllm_jax.audio.vad import VadConfig, split_row
-    from speakllm_jax.text.manifest_text import normalize_row
-
     if cfg.conversion:
         reason = normalize_row(row, cfg.conversion, cfg.verbalize_numbers, cfg.keep_punct)
         if reason:
@@ -113,9 +114,6 @@ def _row_pieces(
 
 def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     """處理一個分片並寫出 ArrayRecord 檔與完成標記；回傳標記內容（含清單列與略過）。"""
-    from speakllm_jax.audio.io import write_audio
-    from speakllm_jax.text.tones import char_tones
-
     cfg = ChainConfig(**task["config"])
     out = Path(task["output_dir"])
     name = sh.shard_name(task["shard"], task["num_shards"])
@@ -205,6 +203,7 @@ def _run_tasks(tasks: list[dict[str, Any]], runner: str, num_workers: int) -> li
         return []
     if runner == "inline":
         return [process_shard(t) for t in tasks]
+    # 延後匯入：ray 很重，只在分散式執行時需要
     import ray
 
     started = False
@@ -245,8 +244,6 @@ def run_chain(
     `runner`：`inline`、`local`（本機 Ray，`num_workers` 個工作者）或 Ray 叢集位址。
     已完成（標記與輸入指紋相符）的分片不重做，摘要的 `reused` 記數量。
     """
-    from speakllm_jax.data.manifest import iter_manifest, resolve_path, write_manifest
-
     cfg = config or ChainConfig()
     cfg.validate()
     check_runner(runner)

@@ -33,13 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from speakllm_jax.audio.features import HOP_LENGTH, SAMPLE_RATE
 from speakllm_jax.audio.io import SkipCounter
+from speakllm_jax.cli import UserFileError
 from speakllm_jax.data.batching import BucketBatchIterDataset, PlannedCollate
 from speakllm_jax.data.manifest import read_manifest
+from speakllm_jax.data.shards import shard_rows
+from speakllm_jax.data.tfds_builders import tfds_rows
 from speakllm_jax.data.transforms import ExampleTransform, attach_manifest_dir
+from speakllm_jax.text.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -337,8 +343,6 @@ def source_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
     """`shards:DIR` → 分片資料夾的清單列；`tfds:NAME[/SPLIT]`（可加 `@DATA_DIR`）→ tfds 資料目錄中
     該資料集切分的 ArrayRecord 分片。結尾加 `#SPLIT` 時只取該切分（分片依列的 split 欄篩選）。
     列只帶清單欄位，音訊在逐筆轉換時才從分片讀。"""
-    from speakllm_jax.data.shards import shard_rows
-
     if spec.startswith("shards:"):
         directory, _, want = spec.removeprefix("shards:").partition("#")
         rows = shard_rows(directory)
@@ -346,12 +350,8 @@ def source_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
             return rows
         picked = [r for r in rows if str(r.get("split") or "train") == want]
         if not picked:
-            from speakllm_jax.cli import UserFileError
-
             raise UserFileError(f"{directory}：分片中沒有 split={want!r} 的列")
         return picked
-    from speakllm_jax.data.tfds_builders import tfds_rows
-
     spec, _, given = spec.removeprefix("tfds:").partition("#")
     return tfds_rows(spec, given or split)
 
@@ -372,16 +372,12 @@ class Pipeline:
 
 def _ensure_absl_flags_parsed() -> None:
     """Grain 的多行程預取會讀 absl 旗標；不是由 `absl.app.run` 啟動時先標記為已解析（用預設值）。"""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
 def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     return int(process_index), int(process_count)
@@ -389,8 +385,6 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
 
 def _as_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, str | os.PathLike):
-        from speakllm_jax.text.tokenizer import TextTokenizer
-
         return TextTokenizer.from_dir(Path(tokenizer))
     return tokenizer
 

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import socket
+import sys
 import tarfile
 import time
 import urllib.error
@@ -25,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from dotenv import dotenv_values
+from huggingface_hub import snapshot_download
 
 from speakllm_jax.cli import UserFileError, UserValueError, suggest
 from speakllm_jax.data.demo_corpus import DEMO_DIR, ensure_demo_corpus
@@ -376,8 +380,6 @@ def load_config(path: str | os.PathLike) -> Any:
         p = p.with_suffix(".py")  # 種子文件的 configs/data/*.yaml 名稱對應到同名 .py
     if not p.is_file():
         raise UserFileError(f"--config {p}：設定檔不存在")
-    import sys
-
     root = str(p.resolve().parents[2])
     if (Path(root) / "configs").is_dir() and root not in sys.path:
         sys.path.insert(0, root)
@@ -450,8 +452,6 @@ def hf_token(env_file: str | os.PathLike | None = None) -> str | None:
     tok = os.environ.get(HF_TOKEN_ENV, "").strip()
     if tok:
         return tok
-    from dotenv import dotenv_values
-
     paths = [Path(env_file)] if env_file else [Path.cwd() / ENV_FILE, _REPO_ROOT / ENV_FILE]
     for path in paths:
         if path.is_file():
@@ -628,8 +628,6 @@ def download_corpus(
                 f"同意條款，再把 {HF_TOKEN_ENV} 寫進 .env（見 .env.example）或設成環境變數"
             )
         check_connectivity("https://huggingface.co", connect_timeout)
-        from huggingface_hub import snapshot_download
-
         kw: dict[str, Any] = {"token": token} if token else {}
         if spec.hf_config and spec.layout == "commonvoice":
             kw["allow_patterns"] = [f"*{spec.hf_config}*", "*.py", "*.md", "*.json"]

@@ -24,6 +24,11 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import soundfile as sf
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from speakllm_jax.cli import UserFileError
+from speakllm_jax.data.manifest import read_manifest
 
 SHARD_FORMAT = "speakllm-shards/1"
 # 每筆一組（隨機存取只讀一筆）；音訊本身已是 PCM／FLAC，不再壓縮。
@@ -53,8 +58,6 @@ def encode_audio(wave: np.ndarray, sr: int, audio_format: str = "pcm16") -> byte
 
     由 libsndfile 轉換，與 `write_audio` 寫 16 位元 WAV 的量化完全相同。
     """
-    import soundfile as sf
-
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"audio_format 必須是 {AUDIO_FORMATS} 之一，收到 {audio_format!r}")
     w = np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0)
@@ -72,8 +75,6 @@ def decode_audio(record: dict[str, Any]) -> np.ndarray:
     if record["audio_format"] == "pcm16":
         pcm = np.frombuffer(record["audio"], dtype="<i2").reshape(-1, ch)
         return pcm.astype(np.float32) / np.float32(32768.0)
-    import soundfile as sf
-
     data, _ = sf.read(io.BytesIO(record["audio"]), dtype="float32", always_2d=True)
     return data
 
@@ -121,8 +122,6 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 def write_shard(path: str | os.PathLike, records: list[bytes]) -> int:
     """寫一個 ArrayRecord 分片（先寫暫存檔再改名，中途被終止不會留下壞檔）；回傳位元組數。"""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
@@ -179,6 +178,7 @@ class ShardReader:
         if self._source is None:
             with self._lock:
                 if self._source is None:
+                    # 延後匯入：grain 很重，只讀 ArrayRecord 分片時需要
                     import grain
 
                     self._source = grain.sources.ArrayRecordDataSource(self.files)
@@ -203,11 +203,13 @@ class TfdsReader:
         self.__init__(state["files"])
 
     def example(self, index: int) -> Any:
+        # 延後匯入：tensorflow_datasets 很重，只讀 TFDS 分片時需要
         from tensorflow_datasets.proto import tf_example_pb2
 
         if self._source is None:
             with self._lock:
                 if self._source is None:
+                    # 延後匯入：grain 很重，只讀 ArrayRecord 分片時需要
                     import grain
 
                     self._source = grain.sources.ArrayRecordDataSource(self.files)
@@ -245,8 +247,6 @@ def reader_for(directory: str | os.PathLike) -> Any:
 
 def read_index(directory: str | os.PathLike) -> dict[str, Any]:
     """讀 `index.json`；不存在或格式不符時以 `UserFileError` 指出檔案。"""
-    from speakllm_jax.cli import UserFileError
-
     p = Path(directory) / INDEX_FILE
     if not p.is_file():
         raise UserFileError(f"{p}：分片索引不存在（離線鏈尚未完成？）")
@@ -262,15 +262,11 @@ def read_index(directory: str | os.PathLike) -> dict[str, Any]:
 def shard_rows(directory: str | os.PathLike) -> list[dict[str, Any]]:
     """分片資料夾的清單列（只有清單欄位，不含音訊），每列帶 `_shards`（資料夾）與
     `shard_record`（全域紀錄編號）；輸入管線依此從分片讀音訊。"""
-    from speakllm_jax.data.manifest import read_manifest
-
     d = Path(directory).resolve()
     index = read_index(d)
     rows = read_manifest(d / MANIFEST_FILE)
     total = sum(s["records"] for s in index["shards"])
     if len(rows) != total:
-        from speakllm_jax.cli import UserFileError
-
         raise UserFileError(f"{d / MANIFEST_FILE}：{len(rows)} 列，但索引記載 {total} 筆紀錄")
     for r in rows:
         r["_shards"] = str(d)

@@ -19,7 +19,9 @@ import numpy as np
 from speakllm_jax.audio.features import HOP_LENGTH, SAMPLE_RATE, log_mel_np
 from speakllm_jax.audio.io import AudioError, load_audio
 from speakllm_jax.data.manifest import resolve_audio
+from speakllm_jax.data.shards import reader_for
 from speakllm_jax.text.codeswitch import codeswitch_augment, language_of, split_spans
+from speakllm_jax.text.tokenizer import SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +136,8 @@ class ExampleTransform:
     def _token_bytes(self, ids: Any) -> list[bytes]:
         """同 `TextTokenizer.token_bytes`，但快取位元組反映射與特殊符號集合（每筆都要用）。"""
         if getattr(self, "_byte_inv", None) is None:
+            # 延後匯入：transformers 很重，只在第一次解出詞元位元組時需要
             from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-            from speakllm_jax.text.tokenizer import SPECIAL_TOKENS
 
             self._byte_inv = {v: k for k, v in bytes_to_unicode().items()}
             self._special = set(self.tokenizer.tok.all_special_tokens) | set(SPECIAL_TOKENS)
@@ -269,8 +270,6 @@ class ExampleTransform:
 def shard_audio(row: dict[str, Any], max_seconds: float | None = None) -> np.ndarray:
     """從分片讀一列的 16 kHz 單聲道音訊，片段的取法與 `load_audio` 讀同一個 WAV 完全相同
     （offset／duration 換算成樣本的捨入、多聲道取平均），所以兩條路徑的梅爾逐位元相同。"""
-    from speakllm_jax.data.shards import reader_for
-
     try:
         rec = reader_for(row["_shards"])[int(row["shard_record"])]
     except (KeyError, IndexError, ValueError, TypeError) as e:

@@ -290,9 +290,11 @@ def plot_duplex_timeline(
 ) -> Path:
     """一段對話的時間軸 PNG：使用者發言（藍）、附和（綠）、停頓（灰底）、搶話起點（紅線），
     每個策略一列收到的助理音訊（橘）與伺服器事件（符號），附圖例。"""
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch

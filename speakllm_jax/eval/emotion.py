@@ -45,9 +45,11 @@ def emotion_report(
 
 def plot_confusion(report: dict[str, Any], path: str | Path) -> Path:
     """把 `emotion_report` 的混淆矩陣畫成熱圖（列為真實、行為預測）。"""
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib
 
     matplotlib.use("Agg")
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib.pyplot as plt
 
     conf = np.asarray(report["confusion"])

@@ -23,21 +23,34 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from speakllm_jax.audio.io import AudioError, SkipCounter
+from speakllm_jax.audio.features import log_mel_np
+from speakllm_jax.audio.io import AudioError, SkipCounter, load_audio
+from speakllm_jax.data.demo_data import demo_manifest
+from speakllm_jax.data.duplex import DUPLEX_EXAMPLE_OPS, DuplexContext
+from speakllm_jax.data.manifest import read_manifest, resolve_audio
+from speakllm_jax.data.ops import apply_ops, compose
+from speakllm_jax.eval.asr import transcribe
+from speakllm_jax.eval.emotion import emotion_report, plot_confusion
+from speakllm_jax.eval.error_rates import corpus_counts
+from speakllm_jax.eval.tone_accuracy import tone_accuracy_text
+from speakllm_jax.eval.turn_taking import (
+    TurnTakingAnnotation,
+    plot_timeline,
+    turn_taking_metrics,
+)
 from speakllm_jax.labels import EMOTIONS, SPEAKING_ACTIONS
+from speakllm_jax.models.streaming import encode_user_stream, run_streaming
 from speakllm_jax.training.runs import load_run
+from speakllm_jax.training.tasks.duplex import ensure_demo_duplex
+from speakllm_jax.turn_policy import TurnRule
 
 
 def _asr_rows(cfg: Any) -> list[dict[str, Any]]:
-    from speakllm_jax.data.manifest import read_manifest
-
     if cfg.data.eval_manifests:
         rows: list[dict] = []
         for m in str(cfg.data.eval_manifests).split(","):
             rows += [dict(r, _manifest=m) for r in read_manifest(m)]
         return rows
-    from speakllm_jax.data.demo_data import demo_manifest
-
     corpora = tuple(s for s in str(cfg.data.demo_corpora).split(",") if s)
     m = demo_manifest(corpora, cfg.data.demo_dir or None, split="test", seed=int(cfg.seed))
     return [dict(r, _manifest=str(m)) for r in read_manifest(m)]
@@ -45,13 +58,6 @@ def _asr_rows(cfg: Any) -> list[dict[str, Any]]:
 
 def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[str, Any]:
     """逐句貪婪解碼並計算錯誤率；壞音訊略過並計數。"""
-    from speakllm_jax.audio.features import log_mel_np
-    from speakllm_jax.audio.io import load_audio
-    from speakllm_jax.data.manifest import resolve_audio
-    from speakllm_jax.eval.asr import transcribe
-    from speakllm_jax.eval.error_rates import corpus_counts
-    from speakllm_jax.eval.tone_accuracy import tone_accuracy_text
-
     rows = _asr_rows(cfg)[:max_utts]
     refs, hyps, items = [], [], []
     skips = SkipCounter()
@@ -116,8 +122,6 @@ def _skip_fields(skips: SkipCounter) -> dict[str, Any]:
 
 def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
     """全雙工評估的對話列：`data.eval_manifests`（音訊相對路徑相對於清單檔）或示範對話。"""
-    from speakllm_jax.data.manifest import read_manifest, resolve_audio
-
     if cfg.data.eval_manifests:
         rows: list[dict] = []
         for m in (x for x in str(cfg.data.eval_manifests).split(",") if x):
@@ -127,8 +131,6 @@ def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
                     r = dict(r, audio=str(resolve_audio(r, base)))
                 rows.append(r)
         return rows
-    from speakllm_jax.training.tasks.duplex import ensure_demo_duplex
-
     paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
     return read_manifest(paths["dialogue"])
 
@@ -139,16 +141,6 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
     無法評估的對話（音訊壞、清單列缺欄位）略過，依原因計數於 `skipped`、id 列於 `skipped_items`；
     `dialogues` 為實際評估的段數。
     """
-    from speakllm_jax.data.duplex import DUPLEX_EXAMPLE_OPS, DuplexContext
-    from speakllm_jax.data.ops import apply_ops, compose
-    from speakllm_jax.eval.turn_taking import (
-        TurnTakingAnnotation,
-        plot_timeline,
-        turn_taking_metrics,
-    )
-    from speakllm_jax.models.streaming import run_streaming
-    from speakllm_jax.turn_policy import TurnRule
-
     rows = _dialogue_rows(cfg, task)[:max_dialogues]
     # 與訓練相同的逐列 op（不補齊）：對話放上幀格，再取使用者聲道的梅爾 [n_mels, 4N]。
     ctx = DuplexContext(task.tokenizer, pad_id=task.pad_id, n_mels=int(cfg.data.n_mels))
@@ -196,8 +188,6 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
         "timelines": plots,
     }
     if emo_true:
-        from speakllm_jax.eval.emotion import emotion_report, plot_confusion
-
         report["emotion"] = emotion_report(emo_true, emo_pred, EMOTIONS)
         plots.append(str(plot_confusion(report["emotion"], out_dir / "emotion_confusion.png")))
     return report
@@ -208,8 +198,6 @@ def predict_emotion(model: Any, mel: Any, num_frames: int) -> str:
 
     與訓練時的前向相同（窗內全注意力）；超過編碼器上限時逐窗編碼後串接，在全部幀上平均。
     """
-    from speakllm_jax.models.streaming import encode_user_stream
-
     user = encode_user_stream(model, mel, num_frames)
     logits = model.emotion_logits(user, jnp.ones(user.shape[:2], bool))
     return EMOTIONS[int(np.argmax(np.asarray(logits)[0]))]
@@ -219,9 +207,11 @@ def _plot_error_rates(asr: dict[str, Any], path: Path) -> Path | None:
     names = [k for k in ("cer", "wer", "mer", "pier") if asr.get(k) is not None]
     if not names:
         return None
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib
 
     matplotlib.use("Agg")
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3), dpi=120)

@@ -273,9 +273,11 @@ def timeline_figure(
 ) -> Any:
     """一段對話的時間軸圖（matplotlib `Figure`）：使用者（標註或 `user_activity`）與助理的
     說話區段，停頓（灰底）、附和（綠）、搶話起點（紅線），圖例標出這些圖元。"""
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -340,6 +342,7 @@ def plot_timeline(
     title: str | None = None,
 ) -> Path:
     """畫出 `timeline_figure` 的時間軸並存成 PNG，回傳路徑。"""
+    # 延後匯入：matplotlib 很重，只在畫圖時需要
     import matplotlib.pyplot as plt
 
     fig = timeline_figure(ann, speaking, user_activity, title)

@@ -32,6 +32,7 @@ from speakllm_jax.models.attention import (
     self_attention_mask,
 )
 from speakllm_jax.models.layers import RMSNorm, dense, embedding, remat_policy
+from speakllm_jax.models.lora import LoRALinear
 from speakllm_jax.models.sampling import generate
 from speakllm_jax.models.stack import run_layers, stack_layers
 
@@ -148,8 +149,6 @@ def _proj(
     """一般線性層，或在 `cfg.lora_targets` 中時的 `LoRALinear`（基底參數路徑相同）。"""
     kw = dict(use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     if cfg.lora_rank > 0 and name in cfg.lora_targets:
-        from speakllm_jax.models.lora import LoRALinear
-
         return LoRALinear(in_f, out_f, axes, rank=cfg.lora_rank, alpha=cfg.lora_alpha, **kw)
     return dense(in_f, out_f, axes, **kw)
 

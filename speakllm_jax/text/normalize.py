@@ -14,6 +14,8 @@ import re
 import unicodedata
 from functools import lru_cache
 
+import opencc
+
 from speakllm_jax.text.codeswitch import HAN, fix_spaces
 
 CONVERSIONS = ("t2s", "s2t", "tw2s", "hk2s", "t2tw", "none")
@@ -55,8 +57,6 @@ _HAN_RE = re.compile(rf"[{HAN}]")
 
 @lru_cache(maxsize=8)
 def _converter(conversion: str):
-    import opencc
-
     return opencc.OpenCC(conversion)
 
 
@@ -112,6 +112,7 @@ def _normalize_punct(text: str) -> str:
 
 def verbalize_numbers(text: str) -> str:
     """阿拉伯數字改為中文讀法（年份逐位、小數、百分比），英文詞內的數字不動。"""
+    # 延後匯入：cn2an 載入約 0.2 秒，只在數字轉寫時需要
     import cn2an
 
     parts = re.split(r"([A-Za-z][A-Za-z0-9'\-]*)", text)

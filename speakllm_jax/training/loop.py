@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from speakllm_jax.config import config_to_dict
@@ -103,8 +104,6 @@ def _inject_nan(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 

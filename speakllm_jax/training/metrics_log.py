@@ -33,6 +33,7 @@ class MetricsLogger:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / "metrics.jsonl"
         if tensorboard:
+            # 延後匯入：tensorboardX 很重，只在寫 TensorBoard 時需要
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
@@ -64,9 +65,11 @@ class MetricsLogger:
         rows = [r for r in self.history() if "loss" in r and r.get("finite", 1.0) > 0]
         if not rows:
             return None
+        # 延後匯入：matplotlib 很重，只在畫圖時需要
         import matplotlib
 
         matplotlib.use("Agg")
+        # 延後匯入：matplotlib 很重，只在畫圖時需要
         import matplotlib.pyplot as plt
 
         # 恢復訓練後同一步可能記錄兩次：取最後一筆。
@@ -93,6 +96,7 @@ class MetricsLogger:
 
 def _start_wandb(project: str, workdir: Path, config: dict[str, Any]) -> Any:
     try:
+        # 延後匯入：wandb 是選用套件
         import wandb
     except ImportError:
         print("wandb 未安裝，略過 Weights & Biases 紀錄。")

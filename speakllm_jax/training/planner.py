@@ -20,7 +20,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from speakllm_jax.models.axis_rules import MESH_AXES
+import numpy as np
+
+from speakllm_jax.models.axis_rules import DEFAULT_RULES, MESH_AXES, rules_from_config
 
 # 每顆晶片的 HBM（GiB）。
 TPU_HBM_GIB: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
@@ -109,8 +111,8 @@ def per_device_bytes(
 
     回傳 (總位元組, 每個葉節點的明細)。分片數 = 全形狀元素數 ÷ 分片形狀元素數。
     """
+    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     import jax
-    import numpy as np
 
     leaves_a = jax.tree_util.tree_flatten_with_path(abstract)[0]
     leaves_s = jax.tree.leaves(shardings)
@@ -142,8 +144,8 @@ def per_device_bytes(
 
 def _sampled_batch(task: Any, batch: int) -> dict[str, Any]:
     """由任務的資料迭代器取一批真實資料，只保留每個欄位的型別與第 0 軸以外的形狀。"""
+    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     import jax
-    import numpy as np
 
     sample = next(task.make_data(0, 1))
     return {
@@ -161,6 +163,7 @@ def abstract_batch(
     維度大小取自 `task.batch_sizes(frames, text_len)`：ASR 的 `frames` 為梅爾框、全雙工的為
     25 Hz 幀）；都沒有時由資料迭代器取一批真實資料推得形狀。
     """
+    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     import jax
 
     if hasattr(task, "abstract_batch"):
@@ -211,8 +214,7 @@ def plan(
     `cfg` 的 `mesh` 欄位會被 `mesh_shape` 取代；分片規則取自 `cfg.logical_axis_rules`。裝置數必須
     至少為網格大小（CPU 上以 `--xla_force_host_platform_device_count` 模擬）。
     """
-    # 函式內匯入：本模組的解析函式在設定 XLA_FLAGS 之前就被 launch/plan.py 使用。
-    from speakllm_jax.models.axis_rules import DEFAULT_RULES, rules_from_config
+    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     from speakllm_jax.models.sharding import use_rules
 
     with use_rules(rules_from_config(cfg.get("logical_axis_rules", DEFAULT_RULES))):
@@ -241,6 +243,7 @@ def _plan(
     compile_step: bool,
     keep_leaves: bool,
 ) -> PlanResult:
+    # 延後匯入：規劃器必須在呼叫端設定 XLA_FLAGS 之後才載入 JAX
     import jax
     from flax import nnx
 

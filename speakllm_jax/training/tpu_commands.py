@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,8 +259,6 @@ def run_commands(
     max_wait_seconds: float = 6 * 3600,
 ) -> None:
     """依序執行指令；任何一個失敗即停止。排隊資源的狀態查詢會重複到 ACTIVE 為止。"""
-    import time
-
     require_gcloud()
     waiter = wait_command(spec)
     for cmd in commands:

@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from speakllm_jax.cli import UserFileError
+from speakllm_jax.data.shards import TfdsReader
+
 
 def parse_spec(spec: str, split: str = "train") -> tuple[str, str, Path]:
     """`NAME[/SPLIT][@DATA_DIR]` → (名稱, 切分, 資料目錄)；資料目錄預設 `TFDS_DATA_DIR` 或
@@ -25,8 +28,6 @@ def parse_spec(spec: str, split: str = "train") -> tuple[str, str, Path]:
 
 def split_files(name: str, split: str, data_dir: Path) -> list[str]:
     """資料集最新版本中某切分的 ArrayRecord 檔；找不到時以 `UserFileError` 指出。"""
-    from speakllm_jax.cli import UserFileError
-
     base = data_dir / name
     versions = sorted(
         (p for p in base.glob("*") if (p / "dataset_info.json").is_file()),
@@ -42,8 +43,6 @@ def split_files(name: str, split: str, data_dir: Path) -> list[str]:
 
 def tfds_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
     """tfds 資料集一個切分的清單列（每列帶 `_shards` 讀取鍵與 `shard_record`）。"""
-    from speakllm_jax.data.shards import TfdsReader
-
     name, split, data_dir = parse_spec(spec, split)
     files = split_files(name, split, data_dir)
     reader = TfdsReader(files)

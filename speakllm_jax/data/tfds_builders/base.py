@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from speakllm_jax.data.offline_chain import ChainConfig
+from speakllm_jax.audio.io import SkipCounter
+from speakllm_jax.cli import UserFileError
+from speakllm_jax.data.adapters import run_adapter
+from speakllm_jax.data.demo_corpus import ensure_demo_corpus
+from speakllm_jax.data.manifest import validate_row, write_manifest
+from speakllm_jax.data.offline_chain import ChainConfig, run_chain
+from speakllm_jax.data.shards import ShardReader, shard_rows
 
 FEATURES = {
     "id": tfds.features.Text(),
@@ -49,23 +55,13 @@ class ChainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if manual and Path(manual).is_dir():
             return Path(manual)
         if self.DEMO_SUBDIR is None:
-            from speakllm_jax.cli import UserFileError
-
             raise UserFileError(
                 f"{self.name}：需要 --manual_dir（{self.MANUAL_DOWNLOAD_INSTRUCTIONS}）"
             )
-        from speakllm_jax.data.demo_corpus import ensure_demo_corpus
-
         demo = ensure_demo_corpus(Path(self.data_dir).parents[1] / "speakllm_demo_corpus")
         return Path(demo) / self.DEMO_SUBDIR
 
     def _split_generators(self, dl_manager: Any) -> dict:
-        from speakllm_jax.audio.io import SkipCounter
-        from speakllm_jax.data.adapters import run_adapter
-        from speakllm_jax.data.manifest import validate_row, write_manifest
-        from speakllm_jax.data.offline_chain import run_chain
-        from speakllm_jax.data.shards import shard_rows
-
         root = self._corpus_root(dl_manager)
         skips = SkipCounter()
         rows = []
@@ -78,8 +74,6 @@ class ChainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 if not validate_row(r):
                     rows.append(r)
         if not rows:
-            from speakllm_jax.cli import UserFileError
-
             raise UserFileError(f"{root}：{self.ADAPTER} 轉接器沒有讀到任何列（{skips.report()}）")
         work = Path(tempfile.mkdtemp(prefix=f"{self.name}_"))
         write_manifest(work / "raw.jsonl", rows)
@@ -89,8 +83,6 @@ class ChainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {s: self._generate_examples(work / "shards", s) for s in splits}
 
     def _generate_examples(self, shards: Path, split: str):
-        from speakllm_jax.data.shards import ShardReader, shard_rows
-
         reader = ShardReader(shards)
         for r in shard_rows(shards):
             if str(r.get("split") or "train") != split:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -11,8 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from speakllm_jax.cli import UserValueError
 from speakllm_jax.data.batching import ASR_BATCH
+from speakllm_jax.data.demo_data import demo_manifest
+from speakllm_jax.data.manifest import read_manifest, resolve_audio, write_manifest
+from speakllm_jax.data.pipeline import make_iterator
 from speakllm_jax.data.schema import BatchSchema
+from speakllm_jax.models.speakllm import SpeakLLM, build_speakllm_config
 from speakllm_jax.training.losses import text_loss, weighted_correct
 from speakllm_jax.training.tasks.base import (
     DataIterator,
@@ -28,8 +34,6 @@ def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list
     source = str(cfg.data.get("source", "jsonl") or "jsonl")
     if source != "jsonl":
         if not source.startswith(("shards:", "tfds:")):
-            from speakllm_jax.cli import UserValueError
-
             raise UserValueError(
                 f"--config.data.source 必須是 jsonl、shards:DIR 或 tfds:NAME，收到 {source!r}"
             )
@@ -39,8 +43,6 @@ def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list
     if given:
         paths = [m for m in str(given).split(",") if m]
     else:
-        from speakllm_jax.data.demo_data import demo_manifest
-
         paths = [str(demo_manifest(corpora, cfg.data.demo_dir or None, split=split, seed=cfg.seed))]
     n = int(cfg.data.get("subset", 0))
     return [subset_manifest(paths, n)] if n > 0 else paths
@@ -48,10 +50,6 @@ def _manifests(cfg: Any, corpora: tuple[str, ...], split: str = "train") -> list
 
 def subset_manifest(paths: list[str], n: int) -> str:
     """取清單的前 n 列寫成新清單（過擬合實驗用）；寫在第一份清單旁。"""
-    from pathlib import Path
-
-    from speakllm_jax.data.manifest import read_manifest, resolve_audio, write_manifest
-
     rows: list[dict] = []
     for p in paths:
         for r in read_manifest(p):
@@ -70,8 +68,6 @@ class AsrConnectorTask(Task):
 
     def __init__(self, config: Any):
         super().__init__(config)
-        from speakllm_jax.models.speakllm import build_speakllm_config
-
         self.model_cfg = build_speakllm_config(config.model, config.lora)
         self.tokenizer = text_tokenizer(config)
         if self.tokenizer.vocab_size > self.model_cfg.qwen.vocab_size:
@@ -88,8 +84,6 @@ class AsrConnectorTask(Task):
         self.suffix = np.asarray([self.tokenizer.special_id("<|audio_end|>")], np.int32)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        from speakllm_jax.models.speakllm import SpeakLLM
-
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
@@ -136,8 +130,6 @@ class AsrConnectorTask(Task):
         return self._data("test", process_index, process_count)
 
     def _data(self, split: str, process_index: int, process_count: int) -> DataIterator:
-        from speakllm_jax.data.pipeline import make_iterator
-
         corpora = tuple(s for s in str(self.config.data.demo_corpora).split(",") if s)
         pipe = self.pipeline_config(process_count)
         if split != "train":

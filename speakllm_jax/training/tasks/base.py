@@ -19,7 +19,11 @@ import numpy as np
 from flax import nnx
 
 from speakllm_jax.audio.io import SkipCounter
+from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm
+from speakllm_jax.checkpoints.qwen2_hf import load_qwen2
+from speakllm_jax.checkpoints.whisper_hf import load_whisper
 from speakllm_jax.data.schema import BatchSchema
+from speakllm_jax.text.tokenizer import TextTokenizer
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -152,8 +156,6 @@ class GrainBatches(DataIterator):
 
 def text_tokenizer(cfg: Any) -> Any:
     """任務用的文字分詞器：`model.tokenizer_path`、`model.qwen_path` 或內建的 Qwen 詞表。"""
-    from speakllm_jax.text.tokenizer import TextTokenizer
-
     if cfg.model.tokenizer_path:
         return TextTokenizer.from_dir(cfg.model.tokenizer_path)
     if cfg.model.qwen_path:
@@ -168,13 +170,9 @@ def load_pretrained_parts(model: Any, c: Any, model_cfg: Any) -> Any:
     `c.talker_path`（CosyVoice2 的 `llm.pt` 或同鍵 safetensors；只在 speech_head="cosyvoice2"）。
     """
     if c.get("whisper_path", ""):
-        from speakllm_jax.checkpoints.whisper_hf import load_whisper
-
         src = load_whisper(c.whisper_path, dtype=model_cfg.whisper.param_dtype, encoder_only=True)
         nnx.update(model.encoder, nnx.state(getattr(src, "encoder", src)))
     if c.get("qwen_path", ""):
-        from speakllm_jax.checkpoints.qwen2_hf import load_qwen2
-
         src = load_qwen2(c.qwen_path, dtype=model_cfg.qwen.param_dtype)
         nnx.update(model.llm, nnx.state(src))
     if c.get("talker_path", ""):
@@ -182,8 +180,6 @@ def load_pretrained_parts(model: Any, c: Any, model_cfg: Any) -> Any:
             raise ValueError(
                 f"model.talker_path 只用於 speech_head='cosyvoice2'，目前為 {model_cfg.speech_head!r}"
             )
-        from speakllm_jax.checkpoints.cosyvoice2_llm import load_cosyvoice2_llm
-
         src = load_cosyvoice2_llm(c.talker_path, model_cfg.talker)
         nnx.update(model.speech_head, nnx.state(src))
     return model

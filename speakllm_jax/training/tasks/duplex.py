@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import grain
@@ -22,6 +24,12 @@ from flax import nnx
 
 from speakllm_jax.audio.io import SkipCounter
 from speakllm_jax.cli import UserValueError
+from speakllm_jax.data.demo_data import (
+    DEMO_SPEECH_TOKENIZERS,
+    REPO_ROOT,
+    default_demo_dir,
+    duplex_paths,
+)
 from speakllm_jax.data.duplex import (
     DUPLEX_BATCH,
     DUPLEX_TRAIN_OPS,
@@ -29,9 +37,12 @@ from speakllm_jax.data.duplex import (
     DuplexContext,
     duplex_batch_sizes,
 )
+from speakllm_jax.data.manifest import read_manifest
 from speakllm_jax.data.ops import RowOps, compose
 from speakllm_jax.data.overlap import OverlapConfig
 from speakllm_jax.data.schema import BatchSchema
+from speakllm_jax.data.speech_tokens import load_codes
+from speakllm_jax.models.speakllm import SpeakLLM, build_speakllm_config
 from speakllm_jax.training.losses import LossWeights, duplex_loss
 from speakllm_jax.training.tasks.base import (
     DataIterator,
@@ -72,13 +83,9 @@ class DuplexTask(Task):
 
     def __init__(self, config: Any):
         super().__init__(config)
-        from speakllm_jax.models.speakllm import build_speakllm_config
-
         self.model_cfg = build_speakllm_config(config.model, config.lora)
         chunk = self.model_cfg.stream_chunk_frames
         self.stream_chunk_enc = chunk * self.model_cfg.connector_stack if chunk > 0 else None
-        from speakllm_jax.data.demo_data import DEMO_SPEECH_TOKENIZERS
-
         # 語音頭與它所用的語音符號同名（voila：4 層 RVQ；cosyvoice2：單碼本 FSQ），
         # 示範資料的碼資料夾依此選擇。
         head = self.model_cfg.speech_head
@@ -97,17 +104,12 @@ class DuplexTask(Task):
             raise UserValueError(f"--config.{err}") from err
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        from speakllm_jax.models.speakllm import SpeakLLM
-
         return SpeakLLM(self.model_cfg, rngs=rngs)
 
     def load_pretrained(self, model: nnx.Module) -> nnx.Module:
         return load_pretrained_parts(model, self.config.model, self.model_cfg)
 
     def _rows_and_codes(self) -> tuple[list[dict], dict[str, np.ndarray]]:
-        from speakllm_jax.data.manifest import read_manifest
-        from speakllm_jax.data.speech_tokens import load_codes
-
         d = self.config.data
         rows: list[dict] = []
         codes: dict[str, np.ndarray] = {}
@@ -204,11 +206,6 @@ def ensure_demo_duplex(demo_dir: str | None, tokenizer: str = "voila") -> dict[s
 
     `tokenizer` 為 `voila` 或 `cosyvoice2`：兩者共用清單，語音碼放在各自的資料夾。
     """
-    import subprocess
-    import sys
-
-    from speakllm_jax.data.demo_data import REPO_ROOT, default_demo_dir, duplex_paths
-
     paths = duplex_paths(demo_dir or default_demo_dir(), tokenizer)
     done = all((paths[f"{n}_codes"] / "index.jsonl").exists() for n in ("dialogue", "instructions"))
     if not done:
