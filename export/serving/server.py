@@ -694,23 +694,17 @@ class DuplexServer:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ServerThread:
-    """在背景執行緒的事件迴圈裡跑 `DuplexServer`（測試用）。"""
+class LoopThread:
+    """在背景執行緒的事件迴圈裡跑一個有 async `start()`／`stop(grace)` 的伺服器（測試與內嵌用）。"""
 
-    def __init__(self, cfg: Any, engine: Engine | None = None) -> None:
-        self.server = DuplexServer(cfg, engine)
+    def __init__(self, server: Any) -> None:
+        self.server = server
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.port = 0
 
-    def __enter__(self) -> ServerThread:
+    def _start(self) -> Any:
         self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"{self.server.cfg.host}:{self.port}"
+        return asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
 
     def stop(self, grace: float | None = None) -> None:
         if self.loop.is_running():
@@ -720,6 +714,22 @@ class ServerThread:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop(0)
+
+
+class ServerThread(LoopThread):
+    """在背景執行緒的事件迴圈裡跑 `DuplexServer`（測試用）。"""
+
+    def __init__(self, cfg: Any, engine: Engine | None = None) -> None:
+        super().__init__(DuplexServer(cfg, engine))
+        self.port = 0
+
+    def __enter__(self) -> ServerThread:
+        self.port = self._start()
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"{self.server.cfg.host}:{self.port}"
 
 
 async def _serve(cfg: Any) -> None:

@@ -30,7 +30,6 @@ import json
 import signal
 import struct
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from aiohttp import WSMsgType, web
 
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
-from export.serving.server import DuplexServer, check_model_paths, use_demo_assets
+from export.serving.server import DuplexServer, LoopThread, check_model_paths, use_demo_assets
 from export.serving.session import FRAME_SECONDS, POLICIES, SAMPLE_RATE
 from speakllm_jax.cli import ArgumentParser, UserValueError
 from speakllm_jax.config import load_config
@@ -376,31 +375,19 @@ class WebServer:
             await self.bridge.stop()
 
 
-class WebThread:
+class WebThread(LoopThread):
     """在背景執行緒的事件迴圈裡跑 `WebServer`（測試用）。"""
 
     def __init__(self, cfg: Any, engine: Any = None) -> None:
-        self.server = WebServer(cfg, engine)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        super().__init__(WebServer(cfg, engine))
 
     def __enter__(self) -> WebThread:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+        self._start()
         return self
 
     @property
     def url(self) -> str:
         return self.server.url
-
-    def stop(self, grace: float | None = None) -> None:
-        if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(60)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop(0)
 
 
 async def _serve(cfg: Any) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
+
 # 原因代碼：缺檔、空檔、格式損毀、資料被截斷、取樣率不符、削波、過長、過短、靜音。
 REASONS = (
     "missing",
@@ -123,7 +125,7 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
 def load_audio(
     path: str | os.PathLike,
-    target_sr: int | None = 16000,
+    target_sr: int | None = SAMPLE_RATE,
     offset: float = 0.0,
     duration: float | None = None,
     mono: bool = True,

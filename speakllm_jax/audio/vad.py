@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import webrtcvad
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.io import AudioError, SkipCounter, check_audio_detail, load_audio, resample
 from speakllm_jax.audio.io import write_audio as _write
 from speakllm_jax.cli import UserValueError
@@ -64,7 +65,7 @@ def frame_flags(wave: np.ndarray, sr: int, cfg: VadConfig = VadConfig()) -> np.n
 
 
 def _flags_mono(wave: np.ndarray, sr: int, cfg: VadConfig) -> np.ndarray:
-    rate = sr if sr in VAD_RATES else 16000
+    rate = sr if sr in VAD_RATES else SAMPLE_RATE
     if rate != sr:
         wave = resample(wave, sr, rate)
     pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).astype("<i2")
@@ -219,7 +220,7 @@ def split_row(
     row: dict[str, Any],
     src_dir: str | Path | None,
     skips: Any,
-    target_sr: int = 16000,
+    target_sr: int = SAMPLE_RATE,
     vad: bool = True,
     max_seconds: float = 30.0,
     cfg: VadConfig = VadConfig(),
@@ -304,7 +305,7 @@ def split_row(
 def resample_split(
     manifest: str | Path,
     output_dir: str | Path,
-    target_sr: int = 16000,
+    target_sr: int = SAMPLE_RATE,
     vad: bool = True,
     max_seconds: float = 30.0,
     cfg: VadConfig = VadConfig(),

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.io import (
     AudioError,
     SkipCounter,
@@ -173,7 +174,7 @@ def aishell1(
     skips: SkipCounter,
     corpus: str = "aishell1",
     splits: Any = None,
-    expected_sr: int | None = 16000,
+    expected_sr: int | None = SAMPLE_RATE,
     **_: Any,
 ) -> Iterator[dict]:
     """AISHELL-1（openslr 33）：轉寫檔每行「BAC009S0002W0122 而 对 楼市 ...」，以空白分詞。"""
@@ -344,7 +345,7 @@ def librispeech(
     corpus: str = "librispeech",
     splits: Any = None,
     subsets: Any = None,
-    expected_sr: int | None = 16000,
+    expected_sr: int | None = SAMPLE_RATE,
     **_: Any,
 ) -> Iterator[dict]:
     """LibriSpeech（openslr 12）：{subset}/{spk}/{chapter}/{spk}-{chapter}.trans.txt 與 .flac。"""
@@ -392,7 +393,7 @@ def wenetspeech(
     corpus: str = "wenetspeech",
     splits: Any = None,
     train_subset: str = "M",
-    expected_sr: int | None = 16000,
+    expected_sr: int | None = SAMPLE_RATE,
     min_confidence: float = 0.0,
     **_: Any,
 ) -> Iterator[dict]:
@@ -455,7 +456,7 @@ def magicdata_ramc(
     corpus: str = "magicdata_ramc",
     splits: Any = None,
     default_split: str = "train",
-    expected_sr: int | None = 16000,
+    expected_sr: int | None = SAMPLE_RATE,
     **_: Any,
 ) -> Iterator[dict]:
     """MagicData-RAMC（openslr 123）：TXT/ 下每行「[1.319,6.691]\\tG00000140\\t女,普通话\\t文字」。
@@ -844,7 +845,7 @@ def esd(
     skips: SkipCounter,
     corpus: str = "esd",
     splits: Any = None,
-    expected_sr: int | None = 16000,
+    expected_sr: int | None = SAMPLE_RATE,
     **_: Any,
 ) -> Iterator[dict]:
     """ESD：{spk}/{spk}.txt（「0011_000001\t文字\t情緒」，編碼可能為 UTF-16 或 GB18030）與

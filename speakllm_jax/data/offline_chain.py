@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.io import SkipCounter, write_audio
 from speakllm_jax.audio.vad import VadConfig, split_row
 from speakllm_jax.data import shards as sh
@@ -47,7 +48,7 @@ class ChainConfig:
     conversion: str | None = "t2s"
     verbalize_numbers: bool = False
     keep_punct: bool = True
-    target_sr: int = 16000
+    target_sr: int = SAMPLE_RATE
     vad: bool = True
     max_seconds: float = 30.0
     aggressiveness: int = 2

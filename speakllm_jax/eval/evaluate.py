@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.features import log_mel_np
 from speakllm_jax.audio.io import AudioError, SkipCounter, load_audio
 from speakllm_jax.data.demo_data import demo_manifest
@@ -66,7 +67,7 @@ def evaluate_asr(cfg: Any, task: Any, model: Any, max_utts: int = 32) -> dict[st
         try:
             wave = load_audio(
                 resolve_audio(row, Path(row["_manifest"]).parent),
-                target_sr=16000,
+                target_sr=SAMPLE_RATE,
                 offset=float(row.get("offset") or 0.0),
                 duration=row.get("duration"),
             )
