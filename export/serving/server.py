@@ -736,12 +736,7 @@ async def _serve(cfg: Any) -> None:
     server = DuplexServer(cfg)
     port = await server.start()
     print(f"listening on {cfg.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("shutting down: draining sessions", flush=True)
+    await wait_for_stop_signal()
     ticks = server.servicer.tick_summary() if server.servicer is not None else {}
     await server.stop()
     print(f"tick stats: {json.dumps(ticks)}", flush=True)
@@ -793,10 +788,10 @@ def check_model_paths(cfg: Any) -> None:
             raise UserFileError(f"--config.{field}={value}：找不到 {name}，需要{what}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(
-        prog="python -m export.serving.server", description="全雙工語音對話 gRPC 伺服器"
-    )
+def serving_args(prog: str, description: str, argv: list[str] | None) -> tuple[Any, Any]:
+    """伺服器與網頁橋接共用的命令列：`--config`、`--demo-assets`、`--demo-head` 與 `--config.x=y`；
+    回傳（旗標, 讀好的服務設定）。"""
+    p = ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", default="serving", help="設定名稱或 .py 路徑（預設 serving）")
     p.add_argument("--demo-assets", default="", help="在此資料夾建立並使用示範模型（需要 JAX）")
     p.add_argument(
@@ -806,7 +801,21 @@ def main(argv: list[str] | None = None) -> int:
         help="示範模型的語音頭（cosyvoice2 另建隨機 tiny token2wav）",
     )
     args, rest = p.parse_known_args(argv)
-    cfg = load_config(args.config, rest)
+    return args, load_config(args.config, rest)
+
+
+async def wait_for_stop_signal() -> None:
+    """等到 SIGTERM 或 SIGINT，印出開始收尾（伺服器與網頁橋接共用）。"""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("shutting down: draining sessions", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = serving_args("python -m export.serving.server", "全雙工語音對話 gRPC 伺服器", argv)
     if args.demo_assets:
         use_demo_assets(cfg, args.demo_assets, args.demo_head)
     check_model_paths(cfg)

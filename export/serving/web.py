@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import struct
 import sys
 from pathlib import Path
@@ -38,10 +37,16 @@ from aiohttp import WSMsgType, web
 
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
-from export.serving.server import DuplexServer, LoopThread, check_model_paths, use_demo_assets
+from export.serving.server import (
+    DuplexServer,
+    LoopThread,
+    check_model_paths,
+    serving_args,
+    use_demo_assets,
+    wait_for_stop_signal,
+)
 from export.serving.session import FRAME_SECONDS, POLICIES, SAMPLE_RATE
-from speakllm_jax.cli import ArgumentParser, UserValueError
-from speakllm_jax.config import load_config
+from speakllm_jax.cli import UserValueError
 from speakllm_jax.labels import EMOTIONS, emotion_token
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -404,31 +409,15 @@ async def _serve(cfg: Any) -> None:
     else:
         print(f"bridging to grpc at {server.target}", flush=True)
     print(f"web page on {server.url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("shutting down: draining sessions", flush=True)
+    await wait_for_stop_signal()
     await server.stop()
     print("stopped", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(
-        prog="python -m export.serving.web",
-        description="全雙工語音對話的瀏覽器頁面與 WebSocket 橋接",
+    args, cfg = serving_args(
+        "python -m export.serving.web", "全雙工語音對話的瀏覽器頁面與 WebSocket 橋接", argv
     )
-    p.add_argument("--config", default="serving", help="設定名稱或 .py 路徑（預設 serving）")
-    p.add_argument("--demo-assets", default="", help="在此資料夾建立並使用示範模型（需要 JAX）")
-    p.add_argument(
-        "--demo-head",
-        default="voila",
-        choices=("voila", "cosyvoice2"),
-        help="示範模型的語音頭（cosyvoice2 另建隨機 tiny token2wav）",
-    )
-    args, rest = p.parse_known_args(argv)
-    cfg = load_config(args.config, rest)
     if not str(cfg.get("web_grpc_target", "")):
         if args.demo_assets:
             use_demo_assets(cfg, args.demo_assets, args.demo_head)
