@@ -116,45 +116,11 @@ def test_fifty_second_session_is_answered_with_bounded_state(server, utterance) 
 
 def test_step_batch_equals_separate_steps(assets) -> None:
     """不同時間開始的會話（位置 0、37、230，最後一個已超過 LLM 視窗）一次批次前進，與逐一前進相同。"""
-    import torch
-
-    from export.torch_model import Streamer, load_exported, step_batch
+    from export.torch_model import load_exported
+    from tests.stream_batch_check import advanced_streamers, assert_batch_steps_equal, prev_rows
 
     model = load_exported(assets[0])
-    q, k, d = model.cfg.num_codebooks, model.cfg.max_chars_per_token, model.cfg.llm_hidden
-    gen = torch.Generator().manual_seed(0)
-
-    def prev_row(r: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        return {
-            "text": torch.tensor([[100 + r]]),
-            "tones": torch.randint(0, 6, (1, 1, k), generator=g),
-            "codes": torch.randint(0, 2048, (1, 1, q), generator=g),
-            "codes_valid": torch.tensor([[r % 2 == 0]]),
-        }
-
-    def advanced(frames: int, seed: int) -> Streamer:
-        st = Streamer(model, 2)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(frames):
-            st.step(0.1 * torch.randn((1, 1, d), generator=g), prev_row(0, g))
-        return st
-
-    starts = (0, 37, 230)
-    separate = [advanced(f, i) for i, f in enumerate(starts)]
-    batched = [advanced(f, i) for i, f in enumerate(starts)]
+    prev_row = prev_rows(model, model.cfg.num_codebooks, codebook_size=2048)
+    separate, batched = advanced_streamers(model, (0, 37, 230), prev_row)
     assert separate[2].cache_sizes()["llm"] == SINKS + WINDOW - 1
-    for _ in range(3):
-        users = [0.1 * torch.randn((1, 1, d), generator=gen) for _ in starts]
-        prevs = [prev_row(r, gen) for r in range(len(starts))]
-        ref = [st.step(u, p) for st, u, p in zip(separate, users, prevs, strict=True)]
-        got = step_batch(
-            batched,
-            torch.cat(users),
-            {key: torch.cat([p[key] for p in prevs]) for key in prevs[0]},
-        )
-        for r, one in enumerate(ref):
-            torch.testing.assert_close(got["text"][r : r + 1], one["text"], atol=1e-4, rtol=0)
-            torch.testing.assert_close(got["turn"][r : r + 1], one["turn"], atol=1e-4, rtol=0)
-            assert torch.equal(got["code_ids"][r : r + 1], one["code_ids"])
-        assert [st.cache_sizes() for st in batched] == [st.cache_sizes() for st in separate]
-        assert [st.position for st in batched] == [st.position for st in separate]
+    assert_batch_steps_equal(model, separate, batched, prev_row)

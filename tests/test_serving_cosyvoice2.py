@@ -183,44 +183,10 @@ def test_client_cli_writes_24khz_reply(server, base_wave, tmp_path, capsys) -> N
 def test_step_batch_cosyvoice2_equals_separate_steps(assets) -> None:
     """cosyvoice2：不同時間開始的串流（思考者與 talker 快取長度各不相同）一次批次前進，
     與逐一前進的 logits（≤ 1e-4）、語音碼、快取大小相同。"""
-    import torch
-
-    from export.torch_model import Streamer, load_exported, step_batch
+    from export.torch_model import load_exported
+    from tests.stream_batch_check import advanced_streamers, assert_batch_steps_equal, prev_rows
 
     model = load_exported(assets[0])
-    k, d = model.cfg.max_chars_per_token, model.cfg.llm_hidden
-    gen = torch.Generator().manual_seed(0)
-
-    def prev_row(r: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        return {
-            "text": torch.tensor([[100 + r]]),
-            "tones": torch.randint(0, 6, (1, 1, k), generator=g),
-            "codes": torch.randint(0, 6561, (1, 1, 1), generator=g),
-            "codes_valid": torch.tensor([[r % 2 == 0]]),
-        }
-
-    def advanced(frames: int, seed: int) -> Streamer:
-        st = Streamer(model, 2)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(frames):
-            st.step(0.1 * torch.randn((1, 1, d), generator=g), prev_row(0, g))
-        return st
-
-    starts = (0, 5, 23)
-    separate = [advanced(f, i) for i, f in enumerate(starts)]
-    batched = [advanced(f, i) for i, f in enumerate(starts)]
-    for _ in range(3):
-        users = [0.1 * torch.randn((1, 1, d), generator=gen) for _ in starts]
-        prevs = [prev_row(r, gen) for r in range(len(starts))]
-        ref = [st.step(u, p) for st, u, p in zip(separate, users, prevs, strict=True)]
-        got = step_batch(
-            batched,
-            torch.cat(users),
-            {key: torch.cat([p[key] for p in prevs]) for key in prevs[0]},
-        )
-        for r, one in enumerate(ref):
-            torch.testing.assert_close(got["text"][r : r + 1], one["text"], atol=1e-4, rtol=0)
-            torch.testing.assert_close(got["turn"][r : r + 1], one["turn"], atol=1e-4, rtol=0)
-            assert torch.equal(got["code_ids"][r : r + 1], one["code_ids"])
-        assert [st.cache_sizes() for st in batched] == [st.cache_sizes() for st in separate]
-        assert [st.position for st in batched] == [st.position for st in separate]
+    prev_row = prev_rows(model, codebooks=1, codebook_size=6561)
+    separate, batched = advanced_streamers(model, (0, 5, 23), prev_row)
+    assert_batch_steps_equal(model, separate, batched, prev_row)
