@@ -40,6 +40,24 @@ def qwen_tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """示範的匯出模型與 Voila 解碼器資料夾（服務端各測試共用，整次 pytest 只建一次）。"""
+    # 延後匯入：只有服務端的測試需要 PyTorch 端的示範模型
+    from export.demo_assets import build_demo_assets
+
+    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+
+
+@pytest.fixture(scope="module")
+def engine(assets):
+    """由共用示範模型載入的推論引擎（每個測試模組一個）。"""
+    # 延後匯入：同上
+    from export.serving.session import load_engine
+
+    return load_engine(*assets)
+
+
+@pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """`demo_dir` 各模組共用的示範語料資料夾（espeak-ng 語料、全雙工清單與語音碼在第一次用到時
     產生，之後各模組沿用，不再重複合成與抽碼）。與唯讀語料的 `<basetemp>/demo_corpus` 分開：

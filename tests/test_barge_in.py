@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 from configs.serving import get_config
-from export.demo_assets import build_demo_assets
 from export.serving import duplex_pb2 as pb
 from export.serving.client import StreamResult, stream_audio
 from export.serving.server import ServerThread
-from export.serving.session import load_engine
 from speakllm_jax.audio.constants import FRAME_SAMPLES
 from speakllm_jax.data.demo_corpus import synth
 
@@ -24,15 +22,14 @@ SR = 16000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    assets = build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+def server(assets, engine):
     cfg = get_config()
     cfg.model_dir, cfg.voila_dir = map(str, assets)
     cfg.port = 0
     cfg.policy = "vad"
     # 這裡只看幀號上的性質：不必依即時節流（節流另有測試）。
     cfg.pace_realtime = False
-    with ServerThread(cfg, load_engine(*assets)) as st:
+    with ServerThread(cfg, engine) as st:
         yield st
 
 

@@ -9,25 +9,22 @@ import pytest
 import soundfile as sf
 
 from configs.serving import get_config
-from export.demo_assets import build_demo_assets
 from export.serving.client import main as client_main
 from export.serving.server import ServerThread
-from export.serving.session import load_engine
 from speakllm_jax.cli import run_cli
 
 TOKEN = "s3cret"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    # 與 test_serving_limits 共用同一個示範資產資料夾（同一次 pytest 內只建一次）。
-    assets = build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
+def server(assets, engine):
+    # 與其他服務端測試共用同一份示範資產（conftest 的 `assets`，整次 pytest 只建一次）。
     cfg = get_config()
     cfg.model_dir, cfg.voila_dir = map(str, assets)
     cfg.port = 0
     cfg.auth_token = TOKEN
     cfg.max_session_seconds = 1.0
-    with ServerThread(cfg, load_engine(*assets)) as st:
+    with ServerThread(cfg, engine) as st:
         yield st
 
 

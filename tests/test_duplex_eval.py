@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from export.demo_assets import build_demo_assets
 from export.serving.duplex_eval import parse_policies
 from speakllm_jax.data.demo_corpus import has_espeak
 from speakllm_jax.data.demo_data import turn_dialogue_manifest
@@ -21,11 +20,6 @@ _spec = importlib.util.spec_from_file_location(
 _cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_cli)
 evaluate_main = _cli.main
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory):
-    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
 
 
 @pytest.fixture(scope="module")

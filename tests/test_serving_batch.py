@@ -18,25 +18,14 @@ import torch
 from configs.serving import get_config
 from export.serving import duplex_pb2 as pb
 from export.serving.client import stream_audio
-from export.serving.server import ServerThread, build_demo_assets
+from export.serving.server import ServerThread
 from export.serving.session import (
     FRAME_SAMPLES,
     DuplexSession,
     SessionSettings,
-    load_engine,
     step_sessions,
 )
 from speakllm_jax.data.demo_corpus import synth
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory):
-    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
-
-
-@pytest.fixture(scope="module")
-def engine(assets):
-    return load_engine(*assets)
 
 
 @pytest.fixture(scope="module")

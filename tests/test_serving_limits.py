@@ -13,26 +13,14 @@ import numpy as np
 import pytest
 
 from configs.serving import get_config
-from export.demo_assets import build_demo_assets
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
 from export.serving.client import stream_audio, to_pcm16
 from export.serving.server import ServerThread
-from export.serving.session import load_engine
 from speakllm_jax.data.demo_corpus import synth
 
 TOKEN = "s3cret"
 METHOD = "/speakllm.duplex.DuplexSpeech/Converse"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory):
-    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
-
-
-@pytest.fixture(scope="module")
-def engine(assets):
-    return load_engine(*assets)
 
 
 def make_cfg(assets, **kw):

@@ -20,27 +20,15 @@ import pytest
 import soundfile as sf
 
 from configs.serving import get_config
-from export.demo_assets import build_demo_assets
 from export.serving import duplex_pb2 as pb
 from export.serving.client import StreamResult, stream_audio
 from export.serving.client import main as client_main
 from export.serving.server import ServerThread
-from export.serving.session import load_engine
 from speakllm_jax.audio.constants import FRAME_SAMPLES
 from speakllm_jax.audio.vad import frame_flags
 from speakllm_jax.data.demo_corpus import synth
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
-
-
-@pytest.fixture(scope="module")
-def engine(assets):
-    return load_engine(*assets)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,6 @@ import soundfile as sf
 from configs.serving import get_config
 from export.serving import duplex_pb2 as pb
 from export.serving.client import stream_audio
-from export.serving.server import build_demo_assets
-from export.serving.session import load_engine
 from export.serving.web import AUDIO_HEADER, WebThread, close_code
 from speakllm_jax.audio.constants import FRAME_SAMPLES
 from speakllm_jax.data.demo_corpus import synth
@@ -46,16 +44,6 @@ needs_browser = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="需要 Debian 的 chromium 與 chromium-driver（bash launch/setup.sh 以 apt 安裝）",
 )
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_demo_assets(tmp_path_factory.getbasetemp() / "serving_assets")
-
-
-@pytest.fixture(scope="module")
-def engine(assets):
-    return load_engine(*assets)
 
 
 def _cfg(assets: tuple[Path, Path]) -> Any:
