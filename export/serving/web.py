@@ -29,6 +29,7 @@ import contextlib
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,12 @@ class WebBridge:
         self.port = int(self.runner.addresses[0][1])
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """停止網頁伺服器；`drain_s` 秒內先等還在轉送的連線自己收尾（gRPC 串流已結束時，
+        伺服器的最終狀態與原因才會先送到頁面），之後仍開著的以「網頁伺服器關機」關閉。"""
+        deadline = time.monotonic() + drain_s
+        while self.sockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         if self.runner is not None:
             await self.runner.cleanup()
         if self.channel is not None:
@@ -374,10 +380,12 @@ class WebServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """先停 gRPC（進行中的會話照伺服器的規則收尾，經橋接送到頁面），再停網頁。"""
+        drain = 0.0
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
+            drain = _STATUS_WAIT_S  # 本行程的串流都已結束：等橋接把結束原因轉給頁面
         if self.bridge is not None:
-            await self.bridge.stop()
+            await self.bridge.stop(drain)
 
 
 class WebThread(LoopThread):
