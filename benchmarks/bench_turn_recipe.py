@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     train_s = 0.0
     if not a.eval_only:
         from speakllm_jax.data.demo_data import turn_dialogue_manifest
-        from speakllm_jax.data.speech_tokens import make_demo_voila_tokenizer
+        from export.tokenizers.voila import make_demo_voila_tokenizer
 
         for split in (None, "train", "dev", "test"):
             turn_dialogue_manifest(data, n=a.dialogues, seed=0, split=split)
