@@ -50,7 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_rate = 16000
     c.sample_rate_policy = "resample"
     c.chunk_frames = 2  # 每幾幀跑一次串流 Whisper 編碼（區塊因果遮罩的區塊大小）
-    c.decode_window_frames = 8  # 增量解碼時一併解碼的最近語音碼幀數
+    # Voila 的逐幀解碼："stream"（預設）：有狀態的串流解碼器，每個說話幀只解這一幀、保留卷積與
+    # LSTM 的狀態（`export.tokenizers.voila_stream`）；"window"：每幀重解最近 decode_window_frames
+    # 幀的語音碼、取最後一幀（舊的近似，基準比較用）。
+    c.decode_mode = "stream"
+    c.decode_window_frames = 8
 
     # 輪替策略："vad"（規則決定何時說話，模型產生內容）或 "model"（輪替頭決定）。
     c.policy = "vad"

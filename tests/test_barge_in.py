@@ -15,8 +15,10 @@ from configs.serving import get_config
 from export.serving import duplex_pb2 as pb
 from export.serving.client import StreamResult, stream_audio
 from export.serving.server import ServerThread
+from export.serving.session import DuplexSession, SessionSettings
 from speakllm_jax.audio.constants import FRAME_SAMPLES
 from speakllm_jax.data.demo_corpus import synth
+from tests.voila_reference import frame_rate_constant, full_decode
 
 SR = 16000
 
@@ -95,7 +97,7 @@ def test_barge_in_holds_audio_at_the_speaker(server, speech, base) -> None:
 
 
 @pytest.mark.parametrize("seconds", [0.3, 0.35])
-def test_backchannel_resumes_the_same_turn(server, speech, base, seconds) -> None:
+def test_backchannel_resumes_the_same_turn(server, engine, speech, base, seconds) -> None:
     """backchannel_max_seconds=0.4 時 0.3／0.35 秒的「嗯」：停住後從停住處繼續，音訊一幀不少不重複。"""
     wave, start = base
     onset = start + 10
@@ -117,6 +119,20 @@ def test_backchannel_resumes_the_same_turn(server, speech, base, seconds) -> Non
     early = [m.audio.seq for m in res.messages[:idx] if m.WhichOneof("payload") == "audio"]
     assert len([s for s in early if s > bc[0].user_onset_frame]) <= 2
     assert bc[0].frame - bc[0].user_onset_frame > 2  # 真的停住過（附和判定在起點之後）
+    # 波形接續：整輪收到的音訊（含停住後放出的）= 這一輪的語音碼一次整段解碼（逐幀串流的開頭：
+    # 幀率卷積補零），至多差 PCM16 的 1 個量化階。語音碼取自同一輸入的單一會話（決定性）。
+    local = DuplexSession(engine, SessionSettings.from_config(server.server.cfg))
+    wave2 = insert(wave, onset, short)
+    for i in range(len(wave2) // FRAME_SAMPLES):
+        local.feed(wave2[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES], 0.0)
+    local.finish()
+    codes = np.stack(local.history[0].codes, axis=1)
+    assert codes.shape[1] == n
+    ref = full_decode(frame_rate_constant(engine.voila.model), codes)
+    ref = (np.clip(ref, -1.0, 1.0) * 32767.0).astype(np.int32)
+    got = np.concatenate([np.frombuffer(a.pcm16, "<i2") for a in res.of("audio")])
+    assert got.shape == ref.shape
+    assert np.abs(got.astype(np.int32) - ref).max() <= 1
 
 
 def test_vad_first_audio_follows_end_of_speech(server, base) -> None:

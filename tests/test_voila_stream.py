@@ -7,16 +7,14 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from transformers import EncodecConfig, EncodecModel
-from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
 
 from export.tokenizers.voila import VoilaTokenizer, make_demo_voila_tokenizer
 from export.tokenizers.voila_stream import VoilaStreamDecoder, VoilaStreamState
+from tests.voila_reference import frame_rate_constant, full_decode
 
 TOL = 1e-5
 
@@ -48,24 +46,6 @@ def _random_model(pad_mode: str = "reflect", causal: bool = True) -> EncodecMode
     return model
 
 
-def _full(model: EncodecModel, codes: np.ndarray) -> np.ndarray:
-    """transformers 整段解碼 `[Q, T]` → 波形。"""
-    with torch.no_grad():
-        out = model.decode(torch.as_tensor(codes, dtype=torch.long)[None, None], [None])
-    return out.audio_values[0, 0].numpy()
-
-
-def _frame_rate_constant(model: EncodecModel) -> EncodecModel:
-    """同一份權重、幀率上的卷積（第一個轉置卷積之前）改為補零的模型：逐幀串流的開頭。"""
-    m = copy.deepcopy(model)
-    for layer in m.decoder.layers:
-        if isinstance(layer, EncodecConvTranspose1d):
-            break
-        if isinstance(layer, EncodecConv1d):
-            layer.pad_mode = "constant"
-    return m
-
-
 def _stream(dec: VoilaStreamDecoder, codes: np.ndarray, sizes: list[int]) -> np.ndarray:
     st = dec.new_state(1)
     out, t = [], 0
@@ -90,7 +70,7 @@ def test_stream_equals_full_decode(models, name) -> None:
     dec = VoilaStreamDecoder(model)
     size = model.config.codebook_size
     codes = np.random.default_rng(1).integers(0, size, (q, 24))
-    ref = _full(model, codes)
+    ref = full_decode(model, codes)
     assert ref.shape == (24 * dec.hop,)
     # 整段一次。
     assert np.abs(_stream(dec, codes, [24]) - ref).max() <= TOL
@@ -101,21 +81,23 @@ def test_stream_equals_full_decode(models, name) -> None:
     assert np.abs(_stream(dec, codes, [s, 2, 1, 3] + [1] * (18 - s)) - ref).max() <= TOL
     # 從第一幀起逐幀：等同幀率卷積補零的整段解碼（其餘各層的反射照常）。
     one = _stream(dec, codes, [1] * 24)
-    assert np.abs(one - _full(_frame_rate_constant(model), codes)).max() <= TOL
+    assert np.abs(one - full_decode(frame_rate_constant(model), codes)).max() <= TOL
     # 與反射的整段只差在開頭，且差異衰減（開頭之後不是同一個波形就會失敗）。
     head = np.abs(one - ref)[: dec.hop].max()
     assert head > 3 * TOL
     assert np.abs(one - ref)[-dec.hop :].max() < head
     # 短序列整段送進來：transformers 先補零再反射的規則也相同。
     for n in (1, 2, s - 1):
-        assert np.abs(_stream(dec, codes[:, :n], [n]) - _full(model, codes[:, :n])).max() <= TOL
+        assert (
+            np.abs(_stream(dec, codes[:, :n], [n]) - full_decode(model, codes[:, :n])).max() <= TOL
+        )
 
 
 def test_causal_pad_mode_streams_exactly_from_the_first_frame() -> None:
     model = _random_model(pad_mode="constant")
     dec = VoilaStreamDecoder(model)
     codes = np.random.default_rng(2).integers(0, 64, (3, 15))
-    assert np.abs(_stream(dec, codes, [1] * 15) - _full(model, codes)).max() <= TOL
+    assert np.abs(_stream(dec, codes, [1] * 15) - full_decode(model, codes)).max() <= TOL
 
 
 def test_batched_rows_join_leave_and_reset(models) -> None:

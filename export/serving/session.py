@@ -36,9 +36,14 @@
   `vad` 相同，輪替頭在使用者說話時輸出 yield 也算打斷。被打斷後到使用者說完之前、以及使用者
   最近兩幀內有語音時不開口。
 
-增量解碼的近似：Voila-Tokenizer（EncodecModel）的解碼器是因果卷積加 LSTM，這裡每幀把最近
-`decode_window_frames` 幀的語音碼一起解碼、只取最後一幀的 640 個樣本，而不是保留解碼器的內部狀態；
-視窗以外的歷史被截斷，所以與整段一次解碼的波形不逐樣本相同（視窗夠長時差異很小）。
+Voila 的逐幀解碼（`decode_mode`）：Voila-Tokenizer（EncodecModel）的解碼器是因果卷積加 LSTM。
+預設 `"stream"` 以有狀態的串流解碼器（`export.tokenizers.voila_stream`）每個說話幀只解這一幀，
+每一輪一個解碼狀態（卷積的左方脈絡、轉置卷積的重疊尾端、LSTM 的 (h, c)）：新的一輪從新狀態開始，
+停住（附和）期間照常解碼、狀態不斷，放出後的音訊接著原來的波形。一輪送出的音訊與整輪語音碼一次
+解碼的波形逐樣本相同，只有開頭不同：整段解碼在序列開頭以反射補邊、讀到之後的幾幀，逐幀送時幀率上
+的卷積以零補邊（見該模組說明）。批次排程把所有說話會話的這一幀合成一批解碼。`"window"` 是舊的近似：
+每幀把最近 `decode_window_frames` 幀一起解碼、只取最後一幀的 640 個樣本，視窗以外的歷史被截斷，
+每幀解碼 8 幀的計算（基準比較用）。
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from configs.serving import get_config as serving_config
 from export.cosyvoice2.token2wav import load_token2wav
 from export.serving import duplex_pb2 as pb
 from export.tokenizers.voila import VoilaTokenizer
+from export.tokenizers.voila_stream import VoilaStreamState
 from export.torch_model import (
     Streamer,
     TorchSpeakLLM,
@@ -71,6 +77,7 @@ from speakllm_jax.turn_policy import TurnDecider
 COSYVOICE2_RATE = 24000  # CosyVoice2 token2wav（HiFT）的輸出取樣率
 YIELD_ACTION = int(TurnAction.YIELD)
 POLICIES = ("vad", "model")
+DECODE_MODES = ("stream", "window")
 # webrtcvad 在語音結束後還會回報 4–6 幀（160–240 ms）的語音（內部的 overhang），連數位靜音也是；
 # 只把能量夠的幀算作語音：不低於 `VOICED_FLOOR_RMS`，且不低於這段語音峰值減 `VOICED_TAIL_DB`。
 VOICED_FLOOR_RMS = 1e-3
@@ -206,6 +213,7 @@ class SessionSettings:
 
     policy: str = _SERVING.policy
     chunk_frames: int = _SERVING.chunk_frames
+    decode_mode: str = _SERVING.decode_mode
     decode_window_frames: int = _SERVING.decode_window_frames
     vad_aggressiveness: int = _SERVING.vad_aggressiveness
     onset_frames: int = _SERVING.onset_frames
@@ -224,6 +232,10 @@ class SessionSettings:
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise SessionError("INVALID_ARGUMENT", f"policy={self.policy!r}；可用 {POLICIES}")
+        if self.decode_mode not in DECODE_MODES:
+            raise SessionError(
+                "INVALID_ARGUMENT", f"decode_mode={self.decode_mode!r}；可用 {DECODE_MODES}"
+            )
         if self.chunk_frames < 1 or self.decode_window_frames < 1 or self.onset_frames < 1:
             raise SessionError(
                 "INVALID_ARGUMENT", "chunk_frames、decode_window_frames、onset_frames 必須 ≥ 1"
@@ -270,6 +282,8 @@ class _Turn:
     hold_frame: int = -1  # 因使用者開口而停住助理音訊的幀（-1：沒有停住）
     done: bool = False  # 已產生完（停住期間到了結尾：等判定後才結束這一輪）
     codes: list[np.ndarray] = field(default_factory=list)
+    # voila 串流解碼：這一輪的解碼器狀態（一列的 `VoilaStreamState`，第一個說話幀時建立）。
+    voila: Any = None
     # cosyvoice2：這一輪的 token2wav 串流、尚未湊滿一個封包的 24 kHz 樣本、第一個說話幀與已送封包數。
     t2w: Any = None
     audio_buf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -287,9 +301,10 @@ class _StepJob:
     tok: int = 0
     codes: Any = None
     speaking: bool = False
-    window: np.ndarray | None = (
-        None  # 要解碼的 Voila 語音碼視窗 [Q, T]（不說話或 cosyvoice2 為 None）
-    )
+    # 要解碼的 Voila 語音碼 [Q, T]：串流解碼為這一幀（T = 1），視窗解碼為最近的視窗；
+    # 不說話或 cosyvoice2 為 None。
+    window: np.ndarray | None = None
+    turn: _Turn | None = None  # 串流解碼：狀態所屬的輪次
     out: list = field(default_factory=list)
 
 
@@ -666,16 +681,34 @@ class DuplexSession:
             turn.codes.append(job.codes.cpu().numpy())
             if eng.token2wav is not None:
                 job.out += self._cosy_push(turn, f, int(job.codes[0]))
+            elif self.s.decode_mode == "stream":
+                job.window, job.turn = turn.codes[-1][:, None], turn
             else:
                 job.window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
         return job
 
     def decode(self, jobs: list[_StepJob]) -> list[np.ndarray | None]:
-        """Voila 解碼：同樣視窗長度的工作一批解，各取最後一幀的 640 個樣本。"""
+        """Voila 解碼（各工作可來自不同會話）。串流解碼的工作一批解這一幀、各自的輪次狀態合成一批
+        再拆回；視窗解碼的工作依視窗長度分組一批解，各取最後一幀的 640 個樣本。"""
         waves: list[np.ndarray | None] = [None] * len(jobs)
+        stream = [
+            i for i, job in enumerate(jobs) if job.window is not None and job.turn is not None
+        ]
+        if stream:
+            dec = self.engine.voila.stream_decoder()
+            turns = [jobs[i].turn for i in stream]
+            for t in turns:
+                if t.voila is None:
+                    t.voila = dec.new_state(1)
+            state = VoilaStreamState.cat([t.voila for t in turns])
+            audio = dec.decode(state, np.stack([jobs[i].window for i in stream]))
+            for t, row in zip(turns, state.split(), strict=True):
+                t.voila = row
+            for r, i in enumerate(stream):
+                waves[i] = audio[r]
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
-            if job.window is not None:
+            if job.window is not None and job.turn is None:
                 groups.setdefault(job.window.shape[1], []).append(i)
         for idx in groups.values():
             batch = np.stack([jobs[i].window for i in idx])
@@ -782,12 +815,13 @@ def step_sessions(
 ) -> tuple[dict[int, list[pb.ServerMessage]], dict[int, BaseException]]:
     """批次排程的一步：把各會話待跑的模型步一批前進，輪替策略仍在各會話裡。
 
-    先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
-    每個還有待跑模型步的會話的下一幀，以 `step_batch` 一次前進（各自的 LLM／talker 快取與
-    RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話判定，要解碼的 Voila 視窗依長度分組一批解碼，再各自送出。
-    一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
-    `run_steps` 相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
-    例外只結束該會話，其他會話照常。
+        先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
+        每個還有待跑模型步的會話的下一幀，以 `step_batch` 一次前進（各自的 LLM／talker 快取與
+        RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話判定，所有說話會話的
+    Voila 這一幀一批解碼（`DuplexSession.decode`），再各自送出。
+        一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
+        `run_steps` 相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
+        例外只結束該會話，其他會話照常。
     """
     out: dict[int, list[pb.ServerMessage]] = {id(s): [] for s in sessions}
     errors: dict[int, BaseException] = {}

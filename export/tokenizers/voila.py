@@ -180,6 +180,14 @@ class VoilaTokenizer:
         codes = codes[0].cpu().numpy()
         return [codes[i, :, :f].astype(np.int16) for i, f in enumerate(frames)]
 
+    def stream_decoder(self) -> Any:
+        """這個模型的有狀態串流解碼器（`voila_stream.VoilaStreamDecoder`，第一次呼叫時建立）。"""
+        if getattr(self, "_stream", None) is None:
+            from export.tokenizers.voila_stream import VoilaStreamDecoder
+
+            self._stream = VoilaStreamDecoder(self.model)
+        return self._stream
+
     def decode_codes(self, codes: np.ndarray, num_samples: int | None = None) -> np.ndarray:
         """碼 `[num_codebooks, frames]`（或 `[B, num_codebooks, frames]`）→ 16 kHz 波形 float32。
 

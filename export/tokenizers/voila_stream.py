@@ -80,8 +80,13 @@ class VoilaStreamState:
         )
 
     def split(self) -> list[VoilaStreamState]:
-        """拆成每列一個的狀態（`cat` 的反向）。"""
-        return [self.select([b]) for b in range(len(self))]
+        """拆成每列一個的狀態（`cat` 的反向；各列是這一批張量的檢視，不複製）。"""
+        keys = list(self.tensors)
+        parts = [self.fresh.split(1)] + [self.tensors[k].split(1) for k in keys]
+        return [
+            VoilaStreamState(row[0], dict(zip(keys, row[1:], strict=True)))
+            for row in zip(*parts, strict=True)
+        ]
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """把 `rows`（預設全部）重設成新串流（新的一輪從頭解碼）。"""
