@@ -24,7 +24,8 @@
   （`--old-levels`、`--sched-levels`，預設 1,4,8,16 與 1,4,8,16,32,64）一個新的伺服器子行程，
   所有會話即時送出同一段片段，量客戶端的說完 → 首包 p50／p90／p99、打斷起點後送到的助理音訊幀數、
   串流即時率、錯誤數，伺服器關機時印出的 tick 計算時間，與同排程 1 個會話、單一會話路徑的比值；
-  另跑「1 個即時 + `--fast-senders` 個盡快送出」；印出 load average（共用機器）。
+  另跑「1 個即時 + `--fast-senders` 個盡快送出」；`--decode-modes stream,window` 同時比較 Voila 的
+  串流解碼與舊的視窗重解；印出 load average（共用機器）。
 - 紙上估算：`benchmarks/paper_estimate.py`（full 預設在 H100 SXM 上批次 1／8／32／64 的每幀
   FLOPs、位元組、時間與每張 GPU 能即時服務的會話數）；`--no-estimate` 略過。
 
@@ -53,13 +54,8 @@ import numpy as np  # noqa: E402
 
 from export.demo_assets import build_demo_assets  # noqa: E402
 from export.serving import duplex_pb2 as pb  # noqa: E402
-from export.serving.client import (  # noqa: E402
-    FRAME_SAMPLES,
-    FRAME_SECONDS,
-    StreamResult,
-    stream_audio,
-)
-from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
+from export.serving.client import StreamResult, stream_audio  # noqa: E402
+from speakllm_jax.audio.constants import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 
 SR = SAMPLE_RATE
@@ -544,22 +540,30 @@ def sched_compare(
     old_levels: list[int],
     overrides: list[str],
     fast_senders: int,
+    decode_modes: tuple[str, ...] = ("stream",),
 ) -> list[dict[str, Any]]:
-    """每個（排程, 同時會話數）一個新的伺服器子行程，所有會話同時即時送出同一段片段。
+    """每個（排程, Voila 解碼方式, 同時會話數）一個新的伺服器子行程，所有會話同時即時送出同一段片段。
 
     量客戶端的：使用者最後一個語音幀送出 → 第一個助理音訊（ms）、打斷起點之後送到的助理音訊
     幀數、串流牆鐘 ÷ 音訊長度、錯誤數；伺服器關機時印出的 tick 計算時間。另在每個排程跑
-    「1 個即時會話 + `fast_senders` 個盡快送出的會話」。
+    「1 個即時會話 + `fast_senders` 個盡快送出的會話」（`fast_senders` > 0 時）。某個排程的同時數
+    清單是空的就略過那個排程；`decode_modes` 為 `decode_mode` 的 "stream"／"window"。
     """
     rows: list[dict[str, Any]] = []
     clip: tuple[np.ndarray, int, int] | None = None
     user_end = int(1.2 * SR) // FRAME_SAMPLES - 1
-    for sched in ("per_session", "batched"):
+    combos = [(s, m) for s in ("per_session", "batched") for m in decode_modes]
+    for sched, mode in combos:
         todo = [(c, 0) for c in (old_levels if sched == "per_session" else levels)]
-        todo.append((1, fast_senders))
+        if not todo:
+            continue
+        if fast_senders > 0:
+            todo.append((1, fast_senders))
         for conc, fast in todo:
             server = ServerProcess(
-                model_dir, voila_dir, [*overrides, f"--config.scheduler={sched}"]
+                model_dir,
+                voila_dir,
+                [*overrides, f"--config.scheduler={sched}", f"--config.decode_mode={mode}"],
             )
             try:
                 if clip is None:
@@ -573,6 +577,7 @@ def sched_compare(
             first = [x["first_after_end_ms"] for x in ss if x["first_after_end_ms"] is not None]
             row = {
                 "scheduler": sched,
+                "decode_mode": mode,
                 "realtime_sessions": conc,
                 "fast_sessions": fast,
                 "errors": sum(not x["ok"] for x in ss) + conc - len(ss),
@@ -584,7 +589,7 @@ def sched_compare(
             }
             rows.append(row)
             print(
-                f"  {sched} {conc} rt + {fast} fast: {wall:.1f} s, first p90 "
+                f"  {sched}/{mode} {conc} rt + {fast} fast: {wall:.1f} s, first p90 "
                 f"{pct(first)[1]:.0f} ms, load {row['load_average'][0]:.1f}",
                 flush=True,
             )
@@ -593,13 +598,17 @@ def sched_compare(
 
 def print_sched(rows: list[dict[str, Any]]) -> None:
     """排程比較表：各列對同排程 1 個會話的首包 p90 比值，批次對單一會話路徑的比值。"""
+
+    def label(r: dict[str, Any]) -> str:
+        return f"{r['scheduler']}/{r.get('decode_mode', 'window')}"
+
     ref = {
-        r["scheduler"]: pct(r["first_after_end_ms"])[1]
+        label(r): pct(r["first_after_end_ms"])[1]
         for r in rows
         if r["realtime_sessions"] == 1 and r["fast_sessions"] == 0
     }
     old = {
-        r["realtime_sessions"]: pct(r["first_after_end_ms"])[1]
+        (r.get("decode_mode"), r["realtime_sessions"]): pct(r["first_after_end_ms"])[1]
         for r in rows
         if r["scheduler"] == "per_session" and r["fast_sessions"] == 0
     }
@@ -607,23 +616,22 @@ def print_sched(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         p50, p90, p99 = pct(r["first_after_end_ms"])
         t = r["ticks"]
+        key = (r.get("decode_mode"), r["realtime_sessions"])
         vs_old = (
-            p90 / old[r["realtime_sessions"]]
-            if r["scheduler"] == "batched"
-            and r["fast_sessions"] == 0
-            and r["realtime_sessions"] in old
+            p90 / old[key]
+            if r["scheduler"] == "batched" and r["fast_sessions"] == 0 and key in old
             else float("nan")
         )
         table.append(
             [
-                r["scheduler"],
+                label(r),
                 r["realtime_sessions"],
                 r["fast_sessions"],
                 r["errors"],
                 p50,
                 p90,
                 p99,
-                p90 / ref[r["scheduler"]],
+                p90 / ref.get(label(r), float("nan")),
                 vs_old,
                 max(r["leaked_frames"], default=-1),
                 t.get("p50_ms", float("nan")),
@@ -635,7 +643,7 @@ def print_sched(rows: list[dict[str, Any]]) -> None:
         )
     print_table(
         "Scheduler (tiny demo model, CPU, real time; client-side first audio after user end ms; "
-        "x1 = p90 / same scheduler's 1 session; vs old = batched p90 / per_session p90; "
+        "x1 = p90 / same scheduler+decode's 1 session; vs old = batched p90 / per_session p90; "
         "leak = assistant audio frames after barge-in onset; tick = server compute per tick)",
         [
             "scheduler",
@@ -685,7 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--old-levels", default="1,4,8,16", help="單一會話路徑的同時會話數（2 核上更多太慢）"
     )
-    p.add_argument("--fast-senders", type=int, default=2, help="即時會話旁盡快送出的會話數")
+    p.add_argument(
+        "--fast-senders", type=int, default=2, help="即時會話旁盡快送出的會話數（0 不跑）"
+    )
+    p.add_argument(
+        "--decode-modes",
+        default="stream",
+        help="排程比較的 Voila 解碼方式（逗號分隔：stream、window）",
+    )
     p.add_argument(
         "--no-estimate", action="store_true", help="不印 H100 紙上估算（需要 JAX 建抽象模型）"
     )
@@ -795,8 +810,9 @@ def main(argv: list[str] | None = None) -> int:
         sl = [int(x) for x in args.sched_levels.split(",") if x.strip()]
         ol = [int(x) for x in args.old_levels.split(",") if x.strip()]
         print(f"\nscheduler: per_session {ol} vs batched {sl}, load {os.getloadavg()}")
+        modes = tuple(x.strip() for x in args.decode_modes.split(",") if x.strip())
         report["scheduler"] = sched_compare(
-            model_dir, voila_dir, sl, ol, args.server_arg, args.fast_senders
+            model_dir, voila_dir, sl, ol, args.server_arg, args.fast_senders, modes
         )
         print_sched(report["scheduler"])
         print(f"  load average: {os.getloadavg()}")
