@@ -711,6 +711,15 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     print(f"bench_serving: {time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} CPU cores")
     model_dir, voila_dir = build_demo_assets(args.assets_dir, seed=args.seed)
+    heads = json.loads((model_dir / "heads_config.json").read_text(encoding="utf-8"))
+    if "encoder_left_chunks" not in heads:
+        # 沿用的舊資產沒有串流編碼欄位：伺服器會退回切窗編碼，量到的不是現在的伺服器。
+        print(
+            f"錯誤：{model_dir}/heads_config.json 是舊版示範資產（沒有 encoder_left_chunks），"
+            "刪掉該資料夾或換 --assets-dir",
+            file=sys.stderr,
+        )
+        return 2
     print(f"demo assets: {model_dir.parent} ({time.perf_counter() - t_all:.1f} s)")
 
     from configs.serving import get_config
