@@ -12,8 +12,10 @@ import pytest
 import torch
 from transformers import EncodecConfig, EncodecModel
 
+from export.serving.server import main as server_main
 from export.tokenizers.voila import VoilaTokenizer, make_demo_voila_tokenizer
 from export.tokenizers.voila_stream import VoilaStreamDecoder, VoilaStreamState
+from speakllm_jax.cli import run_cli
 from tests.voila_reference import frame_rate_constant, full_decode
 
 TOL = 1e-5
@@ -147,3 +149,9 @@ def test_rejects_bad_codes(models) -> None:
         dec.decode(st, np.full((2, q, 1), 2048))
     with pytest.raises(ValueError, match="因果"):
         VoilaStreamDecoder(_random_model(causal=False))
+
+
+def test_server_cli_rejects_unknown_decode_mode(capsys) -> None:
+    assert run_cli(server_main, ["--config", "serving", "--config.decode_mode=fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("錯誤：") and "decode_mode" in err[0]

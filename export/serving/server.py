@@ -50,6 +50,7 @@ from export.demo_assets import build_demo_assets
 from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
 from export.serving.session import (
+    DECODE_MODES,
     FRAME_SAMPLES,
     FRAME_SECONDS,
     SAMPLE_RATE,
@@ -816,6 +817,10 @@ async def wait_for_stop_signal() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = serving_args("python -m export.serving.server", "全雙工語音對話 gRPC 伺服器", argv)
+    if cfg.decode_mode not in DECODE_MODES:
+        raise UserValueError(
+            f"--config.decode_mode={cfg.decode_mode!r}：可用 {', '.join(DECODE_MODES)}"
+        )
     if args.demo_assets:
         use_demo_assets(cfg, args.demo_assets, args.demo_head)
     check_model_paths(cfg)
