@@ -815,13 +815,13 @@ def step_sessions(
 ) -> tuple[dict[int, list[pb.ServerMessage]], dict[int, BaseException]]:
     """批次排程的一步：把各會話待跑的模型步一批前進，輪替策略仍在各會話裡。
 
-        先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
-        每個還有待跑模型步的會話的下一幀，以 `step_batch` 一次前進（各自的 LLM／talker 快取與
-        RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話判定，所有說話會話的
+    先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
+    每個還有待跑模型步的會話的下一幀，以 `step_batch` 一次前進（各自的 LLM／talker 快取與
+    RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話判定，所有說話會話的
     Voila 這一幀一批解碼（`DuplexSession.decode`），再各自送出。
-        一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
-        `run_steps` 相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
-        例外只結束該會話，其他會話照常。
+    一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
+    `run_steps` 相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
+    例外只結束該會話，其他會話照常。
     """
     out: dict[int, list[pb.ServerMessage]] = {id(s): [] for s in sessions}
     errors: dict[int, BaseException] = {}
