@@ -115,6 +115,21 @@ def test_batched_sessions_equal_each_alone(engine, clips) -> None:
         assert_same(a, b)
 
 
+def test_window_decode_mode_keeps_frames_and_events(engine, clips) -> None:
+    # 舊的視窗重解（decode_mode="window"）與預設的串流解碼：事件、文字、幀號相同，只有波形不同
+    # （視窗截斷了 LSTM 與卷積的歷史）。
+    runs = {}
+    for mode in ("stream", "window"):
+        s = DuplexSession(engine, SessionSettings(decode_mode=mode))
+        msgs = s.start_messages()
+        for fr in frames_of(clips[0]):
+            msgs += s.feed(fr, 0.0)
+        runs[mode] = canonical(msgs + s.finish())
+    (ms, ps), (mw, pw) = runs["stream"], runs["window"]
+    assert ms == mw and len(ps) == len(pw) > 20
+    assert max(int(np.abs(x - y).max()) for x, y in zip(ps, pw, strict=True)) > 1
+
+
 def test_batched_voila_decode_matches_single(engine) -> None:
     # 同長度的視窗一批解碼與逐一解碼的浮點波形相同（≤ 1e-5）。
     rng = np.random.default_rng(0)
