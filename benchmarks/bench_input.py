@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from speakllm_jax.audio.constants import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 
 ZH = [
     "今天天气很好，我们去公园散步吧。",
@@ -104,7 +105,7 @@ def run_pipeline(manifest: Path, tokenizer, threads: int, sync: bool = False) ->
     total = 0
     for b in build_pipeline(manifest, cfg, tokenizer, 0, 1).iterator():
         total += int(b["mel_lengths"][b["example_mask"]].sum())
-    return total * 160 / 16000
+    return total * HOP_LENGTH / SAMPLE_RATE
 
 
 def run_pipeline_source(source: str, tokenizer, threads: int) -> float:
@@ -121,10 +122,14 @@ def run_audio_jsonl(manifest: Path) -> float:
     for r in read_manifest(manifest):
         total += len(
             load_audio(
-                manifest.parent / r["audio"], 16000, r["offset"], r["duration"], max_seconds=30.0
+                manifest.parent / r["audio"],
+                SAMPLE_RATE,
+                r["offset"],
+                r["duration"],
+                max_seconds=30.0,
             )
         )
-    return total / 16000
+    return total / SAMPLE_RATE
 
 
 def run_audio_shards(directory: Path) -> float:
@@ -132,7 +137,7 @@ def run_audio_shards(directory: Path) -> float:
     from speakllm_jax.data.shards import shard_rows
     from speakllm_jax.data.transforms import shard_audio
 
-    return sum(len(shard_audio(r, 30.0)) for r in shard_rows(directory)) / 16000
+    return sum(len(shard_audio(r, 30.0)) for r in shard_rows(directory)) / SAMPLE_RATE
 
 
 def run_whisper_fe(manifest: Path, pad: bool) -> float:
@@ -144,11 +149,11 @@ def run_whisper_fe(manifest: Path, pad: bool) -> float:
     fe = WhisperFeatureExtractor(feature_size=80)
     total = 0.0
     for r in read_manifest(manifest):
-        audio = load_audio(manifest.parent / r["audio"], target_sr=16000)
+        audio = load_audio(manifest.parent / r["audio"], target_sr=SAMPLE_RATE)
         kw = {} if pad else {"padding": "longest"}
-        feats = fe(audio, sampling_rate=16000, return_tensors="np", **kw)["input_features"]
+        feats = fe(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", **kw)["input_features"]
         assert feats.shape[1] == 80
-        total += len(audio) / 16000
+        total += len(audio) / SAMPLE_RATE
     return total
 
 

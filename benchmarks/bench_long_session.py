@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from speakllm_jax.audio.constants import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 
-FRAMES_PER_MINUTE = 25 * 60
+FRAMES_PER_MINUTE = FRAME_RATE * 60
 
 
 def _rss_mb() -> float:
@@ -81,7 +82,7 @@ def run(
     results = []
     for f in range(total):
         t0 = time.perf_counter()
-        user = st.push_audio((0.1 * rng.standard_normal(640)).astype(np.float32))
+        user = st.push_audio((0.1 * rng.standard_normal(FRAME_SAMPLES)).astype(np.float32))
         for i in range(user.shape[1]):
             out = st.step(user[:, i : i + 1], prev)
             prev = {**prev, "text": out["text"].argmax(-1), "codes": out["code_ids"].long()}
@@ -118,7 +119,7 @@ def run_session(
     session = DuplexSession(load_engine(model_dir, voila_dir), SessionSettings(policy="vad"))
     period = 125  # 5 秒
     block = np.zeros(period * FRAME_SAMPLES, np.float32)
-    speech = synth("今天天氣很好，我們去公園散步吧。", "cmn")[: int(1.2 * 16000)]
+    speech = synth("今天天氣很好，我們去公園散步吧。", "cmn")[: int(1.2 * SAMPLE_RATE)]
     block[: len(speech)] = speech
     total = int(minutes * FRAMES_PER_MINUTE)
     targets = sorted(int(m * FRAMES_PER_MINUTE) for m in marks)
