@@ -53,13 +53,8 @@ import numpy as np  # noqa: E402
 
 from export.demo_assets import build_demo_assets  # noqa: E402
 from export.serving import duplex_pb2 as pb  # noqa: E402
-from export.serving.client import (  # noqa: E402
-    FRAME_SAMPLES,
-    FRAME_SECONDS,
-    StreamResult,
-    stream_audio,
-)
-from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
+from export.serving.client import StreamResult, stream_audio  # noqa: E402
+from speakllm_jax.audio.constants import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 
 SR = SAMPLE_RATE
