@@ -20,13 +20,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from export.serving.session import DuplexSession, SessionSettings, load_engine  # noqa: E402
+from export.tokenizers.voila import make_demo_voila_tokenizer  # noqa: E402
+from export.torch_model import Streamer, load_exported  # noqa: E402
 from speakllm_jax.audio.constants import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+from speakllm_jax.data.demo_corpus import synth  # noqa: E402
 
 FRAMES_PER_MINUTE = FRAME_RATE * 60
 
@@ -42,6 +47,7 @@ def _rss_mb() -> float:
 
 def build_tiny_export(out: Path, sinks: int, window: int, left_chunks: int) -> Path:
     """tiny 隨機模型（voila 語音頭）匯出到 `out`，使用給定的長對話方案。"""
+    # 延後匯入：JAX／Flax 要在 main 呼叫 configure_cpu_simulation() 之後才載入
     from flax import nnx
 
     from configs.models import model_config
@@ -61,10 +67,6 @@ def run(
     model_dir: Path, minutes: float, marks: list[float], window: int, chunk_frames: int = 2
 ) -> list[dict]:
     """跑 `minutes` 分鐘的加速會話，回傳每個量測點的結果。"""
-    import torch
-
-    from export.torch_model import Streamer, load_exported
-
     torch.set_num_threads(1)
     tm = load_exported(model_dir)
     st = Streamer(tm, chunk_frames)
@@ -110,11 +112,6 @@ def run_session(
     model_dir: Path, voila_dir: Path, minutes: float, marks: list[float], window: int
 ) -> list[dict]:
     """跑 `minutes` 分鐘的加速 `DuplexSession`（vad 策略），回傳每個量測點的結果。"""
-    import torch
-
-    from export.serving.session import FRAME_SAMPLES, DuplexSession, SessionSettings, load_engine
-    from speakllm_jax.data.demo_corpus import synth
-
     torch.set_num_threads(1)
     session = DuplexSession(load_engine(model_dir, voila_dir), SessionSettings(policy="vad"))
     period = 125  # 5 秒
@@ -181,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         if a.session:
-            from export.tokenizers.voila import make_demo_voila_tokenizer
-
             voila_dir = Path(tmp) / "voila"
             make_demo_voila_tokenizer(voila_dir, seed=0)
             res = run_session(model_dir, voila_dir, a.minutes, marks, a.window)
