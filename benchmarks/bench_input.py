@@ -27,6 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import soundfile as sf  # noqa: E402
+
+from speakllm_jax.audio.constants import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
+from speakllm_jax.audio.io import load_audio  # noqa: E402
+from speakllm_jax.data.manifest import read_manifest  # noqa: E402
+from speakllm_jax.data.offline_chain import ChainConfig, run_chain  # noqa: E402
+from speakllm_jax.data.pipeline import PipelineConfig, build_pipeline  # noqa: E402
+from speakllm_jax.data.shards import shard_rows  # noqa: E402
+from speakllm_jax.data.transforms import shard_audio  # noqa: E402
+from speakllm_jax.text.tokenizer import (  # noqa: E402
+    TextTokenizer,
+    build_qwen_tokenizer_dir,
+    default_tokenizer_dir,
+)
 
 ZH = [
     "今天天气很好，我们去公园散步吧。",
@@ -45,8 +59,6 @@ EN = [
 
 def make_corpus(out: Path, n: int) -> Path:
     """以 espeak-ng 合成 n 句（中英交替），寫出清單。"""
-    import soundfile as sf
-
     rows = []
     for i in range(n):
         voice, text = ("en-us", EN[i % len(EN)]) if i % 3 == 2 else ("cmn", ZH[i % len(ZH)])
@@ -91,8 +103,6 @@ def _measure(fns: dict, repeats: int) -> dict:
 
 
 def run_pipeline(manifest: Path, tokenizer, threads: int, sync: bool = False) -> float:
-    from speakllm_jax.data.pipeline import PipelineConfig, build_pipeline
-
     cfg = PipelineConfig(
         batch_size=8,
         num_epochs=1,
@@ -104,7 +114,7 @@ def run_pipeline(manifest: Path, tokenizer, threads: int, sync: bool = False) ->
     total = 0
     for b in build_pipeline(manifest, cfg, tokenizer, 0, 1).iterator():
         total += int(b["mel_lengths"][b["example_mask"]].sum())
-    return total * 160 / 16000
+    return total * HOP_LENGTH / SAMPLE_RATE
 
 
 def run_pipeline_source(source: str, tokenizer, threads: int) -> float:
@@ -114,41 +124,37 @@ def run_pipeline_source(source: str, tokenizer, threads: int) -> float:
 
 def run_audio_jsonl(manifest: Path) -> float:
     """JSONL+WAV：每筆讀檔、解碼、重取樣到 16 kHz。"""
-    from speakllm_jax.audio.io import load_audio
-    from speakllm_jax.data.manifest import read_manifest
-
     total = 0
     for r in read_manifest(manifest):
         total += len(
             load_audio(
-                manifest.parent / r["audio"], 16000, r["offset"], r["duration"], max_seconds=30.0
+                manifest.parent / r["audio"],
+                SAMPLE_RATE,
+                r["offset"],
+                r["duration"],
+                max_seconds=30.0,
             )
         )
-    return total / 16000
+    return total / SAMPLE_RATE
 
 
 def run_audio_shards(directory: Path) -> float:
     """分片：每筆隨機存取讀一個紀錄，取出 16 kHz PCM。"""
-    from speakllm_jax.data.shards import shard_rows
-    from speakllm_jax.data.transforms import shard_audio
-
-    return sum(len(shard_audio(r, 30.0)) for r in shard_rows(directory)) / 16000
+    return sum(len(shard_audio(r, 30.0)) for r in shard_rows(directory)) / SAMPLE_RATE
 
 
 def run_whisper_fe(manifest: Path, pad: bool) -> float:
+    # 延後匯入：transformers 很重，只有對照組用到
     from transformers import WhisperFeatureExtractor
-
-    from speakllm_jax.audio.io import load_audio
-    from speakllm_jax.data.manifest import read_manifest
 
     fe = WhisperFeatureExtractor(feature_size=80)
     total = 0.0
     for r in read_manifest(manifest):
-        audio = load_audio(manifest.parent / r["audio"], target_sr=16000)
+        audio = load_audio(manifest.parent / r["audio"], target_sr=SAMPLE_RATE)
         kw = {} if pad else {"padding": "longest"}
-        feats = fe(audio, sampling_rate=16000, return_tensors="np", **kw)["input_features"]
+        feats = fe(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", **kw)["input_features"]
         assert feats.shape[1] == 80
-        total += len(audio) / 16000
+        total += len(audio) / SAMPLE_RATE
     return total
 
 
@@ -165,18 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="輪流重複的輪數（每項取 CPU 時間最少者）")
     a = p.parse_args(argv)
 
-    from speakllm_jax.text.tokenizer import (
-        TextTokenizer,
-        build_qwen_tokenizer_dir,
-        default_tokenizer_dir,
-    )
-
     tok_dir = a.tokenizer_dir or build_qwen_tokenizer_dir(default_tokenizer_dir())
     tokenizer = TextTokenizer.from_dir(tok_dir)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(a.manifest) if a.manifest else make_corpus(Path(tmp), a.utterances)
-        from speakllm_jax.data.offline_chain import ChainConfig, run_chain
-
         shards = Path(tmp) / "shards"
         chain = ChainConfig(conversion=None, vad=False, write_wavs=False)
         run_chain(manifest, shards, 4, chain, runner="inline", log=lambda s: None)

@@ -20,14 +20,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from export.serving.session import DuplexSession, SessionSettings, load_engine  # noqa: E402
+from export.tokenizers.voila import make_demo_voila_tokenizer  # noqa: E402
+from export.torch_model import Streamer, load_exported  # noqa: E402
+from speakllm_jax.audio.constants import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+from speakllm_jax.data.demo_corpus import synth  # noqa: E402
 
-FRAMES_PER_MINUTE = 25 * 60
+FRAMES_PER_MINUTE = FRAME_RATE * 60
 
 
 def _rss_mb() -> float:
@@ -41,6 +47,7 @@ def _rss_mb() -> float:
 
 def build_tiny_export(out: Path, sinks: int, window: int, left_chunks: int) -> Path:
     """tiny 隨機模型（voila 語音頭）匯出到 `out`，使用給定的長對話方案。"""
+    # 延後匯入：JAX／Flax 要在 main 呼叫 configure_cpu_simulation() 之後才載入
     from flax import nnx
 
     from configs.models import model_config
@@ -60,10 +67,6 @@ def run(
     model_dir: Path, minutes: float, marks: list[float], window: int, chunk_frames: int = 2
 ) -> list[dict]:
     """跑 `minutes` 分鐘的加速會話，回傳每個量測點的結果。"""
-    import torch
-
-    from export.torch_model import Streamer, load_exported
-
     torch.set_num_threads(1)
     tm = load_exported(model_dir)
     st = Streamer(tm, chunk_frames)
@@ -81,7 +84,7 @@ def run(
     results = []
     for f in range(total):
         t0 = time.perf_counter()
-        user = st.push_audio((0.1 * rng.standard_normal(640)).astype(np.float32))
+        user = st.push_audio((0.1 * rng.standard_normal(FRAME_SAMPLES)).astype(np.float32))
         for i in range(user.shape[1]):
             out = st.step(user[:, i : i + 1], prev)
             prev = {**prev, "text": out["text"].argmax(-1), "codes": out["code_ids"].long()}
@@ -109,16 +112,11 @@ def run_session(
     model_dir: Path, voila_dir: Path, minutes: float, marks: list[float], window: int
 ) -> list[dict]:
     """跑 `minutes` 分鐘的加速 `DuplexSession`（vad 策略），回傳每個量測點的結果。"""
-    import torch
-
-    from export.serving.session import FRAME_SAMPLES, DuplexSession, SessionSettings, load_engine
-    from speakllm_jax.data.demo_corpus import synth
-
     torch.set_num_threads(1)
     session = DuplexSession(load_engine(model_dir, voila_dir), SessionSettings(policy="vad"))
     period = 125  # 5 秒
     block = np.zeros(period * FRAME_SAMPLES, np.float32)
-    speech = synth("今天天氣很好，我們去公園散步吧。", "cmn")[: int(1.2 * 16000)]
+    speech = synth("今天天氣很好，我們去公園散步吧。", "cmn")[: int(1.2 * SAMPLE_RATE)]
     block[: len(speech)] = speech
     total = int(minutes * FRAMES_PER_MINUTE)
     targets = sorted(int(m * FRAMES_PER_MINUTE) for m in marks)
@@ -180,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         if a.session:
-            from export.tokenizers.voila import make_demo_voila_tokenizer
-
             voila_dir = Path(tmp) / "voila"
             make_demo_voila_tokenizer(voila_dir, seed=0)
             res = run_session(model_dir, voila_dir, a.minutes, marks, a.window)

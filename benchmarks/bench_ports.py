@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
 from speakllm_jax.audio.features import log_mel_jnp, log_mel_np  # noqa: E402
 from speakllm_jax.checkpoints.hf import load_qwen2  # noqa: E402
 from speakllm_jax.models.qwen2 import generate  # noqa: E402
@@ -93,7 +94,9 @@ def bench_qwen2(args: argparse.Namespace) -> list[tuple[str, float, float]]:
 def bench_log_mel(args: argparse.Namespace) -> list[tuple[str, float, float, float]]:
     rng = np.random.default_rng(0)
     seconds = args.mel_seconds
-    waves = [rng.standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1 for _ in range(8)]
+    waves = [
+        rng.standard_normal(int(SAMPLE_RATE * seconds)).astype(np.float32) * 0.1 for _ in range(8)
+    ]
     fe = transformers.WhisperFeatureExtractor(feature_size=80)
     total = seconds * len(waves)
 
@@ -109,7 +112,7 @@ def bench_log_mel(args: argparse.Namespace) -> list[tuple[str, float, float, flo
 
     def reference() -> None:
         for w in waves:
-            fe(w, sampling_rate=16000, return_tensors="np")
+            fe(w, sampling_rate=SAMPLE_RATE, return_tensors="np")
 
     t_np = _best(ours_np, args.repeats)
     t_jnp = _best(ours_jnp, args.repeats)

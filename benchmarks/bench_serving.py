@@ -52,11 +52,16 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from configs.serving import get_config  # noqa: E402
+from export.cosyvoice2.flow import FLOW_TINY  # noqa: E402
+from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav  # noqa: E402
 from export.demo_assets import build_demo_assets  # noqa: E402
 from export.serving import duplex_pb2 as pb  # noqa: E402
 from export.serving.client import StreamResult, stream_audio  # noqa: E402
 from speakllm_jax.audio.constants import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE  # noqa: E402
+from speakllm_jax.audio.vad import frame_flags  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
+from speakllm_jax.data.demo_corpus import synth  # noqa: E402
 
 SR = SAMPLE_RATE
 SENTENCE = "請問明天早上的火車幾點出發，我想要買兩張票。"
@@ -148,8 +153,6 @@ class ServerProcess:
 
 def trim_leading_silence(x: np.ndarray) -> np.ndarray:
     """去掉開頭的非語音（webrtcvad 30 ms 一格），讓插入點就是語音起點。"""
-    from speakllm_jax.audio.vad import frame_flags
-
     flags = frame_flags(x, SR)
     idx = np.flatnonzero(flags)
     return x[int(idx[0]) * 480 :] if idx.size else x
@@ -161,8 +164,6 @@ def build_clip(target: str, barge_offset: int, tail_frames: int) -> tuple[np.nda
     先以盡快送出的方式跑一次「一句話 + 靜音」得到助理開口的幀（vad 策略與模型都是決定性的，
     同一前綴下助理在同一幀開口），再在開口後第 `barge_offset` 幀插入 1 秒使用者語音。
     """
-    from speakllm_jax.data.demo_corpus import synth
-
     speech = synth(SENTENCE, "cmn")
     base = np.concatenate([speech[: int(1.2 * SR)], np.zeros(4 * SR, np.float32)])
     res = stream_audio(target, base, fast=True)
@@ -268,9 +269,6 @@ def prepare_head_assets(assets_dir: Path, seed: int) -> list[tuple[str, list[str
     cosyvoice2 的兩種 token2wav 共用同一個匯出模型（第二份資料夾以符號連結指向它），只差在
     flow 的分塊大小：tiny 的 10 與官方的 25（串流 hop 取分塊大小，首包要湊滿 hop + 3 個預看）。
     """
-    from export.cosyvoice2.flow import FLOW_TINY
-    from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
-
     voila = Path(assets_dir)
     base = voila / "heads"
     cosy = base / "cosyvoice2"
@@ -296,8 +294,6 @@ def heads_first_packet(
     heads: list[tuple[str, list[str]]], sessions: int, overrides: list[str]
 ) -> list[dict[str, Any]]:
     """每種語音頭：啟動伺服器，即時送出「一句話 1.2 秒 + 靜音 4 秒」`sessions` 次，量首包。"""
-    from speakllm_jax.data.demo_corpus import synth
-
     speech = synth(SENTENCE, "cmn")
     wave = np.concatenate([speech[: int(1.2 * SR)], np.zeros(4 * SR, np.float32)])
     out = []
@@ -351,6 +347,7 @@ def first_packet_lag_frames(res: StreamResult) -> list[int]:
 
 def frame_step_compare(model_dir: Path, steps: int, seed: int, torch_threads: int) -> dict:
     """PyTorch 孿生 `frame_step` 對 JAX `_frame_step`：同一個 tiny 模型、同樣輸入，逐幀計時。"""
+    # 延後匯入：只有這個比較用到 JAX，且要在 main 呼叫 configure_cpu_simulation() 之後
     import jax
     import jax.numpy as jnp
     import torch
@@ -498,8 +495,6 @@ def feel_level(
 def feel_compare(
     model_dir: Path, voila_dir: Path, levels: list[int], old_commit: str, overrides: list[str]
 ) -> list[dict[str, Any]]:
-    from speakllm_jax.data.demo_corpus import synth
-
     speech = synth(SENTENCE, "cmn")
     rows = []
     for name, root in (("old", old_tree(old_commit)), ("new", ROOT)):
@@ -721,8 +716,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(f"demo assets: {model_dir.parent} ({time.perf_counter() - t_all:.1f} s)")
-
-    from configs.serving import get_config
 
     scfg = get_config()
     for ov in args.server_arg:

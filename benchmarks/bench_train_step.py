@@ -29,6 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     """大型 fp32 矩陣乘法（jit）的 GFLOP/s，作為本機峰值。"""
+    # 延後匯入：JAX／Flax 要在 main 呼叫 configure_cpu_simulation() 之後才載入
     import jax
     import jax.numpy as jnp
 
@@ -52,6 +53,7 @@ def model_flops_per_step(args: argparse.Namespace, matmul_params: int) -> float:
 
 def make_jax_step(args: argparse.Namespace) -> tuple[Callable[[], None], int, int, float]:
     """回傳 (執行一步並等待完成的函式, 參數總數, 矩陣參數數, 首步編譯秒數)。"""
+    # 延後匯入：JAX／Flax 要在 main 呼叫 configure_cpu_simulation() 之後才載入
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -105,6 +107,7 @@ def make_jax_step(args: argparse.Namespace) -> tuple[Callable[[], None], int, in
 
 def make_torch_step(args: argparse.Namespace) -> tuple[Callable[[], None], int]:
     """transformers 的 Qwen2ForCausalLM + AdamW，CPU fp32；回傳 (執行一步的函式, 參數數)。"""
+    # 延後匯入：--no_torch 時不載入 PyTorch 與 transformers
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure_cpu_simulation()
 
+    # 延後匯入：JAX／Flax 要在 main 呼叫 configure_cpu_simulation() 之後才載入
     import jax
 
     peak = matmul_peak_gflops()

@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     train_s = 0.0
     if not a.eval_only:
-        from speakllm_jax.data.demo_data import turn_dialogue_manifest
+        # 延後匯入：--eval_only 時不產生資料（Voila 分詞器會載入 PyTorch）
         from export.tokenizers.voila import make_demo_voila_tokenizer
+        from speakllm_jax.data.demo_data import turn_dialogue_manifest
 
         for split in (None, "train", "dev", "test"):
             turn_dialogue_manifest(data, n=a.dialogues, seed=0, split=split)

@@ -41,6 +41,7 @@ DEFAULT_BATCHES = (1, 8, 32, 64)
 
 def model_dims(preset: str = "full") -> dict[str, Any]:
     """設定中的模型尺寸與逐模組的參數量（抽象模型，不配置記憶體）。"""
+    # 延後匯入：JAX／Flax 要等入口呼叫 configure_cpu_simulation() 之後才載入（bench_serving 也匯入本模組）
     import numpy as np
     from flax import nnx
 

@@ -97,6 +97,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             max_bad_steps=10,
             # 測試用：在這些步把批次換成 NaN，以驗證壞步處理。
             inject_nan_steps=(),
+            # JAX 持久編譯快取的資料夾（空字串：不改 JAX 的設定）；重跑或恢復時不必重新編譯。
+            compilation_cache_dir="",
         )
     )
     c.optim = ml_collections.ConfigDict(

@@ -18,6 +18,7 @@ PRESETS = ("tiny", "full")
 
 def _full(cfg: object) -> ml_collections.ConfigDict:
     """full 預設：取官方結構 dataclass 的預設區塊欄位（`speakllm.preset_fields`，不重抄數字與欄位）。"""
+    # 延後匯入：models 會載入 JAX／Flax；只讀 tiny 設定（入口在匯入 JAX 之前先檢查設定）時不需要
     from speakllm_jax.models.speakllm import preset_fields
 
     return ml_collections.ConfigDict(preset_fields(cfg))
@@ -42,6 +43,7 @@ def whisper_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
+        # 延後匯入：models 會載入 JAX／Flax；只讀 tiny 設定（入口在匯入 JAX 之前先檢查設定）時不需要
         from speakllm_jax.models.whisper import whisper_medium
 
         return _full(whisper_medium())
@@ -66,6 +68,7 @@ def qwen_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
+        # 延後匯入：models 會載入 JAX／Flax；只讀 tiny 設定（入口在匯入 JAX 之前先檢查設定）時不需要
         from speakllm_jax.models.qwen2 import Qwen2Config
 
         return _full(Qwen2Config.qwen2_5_7b())
@@ -123,6 +126,7 @@ def speech_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
+        # 延後匯入：models 會載入 JAX／Flax；只讀 tiny 設定（入口在匯入 JAX 之前先檢查設定）時不需要
         from speakllm_jax.models.speech_heads import SpeechHeadConfig
 
         return _full(SpeechHeadConfig())  # 預設值即 Voila 的實際值
@@ -146,6 +150,7 @@ def talker_preset(name: str) -> ml_collections.ConfigDict:
             )
         )
     if name == "full":
+        # 延後匯入：models 會載入 JAX／Flax；只讀 tiny 設定（入口在匯入 JAX 之前先檢查設定）時不需要
         from speakllm_jax.models.cosyvoice2_talker import TalkerConfig
 
         official = TalkerConfig.cosyvoice2()  # 主幹 Qwen2.5-0.5B、6561 個語音碼

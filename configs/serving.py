@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from speakllm_jax.audio.constants import SAMPLE_RATE
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -47,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.shutdown_grace_s = 5.0
 
     # 音訊：16 kHz、一幀 40 ms（640 樣本）；取樣率不符時 "resample" 或 "reject"。
-    c.sample_rate = 16000
+    c.sample_rate = SAMPLE_RATE
     c.sample_rate_policy = "resample"
     c.chunk_frames = 2  # 每幾幀跑一次串流 Whisper 編碼（區塊因果遮罩的區塊大小）
     # Voila 的逐幀解碼："stream"（預設）：有狀態的串流解碼器，每個說話幀只解這一幀、保留卷積與

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
 from speakllm_jax.cli import ArgumentParser, empty_manifest, print_summary, run_cli  # noqa: E402
 from speakllm_jax.data.chain_cli import add_chain_flags, run_chain_cli  # noqa: E402
 from speakllm_jax.data.manifest import require_rows  # noqa: E402
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         [("清單", out)],
         [
             f"python data/resample_split.py --manifest {shlex.quote(str(out))} "
-            f"--output_dir {shlex.quote(str(resampled))} --target_sr 16000 --vad True"
+            f"--output_dir {shlex.quote(str(resampled))} --target_sr {SAMPLE_RATE} --vad True"
         ],
     )
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
 from speakllm_jax.audio.vad import VadConfig, resample_split  # noqa: E402
 from speakllm_jax.cli import ArgumentParser, empty_manifest, print_summary, run_cli  # noqa: E402
 from speakllm_jax.data.chain_cli import add_chain_flags, run_chain_cli  # noqa: E402
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="輸入清單 JSONL")
     p.add_argument("--output_dir", required=True, help="輸出資料夾")
-    p.add_argument("--target_sr", type=int, default=16000, help="目標取樣率")
+    p.add_argument("--target_sr", type=int, default=SAMPLE_RATE, help="目標取樣率")
     p.add_argument("--vad", type=_bool, default=True, help="是否以 VAD 去靜音並切分（True/False）")
     p.add_argument("--max_seconds", type=float, default=30.0, help="單一片段的最長秒數")
     p.add_argument("--aggressiveness", type=int, default=2, help="webrtcvad 積極度 0–3")

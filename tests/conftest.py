@@ -1,16 +1,14 @@
 """測試共用設定：在匯入 JAX 之前模擬 8 個 CPU 裝置。"""
 
+import atexit
 import os
+import shutil
+import tempfile
 
-# 關掉 XLA CPU 的並行最佳化排程：開著時各模擬裝置執行集體通訊的順序可能不同，
-# 複雜的分片程式（例如第 3 階段在 2×2×2 網格上）會在 rendezvous 卡住 40 秒後中止。
-# 2 核機器負載高時，8 個模擬裝置的執行緒可能等超過預設的 40 秒：把中止門檻放寬到 300 秒。
-CPU_MESH_FLAGS = (
-    "--xla_force_host_platform_device_count=8 "
-    "--xla_cpu_enable_concurrency_optimized_scheduler=false "
-    "--xla_cpu_collective_call_terminate_timeout_seconds=300"
-)
-os.environ.setdefault("XLA_FLAGS", CPU_MESH_FLAGS)
+# 模擬 8 個裝置與測試的編譯旗標（說明在 tests/xla_test_flags.py）。
+from tests.xla_test_flags import CPU_MESH_FLAGS, TEST_COMPILE_FLAGS  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", f"{CPU_MESH_FLAGS} {TEST_COMPILE_FLAGS}")
 # XLA CPU 的執行緒池預設與模擬裝置數相同（8）。集體通訊在 rendezvous 等待時占住池中的執行緒；
 # 當 7–8 個執行緒都在等，最後一個裝置的計算排不到執行緒 → 永久卡死（2 核高負載時常見）。
 # 把池放大到 16（PJRT 讀 `PJRT_NPROC`），等待中的裝置之外仍有執行緒可用。
@@ -22,6 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # PyTorch（匯出與語音碼測試）的 OpenMP 執行緒不要忙等：2 核機器上會餓死 XLA 的模擬裝置執行緒，
 # 使 8 裝置的集體通訊等太久而中止。
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# 每次 pytest 一個全新的 JAX 持久編譯快取（暫存資料夾，結束時刪除）：本程序與它啟動的子程序
+# （`launch/train.py` 的恢復、SIGTERM、NaN、CLI 測試與走一遍）同一份設定的訓練步只編譯一次；
+# 每次都從空快取開始，所以剛 clone 的測試時間仍是冷啟動的真實數字。使用者自己設定的不覆蓋。
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="speakllm-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# 編譯再快、項目再小都寫進快取（預設只存編譯超過 1 秒的）。
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # 入口在匯入 JAX 之前做的設定（關閉 Flax 的立即分片；PJRT_NPROC 上面已設定）；套件匯入本身不改環境。
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
@@ -37,6 +45,14 @@ def qwen_tokenizer_dir(tmp_path_factory):
     from speakllm_jax.text.tokenizer import build_qwen_tokenizer_dir
 
     return build_qwen_tokenizer_dir(tmp_path_factory.mktemp("tok") / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tok(qwen_tokenizer_dir):
+    """真實 Qwen 詞表的 `TextTokenizer`（整次 pytest 共用；需要別的分詞器的模組自己覆寫）。"""
+    from speakllm_jax.text.tokenizer import TextTokenizer
+
+    return TextTokenizer.from_dir(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +74,25 @@ def engine(assets):
 
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    """`demo_dir` 各模組共用的示範語料資料夾（espeak-ng 語料、全雙工清單與語音碼在第一次用到時
-    產生，之後各模組沿用，不再重複合成與抽碼）。與唯讀語料的 `<basetemp>/demo_corpus` 分開：
-    這裡會多出訓練寫的清單與語音碼，`test_demo_corpus` 比對的是後者的全部檔案。"""
-    return tmp_path_factory.mktemp("demo_shared")
+def demo_corpus_root(tmp_path_factory):
+    """唯讀的示範語料 `<basetemp>/demo_corpus`（espeak-ng 合成，整次 pytest 一份）。"""
+    from speakllm_jax.data.demo_corpus import ensure_demo_corpus
+
+    return ensure_demo_corpus(tmp_path_factory.getbasetemp() / "demo_corpus")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory, request):
+    """`demo_dir` 各模組共用的示範語料資料夾（全雙工清單與語音碼在第一次用到時產生，之後各模組
+    沿用，不再重複抽碼）。語料本身從唯讀的 `<basetemp>/demo_corpus` 複製（同一種子的同一批檔案），
+    不再合成第二次；分開兩個資料夾是因為這裡會多出訓練寫的清單與語音碼，`test_demo_corpus`
+    比對的是唯讀那份的全部檔案。沒有 espeak-ng 時留空（第一次用到時照常報錯）。"""
+    from speakllm_jax.data.demo_corpus import has_espeak
+
+    root = tmp_path_factory.mktemp("demo_shared")
+    if has_espeak():
+        shutil.copytree(request.getfixturevalue("demo_corpus_root"), root, dirs_exist_ok=True)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +115,6 @@ def demo_dir(demo_root):
 def espeak_corpus():
     """回傳 `make(d, clips) -> rows`：以 espeak-ng 把 `clips`（[(聲音, 文字)]）合成到 `d/s{i}.wav`，
     另加一個壞檔（`bad`）與一個不存在的檔（`gone`），回傳清單列（尚未寫檔）。沒有 espeak-ng 時略過。"""
-    import shutil
     import subprocess
 
     if shutil.which("espeak-ng") is None:
@@ -147,15 +176,15 @@ def _crop_dialogue(row, start, end, path):
 
 
 @pytest.fixture(scope="session")
-def crop_dialogues(tmp_path_factory):
+def crop_dialogues(tmp_path_factory, request):
     """兩段真實示範對話的短片段（各含一次搶話：被截斷的助理段 + 使用者接話），幀數小、編譯快；
     另附整段的 dlg0002（44 秒，給「太長」的略過）。沒有 espeak-ng 時略過。"""
     from speakllm_jax.data.adapters import run_adapter
-    from speakllm_jax.data.demo_corpus import ensure_demo_corpus, has_espeak
+    from speakllm_jax.data.demo_corpus import has_espeak
 
     if not has_espeak():
         pytest.skip("需要 espeak-ng")
-    root = ensure_demo_corpus(tmp_path_factory.getbasetemp() / "demo_corpus")
+    root = request.getfixturevalue("demo_corpus_root")
     by_id = {r["id"]: r for r in run_adapter("dialogue", root / "dialogues")}
     tmp = tmp_path_factory.mktemp("crop")
     return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tokenize
 from pathlib import Path
 
 import jax
@@ -140,3 +141,21 @@ def test_audio_and_frame_constants_defined_once() -> None:
         "speakllm_jax/data/demo_corpus.py: CV_SR = 48000",
     )
     assert [f for f in found if f not in allowed] == []
+
+
+def test_cli_defaults_and_configs_take_the_sample_rate_from_constants() -> None:
+    """CLI 旗標的預設值、`configs/` 與基準腳本不再寫 16 kHz 的數字，改用 `audio/constants.py`
+    （註解與說明文字不算）；例外只有語料本身的原始取樣率。"""
+    found = []
+    for top in ("configs", "data", "launch", "benchmarks", "examples"):
+        for p in sorted((REPO / top).rglob("*.py")):
+            with tokenize.open(p) as f:
+                tokens = list(tokenize.generate_tokens(f.readline))
+            found += [
+                f"{p.relative_to(REPO)}:{t.start[0]}"
+                for t in tokens
+                if t.type == tokenize.NUMBER and t.string.replace("_", "") in ("16000", "16e3")
+            ]
+    # 例外：AISHELL-1 原始錄音是 16 kHz（語料的性質，不是模型的取樣率）。
+    allowed = ["configs/data/asr_zh.py:19"]
+    assert found == allowed

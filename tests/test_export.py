@@ -28,6 +28,7 @@ from speakllm_jax.config import load_config
 from speakllm_jax.models.lora import LoRALinear
 from speakllm_jax.training.loop import train
 from speakllm_jax.training.runs import load_run
+from tests.xla_test_flags import TEST_COMPILE_FLAGS
 
 TOL = 1e-4
 
@@ -207,9 +208,17 @@ REPO = Path(__file__).resolve().parents[1]
 QUIET = ("pad_token_id", "must be `None` or an integer", "Metadata file does not exist")
 
 
-def _run_quiet(args: list[str]) -> subprocess.CompletedProcess:
-    """在子程序執行，回傳結果；stderr 中不應有程式庫的無用警告。"""
+def _run_quiet(args: list[str], *, optimized: bool = False) -> subprocess.CompletedProcess:
+    """在子程序執行，回傳結果；stderr 中不應有程式庫的無用警告。
+
+    `optimized=True` 時子程序不帶測試的 `TEST_COMPILE_FLAGS`（後端最佳化等級 0）：評估整段
+    長對話是執行時間主導，預設等級較快（負載約 7 時 45 秒，等級 0 時 136 秒）。
+    """
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    if optimized:
+        env["XLA_FLAGS"] = " ".join(
+            env.get("XLA_FLAGS", "").replace(TEST_COMPILE_FLAGS, "").split()
+        )
     proc = subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
@@ -224,7 +233,7 @@ def test_evaluate_cli_on_all_demo_dialogues(run_dir: Path, demo_dir: Path) -> No
     # 超過 Whisper 編碼器的 30 秒窗，逐窗編碼後整段評估，不當掉、不略過。
     from speakllm_jax.data.manifest import read_manifest
 
-    _run_quiet(["launch/evaluate.py", "--workdir", str(run_dir)])
+    _run_quiet(["launch/evaluate.py", "--workdir", str(run_dir)], optimized=True)
     report = json.loads((run_dir / "eval" / "step_2" / "report.json").read_text())
     rows = read_manifest(demo_dir / "duplex" / "dialogue.jsonl")
     duplex = report["duplex"]

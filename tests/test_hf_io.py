@@ -21,6 +21,7 @@ from speakllm_jax.checkpoints.hf_io import (
     write_safetensors,
 )
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from speakllm_jax.models.sharding import DEFAULT_RULES, rules_from_config, use_rules
 from speakllm_jax.training.sharding import make_mesh
 
 TINY = dict(
@@ -143,6 +144,32 @@ def test_sharded_save_writes_index_and_loads_everywhere(tmp_path):
     sd = hf.state_dict()
     for key, value in expected.items():
         np.testing.assert_array_equal(sd[key].numpy(), value, err_msg=key)
+
+
+def test_mesh_load_follows_the_configured_axis_rules(tmp_path):
+    """直接分片到網格的載入用設定的 `logical_axis_rules`（明確給、或訓練中的目前規則表），
+    沒給時才用預設表；換規則只改分片，不改數值。"""
+    model = random_model(tie=False, seed=3)
+    save_qwen2(model, tmp_path)
+    want = flat_params(model)["layers.mlp.up_proj.kernel"]
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    # 設定檔的格式（JSON 讀回是串列）：embed 不分片、mlp 改分到 fsdp。
+    custom = [
+        [name, None if name == "embed" else "fsdp" if name == "mlp" else target]
+        for name, target in DEFAULT_RULES
+    ]
+
+    def spec(**kw):
+        up = load_qwen2(tmp_path, mesh=mesh, **kw).layers.mlp.up_proj.kernel[...]
+        np.testing.assert_array_equal(np.asarray(up), want)
+        return up.sharding.spec
+
+    P = jax.sharding.PartitionSpec
+    assert spec() == P(None, "fsdp", "tensor")
+    assert spec(rules=custom) == P(None, None, "fsdp")
+    with use_rules(rules_from_config(custom)):
+        assert spec() == P(None, None, "fsdp")
+        assert spec(rules=DEFAULT_RULES) == P(None, "fsdp", "tensor")
 
 
 def test_save_bf16_is_read_by_transformers_as_bf16(tmp_path):

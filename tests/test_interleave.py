@@ -22,12 +22,6 @@ from speakllm_jax.data.interleave import (
     token_char_spans,
     tone_aware_token_frames,
 )
-from speakllm_jax.text.tokenizer import TextTokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(qwen_tokenizer_dir):
-    return TextTokenizer.from_dir(qwen_tokenizer_dir)
 
 
 def _hand_tokens(parts: list[bytes]) -> tuple[str, np.ndarray]:

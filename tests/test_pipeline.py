@@ -13,8 +13,8 @@ from speakllm_jax.audio.io import SkipCounter, load_audio, write_audio
 from speakllm_jax.data.manifest import write_manifest
 from speakllm_jax.data.pipeline import PipelineConfig, build_pipeline, make_iterator
 from speakllm_jax.text.codeswitch import is_han
-from speakllm_jax.text.tokenizer import TextTokenizer, load_tokenizer
 from speakllm_jax.text.tones import char_tones
+from tests.pipeline_check import BOUNDARIES, check_restore_mid_epoch, pipeline_cfg
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="需要 espeak-ng")
 
@@ -32,7 +32,6 @@ SENTENCES = [
     ("zh", "cmn", "请把电脑关掉。"),
     ("zh", "cmn", "你好。"),
 ]
-BOUNDARIES = (160, 320, 480, 800)
 
 
 def _espeak(path, voice, text):
@@ -70,25 +69,6 @@ def corpus(tmp_path_factory):
     return d / "train.jsonl", rows
 
 
-@pytest.fixture(scope="module")
-def tok(qwen_tokenizer_dir):
-    return TextTokenizer(load_tokenizer(qwen_tokenizer_dir))
-
-
-def _cfg(**kw):
-    base = dict(
-        batch_size=2,
-        bucket_boundaries=BOUNDARIES,
-        max_seconds=8.0,
-        max_text_tokens=48,
-        drop_remainder=False,
-        num_epochs=1,
-        read_threads=2,
-    )
-    base.update(kw)
-    return PipelineConfig(**base)
-
-
 def _valid_ids(batch):
     return [str(u) for u, m in zip(batch["utt_id"], batch["example_mask"]) if m]
 
@@ -114,7 +94,7 @@ def test_epoch_visits_each_example_once_per_process(corpus, tok, sync):
     manifest, rows = corpus
     per_proc, shapes = [], []
     for p in range(2):
-        cfg = _cfg(num_epochs=2, sync_buckets=sync)
+        cfg = pipeline_cfg(num_epochs=2, sync_buckets=sync)
         pipe = build_pipeline(manifest, cfg, tok, process_index=p, process_count=2)
         batches = list(pipe.iterator())
         shapes.append([b["mel"].shape for b in batches])
@@ -138,33 +118,16 @@ def test_epoch_visits_each_example_once_per_process(corpus, tok, sync):
 @pytest.mark.parametrize("sync", [False, True])
 def test_restore_state_mid_epoch_continues_identically(corpus, tok, sync):
     manifest, _ = corpus
-    cfg = _cfg(num_epochs=None, seed=3, sync_buckets=sync)
-    it = make_iterator(manifest, cfg, tok, process_index=1, process_count=2)
-    state = None
-    for step in range(12):
-        next(it)
-        s = it.get_state()
-        if step >= 1 and (sync or any(s["buffers"].values())):
-            state = json.loads(json.dumps(s))  # 必須能存成 JSON
-            break
-    assert state is not None, "檢查點時應有樣本留在分桶緩衝中，才測得到恢復緩衝"
-    reference = [next(it) for _ in range(6)]
-    restored = make_iterator(manifest, cfg, tok, process_index=1, process_count=2, state=state)
-    again = [next(restored) for _ in range(6)]
-    for a, b in zip(reference, again):
-        assert a.keys() == b.keys()
-        for k in a:
-            if k == "skipped":
-                assert a[k] == b[k]
-            else:
-                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    check_restore_mid_epoch(
+        manifest, pipeline_cfg(num_epochs=None, seed=3, sync_buckets=sync), tok, 6
+    )
 
 
 def test_static_shapes_and_whisper_padding(corpus, tok):
     from transformers import WhisperFeatureExtractor
 
     manifest, rows = corpus
-    cfg = _cfg(drop_remainder=False)
+    cfg = pipeline_cfg(drop_remainder=False)
     batches = list(build_pipeline(manifest, cfg, tok, 0, 1).iterator())
     assert sum(int(b["example_mask"].sum()) for b in batches) == len(rows)
     fe = WhisperFeatureExtractor(feature_size=80)
@@ -206,7 +169,7 @@ def test_static_shapes_and_whisper_padding(corpus, tok):
 def test_tones_and_languages_align_to_real_qwen_tokens(corpus, tok):
     manifest, rows = corpus
     by_id = {r["id"]: r for r in rows}
-    cfg = _cfg()
+    cfg = pipeline_cfg()
     found = {}
     for b in build_pipeline(manifest, cfg, tok, 0, 1).iterator():
         for i in np.flatnonzero(b["example_mask"]):
@@ -248,7 +211,7 @@ def test_tones_and_languages_align_to_real_qwen_tokens(corpus, tok):
 
 def test_codeswitch_augmentation_is_deterministic(corpus, tok):
     manifest, rows = corpus
-    cfg = _cfg(codeswitch_prob=1.0, codeswitch_word_prob=1.0, seed=7)
+    cfg = pipeline_cfg(codeswitch_prob=1.0, codeswitch_word_prob=1.0, seed=7)
 
     def texts(c):
         out = {}
@@ -269,7 +232,7 @@ def test_codeswitch_augmentation_is_deterministic(corpus, tok):
     assert "computer" in a["u10"][0] and 2 in a["u10"][2]
     # 沒有詞典詞的句子不變
     assert a["u07"][0] == rows[7]["text"]
-    plain = texts(_cfg())
+    plain = texts(pipeline_cfg())
     assert plain["u04"][0] == rows[4]["text"] and plain["u04"][1] == 1
 
 
@@ -311,7 +274,9 @@ def test_broken_files_are_skipped_and_counted(tmp_path, corpus, tok, sync):
         for ln in lines:
             f.write(ln.encode("utf-8") + b"\n")
         f.write(b'{"id": "b_latin1", "text": "caf\xe9"}\n')  # 非 UTF-8 的一行
-    pipe = build_pipeline(d / "m.jsonl", _cfg(max_seconds=6.0, sync_buckets=sync), tok, 0, 1)
+    pipe = build_pipeline(
+        d / "m.jsonl", pipeline_cfg(max_seconds=6.0, sync_buckets=sync), tok, 0, 1
+    )
     stats = SkipCounter(keep_items=False).update(pipe.manifest_skips)
     seen = []
     for b in pipe.iterator():
@@ -337,7 +302,7 @@ def test_orbax_checkpoint_through_grain_handler(tmp_path, corpus, tok):
     import orbax.checkpoint as ocp
 
     manifest, _ = corpus
-    cfg = _cfg(num_epochs=None, seed=5)
+    cfg = pipeline_cfg(num_epochs=None, seed=5)
     it = make_iterator(manifest, cfg, tok, process_index=0, process_count=1)
     for _ in range(3):
         next(it)
@@ -359,7 +324,9 @@ def test_drop_remainder_counts_dropped_examples(corpus, tok):
     stats = SkipCounter(keep_items=False)
     valid = 0
     batches = list(
-        build_pipeline(manifest, _cfg(drop_remainder=True, batch_size=3), tok, 0, 1).iterator()
+        build_pipeline(
+            manifest, pipeline_cfg(drop_remainder=True, batch_size=3), tok, 0, 1
+        ).iterator()
     )
     for b in batches:
         stats.update(b)
@@ -375,7 +342,7 @@ def test_drop_remainder_counts_dropped_examples(corpus, tok):
 @pytest.mark.parametrize("sync", [False, True])
 def test_multiprocess_prefetch_resumes_exactly(corpus, tok, sync):
     manifest, _ = corpus
-    cfg = _cfg(num_epochs=None, workers=2, sync_buckets=sync)
+    cfg = pipeline_cfg(num_epochs=None, workers=2, sync_buckets=sync)
     it = make_iterator(manifest, cfg, tok, process_index=0, process_count=1)
     for _ in range(3):
         next(it)

@@ -14,10 +14,10 @@ from speakllm_jax.audio.io import load_audio
 from speakllm_jax.audio.vad import resample_split
 from speakllm_jax.data.manifest import read_manifest, write_manifest
 from speakllm_jax.data.offline_chain import ChainConfig, run_chain
-from speakllm_jax.data.pipeline import PipelineConfig, build_pipeline, make_iterator
+from speakllm_jax.data.pipeline import build_pipeline
 from speakllm_jax.data.shards import ShardReader
 from speakllm_jax.text.manifest_text import normalize_manifest
-from speakllm_jax.text.tokenizer import TextTokenizer, load_tokenizer
+from tests.pipeline_check import assert_same_batches, check_restore_mid_epoch, pipeline_cfg
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="需要 espeak-ng")
 
@@ -32,7 +32,6 @@ SENTENCES = [
     ("en", "en-us", "Good morning everyone."),
     ("zh", "cmn", "请把电脑关掉。"),
 ]
-BOUNDARIES = (160, 320, 480, 800)
 NUM_SHARDS = 3
 
 
@@ -72,25 +71,6 @@ def chain(tmp_path_factory):
         d / "raw.jsonl", out, NUM_SHARDS, ChainConfig(), runner="local", num_workers=2, log=print
     )
     return {"dir": d, "jsonl": d / "rs" / "manifest.jsonl", "shards": out, "summary": summary}
-
-
-@pytest.fixture(scope="module")
-def tok(qwen_tokenizer_dir):
-    return TextTokenizer(load_tokenizer(qwen_tokenizer_dir))
-
-
-def _cfg(**kw):
-    base = dict(
-        batch_size=2,
-        bucket_boundaries=BOUNDARIES,
-        max_seconds=8.0,
-        max_text_tokens=48,
-        drop_remainder=False,
-        num_epochs=1,
-        read_threads=2,
-    )
-    base.update(kw)
-    return PipelineConfig(**base)
 
 
 def _drop_local(row):
@@ -158,25 +138,14 @@ def _batches(it, n=None):
     return out
 
 
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if k == "skipped":
-                assert x[k] == y[k]
-            else:
-                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 @pytest.mark.parametrize("sync", [False, True])
 def test_grain_over_shards_equals_jsonl_batches(chain, tok, sync):
-    cfg = _cfg(num_epochs=2, seed=5, sync_buckets=sync)
+    cfg = pipeline_cfg(num_epochs=2, seed=5, sync_buckets=sync)
     shards = f"shards:{chain['shards']}"
     for p, n in ((0, 1), (0, 2), (1, 2)):
         ref = list(build_pipeline(chain["jsonl"], cfg, tok, p, n).iterator())
         got = list(build_pipeline(shards, cfg, tok, p, n).iterator())
-        _assert_same(ref, got)
+        assert_same_batches(ref, got)
         assert sum(int(b["example_mask"].sum()) for b in got) > 0
 
 
@@ -184,7 +153,7 @@ def test_two_processes_read_disjoint_records_covering_the_set(chain, tok):
     shards = f"shards:{chain['shards']}"
     seen = []
     for p in range(2):
-        pipe = build_pipeline(shards, _cfg(sync_buckets=False), tok, p, 2)
+        pipe = build_pipeline(shards, pipeline_cfg(sync_buckets=False), tok, p, 2)
         seen.append(
             {str(u) for b in pipe.iterator() for u, m in zip(b["utt_id"], b["example_mask"]) if m}
         )
@@ -195,19 +164,9 @@ def test_two_processes_read_disjoint_records_covering_the_set(chain, tok):
 @pytest.mark.parametrize("sync", [False, True])
 def test_restore_state_on_shards_continues_identically(chain, tok, sync):
     shards = f"shards:{chain['shards']}"
-    cfg = _cfg(num_epochs=None, seed=3, sync_buckets=sync)
-    it = make_iterator(shards, cfg, tok, process_index=1, process_count=2)
-    state = None
-    for step in range(12):
-        next(it)
-        s = it.get_state()
-        if step >= 1 and (sync or any(s["buffers"].values())):
-            state = json.loads(json.dumps(s))
-            break
-    assert state is not None
-    reference = [next(it) for _ in range(5)]
-    restored = make_iterator(shards, cfg, tok, process_index=1, process_count=2, state=state)
-    _assert_same(reference, [next(restored) for _ in range(5)])
+    check_restore_mid_epoch(
+        shards, pipeline_cfg(num_epochs=None, seed=3, sync_buckets=sync), tok, 5
+    )
 
 
 def test_cli_flags_run_the_chain_and_reject_bad_runner(chain, tmp_path):

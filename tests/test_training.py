@@ -32,20 +32,12 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """所有執行共用一份示範語料（子程序經環境變數取得同一份）。"""
+def demo_env(demo_dir: Path) -> dict[str, str]:
+    """所有執行共用整次 pytest 的示範語料（`demo_dir`；子程序經環境變數取得同一份）。"""
     from speakllm_jax.data.demo_data import demo_manifest
 
-    demo = tmp_path_factory.mktemp("demo")
-    old = os.environ.get("SPEAKLLM_DEMO_DIR")
-    os.environ["SPEAKLLM_DEMO_DIR"] = str(demo)
-    demo_manifest(("aishell1", "commonvoice_zh", "commonvoice_en"), demo)
-    env = dict(os.environ)
-    yield env
-    if old is None:
-        os.environ.pop("SPEAKLLM_DEMO_DIR", None)
-    else:
-        os.environ["SPEAKLLM_DEMO_DIR"] = old
+    demo_manifest(("aishell1", "commonvoice_zh", "commonvoice_en"), demo_dir)
+    return dict(os.environ)
 
 
 def _cfg(*overrides: str, name: str = "phase0"):
@@ -285,3 +277,28 @@ def test_bf16_compute_keeps_fp32_master_weights(demo_env, tmp_path: Path) -> Non
     dtypes = {x.dtype for x in jax.tree.leaves(result.state.params)}
     assert dtypes == {np.dtype("float32")}
     assert result.state.frozen["llm"]["embed_tokens"]["embedding"].dtype == np.float32
+
+
+def test_compilation_cache_dir_field_fills_the_folder(tmp_path: Path) -> None:
+    """`train.compilation_cache_dir` 把 JAX 的持久編譯快取放到該資料夾（新程序，第一次編譯之前
+    設定；環境變數的快取關掉，確定是設定欄位起作用）；空字串不改 JAX 的設定。"""
+    from ml_collections import ConfigDict
+
+    from speakllm_jax.training.loop import use_compilation_cache
+
+    assert use_compilation_cache(ConfigDict({"compilation_cache_dir": ""})) is None
+    cache = tmp_path / "cache"
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from ml_collections import ConfigDict\n"
+        "from speakllm_jax.training.loop import use_compilation_cache\n"
+        f"print(use_compilation_cache(ConfigDict({{'compilation_cache_dir': {str(cache)!r}}})))\n"
+        "jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()\n"
+    )
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(cache)
+    assert cache.is_dir() and any(cache.iterdir())

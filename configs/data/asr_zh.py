@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
                 registry="aishell1",
                 adapter="aishell1",
                 root="aishell1",
-                expected_sr=16000,
+                expected_sr=16000,  # AISHELL-1 原始錄音的取樣率（語料的性質，不是模型的）
             ),
             dict(
                 name="wenetspeech",

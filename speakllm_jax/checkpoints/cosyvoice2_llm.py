@@ -42,7 +42,7 @@ from speakllm_jax.models.cosyvoice2_talker import (
     TalkerConfig,
     TalkerFusion,
 )
-from speakllm_jax.models.sharding import DEFAULT_RULES, shard_model
+from speakllm_jax.models.sharding import rules_from_config, shard_model
 
 # 官方主幹鍵的前綴：Qwen2LM.llm（Qwen2Encoder）.model（Qwen2ForCausalLM）。
 BACKBONE_PREFIX = "llm.model."
@@ -126,6 +126,7 @@ def load_cosyvoice2_llm(
     綁定時的 `llm.model.lm_head.weight` 除外）與形狀不符一律 `ValueError`，訊息指名鍵與形狀。
     設定有融合模組而檔案中沒有任何 `fusion.*` 鍵時，融合參數以 `seed` 初始化（偏置 0）；
     只有部分 `fusion.*` 鍵時報錯。`dtype` 為參數型別（缺省用 `cfg.qwen.param_dtype`）。
+    給 `mesh` 時依 `rules`（未給時為目前的規則表）直接分片放置。
     """
     cfg = TalkerConfig.cosyvoice2() if cfg is None else cfg
     source = _open(path)
@@ -141,7 +142,7 @@ def load_cosyvoice2_llm(
         source,
         dtype=cfg.qwen.param_dtype if dtype is None else dtype,
         mesh=mesh,
-        rules=DEFAULT_RULES if rules is None else rules,
+        rules=rules,
         ignore=ignore,
     )
     if fresh_fusion:
@@ -160,7 +161,7 @@ def load_cosyvoice2_llm(
         )
         model.cfg = cfg
         if mesh is not None:
-            shard_model(model.fusion, mesh, DEFAULT_RULES if rules is None else rules)
+            shard_model(model.fusion, mesh, None if rules is None else rules_from_config(rules))
     return model
 
 

@@ -16,12 +16,13 @@ F64/F32/F16/BF16/F8 與整數型別（bf16 經 `ml_dtypes`），讀取時不會�
   存檔時自動套用反排列。
 - `KeyMap = Mapping[str, ParamMap | str | Sequence[str]]`：鍵為 NNX 參數路徑，
   以 "." 連接（例如 `"model.layers.attn.q_proj.kernel"`，與 `nnx.to_flat_state` 的路徑相同）。
-- `load_params(abstract_model, key_map, path, dtype=None, mesh=None, rules=DEFAULT_RULES,
+- `load_params(abstract_model, key_map, path, dtype=None, mesh=None, rules=None,
   ignore=()) -> nnx.Module`：把檢查點載入以 `nnx.eval_shape` 建立的抽象模型。
   缺少的鍵、多出的鍵（不符合 `ignore` 中任何正規表示式者）、形狀不符的鍵、
   以及沒有對應的 NNX 參數，一律以 `ValueError` 報錯並指名鍵與兩邊形狀。
   浮點參數轉為 `dtype`（未給時用抽象模型的參數型別）。給了 `mesh` 時，每個參數依
-  `speakllm_jax.models.sharding.state_shardings` 的分片，以
+  `speakllm_jax.models.sharding.state_shardings` 的分片（`rules` 未給時為目前的規則表：訓練中
+  是設定的 `logical_axis_rules`，否則 `DEFAULT_RULES`），以
   `jax.make_array_from_callback` 從記憶體映射逐參數放置，不會在單一裝置上組出整個模型；
   未給 `mesh` 時放在預設裝置。
 - `save_params(model, key_map, path, config=None, max_shard_bytes=..., dtype=None)`：
@@ -50,7 +51,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from speakllm_jax.models.sharding import DEFAULT_RULES, state_shardings
+from speakllm_jax.models.sharding import active_rules, rules_from_config, state_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -367,15 +368,17 @@ def load_params(
     *,
     dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
-    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+    rules: Sequence[tuple[str, Any]] | None = None,
     ignore: Sequence[str] = (),
 ) -> nnx.Module:
     """把 HF safetensors 載入抽象 NNX 模型，回傳具體模型。
 
     `abstract_model` 以 `nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))` 建立，
     其狀態中每個變數都必須出現在 `key_map` 中。`ignore` 是允許存在但不載入的 HF 鍵
-    之正規表示式（`re.fullmatch`）。
+    之正規表示式（`re.fullmatch`）。`rules` 為分片規則（設定的 `logical_axis_rules` 格式）；
+    未給時用目前的規則表（訓練中為設定的 `logical_axis_rules`，否則 `DEFAULT_RULES`）。
     """
+    rules = active_rules() if rules is None else rules_from_config(rules)
     folder = path if isinstance(path, SafetensorsFolder) else SafetensorsFolder(path)
     graphdef, abstract_state = nnx.split(abstract_model)
     variables = _flat_variables(abstract_state)

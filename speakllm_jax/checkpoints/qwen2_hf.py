@@ -31,7 +31,6 @@ from speakllm_jax.checkpoints.hf_io import (
 )
 from speakllm_jax.models.lora import merge_lora
 from speakllm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
-from speakllm_jax.models.sharding import DEFAULT_RULES
 
 # HF config.json 中由本設定直接表示、不需原樣保留的欄位。
 _HF_KNOWN_KEYS = frozenset(
@@ -204,8 +203,8 @@ def load_qwen2(
 
     `dtype` 是計算精度，也是參數精度的預設值（可以 `param_dtype=` 另外指定，例如 bf16
     計算、fp32 主權重）。其餘 `overrides` 覆寫 `Qwen2Config` 的欄位（例如 `remat`）。
-    給了 `mesh` 時，各參數依邏輯軸規則（`rules`，預設 `DEFAULT_RULES`）逐一分片放置，
-    不會在單一裝置上組出整個模型。綁定詞嵌入時，檢查點中多出的 `lm_head.weight` 會被忽略。
+    給了 `mesh` 時，各參數依邏輯軸規則 `rules` 逐一分片放置，不會在單一裝置上組出整個模型；
+    未給 `rules` 時用目前的規則表（訓練中為設定的 `logical_axis_rules`，否則 `DEFAULT_RULES`）。綁定詞嵌入時，檢查點中多出的 `lm_head.weight` 會被忽略。
     """
     cfg_dict = read_config(path)
     overrides = dict(overrides)
@@ -223,7 +222,7 @@ def load_qwen2(
         path,
         dtype=cfg.param_dtype,
         mesh=mesh,
-        rules=DEFAULT_RULES if rules is None else rules,
+        rules=rules,
         ignore=ignore,
     )
 

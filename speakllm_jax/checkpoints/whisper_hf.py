@@ -47,7 +47,6 @@ from speakllm_jax.checkpoints.hf_io import (
     stacked_keys,
     transposed,
 )
-from speakllm_jax.models.sharding import DEFAULT_RULES
 from speakllm_jax.models.whisper import MEDIUM_TOKENS, Whisper, WhisperConfig, WhisperEncoder
 
 # transformers `WhisperConfig` 的預設值；config.json 缺少某欄時以此補上。
@@ -270,7 +269,8 @@ def load_whisper(
 
     `dtype` 同時是參數型別與計算型別（可用 `config_overrides` 另給 `dtype`／`param_dtype`、
     `remat`、`scan_layers`）。`encoder_only=True` 時只載入編碼器，檢查點中的解碼器鍵被明確忽略。
-    給 `mesh` 時每個參數依邏輯軸規則（`rules`，預設 `DEFAULT_RULES`）直接分片放置。
+    給 `mesh` 時每個參數依邏輯軸規則 `rules` 直接分片放置；未給 `rules` 時用目前的規則表
+    （訓練中為設定的 `logical_axis_rules`，否則 `DEFAULT_RULES`）。
     鍵缺少、多出或形狀不符時以 `ValueError` 指名鍵。
     """
     folder_path = Path(path)
@@ -300,7 +300,7 @@ def load_whisper(
         folder,
         dtype=cfg.param_dtype,
         mesh=mesh,
-        rules=DEFAULT_RULES if rules is None else rules,
+        rules=rules,
         ignore=ignore,
     )
 

@@ -165,6 +165,21 @@ def _initial_state(
     return jax.jit(init_fn, out_shardings=shardings)()
 
 
+def use_compilation_cache(train_cfg: ml_collections.ConfigDict) -> str | None:
+    """`train.compilation_cache_dir` 非空時，JAX 的持久編譯快取放在該資料夾（MaxText 的
+    `jax_cache_dir`）：同一份設定重跑、恢復或多次啟動時，訓練步直接讀回已編譯的程式。
+
+    只在本程序第一次編譯之前設定才生效（`launch/train.py` 即如此）；空字串不改 JAX 的設定
+    （例如環境變數 `JAX_COMPILATION_CACHE_DIR`）。回傳設定的資料夾或 None。
+    """
+    path = str(train_cfg.get("compilation_cache_dir", "") or "")
+    if not path:
+        return None
+    path = str(Path(path).expanduser())
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def train(
     cfg: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -184,6 +199,7 @@ def _train(
     progress: bool,
     keep_state: bool,
 ) -> TrainResult:
+    use_compilation_cache(cfg.train)
     distributed.maybe_initialize(cfg.distributed)
     workdir = Path(workdir)
     if jax.process_index() == 0:
