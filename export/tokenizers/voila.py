@@ -183,6 +183,7 @@ class VoilaTokenizer:
     def stream_decoder(self) -> Any:
         """這個模型的有狀態串流解碼器（`voila_stream.VoilaStreamDecoder`，第一次呼叫時建立）。"""
         if getattr(self, "_stream", None) is None:
+            # 延後匯入：串流解碼器在模組頂端匯入 torch，只有服務端解碼時需要
             from export.tokenizers.voila_stream import VoilaStreamDecoder
 
             self._stream = VoilaStreamDecoder(self.model)
