@@ -12,7 +12,7 @@
 在幀與幀之間就會清空。`realtime=True` 則依音訊時間送（慢，供對照）。
 
 輸出（`out_dir`）：
-    turn_taking.json            {"policies": {策略: 指標}, "n_dialogues": N, "clock": ..., ...}
+    turn_taking.json            {"policies": {策略: 指標}, "n_dialogues": N, "clock": ..., "turn_rule": {...}}
     turn_taking.md              各策略並列的表格（總表與依語言）
     turn_taking_dialogues.json  每段對話、每個策略收到的音訊幀、事件與逐事件結果
     timeline_{id}.png           前 `plots` 段對話的時間軸（使用者／各策略的助理音訊、事件、圖例）
@@ -35,7 +35,7 @@ from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
 from export.serving import duplex_pb2 as pb
 from export.serving.client import FRAME_SECONDS, SAMPLE_RATE, stream_audio
 from export.serving.server import ServerThread
-from export.serving.session import POLICIES, load_engine
+from export.serving.session import POLICIES, SessionError, SessionSettings, load_engine
 from export.tokenizers.voila import make_demo_voila_tokenizer
 from speakllm_jax.audio.io import load_audio
 from speakllm_jax.data.manifest import read_manifest, resolve_audio
@@ -48,6 +48,7 @@ from speakllm_jax.eval.duplex_bench import (
     plot_duplex_timeline,
 )
 from speakllm_jax.eval.turn_taking import TurnTakingAnnotation
+from speakllm_jax.turn_policy import TurnRule
 
 EVENT_NAMES = {v: k for k, v in pb.Event.Kind.items()}
 
@@ -59,6 +60,16 @@ def parse_policies(text: str) -> list[str]:
     if not out or bad or len(set(out)) != len(out):
         raise ValueError(f"--policies={text!r}：必須是 {', '.join(POLICIES)} 中不重複的一個或多個")
     return out
+
+
+def exported_rule(model_dir: str | Path, overrides: str = "") -> TurnRule:
+    """`policy=model` 實際用的決策規則：匯出資料夾 `heads_config.json` 的 `turn_rule` 加上服務設定
+    `turn_rule` 的覆寫（"KEY=VALUE,…"）；不合理時拋出 ValueError。"""
+    heads = json.loads((Path(model_dir) / "heads_config.json").read_text("utf-8"))
+    try:
+        return SessionSettings(turn_rule=overrides).rule(heads.get("turn_rule") or {})
+    except SessionError as err:
+        raise ValueError(err.detail) from None
 
 
 def dialogue_rows(manifest: str | Path, max_dialogues: int | None = None) -> list[dict[str, Any]]:
@@ -113,8 +124,10 @@ def run_duplex_eval(
     realtime: bool = False,
     plots: int = 3,
     config: BenchConfig | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """對已啟動的伺服器（`target`）跑評估並寫出報表；回傳 `turn_taking.json` 的內容。"""
+    """對已啟動的伺服器（`target`）跑評估並寫出報表；回傳 `turn_taking.json` 的內容
+    （`meta` 併入報表，例如 `turn_rule`）。"""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     anns = [TurnTakingAnnotation.from_row(r) for r in rows]
@@ -147,6 +160,7 @@ def run_duplex_eval(
         "clock": "realtime" if realtime else "accelerated (frame index × 40 ms)",
         "tail_seconds": tail_seconds,
         "languages": sorted({g for m in metrics.values() for g in m["by_language"]}),
+        **(meta or {}),
     }
     probs = check_report(report)
     if probs:
@@ -222,8 +236,12 @@ def evaluate_duplex_server(
         cfg.attn_implementation,
         token2wav_dir=cfg.token2wav_dir,
     )
+    rule = exported_rule(cfg.model_dir, cfg.turn_rule)
+    meta = {"turn_rule": rule.to_dict()}
     with ServerThread(cfg, engine) as st:
-        return run_duplex_eval(st.target, rows, policies, out_dir, tail_seconds, realtime, plots)
+        return run_duplex_eval(
+            st.target, rows, policies, out_dir, tail_seconds, realtime, plots, meta=meta
+        )
 
 
 def demo_decoder_dir(model_dir: str | Path, out_dir: str | Path) -> dict[str, str]:
