@@ -32,6 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
+from speakllm_jax.audio.constants import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
+
 ABLATIONS = {
     "none": [],
     "overlap_off": ["--config.research.overlap_aware=False"],
@@ -54,6 +58,13 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+class _SilentDecoder:
+    """`--tune` 用：語音碼視窗 `[B, Q, T]` → 全零波形 `[B, T · 640]`（只需要幀號）。"""
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        return np.zeros((codes.shape[0], codes.shape[-1] * FRAME_SAMPLES), np.float32)
+
+
 def _audio_seqs(msgs: list) -> list[int]:
     """訊息中助理音訊封包的幀號（`seq`）。"""
     return [int(m.audio.seq) for m in msgs if m.WhichOneof("payload") == "audio"]
@@ -69,15 +80,14 @@ def tune_rules(
 ) -> int:
     """每段對話、每個規則一個 `policy=model` 會話一批前進；印出每個規則的指標表。"""
     # 延後匯入：只有 --tune 需要 torch 與服務端
-    import numpy as np
-
     from export.serving.duplex_eval import dialogue_rows, user_channel
     from export.serving.session import DuplexSession, SessionSettings, load_engine, step_sessions
-    from speakllm_jax.audio.constants import FRAME_SAMPLES, SAMPLE_RATE
     from speakllm_jax.eval.duplex_bench import activity_from_frames, bench_metrics
     from speakllm_jax.eval.turn_taking import TurnTakingAnnotation
 
     engine = load_engine(model_dir, voila_dir)
+    # 輪替決策與回饋只用語音碼，不用解出的波形：調規則時不解碼（送出靜音封包），省下大半成本。
+    engine.voila = _SilentDecoder()
     rows = dialogue_rows(manifest, max_dialogues)
     acts: list[list] = [[] for _ in rules]
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 全雙工伺服器評估（Full-Duplex-Bench 式，經 loopback gRPC 伺服器）：
 `python launch/evaluate.py --workdir RUN --duplex-server --manifest M.jsonl --policies model,vad
 --out DIR [--model_dir EXPORTED] [--voila_dir D | --token2wav_dir D] [--realtime]
-[--turn_rule KEY=VALUE ...]`；沒給 `--model_dir` 時先把 RUN 匯出到 `DIR/export`。`--turn_rule`
+[--turn_rule KEY=VALUE ...] [--concurrency N]`；沒給 `--model_dir` 時先把 RUN 匯出到 `DIR/export`。`--turn_rule`
 覆寫匯出的輪替決策規則（`TurnRule` 的欄位，不必重新匯出）。報表見 `export/serving/duplex_eval.py`。
 """
 
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voila_dir", default="", help="Voila-Tokenizer（預設：示範解碼器）")
     p.add_argument("--token2wav_dir", default="", help="CosyVoice2 token2wav（預設：示範解碼器）")
     p.add_argument("--realtime", action="store_true", help="依音訊時間串流（預設加速時鐘）")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="--duplex-server：同時串流的會話數（伺服器一批前進；預設逐一）",
+    )
     p.add_argument(
         "--turn_rule",
         action="append",
@@ -130,6 +136,7 @@ def _duplex_server(a: argparse.Namespace) -> int:
             policies,
             realtime=a.realtime,
             overrides=overrides,
+            concurrency=a.concurrency,
             **decoders,
         )
     except ValueError as e:  # 清單沒有對話列、對話太長等使用者輸入問題

@@ -180,3 +180,42 @@ def test_parse_overrides() -> None:
     assert parse_overrides([""]) == {}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["cooldown_frames"])
+
+
+def test_serving_override_merges_with_the_exported_rule() -> None:
+    """服務設定 `turn_rule`（"KEY=VALUE,…"）覆寫匯出的規則；不合理的值以 INVALID_ARGUMENT 回報。"""
+    from export.serving.session import SessionError, SessionSettings
+
+    exported = TurnRule(start_threshold=0.25, stop_threshold=0.9).to_dict()
+    got = SessionSettings(turn_rule="cooldown_frames=20,overlap_hold=true").rule(exported)
+    assert got == TurnRule(
+        start_threshold=0.25, stop_threshold=0.9, cooldown_frames=20, overlap_hold=True
+    )
+    assert SessionSettings().rule(exported) == TurnRule.from_dict(exported)
+    # 與匯出的開口門檻 0.25 合起來沒有遲滯（0.25 + 0.7 ≤ 1）。
+    with pytest.raises(SessionError, match="遲滯") as err:
+        SessionSettings(turn_rule="stop_threshold=0.7").rule(exported)
+    assert err.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(SessionError, match="未知欄位"):
+        SessionSettings(turn_rule="cooldown=3").rule(exported)
+
+
+def test_evaluate_cli_rejects_an_unknown_rule_field(tmp_path, capsys) -> None:
+    """`launch/evaluate.py --duplex-server --turn_rule` 打錯欄位：匯出之前以一行 `錯誤：…`、結束碼 2。"""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("launch_evaluate_rule", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from speakllm_jax.cli import run_cli
+
+    man = tmp_path / "m.jsonl"
+    man.write_text("{}\n", "utf-8")
+    argv = ["--workdir", str(tmp_path / "none"), "--duplex-server", "--manifest", str(man)]
+    argv += ["--out", str(tmp_path / "out"), "--turn_rule", "cooldown=3"]
+    assert run_cli(mod.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("錯誤：--turn_rule") and "cooldown_frames" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,9 @@
 時鐘：預設為加速時鐘——客戶端以伺服器接受的速度盡快送出，伺服器的策略只看幀號（VAD 與輪替頭
 都以 40 ms 幀計，不看牆鐘），時間一律取幀號 × 40 ms，所以結果與即時串流相同且可重現。唯一與牆鐘
 有關的是伺服器在 `YIELDED` 時丟掉尚未送出的音訊；伺服器每幀的計算都在背景執行緒裡等待，送出佇列
-在幀與幀之間就會清空。`realtime=True` 則依音訊時間送（慢，供對照）。
+在幀與幀之間就會清空。`realtime=True` 則依音訊時間送（慢，供對照）。`concurrency` > 1 時同時開
+多條串流，伺服器的批次排程把它們一批前進（每個會話的結果與單獨執行相同，
+`tests/test_serving_batch.py`），共用 CPU 上快數倍；只有上述送出佇列的清空可能因此不同。
 
 輸出（`out_dir`）：
     turn_taking.json            {"policies": {策略: 指標}, "n_dialogues": N, "clock": ..., "turn_rule": {...}}
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,28 +128,41 @@ def run_duplex_eval(
     plots: int = 3,
     config: BenchConfig | None = None,
     meta: dict[str, Any] | None = None,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
     """對已啟動的伺服器（`target`）跑評估並寫出報表；回傳 `turn_taking.json` 的內容
-    （`meta` 併入報表，例如 `turn_rule`）。"""
+    （`meta` 併入報表，例如 `turn_rule`）。`concurrency` > 1 時同時開這麼多條串流（批次排程一批
+    前進；策略只看幀號，結果與逐一串流相同，見模組說明）。"""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     anns = [TurnTakingAnnotation.from_row(r) for r in rows]
     langs = [str(r.get("language", "zh")) for r in rows]
-    received: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
-    nframes = []
-    for row in rows:
-        wave = user_channel(row)
-        n = int(np.ceil((len(wave) / SAMPLE_RATE + tail_seconds) / FRAME_SECONDS))
-        nframes.append(n)
-        for p in policies:
-            res = stream_audio(
-                target, wave, SAMPLE_RATE, fast=not realtime, tail_seconds=tail_seconds, policy=p
+    waves = [user_channel(row) for row in rows]
+    nframes = [int(np.ceil((len(w) / SAMPLE_RATE + tail_seconds) / FRAME_SECONDS)) for w in waves]
+    jobs = [(i, p) for i in range(len(rows)) for p in policies]
+
+    def one(job: tuple[int, str]) -> dict[str, Any]:
+        i, p = job
+        res = stream_audio(
+            target,
+            waves[i],
+            SAMPLE_RATE,
+            fast=not realtime,
+            tail_seconds=tail_seconds,
+            policy=p,
+            timeout=None if concurrency > 1 else 120.0,
+        )
+        if res.status != grpc.StatusCode.OK:
+            raise RuntimeError(
+                f"{rows[i]['id']}（policy={p}）：串流失敗 {res.status.name} {res.detail}"
             )
-            if res.status != grpc.StatusCode.OK:
-                raise RuntimeError(
-                    f"{row['id']}（policy={p}）：串流失敗 {res.status.name} {res.detail}"
-                )
-            received[p].append(_record(res))
+        return _record(res)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        records = list(pool.map(one, jobs))
+    received: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    for (_, p), rec in zip(jobs, records, strict=True):
+        received[p].append(rec)
     acts = {
         p: [activity_from_frames(r["audio_frames"], n) for r, n in zip(received[p], nframes)]
         for p in policies
@@ -204,10 +220,11 @@ def evaluate_duplex_server(
     realtime: bool = False,
     plots: int = 3,
     overrides: dict[str, Any] | None = None,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
     """在 loopback 啟動伺服器（匯出的 `model_dir` 與語音解碼器），跑 `run_duplex_eval` 後關閉。
 
-    `overrides` 覆寫服務設定（`configs/serving.py` 的欄位）。`max_session_seconds` > 0 時，使用者
+    `overrides` 覆寫服務設定（`configs/serving.py` 的欄位）；`concurrency` 見 `run_duplex_eval`。`max_session_seconds` > 0 時，使用者
     聲道加上 `tail_seconds` 超過它的對話會被伺服器拒絕，因此事先拋出 ValueError。
     """
     rows = dialogue_rows(manifest, max_dialogues)
@@ -222,6 +239,8 @@ def evaluate_duplex_server(
     cfg.pace_realtime = bool(realtime)
     for k, v in (overrides or {}).items():
         cfg[k] = v
+    if concurrency > int(cfg.max_sessions):
+        raise ValueError(f"--concurrency {concurrency} 超過 max_sessions={cfg.max_sessions}")
     limit = float(cfg.max_session_seconds)  # 0 為不限
     long = [r["id"] for r in rows if 0 < limit < float(r["duration"]) + tail_seconds]
     if long:
@@ -240,7 +259,15 @@ def evaluate_duplex_server(
     meta = {"turn_rule": rule.to_dict()}
     with ServerThread(cfg, engine) as st:
         return run_duplex_eval(
-            st.target, rows, policies, out_dir, tail_seconds, realtime, plots, meta=meta
+            st.target,
+            rows,
+            policies,
+            out_dir,
+            tail_seconds,
+            realtime,
+            plots,
+            meta=meta,
+            concurrency=concurrency,
         )
 
 
