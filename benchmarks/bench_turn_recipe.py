@@ -89,29 +89,41 @@ def tune_rules(
     # 輪替決策與回饋只用語音碼，不用解出的波形：調規則時不解碼（送出靜音封包），省下大半成本。
     engine.voila = _SilentDecoder()
     rows = dialogue_rows(manifest, max_dialogues)
-    acts: list[list] = [[] for _ in rules]
+    tail = np.zeros(int(tail_seconds * SAMPLE_RATE), np.float32)
+    waves = [np.concatenate([user_channel(r), tail]) for r in rows]
+    # 所有（對話, 規則）的會話一起前進：會話越多，每個會話每幀的成本越低。
+    pairs = [(d, k) for d in range(len(rows)) for k in range(len(rules))]
+    sessions = [
+        DuplexSession(engine, SessionSettings(policy="model", turn_rule=rules[k])) for _, k in pairs
+    ]
+    frames: list[list[int]] = [[] for _ in pairs]
     t0 = time.perf_counter()
-    for row in rows:
-        wave = user_channel(row)
-        wave = np.concatenate([wave, np.zeros(int(tail_seconds * SAMPLE_RATE), np.float32)])
-        n = len(wave) // FRAME_SAMPLES
-        sessions = [
-            DuplexSession(engine, SessionSettings(policy="model", turn_rule=r)) for r in rules
+    for f in range(max(len(w) for w in waves) // FRAME_SAMPLES):
+        live = []
+        for i, (d, _) in enumerate(pairs):
+            chunk = waves[d][f * FRAME_SAMPLES : (f + 1) * FRAME_SAMPLES]
+            if len(chunk) == FRAME_SAMPLES:
+                frames[i] += _audio_seqs(sessions[i].feed(chunk, defer=True))
+                live.append(i)
+            elif len(waves[d]) // FRAME_SAMPLES == f:
+                frames[i] += _audio_seqs(sessions[i].finish())
+        out, errors = step_sessions([sessions[i] for i in live])
+        if errors:
+            raise next(iter(errors.values()))
+        for i in live:
+            frames[i] += _audio_seqs(out[id(sessions[i])])
+        if f % 100 == 0:
+            print(f"第 {f} 幀：{time.perf_counter() - t0:.0f} 秒", flush=True)
+    for i, s in enumerate(sessions):
+        frames[i] += _audio_seqs(s.finish())
+    acts = [
+        [
+            activity_from_frames(frames[i], -(-len(waves[d]) // FRAME_SAMPLES))
+            for i, (d, kk) in enumerate(pairs)
+            if kk == k
         ]
-        frames: list[list[int]] = [[] for _ in rules]
-        for f in range(n):
-            chunk = wave[f * FRAME_SAMPLES : (f + 1) * FRAME_SAMPLES]
-            for i, s in enumerate(sessions):
-                frames[i] += _audio_seqs(s.feed(chunk, defer=True))
-            out, errors = step_sessions(sessions)
-            if errors:
-                raise next(iter(errors.values()))
-            for i, s in enumerate(sessions):
-                frames[i] += _audio_seqs(out[id(s)])
-        for i, s in enumerate(sessions):
-            frames[i] += _audio_seqs(s.finish())
-            acts[i].append(activity_from_frames(frames[i], n))
-        print(f"{row['id']}：{time.perf_counter() - t0:.0f} 秒", flush=True)
+        for k in range(len(rules))
+    ]
     anns = [TurnTakingAnnotation.from_row(r) for r in rows]
     langs = [str(r.get("language", "zh")) for r in rows]
     print(f"\n{len(rows)} 段對話（{manifest}）")
