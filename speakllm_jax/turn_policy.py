@@ -15,9 +15,10 @@ JAX 串流推論（`speakllm_jax.models.streaming.run_streaming`）、PyTorch �
   落在 [start, 1 − stop] 的幀會「剛停就開口」，助理說說停停（`TurnRule` 建立時檢查）。
 - 停止的平滑：停止機率再取最近 `stop_smooth_frames` 幀的平均，且這一輪要累積滿這麼多幀才可能
   停止（開口與讓出只用 `smooth_frames`，保持快速）；附和造成的短暫下探不會結束這一輪。
-- 重疊時保住這一輪：`overlap_hold=True` 且呼叫端告知使用者正在助理說話時出聲（`overlap=True`，
-  例如伺服器停住音訊等判定的期間）時，不因停止機率結束這一輪，只有 yield 能結束它；重疊結束後
-  停止的平滑重新累積（附和後同一輪照常說下去）。
+- 重疊時（呼叫端告知使用者正在助理說話時出聲，`overlap=True`，例如伺服器停住音訊等判定的期間）：
+  `overlap_stop_threshold` > 0 時停止改用這個（較高的）門檻，1.0 即只有 yield 能結束這一輪；
+  `overlap_yield_threshold` > 0 時讓出改用這個（較低的）門檻。重疊結束後停止的平滑重新累積
+  （附和後同一輪照常說下去）。兩者為 0 時 `overlap` 不改變決策。
 - 冷卻：結束一輪（停止、讓出或外部結束）後 `cooldown_frames` 幀內不開口，除非呼叫端告知使用者的
   輪次已結束（`end_cooldown()`，例如伺服器的 VAD 判定使用者說完）。
 - `allow_start=False`（例如伺服器在被打斷後、使用者說完之前）時不開口。
@@ -52,7 +53,8 @@ class TurnRule:
     smooth_frames: int = 1
     stop_smooth_frames: int = 1
     cooldown_frames: int = 0
-    overlap_hold: bool = False
+    overlap_stop_threshold: float = 0.0
+    overlap_yield_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         for k in ("start_threshold", "stop_threshold", "yield_threshold"):
@@ -66,6 +68,9 @@ class TurnRule:
         for k in ("min_speak_frames", "smooth_frames", "stop_smooth_frames"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} 必須 ≥ 1，得到 {getattr(self, k)}")
+        for k in ("overlap_stop_threshold", "overlap_yield_threshold"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ValueError(f"{k} 必須在 [0, 1]（0：不另設），得到 {getattr(self, k)}")
         if self.cooldown_frames < 0:
             raise ValueError(f"cooldown_frames 必須 ≥ 0，得到 {self.cooldown_frames}")
 
@@ -84,12 +89,7 @@ class TurnRule:
 
 
 def _coerce(kind: type, value: Any, name: str) -> Any:
-    """欄位值轉成欄位的型別；布林接受 true/false/1/0 字串（命令列覆寫）。"""
-    if kind is bool and isinstance(value, str):
-        low = value.strip().lower()
-        if low not in ("true", "false", "1", "0"):
-            raise ValueError(f"{name} 必須是 true 或 false，得到 {value!r}")
-        return low in ("true", "1")
+    """欄位值轉成欄位的型別（命令列覆寫給的是字串）；整數欄位不接受小數。"""
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{name} 必須是整數，得到 {value}")
     try:
@@ -154,7 +154,7 @@ class TurnDecider:
     def step(self, logits: Sequence[float], allow_start: bool = True, overlap: bool = False) -> int:
         """吃一幀的輪替 logits `[5]`，回傳這一幀的動作（`TurnAction` 的值）。
 
-        `overlap`：使用者此刻在助理說話時出聲（`overlap_hold` 時保住這一輪）。"""
+        `overlap`：使用者此刻在助理說話時出聲（`overlap_*_threshold` 的門檻）。"""
         self._hist.append(softmax(logits))
         n = len(self._hist)
         p = [sum(h[i] for h in self._hist) / n for i in range(len(self._hist[0]))]
@@ -169,11 +169,16 @@ class TurnDecider:
                 return _SPEAK
             return _LISTEN
         self.frames += 1
-        if p[_YIELD] >= r.yield_threshold:
+        yield_thr = r.overlap_yield_threshold if overlap and r.overlap_yield_threshold else None
+        if p[_YIELD] >= (yield_thr or r.yield_threshold):
             self.stop()
             return _YIELD
-        if overlap and r.overlap_hold:
+        if overlap and r.overlap_stop_threshold:
             self._stop_hist.clear()
+            stop_now = p[_LISTEN] + p[_YIELD] >= r.overlap_stop_threshold
+            if self.frames > r.min_speak_frames and stop_now:
+                self.stop()
+                return _LISTEN
             return _CONTINUE
         self._stop_hist.append(p[_LISTEN] + p[_YIELD])
         stop_p = sum(self._stop_hist) / len(self._stop_hist)

@@ -115,8 +115,8 @@ def test_stop_smoothing_rides_over_a_dip_and_keeps_start_fast() -> None:
     assert decide_all([go, logits(**{"yield": 0.6})], rule) == [S, Y]
 
 
-def test_overlap_hold_keeps_the_turn_until_yield() -> None:
-    rule = TurnRule(min_speak_frames=1, overlap_hold=True)
+def test_overlap_stop_threshold_one_keeps_the_turn_until_yield() -> None:
+    rule = TurnRule(min_speak_frames=1, overlap_stop_threshold=1.0)
     go, stop = logits(speak=0.9), logits(listen=0.9)
     d = TurnDecider(rule)
     # 使用者在助理說話時出聲（附和）：停止機率高也保住這一輪；重疊結束後照常判斷停止。
@@ -126,13 +126,27 @@ def test_overlap_hold_keeps_the_turn_until_yield() -> None:
     # 重疊中 yield 照樣立即讓出。
     d = TurnDecider(rule)
     assert [d.step(go), d.step(logits(**{"yield": 0.7}), overlap=True)] == [S, Y]
-    # overlap_hold 關閉時 overlap 不改變決策。
+    # 重疊時的門檻為 0（缺省）時 overlap 不改變決策。
     d = TurnDecider(TurnRule(min_speak_frames=1))
     assert [d.step(go), d.step(stop, overlap=True)] == [S, L]
 
 
-def test_overlap_hold_restarts_the_stop_average() -> None:
-    rule = TurnRule(min_speak_frames=1, stop_smooth_frames=2, overlap_hold=True)
+def test_overlap_thresholds() -> None:
+    go = logits(speak=0.9)
+    # 重疊時停止門檻 0.95：停止機率 0.9 不停、0.97 才停；重疊外照常 0.8。
+    rule = TurnRule(min_speak_frames=1, overlap_stop_threshold=0.95)
+    d = TurnDecider(rule)
+    assert [d.step(go), d.step(logits(listen=0.9), overlap=True)] == [S, C]
+    assert d.step(logits(listen=0.97), overlap=True) == L
+    # 重疊時讓出門檻 0.3：p(yield) 0.35 在重疊時讓出，重疊外不讓出（0.35 + 0.1625 < 0.8，也不停）。
+    rule = TurnRule(min_speak_frames=1, overlap_yield_threshold=0.3)
+    y = logits(**{"yield": 0.35})
+    d = TurnDecider(rule)
+    assert [d.step(go), d.step(y), d.step(y, overlap=True)] == [S, C, Y]
+
+
+def test_overlap_restarts_the_stop_average() -> None:
+    rule = TurnRule(min_speak_frames=1, stop_smooth_frames=2, overlap_stop_threshold=1.0)
     go, stop = logits(speak=0.9), logits(listen=0.9)
     d = TurnDecider(rule)
     assert [d.step(go), d.step(stop), d.step(stop, overlap=True)] == [S, C, C]
@@ -157,20 +171,20 @@ def test_cooldown_blocks_restart_until_the_user_turn_ends() -> None:
 
 
 def test_new_fields_round_trip_and_errors() -> None:
-    r = TurnRule(stop_smooth_frames=6, cooldown_frames=20, overlap_hold=True)
+    r = TurnRule(stop_smooth_frames=6, cooldown_frames=20, overlap_stop_threshold=0.95)
     assert TurnRule.from_dict(r.to_dict()) == r
     # 命令列的字串值轉成欄位的型別。
-    got = TurnRule.from_dict(
-        {"overlap_hold": "true", "cooldown_frames": "7", "yield_threshold": "0.4"}
-    )
-    assert got.overlap_hold is True and got.cooldown_frames == 7 and got.yield_threshold == 0.4
+    got = TurnRule.from_dict({"cooldown_frames": "7", "overlap_yield_threshold": "0.3"})
+    assert got.cooldown_frames == 7 and got.overlap_yield_threshold == 0.3
     assert TurnRule().stop_smooth_frames == 1 and TurnRule().cooldown_frames == 0
     with pytest.raises(ValueError, match="stop_smooth_frames"):
         TurnRule.from_dict({"stop_smooth_frames": 0})
     with pytest.raises(ValueError, match="cooldown_frames"):
         TurnRule.from_dict({"cooldown_frames": -1})
-    with pytest.raises(ValueError, match="overlap_hold 必須是 true 或 false"):
-        TurnRule.from_dict({"overlap_hold": "maybe"})
+    with pytest.raises(ValueError, match="overlap_stop_threshold 必須在"):
+        TurnRule.from_dict({"overlap_stop_threshold": 1.5})
+    with pytest.raises(ValueError, match="overlap_yield_threshold 必須是 float"):
+        TurnRule.from_dict({"overlap_yield_threshold": "high"})
     with pytest.raises(ValueError, match="cooldown_frames 必須是整數"):
         TurnRule.from_dict({"cooldown_frames": 2.5})
 
@@ -187,9 +201,9 @@ def test_serving_override_merges_with_the_exported_rule() -> None:
     from export.serving.session import SessionError, SessionSettings
 
     exported = TurnRule(start_threshold=0.25, stop_threshold=0.9).to_dict()
-    got = SessionSettings(turn_rule="cooldown_frames=20,overlap_hold=true").rule(exported)
+    got = SessionSettings(turn_rule="cooldown_frames=20,overlap_stop_threshold=1").rule(exported)
     assert got == TurnRule(
-        start_threshold=0.25, stop_threshold=0.9, cooldown_frames=20, overlap_hold=True
+        start_threshold=0.25, stop_threshold=0.9, cooldown_frames=20, overlap_stop_threshold=1.0
     )
     assert SessionSettings().rule(exported) == TurnRule.from_dict(exported)
     # 與匯出的開口門檻 0.25 合起來沒有遲滯（0.25 + 0.7 ≤ 1）。
