@@ -127,15 +127,22 @@ def tune_rules(
     anns = [TurnTakingAnnotation.from_row(r) for r in rows]
     langs = [str(r.get("language", "zh")) for r in rows]
     print(f"\n{len(rows)} 段對話（{manifest}）")
-    print("| rule | " + " | ".join(k for k, _, _ in TARGETS) + " |")
-    print("| --- |" + " --- |" * len(TARGETS))
+    print("| rule | " + " | ".join(k for k, _, _ in TARGETS) + " | 細節 |")
+    print("| --- |" + " --- |" * (len(TARGETS) + 1))
     for rule, act in zip(rules, acts, strict=True):
         m = bench_metrics(anns, act, langs)
         show = [
             ("–" if m[k] is None else f"{m[k]:.2f}" if k.endswith("_rate") else f"{m[k]:.0f}")
             for k, _, _ in TARGETS
         ]
-        print(f"| {rule or '（匯出的規則）'} | " + " | ".join(show) + " |")
+        bcs = [b for d in m["dialogues"] for b in d["backchannels"]]
+        bis = [b for d in m["dialogues"] for b in d["interruptions"] if b["applicable"]]
+        why = (
+            f"附和 {len(bcs)}：讓出 {sum(b['yielded'] for b in bcs)}、接話 "
+            f"{sum(b['takeover'] for b in bcs)}、起點時沒在說 {sum(not b['speaking'] for b in bcs)}；"
+            f"適用的搶話 {len(bis)}"
+        )
+        print(f"| {rule or '（匯出的規則）'} | " + " | ".join(show) + f" | {why} |")
     return 0
 
 
