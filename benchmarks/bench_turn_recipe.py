@@ -3,7 +3,7 @@
 
 python benchmarks/bench_turn_recipe.py [--dialogues 150] [--steps 600] [--workdir runs/turn_recipe]
     [--ablation none|overlap_off|lead0|tone_off] [--run_name NAME] [--max_test 0] [--eval_only]
-    [--reuse_data] [--policies model,vad] [--turn_rule KEY=VALUE ...]
+    [--reuse_data] [--policies model,vad] [--turn_rule KEY=VALUE ...] [--concurrency 30]
 
 每一步都是使用者會打的指令（子程序），所以這也是配方的說明書。印出訓練的每步秒數、
 開始與結束時的 1 分鐘負載（2 核 CPU 與他人共用時，30 分鐘能跑幾步由此外推）與評估表；
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse_data", action="store_true", help="沿用 WORKDIR/data 已有的資料")
     p.add_argument("--policies", default="model,vad", help="評估的策略（消融只需 model）")
     p.add_argument("--turn_rule", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--concurrency", type=int, default=30, help="評估時同時串流的會話數")
     p.add_argument("--tune", action="append", default=[], metavar="RULE", help="見說明")
     p.add_argument("--model_dir", default="", help="--tune：匯出的模型")
     p.add_argument("--manifest", default="", help="--tune：對話清單（dev 切分）")
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     _run(
         [py, "launch/evaluate.py", "--workdir", str(run), "--duplex-server"]
         + ["--manifest", str(test), "--policies", ",".join(policies), "--out", str(out)]
-        + ["--voila_dir", str(data / "voila")]
+        + ["--voila_dir", str(data / "voila"), "--concurrency", str(a.concurrency)]
         + [f"--turn_rule={r}" for r in a.turn_rule]
     )
     report = json.loads((out / "turn_taking.json").read_text("utf-8"))
