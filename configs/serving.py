@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 以長度判定為打斷（附和最長約 0.6 秒）。停住仍在開口後 onset_frames 幀，停止延遲不變。
     c.model_barge_in_seconds = 0.8
     c.reaction_window_frames = 15  # 打斷反應的上限（自使用者語音起點起算的幀數）
+    # model 策略：覆寫匯出資料夾 `heads_config.json` 的 `turn_rule`（`speakllm_jax.turn_policy.TurnRule`
+    # 的欄位），格式 "KEY=VALUE,KEY=VALUE"；空字串表示照匯出的規則。調規則時不必重新匯出。
+    c.turn_rule = ""
     c.condition = ""  # 預設條件符號（例如 "<|emo_neutral|>"）
 
     # 瀏覽器頁面（`python -m export.serving.web`）：網頁與 WebSocket 的埠（位址同 `host`）；

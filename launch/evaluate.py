@@ -2,8 +2,9 @@
 
 全雙工伺服器評估（Full-Duplex-Bench 式，經 loopback gRPC 伺服器）：
 `python launch/evaluate.py --workdir RUN --duplex-server --manifest M.jsonl --policies model,vad
---out DIR [--model_dir EXPORTED] [--voila_dir D | --token2wav_dir D] [--realtime]`；
-沒給 `--model_dir` 時先把 RUN 匯出到 `DIR/export`。報表見 `export/serving/duplex_eval.py`。
+--out DIR [--model_dir EXPORTED] [--voila_dir D | --token2wav_dir D] [--realtime]
+[--turn_rule KEY=VALUE ...] [--concurrency N]`；沒給 `--model_dir` 時先把 RUN 匯出到 `DIR/export`。`--turn_rule`
+覆寫匯出的輪替決策規則（`TurnRule` 的欄位，不必重新匯出）。報表見 `export/serving/duplex_eval.py`。
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from speakllm_jax.cli import ArgumentParser, print_summary, run_cli  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 from speakllm_jax.training.config_io import require_run_dir  # noqa: E402
+from speakllm_jax.turn_policy import check_rule_names, parse_overrides  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voila_dir", default="", help="Voila-Tokenizer（預設：示範解碼器）")
     p.add_argument("--token2wav_dir", default="", help="CosyVoice2 token2wav（預設：示範解碼器）")
     p.add_argument("--realtime", action="store_true", help="依音訊時間串流（預設加速時鐘）")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="--duplex-server：同時串流的會話數（伺服器一批前進；預設逐一）",
+    )
+    p.add_argument(
+        "--turn_rule",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--duplex-server：覆寫匯出的輪替決策規則（TurnRule 的欄位；可重複或以逗號分隔）",
+    )
     a = p.parse_args(argv)
     configure_cpu_simulation()
     if a.duplex_server:
@@ -74,11 +89,18 @@ def _duplex_server(a: argparse.Namespace) -> int:
     from export.serving.duplex_eval import (
         demo_decoder_dir,
         evaluate_duplex_server,
+        exported_rule,
         parse_policies,
     )
 
     try:
         policies = parse_policies(a.policies)
+    except ValueError as e:
+        print(f"錯誤：{e}", file=sys.stderr)
+        return 2
+    try:
+        rule_over = parse_overrides(a.turn_rule)
+        check_rule_names(rule_over)  # 匯出之前先擋下打錯的欄位；值在匯出後與匯出的規則合併檢查
     except ValueError as e:
         print(f"錯誤：{e}", file=sys.stderr)
         return 2
@@ -99,9 +121,23 @@ def _duplex_server(a: argparse.Namespace) -> int:
     decoders = {"voila_dir": a.voila_dir, "token2wav_dir": a.token2wav_dir}
     if not (a.voila_dir or a.token2wav_dir):
         decoders.update(demo_decoder_dir(model_dir, a.out))
+    overrides = {"turn_rule": ",".join(f"{k}={v}" for k, v in rule_over.items())}
+    try:
+        rule = exported_rule(model_dir, overrides["turn_rule"])
+    except ValueError as e:
+        print(f"錯誤：--turn_rule：{e}", file=sys.stderr)
+        return 2
+    print(f"輪替決策規則（policy=model）：{rule.to_dict()}")
     try:
         report = evaluate_duplex_server(
-            model_dir, a.manifest, a.out, policies, realtime=a.realtime, **decoders
+            model_dir,
+            a.manifest,
+            a.out,
+            policies,
+            realtime=a.realtime,
+            overrides=overrides,
+            concurrency=a.concurrency,
+            **decoders,
         )
     except ValueError as e:  # 清單沒有對話列、對話太長等使用者輸入問題
         print(f"錯誤：{e}", file=sys.stderr)

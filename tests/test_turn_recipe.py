@@ -69,6 +69,8 @@ def test_recipe_trains_and_scores_through_the_server(run: Path, dialogues: Path,
     out = run.parent / "fdx"
     args = ["--workdir", str(run), "--duplex-server", "--manifest", str(dialogues)]
     args += ["--policies", "model,vad", "--out", str(out)]
+    # 覆寫匯出的決策規則（不重新匯出），四條串流同時送（伺服器批次前進）。
+    args += ["--turn_rule", "cooldown_frames=5,overlap_stop_threshold=0.95", "--concurrency", "4"]
     assert _cli("evaluate")(args) == 0
     assert "| smooth_takeover_rate |" in capsys.readouterr().out
     report = json.loads((out / "turn_taking.json").read_text("utf-8"))
@@ -86,6 +88,9 @@ def test_recipe_trains_and_scores_through_the_server(run: Path, dialogues: Path,
     heads = json.loads((out / "export" / "heads_config.json").read_text("utf-8"))
     cfg = json.loads((run / "config.json").read_text("utf-8"))
     assert heads["turn_rule"] == cfg["turn_rule"]
+    # 報表記下 policy=model 實際用的規則：匯出的規則加上覆寫。
+    want = dict(cfg["turn_rule"], cooldown_frames=5, overlap_stop_threshold=0.95)
+    assert report["turn_rule"] == want
 
 
 def test_jax_and_torch_turn_decisions_match(run: Path, dialogues: Path) -> None:

@@ -9,10 +9,12 @@
 時鐘：預設為加速時鐘——客戶端以伺服器接受的速度盡快送出，伺服器的策略只看幀號（VAD 與輪替頭
 都以 40 ms 幀計，不看牆鐘），時間一律取幀號 × 40 ms，所以結果與即時串流相同且可重現。唯一與牆鐘
 有關的是伺服器在 `YIELDED` 時丟掉尚未送出的音訊；伺服器每幀的計算都在背景執行緒裡等待，送出佇列
-在幀與幀之間就會清空。`realtime=True` 則依音訊時間送（慢，供對照）。
+在幀與幀之間就會清空。`realtime=True` 則依音訊時間送（慢，供對照）。`concurrency` > 1 時同時開
+多條串流，伺服器的批次排程把它們一批前進（每個會話的結果與單獨執行相同，
+`tests/test_serving_batch.py`），共用 CPU 上快數倍；只有上述送出佇列的清空可能因此不同。
 
 輸出（`out_dir`）：
-    turn_taking.json            {"policies": {策略: 指標}, "n_dialogues": N, "clock": ..., ...}
+    turn_taking.json            {"policies": {策略: 指標}, "n_dialogues": N, "clock": ..., "turn_rule": {...}}
     turn_taking.md              各策略並列的表格（總表與依語言）
     turn_taking_dialogues.json  每段對話、每個策略收到的音訊幀、事件與逐事件結果
     timeline_{id}.png           前 `plots` 段對話的時間軸（使用者／各策略的助理音訊、事件、圖例）
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ from export.cosyvoice2.token2wav import TOKEN2WAV_CONFIG, save_random_token2wav
 from export.serving import duplex_pb2 as pb
 from export.serving.client import FRAME_SECONDS, SAMPLE_RATE, stream_audio
 from export.serving.server import ServerThread
-from export.serving.session import POLICIES, load_engine
+from export.serving.session import POLICIES, SessionError, SessionSettings, load_engine
 from export.tokenizers.voila import make_demo_voila_tokenizer
 from speakllm_jax.audio.io import load_audio
 from speakllm_jax.data.manifest import read_manifest, resolve_audio
@@ -48,6 +51,7 @@ from speakllm_jax.eval.duplex_bench import (
     plot_duplex_timeline,
 )
 from speakllm_jax.eval.turn_taking import TurnTakingAnnotation
+from speakllm_jax.turn_policy import TurnRule
 
 EVENT_NAMES = {v: k for k, v in pb.Event.Kind.items()}
 
@@ -59,6 +63,16 @@ def parse_policies(text: str) -> list[str]:
     if not out or bad or len(set(out)) != len(out):
         raise ValueError(f"--policies={text!r}：必須是 {', '.join(POLICIES)} 中不重複的一個或多個")
     return out
+
+
+def exported_rule(model_dir: str | Path, overrides: str = "") -> TurnRule:
+    """`policy=model` 實際用的決策規則：匯出資料夾 `heads_config.json` 的 `turn_rule` 加上服務設定
+    `turn_rule` 的覆寫（"KEY=VALUE,…"）；不合理時拋出 ValueError。"""
+    heads = json.loads((Path(model_dir) / "heads_config.json").read_text("utf-8"))
+    try:
+        return SessionSettings(turn_rule=overrides).rule(heads.get("turn_rule") or {})
+    except SessionError as err:
+        raise ValueError(err.detail) from None
 
 
 def dialogue_rows(manifest: str | Path, max_dialogues: int | None = None) -> list[dict[str, Any]]:
@@ -113,27 +127,42 @@ def run_duplex_eval(
     realtime: bool = False,
     plots: int = 3,
     config: BenchConfig | None = None,
+    meta: dict[str, Any] | None = None,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
-    """對已啟動的伺服器（`target`）跑評估並寫出報表；回傳 `turn_taking.json` 的內容。"""
+    """對已啟動的伺服器（`target`）跑評估並寫出報表；回傳 `turn_taking.json` 的內容
+    （`meta` 併入報表，例如 `turn_rule`）。`concurrency` > 1 時同時開這麼多條串流（批次排程一批
+    前進；策略只看幀號，結果與逐一串流相同，見模組說明）。"""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     anns = [TurnTakingAnnotation.from_row(r) for r in rows]
     langs = [str(r.get("language", "zh")) for r in rows]
-    received: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
-    nframes = []
-    for row in rows:
-        wave = user_channel(row)
-        n = int(np.ceil((len(wave) / SAMPLE_RATE + tail_seconds) / FRAME_SECONDS))
-        nframes.append(n)
-        for p in policies:
-            res = stream_audio(
-                target, wave, SAMPLE_RATE, fast=not realtime, tail_seconds=tail_seconds, policy=p
+    waves = [user_channel(row) for row in rows]
+    nframes = [int(np.ceil((len(w) / SAMPLE_RATE + tail_seconds) / FRAME_SECONDS)) for w in waves]
+    jobs = [(i, p) for i in range(len(rows)) for p in policies]
+
+    def one(job: tuple[int, str]) -> dict[str, Any]:
+        i, p = job
+        res = stream_audio(
+            target,
+            waves[i],
+            SAMPLE_RATE,
+            fast=not realtime,
+            tail_seconds=tail_seconds,
+            policy=p,
+            timeout=None if concurrency > 1 else 120.0,
+        )
+        if res.status != grpc.StatusCode.OK:
+            raise RuntimeError(
+                f"{rows[i]['id']}（policy={p}）：串流失敗 {res.status.name} {res.detail}"
             )
-            if res.status != grpc.StatusCode.OK:
-                raise RuntimeError(
-                    f"{row['id']}（policy={p}）：串流失敗 {res.status.name} {res.detail}"
-                )
-            received[p].append(_record(res))
+        return _record(res)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        records = list(pool.map(one, jobs))
+    received: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    for (_, p), rec in zip(jobs, records, strict=True):
+        received[p].append(rec)
     acts = {
         p: [activity_from_frames(r["audio_frames"], n) for r, n in zip(received[p], nframes)]
         for p in policies
@@ -147,6 +176,7 @@ def run_duplex_eval(
         "clock": "realtime" if realtime else "accelerated (frame index × 40 ms)",
         "tail_seconds": tail_seconds,
         "languages": sorted({g for m in metrics.values() for g in m["by_language"]}),
+        **(meta or {}),
     }
     probs = check_report(report)
     if probs:
@@ -190,10 +220,11 @@ def evaluate_duplex_server(
     realtime: bool = False,
     plots: int = 3,
     overrides: dict[str, Any] | None = None,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
     """在 loopback 啟動伺服器（匯出的 `model_dir` 與語音解碼器），跑 `run_duplex_eval` 後關閉。
 
-    `overrides` 覆寫服務設定（`configs/serving.py` 的欄位）。`max_session_seconds` > 0 時，使用者
+    `overrides` 覆寫服務設定（`configs/serving.py` 的欄位）；`concurrency` 見 `run_duplex_eval`。`max_session_seconds` > 0 時，使用者
     聲道加上 `tail_seconds` 超過它的對話會被伺服器拒絕，因此事先拋出 ValueError。
     """
     rows = dialogue_rows(manifest, max_dialogues)
@@ -208,6 +239,8 @@ def evaluate_duplex_server(
     cfg.pace_realtime = bool(realtime)
     for k, v in (overrides or {}).items():
         cfg[k] = v
+    if concurrency > int(cfg.max_sessions):
+        raise ValueError(f"--concurrency {concurrency} 超過 max_sessions={cfg.max_sessions}")
     limit = float(cfg.max_session_seconds)  # 0 為不限
     long = [r["id"] for r in rows if 0 < limit < float(r["duration"]) + tail_seconds]
     if long:
@@ -222,8 +255,20 @@ def evaluate_duplex_server(
         cfg.attn_implementation,
         token2wav_dir=cfg.token2wav_dir,
     )
+    rule = exported_rule(cfg.model_dir, cfg.turn_rule)
+    meta = {"turn_rule": rule.to_dict()}
     with ServerThread(cfg, engine) as st:
-        return run_duplex_eval(st.target, rows, policies, out_dir, tail_seconds, realtime, plots)
+        return run_duplex_eval(
+            st.target,
+            rows,
+            policies,
+            out_dir,
+            tail_seconds,
+            realtime,
+            plots,
+            meta=meta,
+            concurrency=concurrency,
+        )
 
 
 def demo_decoder_dir(model_dir: str | Path, out_dir: str | Path) -> dict[str, str]:

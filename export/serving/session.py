@@ -72,7 +72,7 @@ from export.torch_model import (
 )
 from speakllm_jax.audio.constants import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE
 from speakllm_jax.labels import SPEAKING_ACTIONS, TurnAction
-from speakllm_jax.turn_policy import TurnDecider
+from speakllm_jax.turn_policy import TurnDecider, TurnRule, parse_overrides
 
 COSYVOICE2_RATE = 24000  # CosyVoice2 token2wav（HiFT）的輸出取樣率
 YIELD_ACTION = int(TurnAction.YIELD)
@@ -222,6 +222,7 @@ class SessionSettings:
     backchannel_max_seconds: float = _SERVING.backchannel_max_seconds
     model_barge_in_seconds: float = _SERVING.model_barge_in_seconds
     reaction_window_frames: int = _SERVING.reaction_window_frames
+    turn_rule: str = _SERVING.turn_rule
     condition: str = _SERVING.condition
 
     @classmethod
@@ -246,6 +247,14 @@ class SessionSettings:
                 f"backchannel_max_seconds（{self.backchannel_max_frames} 幀）必須短於 "
                 f"reaction_window_frames（{self.reaction_window_frames}）",
             )
+
+    def rule(self, exported: dict[str, Any]) -> TurnRule:
+        """匯出的 `turn_rule`（字典）加上設定 `turn_rule` 的覆寫；不合理時拋出 SessionError。"""
+        try:
+            over = parse_overrides([self.turn_rule], "turn_rule")
+            return TurnRule.from_dict({**exported, **over}, "turn_rule")
+        except ValueError as err:
+            raise SessionError("INVALID_ARGUMENT", str(err)) from None
 
     @property
     def end_silence_frames(self) -> int:
@@ -328,8 +337,8 @@ class DuplexSession:
         self.vad = webrtcvad.Vad(int(settings.vad_aggressiveness))
         # 串流狀態（梅爾、編碼器、LLM／深度／talker 快取）都在模型的 Streamer 裡。
         self.streamer = Streamer(m, settings.chunk_frames, cond_ids=self.cond)
-        # policy="model" 的輪替決策（與 JAX／孿生的串流推論同一個規則）。
-        self.decider = TurnDecider(m.cfg.rule)
+        # policy="model" 的輪替決策（與 JAX／孿生的串流推論同一個規則；設定 turn_rule 可覆寫）。
+        self.decider = TurnDecider(settings.rule(m.cfg.turn_rule))
         k, q = m.cfg.max_chars_per_token, m.cfg.num_codebooks
         dev = m.device
         self.prev = {
@@ -665,8 +674,12 @@ class DuplexSession:
         # 不在使用者有聲的幀上開口（快速路徑最近 BACKCHANNEL_GAP_FRAMES 幀內有語音）：否則輪替頭
         # 在使用者說話中途剛停又開口時，新的一輪沒有停住可用。
         quiet = self.silence_run >= BACKCHANNEL_GAP_FRAMES
+        if self.user_spoke:
+            self.decider.end_cooldown()  # 快速路徑判定使用者說完了：不再冷卻
         act = self.decider.step(
-            res["turn"][0, 0].tolist(), allow_start=not self.yield_lock and quiet
+            res["turn"][0, 0].tolist(),
+            allow_start=not self.yield_lock and quiet,
+            overlap=self.holding,
         )
         job.codes = res["code_ids"][0, 0].to(torch.long)
         if self.s.policy == "model":
@@ -804,6 +817,7 @@ class DuplexSession:
             self.turn = _Turn(self.turn_count, f, arrival)
             self.trigger_times[self.turn.index] = arrival
             self.turn_count += 1
+            self.user_spoke = False
             out.append(self._event(pb.Event.SPEAKING, f, "assistant turn (turn head)"))
         elif not want and self.turn is not None and not self.turn.done:
             out += self._turn_complete(f)
