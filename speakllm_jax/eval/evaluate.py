@@ -8,6 +8,7 @@
 任意長度的對話：全雙工評估以 `models.streaming.run_streaming` 逐幀自由執行，使用者聲道切成
 不超過 Whisper 編碼器上限（30 秒）的連續編碼窗，各窗獨立編碼後串接幀特徵，LLM 的 KV 快取
 跨窗連續（見 `models/streaming.py`）；情緒預測同樣逐窗編碼後在整段有效幀上平均。
+聲調頭另以訓練的教師強制前向計分（`tone_head_accuracy`，目標一律聲調感知）。
 ASR 的單句超過編碼器上限時略過（`too_long`）。無法評估的語句／對話略過、依原因計數並列出 id；
 `report.json` 一定寫出（評估途中出錯時也寫出已有的部分與 `error`，再把錯誤往上拋）。
 """
