@@ -61,6 +61,11 @@ def test_duplex_report(demo_dir: Path, tmp_path: Path) -> None:
     m = report["duplex"]["metrics"]
     assert report["duplex"]["dialogues"] == 2
     assert "interruption" in m and "backchannel" in m and "pause" in m
+    # 聲調頭的教師強制正確率：同樣兩段對話，示範助理文字有漢字，所以有計分位置。
+    tone = report["duplex"]["tone_head_accuracy"]
+    assert tone["dialogues"] == 2 and tone["scored"] > 0
+    assert tone["scored"] == sum(v["scored"] for v in tone["per_tone"].values())
+    assert 0.0 <= tone["accuracy"] <= 1.0
     emo = report["duplex"]["emotion"]
     assert emo["segments"] == 2 and sum(map(sum, emo["confusion"])) == 2
     # 示範語料的前兩段對話依序是 neutral、happy。

@@ -8,12 +8,14 @@
 任意長度的對話：全雙工評估以 `models.streaming.run_streaming` 逐幀自由執行，使用者聲道切成
 不超過 Whisper 編碼器上限（30 秒）的連續編碼窗，各窗獨立編碼後串接幀特徵，LLM 的 KV 快取
 跨窗連續（見 `models/streaming.py`）；情緒預測同樣逐窗編碼後在整段有效幀上平均。
+聲調頭另以訓練的教師強制前向計分（`tone_head_accuracy`，目標一律聲調感知）。
 ASR 的單句超過編碼器上限時略過（`too_long`）。無法評估的語句／對話略過、依原因計數並列出 id；
 `report.json` 一定寫出（評估途中出錯時也寫出已有的部分與 `error`，再把錯誤往上拋）。
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,19 +23,26 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from speakllm_jax.audio.constants import SAMPLE_RATE
 from speakllm_jax.audio.features import log_mel_np
 from speakllm_jax.audio.io import AudioError, SkipCounter, load_audio
 from speakllm_jax.data.demo_data import demo_manifest
-from speakllm_jax.data.duplex import DUPLEX_EXAMPLE_OPS, DuplexContext
+from speakllm_jax.data.duplex import (
+    DUPLEX_BATCH,
+    DUPLEX_EXAMPLE_OPS,
+    DUPLEX_TRAIN_OPS,
+    DuplexContext,
+)
 from speakllm_jax.data.manifest import read_manifest, resolve_audio
-from speakllm_jax.data.ops import apply_ops, compose
+from speakllm_jax.data.ops import RowOps, apply_ops, compose
+from speakllm_jax.data.speech_tokens import load_codes
 from speakllm_jax.eval.asr import transcribe
 from speakllm_jax.eval.emotion import emotion_report, plot_confusion
 from speakllm_jax.eval.error_rates import corpus_counts
-from speakllm_jax.eval.tone_accuracy import tone_accuracy_text
+from speakllm_jax.eval.tone_accuracy import tone_accuracy_text, tone_head_summary
 from speakllm_jax.eval.turn_taking import (
     TurnTakingAnnotation,
     plot_timeline,
@@ -42,7 +51,7 @@ from speakllm_jax.eval.turn_taking import (
 from speakllm_jax.labels import EMOTIONS, SPEAKING_ACTIONS
 from speakllm_jax.models.streaming import encode_user_stream, run_streaming
 from speakllm_jax.training.runs import load_run
-from speakllm_jax.training.tasks.duplex import ensure_demo_duplex
+from speakllm_jax.training.tasks.duplex import duplex_config, ensure_demo_duplex
 from speakllm_jax.turn_policy import TurnRule
 
 
@@ -136,8 +145,82 @@ def _dialogue_rows(cfg: Any, task: Any) -> list[dict[str, Any]]:
     return read_manifest(paths["dialogue"])
 
 
+def _dialogue_codes(cfg: Any, task: Any) -> dict[str, np.ndarray]:
+    """評估對話的助理語音碼（教師強制的輸入）：`data.codes_dirs`，示範對話則為其碼資料夾。"""
+    codes: dict[str, np.ndarray] = {}
+    if cfg.data.eval_manifests:
+        for c in (x for x in str(cfg.data.get("codes_dirs", "") or "").split(",") if x):
+            codes.update(load_codes(c))
+        return codes
+    paths = ensure_demo_duplex(cfg.data.demo_dir or None, task.speech_tokens)
+    return load_codes(paths["dialogue_codes"])
+
+
+class _CaptureForward:
+    """包住模型：任務損失呼叫 `duplex_forward` 時留下輸出，讓評估與訓練走同一個前向與輸入位移。"""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.out: dict[str, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def duplex_forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.out = self.model.duplex_forward(*args, **kwargs)
+        return self.out
+
+
+def tone_head_accuracy(
+    cfg: Any, task: Any, model: Any, rows: list[dict[str, Any]], codes: dict | None = None
+) -> dict[str, Any]:
+    """聲調頭的教師強制正確率：逐段對話以訓練的逐列 op（`DUPLEX_TRAIN_OPS`，補齊到
+    `data.max_frames`）建樣本，經任務損失的同一個前向，比較聲調 logits 的 argmax 與目標
+    （只計目標 > 0 的位置）。
+
+    樣本一律以 `tone_aware=True` 建立，不管執行的 `research.tone_aware`：消融 `tone_aware=False`
+    的訓練資料聲調全為 0，這裡仍以真正的聲調為目標，量的是聲調頭實際學到什麼。
+    每段一次前向、形狀固定所以只編譯一次；超過 `data.max_frames` 或壞掉的對話略過並計數。
+    回傳 `tone_head_summary` 的欄位，加上 `dialogues`（計入的段數）與 `skipped`。
+    """
+    dcfg = dataclasses.replace(
+        duplex_config(cfg, task.model_cfg.speech.num_codebooks), tone_aware=True
+    )
+    ctx = DuplexContext(
+        task.tokenizer,
+        dcfg,
+        pad_id=task.pad_id,
+        codes=codes or {},
+        max_frames=int(cfg.data.max_frames),
+        n_mels=int(cfg.data.n_mels),
+    )
+    transform = RowOps(compose(DUPLEX_TRAIN_OPS, ctx), DUPLEX_BATCH, SkipCounter(keep_items=False))
+
+    @nnx.jit
+    def predict(m: Any, batch: dict[str, Any]) -> Any:
+        cap = _CaptureForward(m)
+        task.loss(cap, batch, None)
+        return jnp.argmax(cap.out["tones"], axis=-1)
+
+    targets, preds = [], []
+    for row in rows:
+        ex = transform.process(row)
+        if not transform.keep(ex):
+            continue
+        batch = {k: jnp.asarray(v)[None] for k, v in ex.items()}
+        preds.append(np.asarray(predict(model, batch))[0])
+        targets.append(ex["tones_target"])
+    k = int(dcfg.max_chars_per_token)
+    summary = tone_head_summary(
+        np.concatenate(targets) if targets else np.zeros((0, k), np.int64),
+        np.concatenate(preds) if preds else np.zeros((0, k), np.int64),
+    )
+    return {**summary, "dialogues": len(targets), "skipped": transform.skips.as_dict()}
+
+
 def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogues: int = 4) -> dict:
-    """在對話上自由執行串流推論（任意長度，逐編碼窗），計算輪替指標並畫時間軸。
+    """在對話上自由執行串流推論（任意長度，逐編碼窗），計算輪替指標並畫時間軸；
+    同一批對話另算聲調頭的教師強制正確率（`tone_head_accuracy`，目標一律為聲調感知的真聲調）。
 
     無法評估的對話（音訊壞、清單列缺欄位）略過，依原因計數於 `skipped`、id 列於 `skipped_items`；
     `dialogues` 為實際評估的段數。
@@ -186,6 +269,9 @@ def evaluate_duplex(cfg: Any, task: Any, model: Any, out_dir: Path, max_dialogue
         "dialogues": len(anns),
         **_skip_fields(skips),
         "metrics": metrics,
+        "tone_head_accuracy": tone_head_accuracy(
+            cfg, task, model, rows, _dialogue_codes(cfg, task)
+        ),
         "timelines": plots,
     }
     if emo_true:

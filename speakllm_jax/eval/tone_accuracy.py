@@ -10,6 +10,8 @@
 - `tone_accuracy_text(references, hypotheses)`：辨識（或合成後再辨識）出的文字；以 jiwer
   對漢字序列做 Levenshtein 對齊，相同或替換的漢字比較兩邊在各自句中的聲調（所以
   「行」在不同詞裡的讀音會被正確區分），刪除的參考漢字記為欄 0（錯誤），插入不計。
+- `tone_head_summary(targets, predicted)`：聲調頭在幀格上的逐位置預測對上目標
+  （全雙工評估的教師強制正確率，見 `eval.evaluate.tone_head_accuracy`）。
 """
 
 from __future__ import annotations
@@ -104,3 +106,25 @@ def tone_accuracy_text(
                         pred[chunk.ref_start_idx + k] = ht[chunk.hyp_start_idx + k]
         conf += tone_confusion(rt, pred)
     return _summary(conf)
+
+
+def tone_head_summary(targets: Any, predicted: Any) -> dict[str, Any]:
+    """聲調頭逐位置的預測對上目標（同形狀，目標 0 的位置不計分）→ 正確率與各聲調計數。
+
+    回傳 `{accuracy, scored, correct, per_tone{"1".."5": {scored, correct, accuracy}}, confusion}`；
+    沒有計分位置時 accuracy 為 None。
+    """
+    conf = tone_confusion(targets, predicted)
+    scored = int(conf.sum())
+    correct = int(np.trace(conf))
+    per_tone = {}
+    for t in range(1, NUM_TONES):
+        n, ok = int(conf[t].sum()), int(conf[t, t])
+        per_tone[str(t)] = {"scored": n, "correct": ok, "accuracy": ok / n if n else None}
+    return {
+        "accuracy": correct / scored if scored else None,
+        "scored": scored,
+        "correct": correct,
+        "per_tone": per_tone,
+        "confusion": conf.astype(int).tolist(),
+    }
