@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_dialogues", type=int, default=4)
     p.add_argument("--duplex-server", action="store_true", help="經真正的伺服器做輪替評估")
     p.add_argument(
-        "--manifest", default="", help="--duplex-server：對話清單（turns、overlaps、pauses）"
+        "--manifest",
+        default="",
+        help="評估的清單（缺省：執行設定的 data.eval_manifests）；--duplex-server 時必填"
+        "（對話的 turns、overlaps、pauses）",
     )
     p.add_argument("--policies", default="model,vad", help="--duplex-server：並列的策略")
     p.add_argument("--out", default="", help="--duplex-server：輸出資料夾")
@@ -58,17 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_simulation()
     if a.duplex_server:
         return _duplex_server(a)
+    for m in (x for x in a.manifest.split(",") if x):
+        if not Path(m).is_file():
+            print(f"錯誤：--manifest {m} 不存在", file=sys.stderr)
+            return 2
     workdir = require_run_dir(a.workdir, a.step)
 
     # 延後匯入：先設定 CPU 模擬再載入 JAX
     from speakllm_jax.eval.evaluate import evaluate_run
 
-    report = evaluate_run(workdir, a.step, a.max_utts, a.max_dialogues)
+    report = evaluate_run(workdir, a.step, a.max_utts, a.max_dialogues, a.manifest)
     summary = {k: v for k, v in report.items() if k not in ("asr", "duplex")}
     if "asr" in report:
         summary["asr"] = {k: v for k, v in report["asr"].items() if k != "items"}
     if "duplex" in report:
         summary["duplex"] = report["duplex"]["metrics"]
+        tones = report["duplex"].get("tone_head_accuracy") or {}
+        summary["tone_head_accuracy"] = tones.get("accuracy")
         if "emotion" in report["duplex"]:
             summary["emotion_accuracy"] = report["duplex"]["emotion"]["accuracy"]
     print(json.dumps(summary, ensure_ascii=False, indent=2, default=float))

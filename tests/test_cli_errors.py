@@ -112,6 +112,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("evaluate_no_workdir_flag", ["launch/evaluate.py"], ["--workdir"]),
     ("evaluate_missing_workdir", ["launch/evaluate.py", "--workdir", "{missing}"], ["{missing}"]),
     (
+        "evaluate_missing_manifest",
+        ["launch/evaluate.py", "--workdir", "{run}", "--manifest", "{missing}"],
+        ["--manifest", "{missing}"],
+    ),
+    (
         "evaluate_no_checkpoint",
         ["launch/evaluate.py", "--workdir", "{run}"],
         ["{run}", "檢查點"],

@@ -312,10 +312,20 @@ def _plot_error_rates(asr: dict[str, Any], path: Path) -> Path | None:
 
 
 def evaluate_run(
-    workdir: str | Path, step: int | None = None, max_utts: int = 32, max_dialogues: int = 4
+    workdir: str | Path,
+    step: int | None = None,
+    max_utts: int = 32,
+    max_dialogues: int = 4,
+    manifest: str = "",
 ) -> dict[str, Any]:
-    """評估並寫出 `<workdir>/eval/step_<N>/report.json` 與圖；回傳報表。"""
+    """評估並寫出 `<workdir>/eval/step_<N>/report.json` 與圖；回傳報表。
+
+    `manifest`（逗號分隔）取代執行設定的 `data.eval_manifests`，例如在另一個 test 切分上評估。
+    """
     cfg, task, model, step = load_run(workdir, step)
+    if manifest:
+        with cfg.unlocked():
+            cfg.data.eval_manifests = manifest
     out_dir = Path(workdir) / "eval" / f"step_{step}"
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"workdir": str(workdir), "step": step, "phase": cfg.phase}
