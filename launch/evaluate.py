@@ -97,6 +97,7 @@ def _duplex_server(a: argparse.Namespace) -> int:
     # 延後匯入：只有 --duplex-server 需要 torch 與 gRPC 伺服器
     from export.serving.duplex_eval import (
         demo_decoder_dir,
+        dialogue_rows,
         evaluate_duplex_server,
         exported_rule,
         parse_policies,
@@ -119,6 +120,17 @@ def _duplex_server(a: argparse.Namespace) -> int:
             return 2
     if not Path(a.manifest).is_file():
         print(f"錯誤：--manifest {a.manifest} 不存在", file=sys.stderr)
+        return 2
+    try:
+        dialogue_rows(a.manifest, max_dialogues=1)  # 匯出與載入模型之前先確認清單裡有對話列
+    except ValueError as e:
+        print(f"錯誤：{e}", file=sys.stderr)
+        return 2
+    if a.model_dir and not (Path(a.model_dir) / "heads_config.json").is_file():
+        print(
+            f"錯誤：--model_dir {a.model_dir} 沒有 heads_config.json（不是匯出的模型資料夾）",
+            file=sys.stderr,
+        )
         return 2
     model_dir = a.model_dir
     if not model_dir:

@@ -89,3 +89,10 @@ def test_bad_policies_and_missing_manifest(tmp_path: Path, capsys) -> None:
     assert evaluate_main(base + ["--manifest", str(tmp_path / "m.jsonl")] + dirs) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("錯誤：") and "沒有雙聲道對話列" in err and "\n" not in err
+    # 有對話列，但 --model_dir 不是匯出的模型資料夾：一行錯誤，不讀檔失敗。
+    row = {"id": "d0", "audio": "d0.wav", "channels": 2}
+    row["turns"] = [{"speaker": "user", "start": 0.0, "end": 1.0, "text": "你好"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", "utf-8")
+    assert evaluate_main(base + ["--manifest", str(tmp_path / "d.jsonl")] + dirs) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("錯誤：--model_dir") and "heads_config.json" in err and "\n" not in err
