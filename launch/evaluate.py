@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     configure_cpu_simulation()
-    if a.duplex_server:
-        return _duplex_server(a)
     for m in (x for x in a.manifest.split(",") if x):
         if not Path(m).is_file():
             print(f"錯誤：--manifest {m} 不存在", file=sys.stderr)
             return 2
+    if a.duplex_server:
+        return _duplex_server(a)
     workdir = require_run_dir(a.workdir, a.step)
 
     # 延後匯入：先設定 CPU 模擬再載入 JAX
@@ -118,9 +118,6 @@ def _duplex_server(a: argparse.Namespace) -> int:
         if not value:
             print(f"錯誤：--duplex-server 需要 {flag}", file=sys.stderr)
             return 2
-    if not Path(a.manifest).is_file():
-        print(f"錯誤：--manifest {a.manifest} 不存在", file=sys.stderr)
-        return 2
     try:
         dialogue_rows(a.manifest, max_dialogues=1)  # 匯出與載入模型之前先確認清單裡有對話列
     except ValueError as e:

@@ -169,8 +169,8 @@ class TurnDecider:
                 return _SPEAK
             return _LISTEN
         self.frames += 1
-        yield_thr = r.overlap_yield_threshold if overlap and r.overlap_yield_threshold else None
-        if p[_YIELD] >= (yield_thr or r.yield_threshold):
+        overlap_yield = overlap and r.overlap_yield_threshold > 0
+        if p[_YIELD] >= (r.overlap_yield_threshold if overlap_yield else r.yield_threshold):
             self.stop()
             return _YIELD
         if overlap and r.overlap_stop_threshold:
