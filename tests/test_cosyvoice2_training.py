@@ -1,5 +1,9 @@
 """第 1 階段改用 CosyVoice2 語音頭（`speech_head="cosyvoice2"`）：示範語料的 CosyVoice2 碼
-（示範用隨機 S3 tokenizer 抽出）上訓練，損失下降；talker 參數確實被訓練。"""
+（示範用隨機 S3 tokenizer 抽出）上訓練，損失下降；talker 參數確實被訓練。
+
+約 1 分鐘、幾乎全是編譯，標為 slow（CI 的 slow 集執行）；預設測試裡 CosyVoice2 頭的前向、匯出
+與服務仍由 test_talker*、test_export、test_serving_cosyvoice2 檢查。
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from speakllm_jax.config import load_config
@@ -14,6 +19,7 @@ from speakllm_jax.training.loop import train
 from speakllm_jax.training.runs import load_run
 
 
+@pytest.mark.slow
 def test_phase1_cosyvoice2_trains_and_loss_falls(demo_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(
         "phase1",
