@@ -49,6 +49,7 @@ from export.serving.session import (  # noqa: E402
     load_engine,
     step_sessions,
 )
+from export.torch_model import SlotCache  # noqa: E402
 from speakllm_jax.audio.features import IncrementalLogMel  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 from speakllm_jax.data.demo_corpus import synth  # noqa: E402
@@ -115,6 +116,7 @@ def instrument(engine: Any, timer: StageTimer) -> None:
     DuplexSession.decode = timer.wrap("decode", DuplexSession.decode)
     IncrementalLogMel.push = timer.wrap("logmel", IncrementalLogMel.push)
     model.llm.model.forward = timer.wrap("llm", model.llm.model.forward)
+    SlotCache.step = timer.wrap("llm", SlotCache.step)
     model.llm.lm_head.forward = timer.wrap("lm_head", model.llm.lm_head.forward)
     model.depth_generate = timer.wrap("depth", model.depth_generate)
 
