@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         "--torch-threads", type=int, default=int(get_config().torch_threads),
         help="torch 的執行緒數（預設同伺服器設定 torch_threads）",
     )
-    ap.add_argument("--cprofile", action="store_true", help="另印 cProfile 依累計時間的前 30 名")
+    ap.add_argument("--cprofile", action="store_true", help="另印 cProfile 的前 45 名（排序見 --sort）")
+    ap.add_argument(
+        "--sort", default="cumulative", help="cProfile 的排序（cumulative、tottime…）"
+    )
     ap.add_argument("--json", default="", help="結果另存成 JSON")
     args = ap.parse_args(argv)
     if args.sessions < 1 or args.ticks < 1:
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_scenario(engine, sc, args.sessions, args.ticks, timer, prof))
         if prof is not None:
             buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+            pstats.Stats(prof, stream=buf).sort_stats(args.sort).print_stats(45)
             print(f"--- cProfile（{sc}）---\n{buf.getvalue()}")
     load = os.getloadavg()
     print(f"torch threads={torch.get_num_threads()}；load average {load[0]:.2f} {load[1]:.2f}")

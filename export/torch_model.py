@@ -447,13 +447,26 @@ class TorchSpeakLLM(nn.Module):
 
     # ---------------------------------------------------------------- 基本件
 
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        # 每一步要問很多次：記下來，`to()`／`half()` 等（都經 `_apply`）時清掉。
+        got = self.__dict__.get("_placed")
+        if got is None:
+            w = self.llm.get_input_embeddings().weight
+            got = self.__dict__["_placed"] = (w.device, w.dtype)
+        return got
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> TorchSpeakLLM:
+        self.__dict__.pop("_placed", None)
+        self.__dict__.pop("_slots", None)
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.get_input_embeddings().weight.dtype
+        return self._placement()[1]
 
     @property
     def device(self) -> torch.device:
-        return self.llm.get_input_embeddings().weight.device
+        return self._placement()[0]
 
     def _in(self, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         return _t(x, dtype, self.device)

@@ -171,16 +171,18 @@ class VoilaStreamDecoder:
 
     def decode(self, state: VoilaStreamState, codes: np.ndarray | torch.Tensor) -> np.ndarray:
         """每列接著解 `codes` `[B, Q, T]` 的 T 幀，回傳 `[B, T * hop]` float32 並更新 `state`。"""
-        c = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes)
+        # 檢查在 numpy 上做（torch 對小整數張量的 min／max 每次呼叫的固定成本比解碼一個卷積還高）。
+        c = codes.cpu().numpy() if torch.is_tensor(codes) else np.asarray(codes)
         if c.ndim != 3 or c.shape[0] != len(state) or c.shape[2] < 1:
             raise ValueError(f"碼的形狀應為 [{len(state)}, Q, T≥1]，收到 {tuple(c.shape)}")
         if not 1 <= c.shape[1] <= self.num_codebooks_max:
             raise ValueError(f"碼本層數 {c.shape[1]} 不在 1..{self.num_codebooks_max}")
         size = int(self.model.config.codebook_size)
-        if int(c.min()) < 0 or int(c.max()) >= size:
-            raise ValueError(f"碼必須在 [0, {size})，收到範圍 [{int(c.min())}, {int(c.max())}]")
+        lo, hi = int(c.min()), int(c.max())
+        if lo < 0 or hi >= size:
+            raise ValueError(f"碼必須在 [0, {size})，收到範圍 [{lo}, {hi}]")
         p = next(self.model.decoder.parameters())
-        c = c.to(device=p.device, dtype=torch.long)
+        c = torch.from_numpy(c.astype(np.int64)).to(device=p.device)
         with torch.no_grad(), parametrize.cached():
             x = self.model.quantizer.decode(c.transpose(0, 1))  # [B, D, T]
             for layer in self.model.decoder.layers:
