@@ -862,13 +862,14 @@ class TorchSpeakLLM(nn.Module):
 
     # ---------------------------------------------------------------- 串流
 
-    def slot_cache(self) -> SlotCache:
-        """這個模型 LLM 的常駐批次快取（第一次呼叫時建立；批次 1 的 `Streamer` 各借一列）。"""
-        pool = self.__dict__.get("_slots")
-        if pool is None:
-            pool = SlotCache(self.llm.config, self.llm_window, self.device, self.dtype)
-            self.__dict__["_slots"] = pool
-        return pool
+    def slot_cache(self, part: str = "llm") -> SlotCache:
+        """常駐批次快取（第一次呼叫時建立；批次 1 的 `Streamer` 各借一列）：`part="llm"` 為思考者，
+        `"talker"` 為 cosyvoice2 的 talker（同一個長對話方案）。"""
+        pools = self.__dict__.setdefault("_slots", {})
+        if part not in pools:
+            config = self.llm.config if part == "llm" else self.talker.llm.model.config
+            pools[part] = SlotCache(config, self.llm_window, self.device, self.dtype)
+        return pools[part]
 
     def new_cache(self, resident: bool = False) -> Any:
         """空的串流快取：voila 為 transformers `DynamicCache`；cosyvoice2 為 `DuplexCache`
@@ -879,7 +880,8 @@ class TorchSpeakLLM(nn.Module):
 
         llm_cache = self.slot_cache().acquire() if resident else DynamicCache(config=self.llm.config)
         if self.is_cosyvoice2:
-            return DuplexCache(llm_cache, self.talker.new_cache())
+            talker = self.slot_cache("talker").acquire() if resident else self.talker.new_cache()
+            return DuplexCache(llm_cache, talker)
         return llm_cache
 
     @torch.no_grad()
@@ -938,14 +940,22 @@ class TorchSpeakLLM(nn.Module):
         if self.is_cosyvoice2:
             if codes_target is None:
                 text_out = greedy(out["text"])
-            logits, talker_cache = self.talker.step(
-                talker_cache,
-                hidden,
-                text_out.long(),
-                prev["codes"][..., 0],
-                prev["codes_valid"],
-                position,
-            )
+            if isinstance(talker_cache, SlotRef):
+                tk = self.talker
+                tx = tk.frame_inputs(
+                    hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"]
+                )
+                pool = talker_cache.pool
+                logits = tk.decode(pool.step(tk.llm.model.model, tx, pos, [talker_cache.slot]))
+            else:
+                logits, talker_cache = self.talker.step(
+                    talker_cache,
+                    hidden,
+                    text_out.long(),
+                    prev["codes"][..., 0],
+                    prev["codes_valid"],
+                    position,
+                )
             if codes_target is not None:
                 out["codes"] = logits[:, :, None]
                 out["code_ids"] = codes_target
@@ -961,7 +971,9 @@ class TorchSpeakLLM(nn.Module):
 
     def _trim(self, cache: Any) -> Any:
         window = self.llm_window
-        return cache if window is None else trim_window(cache, *window)
+        if window is None or isinstance(cache, SlotRef):  # 常駐快取本身是環狀，不必截斷
+            return cache
+        return trim_window(cache, *window)
 
     @torch.no_grad()
     def stream(
@@ -1295,10 +1307,11 @@ def step_batch(
     """多個各自前進的 `Streamer`（批次 1、位置與快取長度各不相同，例如不同時間開始的會話）
     一次前進一幀，結果與逐一 `Streamer.step` 相同。
 
-    `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。各列的 LLM 快取
-    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；voila 的深度 Transformer 一次產生
-    N 列的語音碼；cosyvoice2 的 talker 快取同樣補齊、每列自己的遮罩與位置，一次前進 N 列。之後把
-    每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。
+    `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。批次 1 的 `Streamer`
+    的 LLM（與 cosyvoice2 的 talker）快取是常駐批次快取（`SlotCache`）的一列：各列的新鍵值就地寫入
+    自己的位置、以每列的有效長度遮罩，RoPE 位置每列各自，不複製、不拆開。voila 的深度 Transformer
+    一次產生 N 列的語音碼；cosyvoice2 的 talker 同樣一次前進 N 列。不是常駐快取的列（自己建的
+    `DynamicCache`）則補齊到最長者疊成一批、以鍵遮罩遮掉補齊處，之後拆回（再依長對話方案截斷）。
     """
     model = streamers[0].model
     if any(st.model is not model or st.batch != 1 for st in streamers):
@@ -1319,13 +1332,10 @@ def step_batch(
     )
     llm_caches = [st.cache.llm if cosy else st.cache for st in streamers]
     pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
-    pool = llm_caches[0].pool if isinstance(llm_caches[0], SlotRef) else None
-    resident = pool is not None and all(
-        isinstance(c, SlotRef) and c.pool is pool for c in llm_caches
-    )
+    resident = _same_pool(llm_caches)
     if resident:
         # 常駐批次快取：各列就地寫入、以每列的長度遮罩，不必疊合與拆開。
-        hidden = pool.step(model.llm.model, x, pos, [c.slot for c in llm_caches])
+        hidden = llm_caches[0].pool.step(model.llm.model, x, pos, [c.slot for c in llm_caches])
     else:
         cache, lengths, longest = _pad_caches(llm_caches, model.llm.config, dev)
         bias = _row_bias(lengths, longest, x.dtype, dev)
@@ -1338,21 +1348,28 @@ def step_batch(
         "turn": model.heads.turn_head(hidden).float(),
     }
     talker_res = None
+    t_caches = [st.cache.talker for st in streamers] if cosy else []
+    t_resident = cosy and _same_pool(t_caches)
     if cosy:
         tk = model.talker
-        t_caches = [st.cache.talker for st in streamers]
-        t_cache, t_lengths, t_longest = _pad_caches(t_caches, tk.llm.model.config, dev)
         text_out = greedy(out["text"])
         tx = tk.frame_inputs(hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"])
-        t_res = tk.llm.model.model(
-            inputs_embeds=tx,
-            attention_mask=_row_bias(t_lengths, t_longest, tx.dtype, dev),
-            position_ids=pos,
-            cache=t_cache,
-            use_cache=True,
-        )
-        out["code_ids"] = tk.greedy_codes(tk.decode(t_res.last_hidden_state))[..., None]
-        talker_res = (t_res.cache, t_lengths, t_longest, tk.llm.model.config)
+        if t_resident:
+            t_hidden = t_caches[0].pool.step(
+                tk.llm.model.model, tx, pos, [c.slot for c in t_caches]
+            )
+        else:
+            t_cache, t_lengths, t_longest = _pad_caches(t_caches, tk.llm.model.config, dev)
+            t_res = tk.llm.model.model(
+                inputs_embeds=tx,
+                attention_mask=_row_bias(t_lengths, t_longest, tx.dtype, dev),
+                position_ids=pos,
+                cache=t_cache,
+                use_cache=True,
+            )
+            t_hidden = t_res.last_hidden_state
+            talker_res = (t_res.cache, t_lengths, t_longest, tk.llm.model.config)
+        out["code_ids"] = tk.greedy_codes(tk.decode(t_hidden))[..., None]
     else:
         out["code_ids"] = model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1)
     for r, st in enumerate(streamers):
@@ -1360,7 +1377,9 @@ def step_batch(
             own = llm_caches[r]
         else:
             own = model._trim(_row_cache(res.cache, r, lengths[r], longest, model.llm.config))
-        if talker_res is not None:
+        if t_resident:
+            st.cache = DuplexCache(own, t_caches[r])
+        elif talker_res is not None:
             t_cache, t_lengths, t_longest, t_cfg = talker_res
             talker = model._trim(_row_cache(t_cache, r, t_lengths[r], t_longest, t_cfg))
             st.cache = DuplexCache(own, talker)
@@ -1368,6 +1387,14 @@ def step_batch(
             st.cache = own
         st.position += 1
     return out
+
+
+def _same_pool(caches: list[Any]) -> bool:
+    """各列都是同一個常駐批次快取的列（`SlotRef`）。"""
+    first = caches[0] if caches else None
+    return isinstance(first, SlotRef) and all(
+        isinstance(c, SlotRef) and c.pool is first.pool for c in caches
+    )
 
 
 def load_heads_config(path: str | Path) -> HeadsConfig:

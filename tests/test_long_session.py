@@ -124,3 +124,29 @@ def test_step_batch_equals_separate_steps(assets) -> None:
     separate, batched = advanced_streamers(model, (0, 37, 230), prev_row)
     assert separate[2].cache_sizes()["llm"] == SINKS + WINDOW - 1
     assert_batch_steps_equal(model, separate, batched, prev_row)
+
+
+def test_resident_cache_rows_leave_and_join(assets) -> None:
+    """常駐批次快取（`SlotCache`）的列：六個串流超過起始的四列時列數加倍；會話結束（`Streamer`
+    被回收）時那一列歸還，新會話借到它時從空的開始（舊的 230 幀鍵值被遮掉、不會被看到）；之後
+    有列離開、有列加入的批次前進仍與逐一前進相同（含已超過視窗、環狀覆寫的列）。"""
+    import gc
+
+    from export.torch_model import load_exported
+    from tests.stream_batch_check import advanced_streamers, assert_batch_steps_equal, prev_rows
+
+    model = load_exported(assets[0])
+    pool = model.slot_cache()
+    prev_row = prev_rows(model, model.cfg.num_codebooks, codebook_size=2048)
+    separate, batched = advanced_streamers(model, (5, 230, 12), prev_row)
+    assert pool.rows >= 6 and len({st.cache.slot for st in separate + batched}) == 6
+    leaving = batched.pop(1)
+    separate.pop(1)
+    slot = leaving.cache.slot
+    del leaving
+    gc.collect()
+    assert slot in pool.free
+    sep_new, bat_new = advanced_streamers(model, (3,), prev_row)
+    assert slot in {sep_new[0].cache.slot, bat_new[0].cache.slot}
+    assert sep_new[0].cache_sizes()["llm"] == bat_new[0].cache_sizes()["llm"] == 3
+    assert_batch_steps_equal(model, separate + sep_new, batched + bat_new, prev_row, steps=4)
