@@ -577,7 +577,7 @@ class TorchSpeakLLM(nn.Module):
             "index": 0,
         }
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream_audio(
         self, state: dict[str, Any], mel: torch.Tensor, valid: int | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -884,7 +884,7 @@ class TorchSpeakLLM(nn.Module):
             return DuplexCache(llm_cache, talker)
         return llm_cache
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def frame_step(
         self,
         cache: Any,
@@ -1152,7 +1152,7 @@ class Streamer:
             return torch.zeros((self.batch, 0, d), dtype=self.model.dtype, device=self.model.device)
         return torch.cat(out, dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def push_mel(self, mel: Any) -> torch.Tensor:
         """餵梅爾框 `[B, n_mels, f]` → 新完成區塊的使用者串流 `[B, k·chunk_frames, d]`。"""
         m = self.model._in(mel, self.model.dtype)
@@ -1177,7 +1177,7 @@ class Streamer:
         """有界左方脈絡的編碼器已湊滿一個區塊（加一框前瞻）可以編碼。"""
         return not self.windowed and self.mel.shape[2] >= 2 * self.chunk_enc + 1
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def flush(self, audio: bool = False) -> torch.Tensor:
         """串流結束：（`audio=True` 時先結算增量梅爾）把剩下的梅爾補零編碼。"""
         if audio:
@@ -1210,7 +1210,7 @@ class Streamer:
         }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
     """多個各自前進的 `Streamer`（批次 1、已編碼的框數各不相同）把已湊滿的區塊一批編碼。
 
@@ -1300,7 +1300,7 @@ def _row_bias(lengths: list[int], longest: int, dtype: torch.dtype, device: Any)
     return additive_mask(allowed[:, None, None], dtype)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def step_batch(
     streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:

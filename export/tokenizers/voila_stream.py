@@ -220,7 +220,7 @@ class VoilaStreamDecoder:
         p = next(self.model.decoder.parameters())
         c = torch.from_numpy(c.astype(np.int64)).to(device=p.device)
         state.any_fresh = bool(state.fresh.any())
-        with torch.no_grad(), parametrize.cached():
+        with torch.inference_mode(), parametrize.cached():
             x = self.model.quantizer.decode(c.transpose(0, 1))  # [B, D, T]
             for layer in self.model.decoder.layers:
                 x = self._run(layer, x, state)
