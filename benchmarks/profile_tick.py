@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import export.serving.session as session_mod  # noqa: E402
+import export.torch_model as torch_model  # noqa: E402
 from configs.serving import get_config  # noqa: E402
 from export.demo_assets import build_demo_assets  # noqa: E402
 from export.serving.session import (  # noqa: E402
@@ -49,7 +50,6 @@ from export.serving.session import (  # noqa: E402
     load_engine,
     step_sessions,
 )
-from export.torch_model import SlotCache  # noqa: E402
 from speakllm_jax.audio.features import IncrementalLogMel  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 from speakllm_jax.data.demo_corpus import synth  # noqa: E402
@@ -116,7 +116,9 @@ def instrument(engine: Any, timer: StageTimer) -> None:
     DuplexSession.decode = timer.wrap("decode", DuplexSession.decode)
     IncrementalLogMel.push = timer.wrap("logmel", IncrementalLogMel.push)
     model.llm.model.forward = timer.wrap("llm", model.llm.model.forward)
-    SlotCache.step = timer.wrap("llm", SlotCache.step)
+    pool = getattr(torch_model, "SlotCache", None)  # 舊版沒有常駐快取（比較前後用同一個腳本）
+    if pool is not None:
+        pool.step = timer.wrap("llm", pool.step)
     model.llm.lm_head.forward = timer.wrap("lm_head", model.llm.lm_head.forward)
     model.depth_generate = timer.wrap("depth", model.depth_generate)
 
@@ -206,10 +208,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("| --- | " + " | ".join("---" for _ in results) + " |")
     for name, label in STAGES.items():
         cells = [
-            f"{r['stages_ms'][name]['p50']:.1f} / {r['stages_ms'][name]['p90']:.1f}" for r in results
+            f"{r['stages_ms'][name]['p50']:.1f} / {r['stages_ms'][name]['p90']:.1f}"
+            for r in results
         ]
-        print(f"| {label.strip() if not label.startswith('  ') else '└ ' + label.strip()} | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {label.strip() if not label.startswith('  ') else '└ ' + label.strip()} | "
+            + " | ".join(cells)
+            + " |"
+        )
     for r in results:
         print(
             f"{r['scenario']}: {r['sessions']} 個會話、{r['ticks']} 個 tick，說話的會話 "
@@ -225,13 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", choices=("speaking", "listening", "both"), default="both")
     ap.add_argument("--assets-dir", default="/tmp/speakllm_profile_tick_assets")
     ap.add_argument(
-        "--torch-threads", type=int, default=int(get_config().torch_threads),
+        "--torch-threads",
+        type=int,
+        default=int(get_config().torch_threads),
         help="torch 的執行緒數（預設同伺服器設定 torch_threads）",
     )
-    ap.add_argument("--cprofile", action="store_true", help="另印 cProfile 的前 45 名（排序見 --sort）")
     ap.add_argument(
-        "--sort", default="cumulative", help="cProfile 的排序（cumulative、tottime…）"
+        "--cprofile", action="store_true", help="另印 cProfile 的前 45 名（排序見 --sort）"
     )
+    ap.add_argument("--sort", default="cumulative", help="cProfile 的排序（cumulative、tottime…）")
     ap.add_argument("--json", default="", help="結果另存成 JSON")
     args = ap.parse_args(argv)
     if args.sessions < 1 or args.ticks < 1:

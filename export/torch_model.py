@@ -16,8 +16,10 @@
   （`heads.safetensors`，設定在 `heads_config.json`）。
 
 方法與 JAX 的 `SpeakLLM` 同名同義：`encode_audio`、`asr_logits`、`frame_inputs`、`duplex_forward`、
-`heads_forward`；串流則有 `frame_step`（一幀，使用 transformers 的 KV 快取）與 `stream`（整段，
-對應 `speakllm_jax.models.streaming.run_streaming`，教師強制或自由執行）。
+`heads_forward`；串流則有 `frame_step`（一幀，使用 transformers 的 KV 快取，或常駐批次快取
+`SlotCache` 的一列）與 `stream`（整段，對應 `speakllm_jax.models.streaming.run_streaming`，教師強制
+或自由執行）。服務端每個會話一個 `Streamer`，多個會話以 `encode_batch`／`step_batch` 一批前進：
+LLM（與 talker）的快取是模型上常駐的批次快取，每個會話占一列，每步就地寫入、不複製也不拆開。
 """
 
 from __future__ import annotations
@@ -878,7 +880,9 @@ class TorchSpeakLLM(nn.Module):
         # 延後匯入：transformers 很重，只在載入或生成時需要
         from transformers import DynamicCache
 
-        llm_cache = self.slot_cache().acquire() if resident else DynamicCache(config=self.llm.config)
+        llm_cache = (
+            self.slot_cache().acquire() if resident else DynamicCache(config=self.llm.config)
+        )
         if self.is_cosyvoice2:
             talker = self.slot_cache("talker").acquire() if resident else self.talker.new_cache()
             return DuplexCache(llm_cache, talker)

@@ -91,10 +91,13 @@ class VoilaStreamState:
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """把 `rows`（預設全部）重設成新串流（新的一輪從頭解碼）。"""
-        idx = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-        self.fresh[idx] = True
-        for v in self.tensors.values():
-            v[idx] = 0
+        # 換成新張量而不就地改：解碼在 `torch.inference_mode` 裡產生的狀態不能在模式外就地修改。
+        hit = torch.zeros_like(self.fresh)
+        hit[slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)] = True
+        self.fresh = self.fresh | hit
+        for k, v in self.tensors.items():
+            self.tensors[k] = v.masked_fill(hit.view(-1, *([1] * (v.ndim - 1))), 0)
+        self.any_fresh = True
 
 
 def _conv_matmul(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
