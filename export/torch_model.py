@@ -354,6 +354,19 @@ class SlotCache:
             return hidden
 
 
+def _with_left(left: torch.Tensor | list[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+    """左方脈絡的 KV（`[B, h, w, d]`，或每列一個 `[1, h, w, d]` 的串列）接上這一區塊的 `new`
+    `[B, h, c, d]`：串列時各列直接複製進結果，省下先疊成一批再接上的那一次複製。"""
+    if isinstance(left, torch.Tensor):
+        return torch.cat([left, new], dim=2)
+    b, h, c, d = new.shape
+    w = left[0].shape[2]
+    out = new.new_empty((b, h, w + c, d))
+    torch.cat(left, dim=0, out=out[:, :, :w])
+    out[:, :, w:] = new
+    return out
+
+
 class TorchConnector(nn.Module):
     """串接 `stack` 幀 → LayerNorm → Linear → 精確 GELU → Linear。"""
 
@@ -587,7 +600,8 @@ class TorchSpeakLLM(nn.Module):
         超出音訊處補零，`valid` 為真實框數）→ (`[B, c / stack, hidden]`, 新狀態)。
 
         `state["index"]`（已編碼的框數）可以是每列一個的串列：位置取模的起點、開頭的卷積左邊界
-        與左方槽的有效遮罩都逐列計算，所以位置不同的多個串流（`encode_batch`）能合成一批。"""
+        與左方槽的有效遮罩都逐列計算，所以位置不同的多個串流（`encode_batch`）能合成一批；這時
+        每層的左方 KV 也可以是每列一個 `[1, h, w, d]` 的串列，直接複製進這一步的鍵值（不必先疊）。"""
         enc = self.encoder
         b, _, m = mel.shape
         c = (m - 1) // 2
@@ -603,7 +617,8 @@ class TorchSpeakLLM(nn.Module):
         x = F.gelu(F.conv1d(x, enc.conv2.weight, enc.conv2.bias, stride=2)).permute(0, 2, 1)
         pos = (idx + torch.arange(c, device=x.device)[None]) % enc.config.max_source_positions
         x = x + enc.embed_positions.weight[pos].to(x.dtype)
-        w = state["k"][0].shape[2]
+        first = state["k"][0]
+        w = (first if isinstance(first, torch.Tensor) else first[0]).shape[2]
         slot = idx - w + torch.arange(w + c, device=x.device)[None]
         bias = additive_mask((slot >= 0)[:, None, None, :], x.dtype)
         new_k, new_v = [], []
@@ -612,8 +627,8 @@ class TorchSpeakLLM(nn.Module):
             h = layer.self_attn_layer_norm(x)
             split = (b, c, a.num_heads, a.head_dim)
             q = (a.q_proj(h) * a.scaling).view(split).transpose(1, 2)
-            k = torch.cat([state["k"][i], a.k_proj(h).view(split).transpose(1, 2)], dim=2)
-            v = torch.cat([state["v"][i], a.v_proj(h).view(split).transpose(1, 2)], dim=2)
+            k = _with_left(state["k"][i], a.k_proj(h).view(split).transpose(1, 2))
+            v = _with_left(state["v"][i], a.v_proj(h).view(split).transpose(1, 2))
             weights = torch.softmax(q @ k.transpose(2, 3) + bias, dim=-1)
             o = (weights @ v).transpose(1, 2).reshape(b, c, -1)
             x = x + a.out_proj(o)
@@ -1218,8 +1233,9 @@ class Streamer:
 def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
     """多個各自前進的 `Streamer`（批次 1、已編碼的框數各不相同）把已湊滿的區塊一批編碼。
 
-    各列的編碼器狀態（卷積左邊界的兩個梅爾框、每層左方 KV）疊成一批，以每列自己的框號
-    （`stream_audio` 的每列 `index`）算位置與遮罩，之後拆回各自的 `Streamer`；結果與逐一
+    各列的編碼器狀態（卷積左邊界的兩個梅爾框、每層左方 KV：各列直接複製進這一步的鍵值，只複製
+    一次）合成一批，以每列自己的框號（`stream_audio` 的每列 `index`）算位置與遮罩，之後各列取回
+    自己的新狀態（這一批張量的檢視，不複製）；結果與逐一
     `push_audio` 相同。回傳每個 `Streamer` 新完成區塊的使用者串流 `[1, k, d]`（沒有則 k = 0）。
     舊匯出（切窗編碼）逐一編碼。
     """
@@ -1236,8 +1252,8 @@ def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
             raise ValueError("encode_batch 的 Streamer 必須有相同的 chunk_frames")
         state = {
             "mel": torch.cat([st.encoder["mel"] for st in group]),
-            "k": [torch.cat(ks) for ks in zip(*(st.encoder["k"] for st in group), strict=True)],
-            "v": [torch.cat(vs) for vs in zip(*(st.encoder["v"] for st in group), strict=True)],
+            "k": [list(ks) for ks in zip(*(st.encoder["k"] for st in group), strict=True)],
+            "v": [list(vs) for vs in zip(*(st.encoder["v"] for st in group), strict=True)],
             "index": [int(st.encoder["index"]) for st in group],
         }
         mel = torch.cat([st.mel[:, :, :size] for st in group])
