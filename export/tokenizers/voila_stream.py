@@ -9,8 +9,8 @@
   `kernel − stride` 個輸出的貢獻（不含偏置），下一段的輸出加上它；
 - LSTM 每層的 (h, c)。
 
-權重直接用 `transformers` 模型裡的模組（`layer.conv`、`layer.lstm`、ELU），不另存一份；解碼時以
-`torch.nn.utils.parametrize.cached()` 讓 weight norm 每次呼叫只算一次。
+權重直接用 `transformers` 模型裡的模組（`layer.conv`、`layer.lstm`、ELU）；weight norm 算好的卷積
+權重記下來重用（原始參數 g、v 的版本改變時重算），小卷積以矩陣乘法算（`_conv_matmul`）。
 
 串流的開頭：`transformers` 的因果卷積在序列開頭以 `config.pad_mode`（預設 "reflect"）補左邊。
 這裡對每個新串流第一次送進來的那一段，以同一個 `EncodecConv1d._pad1d` 補出左方脈絡，所以：
@@ -100,12 +100,12 @@ class VoilaStreamState:
         self.any_fresh = True
 
 
-def _conv_matmul(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+def _conv_matmul(conv: nn.Conv1d, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """步幅 1、不補邊的 `conv1d`，以一次矩陣乘法算（各延遲的輸入疊成 `[B, C·k, L]`）。
 
     解碼器的卷積很小（幾到幾十個通道、一幀 1–640 個位置），`conv1d` 每次呼叫的固定成本
     （oneDNN）比計算本身大；結果與 `conv1d` 相同（浮點誤差內，約 1e-6）。"""
-    w, d = conv.weight, int(conv.dilation[0])
+    d = int(conv.dilation[0])
     out_ch, in_ch, k = w.shape
     if conv.groups != 1 or int(conv.stride[0]) != 1 or conv.padding not in ((0,), 0):
         return conv(x)
@@ -152,6 +152,7 @@ class VoilaStreamDecoder:
         self.num_codebooks_max = int(cfg.num_quantizers)
         self.hop = int(np.prod(cfg.upsampling_ratios))
         self._names = {id(m): n for n, m in model.decoder.named_modules()}
+        self._weights: dict[int, tuple[tuple, torch.Tensor]] = {}
         # 每個有狀態模組的狀態形狀（不含列）；同時算出逐幀時開頭反射能否與整段相同。
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._pads: dict[str, int] = {}
@@ -194,6 +195,17 @@ class VoilaStreamDecoder:
         if isinstance(layer, nn.ELU | nn.Identity):
             return rate
         raise TypeError(f"串流解碼不認得的解碼器模組：{name}（{type(layer).__name__}）")
+
+    def _weight(self, conv: nn.Module) -> torch.Tensor:
+        """卷積的權重（weight norm 算好的）：記下來重用，原始參數（g、v）改變時才重算。"""
+        if not parametrize.is_parametrized(conv, "weight"):
+            return conv.weight
+        originals = tuple(conv.parametrizations.weight._parameters.values())
+        key = tuple((t.data_ptr(), t._version) for t in originals)
+        got = self._weights.get(id(conv))
+        if got is None or got[0] != key:
+            got = self._weights[id(conv)] = (key, conv.weight.detach())
+        return got[1]
 
     def new_state(self, batch: int = 1) -> VoilaStreamState:
         """`batch` 個新串流的狀態（全為零、`fresh`）。"""
@@ -248,7 +260,7 @@ class VoilaStreamDecoder:
         name = self._names[id(layer)]
         pad = self._pads[name]
         if pad == 0:
-            return _conv_matmul(layer.conv, x)
+            return _conv_matmul(layer.conv, x, self._weight(layer.conv))
         ctx = st.tensors[name]
         if st.any_fresh:
             # 新串流的左方脈絡：與 transformers 整段解碼時對這一段的補邊相同。
@@ -256,7 +268,7 @@ class VoilaStreamDecoder:
             ctx = torch.where(st.fresh[:, None, None], start, ctx)
         full = torch.cat([ctx, x], dim=-1)
         st.tensors[name] = full[..., -pad:].contiguous()
-        return _conv_matmul(layer.conv, full)
+        return _conv_matmul(layer.conv, full, self._weight(layer.conv))
 
     def _conv_transpose(
         self, layer: EncodecConvTranspose1d, x: torch.Tensor, st: VoilaStreamState
@@ -264,7 +276,7 @@ class VoilaStreamDecoder:
         name = self._names[id(layer)]
         conv = layer.conv
         s = conv.stride[0]
-        y = _conv_transpose_matmul(x, conv.weight, s)
+        y = _conv_transpose_matmul(x, self._weight(conv), s)
         n = x.shape[-1] * s
         if name in st.tensors:
             tail = st.tensors[name]
