@@ -16,13 +16,17 @@
   （`heads.safetensors`，設定在 `heads_config.json`）。
 
 方法與 JAX 的 `SpeakLLM` 同名同義：`encode_audio`、`asr_logits`、`frame_inputs`、`duplex_forward`、
-`heads_forward`；串流則有 `frame_step`（一幀，使用 transformers 的 KV 快取）與 `stream`（整段，
-對應 `speakllm_jax.models.streaming.run_streaming`，教師強制或自由執行）。
+`heads_forward`；串流則有 `frame_step`（一幀，使用 transformers 的 KV 快取，或常駐批次快取
+`SlotCache` 的一列）與 `stream`（整段，對應 `speakllm_jax.models.streaming.run_streaming`，教師強制
+或自由執行）。服務端每個會話一個 `Streamer`，多個會話以 `encode_batch`／`step_batch` 一批前進：
+LLM（與 talker）的快取是模型上常駐的批次快取，每個會話占一列，每步就地寫入、不複製也不拆開。
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -157,6 +161,17 @@ def encoder_positions(start: int, length: int, period: int, device: Any = None) 
     return (torch.arange(length, device=device) + int(start)) % int(period)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """最後一維的 argmax（同 `torch.argmax(logits, dim=-1)`，並列時取第一個）。
+
+    CPU 上改用 numpy 的 argmax：torch 的 CPU argmax 對 15 萬詞的詞表慢一個數量級（一列約 0.27 ms，
+    numpy 約 0.02 ms），批次排程每一步每個會話都要取一次。"""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+        return torch.argmax(logits, dim=-1)
+    x = logits.detach()
+    return torch.from_numpy(np.ascontiguousarray(x.numpy().argmax(axis=-1)))
+
+
 def trim_window(cache: Any, sinks: int, window: int) -> Any:
     """LLM 快取的長對話方案：保留最前面 `sinks` 個詞與最近的 `window - 1` 個詞（下一幀再加上
     自己共 `window` 個），與 JAX 的環狀快取（`Qwen2ForCausalLM.init_cache(window=...)`）相同。
@@ -170,6 +185,186 @@ def trim_window(cache: Any, sinks: int, window: int) -> Any:
                 [layer.values[:, :, :sinks], layer.values[:, :, -tail:]], dim=2
             )
     return cache
+
+
+def decoder_layers(
+    qwen: nn.Module,
+    x: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+    kv: Any,
+) -> torch.Tensor:
+    """transformers `Qwen2Model` 的各層與最終正規化（不經它的 `forward`），KV 由呼叫端管理。
+
+    每層的計算與 `Qwen2DecoderLayer` 相同（同樣的子模組、RoPE 與注意力實作），只是新的鍵值交給
+    `kv(層號, 鍵, 值)`，它回傳這一層要看的全部鍵值（例如常駐快取的這幾列）。省掉 `forward` 每次
+    呼叫時建遮罩、包裝輸出等固定成本（批次排程每一步要跑 LLM 一次、深度 Transformer 每個碼本一次）。
+    """
+    # 延後匯入：transformers 很重，只在載入或生成時需要
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.qwen2.modeling_qwen2 import (
+        apply_rotary_pos_emb,
+        eager_attention_forward,
+    )
+
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+        qwen.config._attn_implementation, eager_attention_forward
+    )
+    cos, sin = position_embeddings
+    b, t, _ = x.shape
+    for i, layer in enumerate(qwen.layers):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        shape = (b, t, -1, a.head_dim)
+        q = a.q_proj(h).view(shape).transpose(1, 2)
+        k = a.k_proj(h).view(shape).transpose(1, 2)
+        v = a.v_proj(h).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = kv(i, k, v)
+        o, _ = attend(
+            a, q, k, v, mask, dropout=0.0, scaling=a.scaling, sliding_window=a.sliding_window
+        )
+        x = x + a.o_proj(o.reshape(b, t, -1).contiguous())
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return qwen.norm(x)
+
+
+class SlotRef:
+    """一個串流在常駐批次快取（`SlotCache`）裡的一列；物件被回收時歸還那一列。"""
+
+    def __init__(self, pool: SlotCache, slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        weakref.finalize(self, pool.release, slot)
+
+    def get_seq_length(self) -> int:
+        """存著的詞數：與 `DynamicCache` 依長對話方案截斷後的長度相同。"""
+        return self.pool.stored(self.slot)
+
+
+class SlotCache:
+    """常駐的批次 KV 快取：每層一個 `[列, kv 頭, 容量, 頭維]` 的鍵與值，每個串流占一列（slot）。
+
+    批次排程每一步只把這一批各列的新鍵值就地寫到各自的位置、取出這幾列（一次 `index_select`）算
+    注意力，以每列自己的有效長度做鍵遮罩；不再每步把各會話的 `DynamicCache` 補齊疊成一批再拆回。
+    長對話方案（注意力槽 `sinks` + 視窗 `w`）在這裡是環狀：容量 `sinks + w`，第 `c` 個詞（`c ≥ sinks`）
+    寫在 `sinks + (c − sinks) mod w`，正好蓋掉這一步已看不到的那個詞，所以每一步看的仍是前 `sinks`
+    個詞加最近的 `w` 個（含自己），與 `trim_window` 截斷後的 `DynamicCache` 相同（鍵的順序不同，注意力
+    與順序無關）。沒有視窗時容量不夠就加倍。列不夠時加倍；串流結束（`SlotRef` 被回收）時歸還。
+    重配置與前進以同一把鎖互斥（`per_session` 排程會從多個執行緒呼叫）。
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        window: tuple[int, int] | None,
+        device: Any,
+        dtype: torch.dtype,
+        rows: int = 4,
+        length: int = 256,
+    ) -> None:
+        self.window = None if window is None else (int(window[0]), int(window[1]))
+        self.heads = int(config.num_key_value_heads)
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        self.num_layers = int(config.num_hidden_layers)
+        self.device, self.dtype = device, dtype
+        self.cap = sum(self.window) if self.window else int(length)
+        self.k = [self._zeros(rows, self.cap) for _ in range(self.num_layers)]
+        self.v = [self._zeros(rows, self.cap) for _ in range(self.num_layers)]
+        self.count = [0] * rows  # 每列寫過的詞數
+        self.free = list(range(rows - 1, -1, -1))
+        self.lock = threading.RLock()
+
+    def _zeros(self, rows: int, length: int) -> torch.Tensor:
+        shape = (rows, self.heads, length, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def rows(self) -> int:
+        return len(self.count)
+
+    def acquire(self) -> SlotRef:
+        """借一列（沒有空列時列數加倍）。"""
+        with self.lock:
+            if not self.free:
+                old = self.rows
+                self.k = [torch.cat([k, self._zeros(old, self.cap)]) for k in self.k]
+                self.v = [torch.cat([v, self._zeros(old, self.cap)]) for v in self.v]
+                self.count += [0] * old
+                self.free = list(range(2 * old - 1, old - 1, -1))
+            slot = self.free.pop()
+            self.count[slot] = 0
+            return SlotRef(self, slot)
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            self.count[slot] = 0
+            self.free.append(slot)
+
+    def stored(self, slot: int) -> int:
+        c = self.count[slot]
+        return c if self.window is None else min(c, self.cap - 1)
+
+    def _grow_length(self, need: int) -> None:
+        cap = self.cap
+        while cap < need:
+            cap *= 2
+        pad = cap - self.cap
+        self.k = [torch.cat([k, self._zeros(self.rows, pad)], dim=2) for k in self.k]
+        self.v = [torch.cat([v, self._zeros(self.rows, pad)], dim=2) for v in self.v]
+        self.cap = cap
+
+    def _write_index(self, count: int) -> int:
+        if self.window is None or count < self.cap:
+            return count
+        sinks, w = self.window
+        return sinks + (count - sinks) % w
+
+    def step(
+        self, qwen: nn.Module, x: torch.Tensor, positions: torch.Tensor, slots: list[int]
+    ) -> torch.Tensor:
+        """`slots` 這幾列各前進一個詞：`x [N, 1, d]`、RoPE 位置 `positions [N, 1]` → 最終隱狀態。"""
+        if len(set(slots)) != len(slots):
+            raise ValueError("同一批裡不能有重複的列")
+        with self.lock:
+            counts = [self.count[s] for s in slots]
+            if self.window is None and max(counts) + 1 > self.cap:
+                self._grow_length(max(counts) + 1)
+            dev = x.device
+            rows = torch.tensor(slots, dtype=torch.long, device=dev)
+            where = torch.tensor(
+                [self._write_index(c) for c in counts], dtype=torch.long, device=dev
+            )
+            valid = [min(c + 1, self.cap) for c in counts]
+            span = max(valid)
+            seen = torch.arange(span, device=dev)[None] < torch.tensor(valid, device=dev)[:, None]
+            mask = additive_mask(seen[:, None, None], x.dtype)
+
+            def kv(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                self.k[i][rows, :, where] = k[:, :, 0]
+                self.v[i][rows, :, where] = v[:, :, 0]
+                keys = self.k[i][:, :, :span].index_select(0, rows)
+                return keys, self.v[i][:, :, :span].index_select(0, rows)
+
+            hidden = decoder_layers(qwen, x, qwen.rotary_emb(x, positions), mask, kv)
+            for s in slots:
+                self.count[s] += 1
+            return hidden
+
+
+def _with_left(left: torch.Tensor | list[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+    """左方脈絡的 KV（`[B, h, w, d]`，或每列一個 `[1, h, w, d]` 的串列）接上這一區塊的 `new`
+    `[B, h, c, d]`：串列時各列直接複製進結果，省下先疊成一批再接上的那一次複製。"""
+    if isinstance(left, torch.Tensor):
+        return torch.cat([left, new], dim=2)
+    b, h, c, d = new.shape
+    w = left[0].shape[2]
+    out = new.new_empty((b, h, w + c, d))
+    torch.cat(left, dim=0, out=out[:, :, :w])
+    out[:, :, w:] = new
+    return out
 
 
 class TorchConnector(nn.Module):
@@ -267,13 +462,26 @@ class TorchSpeakLLM(nn.Module):
 
     # ---------------------------------------------------------------- 基本件
 
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        # 每一步要問很多次：記下來，`to()`／`half()` 等（都經 `_apply`）時清掉。
+        got = self.__dict__.get("_placed")
+        if got is None:
+            w = self.llm.get_input_embeddings().weight
+            got = self.__dict__["_placed"] = (w.device, w.dtype)
+        return got
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> TorchSpeakLLM:
+        self.__dict__.pop("_placed", None)
+        self.__dict__.pop("_slots", None)
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.get_input_embeddings().weight.dtype
+        return self._placement()[1]
 
     @property
     def device(self) -> torch.device:
-        return self.llm.get_input_embeddings().weight.device
+        return self._placement()[0]
 
     def _in(self, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         return _t(x, dtype, self.device)
@@ -384,7 +592,7 @@ class TorchSpeakLLM(nn.Module):
             "index": 0,
         }
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream_audio(
         self, state: dict[str, Any], mel: torch.Tensor, valid: int | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -392,7 +600,8 @@ class TorchSpeakLLM(nn.Module):
         超出音訊處補零，`valid` 為真實框數）→ (`[B, c / stack, hidden]`, 新狀態)。
 
         `state["index"]`（已編碼的框數）可以是每列一個的串列：位置取模的起點、開頭的卷積左邊界
-        與左方槽的有效遮罩都逐列計算，所以位置不同的多個串流（`encode_batch`）能合成一批。"""
+        與左方槽的有效遮罩都逐列計算，所以位置不同的多個串流（`encode_batch`）能合成一批；這時
+        每層的左方 KV 也可以是每列一個 `[1, h, w, d]` 的串列，直接複製進這一步的鍵值（不必先疊）。"""
         enc = self.encoder
         b, _, m = mel.shape
         c = (m - 1) // 2
@@ -408,7 +617,8 @@ class TorchSpeakLLM(nn.Module):
         x = F.gelu(F.conv1d(x, enc.conv2.weight, enc.conv2.bias, stride=2)).permute(0, 2, 1)
         pos = (idx + torch.arange(c, device=x.device)[None]) % enc.config.max_source_positions
         x = x + enc.embed_positions.weight[pos].to(x.dtype)
-        w = state["k"][0].shape[2]
+        first = state["k"][0]
+        w = (first if isinstance(first, torch.Tensor) else first[0]).shape[2]
         slot = idx - w + torch.arange(w + c, device=x.device)[None]
         bias = additive_mask((slot >= 0)[:, None, None, :], x.dtype)
         new_k, new_v = [], []
@@ -417,8 +627,8 @@ class TorchSpeakLLM(nn.Module):
             h = layer.self_attn_layer_norm(x)
             split = (b, c, a.num_heads, a.head_dim)
             q = (a.q_proj(h) * a.scaling).view(split).transpose(1, 2)
-            k = torch.cat([state["k"][i], a.k_proj(h).view(split).transpose(1, 2)], dim=2)
-            v = torch.cat([state["v"][i], a.v_proj(h).view(split).transpose(1, 2)], dim=2)
+            k = _with_left(state["k"][i], a.k_proj(h).view(split).transpose(1, 2))
+            v = _with_left(state["v"][i], a.v_proj(h).view(split).transpose(1, 2))
             weights = torch.softmax(q @ k.transpose(2, 3) + bias, dim=-1)
             o = (weights @ v).transpose(1, 2).reshape(b, c, -1)
             x = x + a.out_proj(o)
@@ -551,24 +761,31 @@ class TorchSpeakLLM(nn.Module):
         return self.depth.lm_head(out).float().reshape(b, n, q, -1)
 
     def depth_generate(self, hidden: torch.Tensor) -> torch.Tensor:
-        """逐碼本貪婪產生：`hidden [M, d]` → `codes [M, Q]`（與 JAX 相同的計算順序）。"""
-        # 延後匯入：transformers 很重，只在載入或生成時需要
-        from transformers import DynamicCache
+        """逐碼本貪婪產生：`hidden [M, d]` → `codes [M, Q]`（與 JAX 相同的計算順序）。
 
+        深度 Transformer 有自己的 KV 快取：每個碼本只前向一個位置（與整段重算相同）。各層直接以
+        `decoder_layers` 跑（不經 `Qwen2Model.forward`），RoPE 的位置 0..Q−1 一次算好；所有列的
+        長度相同、因果由快取自然成立，不需要遮罩。"""
         m = hidden.shape[0]
         q = self.cfg.num_codebooks
+        depth = self.depth.model
         codes = torch.zeros((m, q), dtype=torch.long, device=hidden.device)
-        # 深度 Transformer 的 KV 快取：每個碼本只前向一個位置（與整段重算相同）。
-        cache = DynamicCache(config=self.depth.config)
+        keys: list[torch.Tensor | None] = [None] * len(depth.layers)
+        values: list[torch.Tensor | None] = [None] * len(depth.layers)
+
+        def kv(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if keys[i] is not None:
+                k, v = torch.cat([keys[i], k], dim=2), torch.cat([values[i], v], dim=2)
+            keys[i], values[i] = k, v
+            return k, v
+
         pos_emb = self.heads.codebook_pos
         x = self.heads.depth_in_proj(hidden)[:, None]
+        cos, sin = depth.rotary_emb(x, torch.arange(q, device=hidden.device)[None])
         for k in range(q):
             x = x + pos_emb[k].to(x.dtype)
-            pos = torch.full((m, 1), k, dtype=torch.long, device=hidden.device)
-            res = self.depth.model(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True)
-            cache = res.cache
-            logits = self.depth.lm_head(res.last_hidden_state[:, 0]).float()
-            codes[:, k] = torch.argmax(logits, dim=-1)
+            out = decoder_layers(depth, x, (cos[:, k : k + 1], sin[:, k : k + 1]), None, kv)
+            codes[:, k] = greedy(self.depth.lm_head(out[:, 0]))
             x = self.depth.get_input_embeddings()(codes[:, k : k + 1])
         return codes
 
@@ -662,18 +879,31 @@ class TorchSpeakLLM(nn.Module):
 
     # ---------------------------------------------------------------- 串流
 
-    def new_cache(self) -> Any:
+    def slot_cache(self, part: str = "llm") -> SlotCache:
+        """常駐批次快取（第一次呼叫時建立；批次 1 的 `Streamer` 各借一列）：`part="llm"` 為思考者，
+        `"talker"` 為 cosyvoice2 的 talker（同一個長對話方案）。"""
+        pools = self.__dict__.setdefault("_slots", {})
+        if part not in pools:
+            config = self.llm.config if part == "llm" else self.talker.llm.model.config
+            pools[part] = SlotCache(config, self.llm_window, self.device, self.dtype)
+        return pools[part]
+
+    def new_cache(self, resident: bool = False) -> Any:
         """空的串流快取：voila 為 transformers `DynamicCache`；cosyvoice2 為 `DuplexCache`
-        （思考者與 talker 各一個 `DynamicCache`）。"""
+        （思考者與 talker 各一個 `DynamicCache`）。`resident=True`（批次 1）時思考者的快取改為
+        常駐批次快取的一列（`SlotRef`），`step_batch` 不必每步疊合、拆開。"""
         # 延後匯入：transformers 很重，只在載入或生成時需要
         from transformers import DynamicCache
 
-        llm_cache = DynamicCache(config=self.llm.config)
+        llm_cache = (
+            self.slot_cache().acquire() if resident else DynamicCache(config=self.llm.config)
+        )
         if self.is_cosyvoice2:
-            return DuplexCache(llm_cache, self.talker.new_cache())
+            talker = self.slot_cache("talker").acquire() if resident else self.talker.new_cache()
+            return DuplexCache(llm_cache, talker)
         return llm_cache
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def frame_step(
         self,
         cache: Any,
@@ -708,44 +938,61 @@ class TorchSpeakLLM(nn.Module):
             user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
         )
         b = x.shape[0]
-        past = cache.get_seq_length()
-        bias = torch.zeros((b, 1, 1, past + 1), dtype=x.dtype, device=x.device)
         pos = torch.full((b, 1), int(position), dtype=torch.long, device=x.device)
-        res = self.llm.model(
-            inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
-        )
-        hidden = res.last_hidden_state
+        if isinstance(cache, SlotRef):
+            if b != 1:
+                raise ValueError(f"常駐快取的一列只能前進批次 1，收到 {b}")
+            hidden = cache.pool.step(self.llm.model, x, pos, [cache.slot])
+            llm_cache = cache
+        else:
+            past = cache.get_seq_length()
+            bias = torch.zeros((b, 1, 1, past + 1), dtype=x.dtype, device=x.device)
+            res = self.llm.model(
+                inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
+            )
+            hidden = res.last_hidden_state
+            llm_cache = self._trim(res.cache)
         out = {
             "text": self.llm.lm_head(hidden).float(),
             "turn": self.heads.turn_head(hidden).float(),
         }
         if self.is_cosyvoice2:
             if codes_target is None:
-                text_out = torch.argmax(out["text"], dim=-1)
-            logits, talker_cache = self.talker.step(
-                talker_cache,
-                hidden,
-                text_out.long(),
-                prev["codes"][..., 0],
-                prev["codes_valid"],
-                position,
-            )
+                text_out = greedy(out["text"])
+            if isinstance(talker_cache, SlotRef):
+                tk = self.talker
+                tx = tk.frame_inputs(
+                    hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"]
+                )
+                pool = talker_cache.pool
+                logits = tk.decode(pool.step(tk.llm.model.model, tx, pos, [talker_cache.slot]))
+            else:
+                logits, talker_cache = self.talker.step(
+                    talker_cache,
+                    hidden,
+                    text_out.long(),
+                    prev["codes"][..., 0],
+                    prev["codes_valid"],
+                    position,
+                )
             if codes_target is not None:
                 out["codes"] = logits[:, :, None]
                 out["code_ids"] = codes_target
             else:
                 out["code_ids"] = self.talker.greedy_codes(logits)[..., None]
-            return DuplexCache(self._trim(res.cache), self._trim(talker_cache)), out
+            return DuplexCache(llm_cache, self._trim(talker_cache)), out
         if codes_target is not None:
             out["codes"] = self.depth_logits(hidden, codes_target)
             out["code_ids"] = codes_target
         else:
             out["code_ids"] = self.depth_generate(hidden.reshape(b, -1)).reshape(b, 1, -1)
-        return self._trim(res.cache), out
+        return llm_cache, out
 
     def _trim(self, cache: Any) -> Any:
         window = self.llm_window
-        return cache if window is None else trim_window(cache, *window)
+        if window is None or isinstance(cache, SlotRef):  # 常駐快取本身是環狀，不必截斷
+            return cache
+        return trim_window(cache, *window)
 
     @torch.no_grad()
     def stream(
@@ -802,7 +1049,7 @@ class TorchSpeakLLM(nn.Module):
                 if self.is_cosyvoice2:
                     text_out = tch["text_out"][:, t : t + 1].long()
             cache, out = self.frame_step(cache, t, user_t, prev, target, cond, text_out)
-            tok = torch.argmax(out["text"][:, 0], dim=-1)
+            tok = greedy(out["text"][:, 0])
             turn_np = out["turn"][:, 0].cpu().numpy()
             act = torch.tensor(
                 [d.step(row) for d, row in zip(deciders, turn_np)], dtype=torch.long, device=dev
@@ -880,7 +1127,7 @@ class Streamer:
             self.encoder = None
         else:
             self.encoder = model.init_audio_stream(self.batch, self.chunk_frames)
-        self.cache = model.new_cache()
+        self.cache = model.new_cache(resident=self.batch == 1)
         self.position = 0
         self.cond = cond_ids
 
@@ -924,7 +1171,7 @@ class Streamer:
             return torch.zeros((self.batch, 0, d), dtype=self.model.dtype, device=self.model.device)
         return torch.cat(out, dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def push_mel(self, mel: Any) -> torch.Tensor:
         """餵梅爾框 `[B, n_mels, f]` → 新完成區塊的使用者串流 `[B, k·chunk_frames, d]`。"""
         m = self.model._in(mel, self.model.dtype)
@@ -949,7 +1196,7 @@ class Streamer:
         """有界左方脈絡的編碼器已湊滿一個區塊（加一框前瞻）可以編碼。"""
         return not self.windowed and self.mel.shape[2] >= 2 * self.chunk_enc + 1
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def flush(self, audio: bool = False) -> torch.Tensor:
         """串流結束：（`audio=True` 時先結算增量梅爾）把剩下的梅爾補零編碼。"""
         if audio:
@@ -982,12 +1229,13 @@ class Streamer:
         }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
     """多個各自前進的 `Streamer`（批次 1、已編碼的框數各不相同）把已湊滿的區塊一批編碼。
 
-    各列的編碼器狀態（卷積左邊界的兩個梅爾框、每層左方 KV）疊成一批，以每列自己的框號
-    （`stream_audio` 的每列 `index`）算位置與遮罩，之後拆回各自的 `Streamer`；結果與逐一
+    各列的編碼器狀態（卷積左邊界的兩個梅爾框、每層左方 KV：各列直接複製進這一步的鍵值，只複製
+    一次）合成一批，以每列自己的框號（`stream_audio` 的每列 `index`）算位置與遮罩，之後各列取回
+    自己的新狀態（這一批張量的檢視，不複製）；結果與逐一
     `push_audio` 相同。回傳每個 `Streamer` 新完成區塊的使用者串流 `[1, k, d]`（沒有則 k = 0）。
     舊匯出（切窗編碼）逐一編碼。
     """
@@ -1004,8 +1252,8 @@ def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
             raise ValueError("encode_batch 的 Streamer 必須有相同的 chunk_frames")
         state = {
             "mel": torch.cat([st.encoder["mel"] for st in group]),
-            "k": [torch.cat(ks) for ks in zip(*(st.encoder["k"] for st in group), strict=True)],
-            "v": [torch.cat(vs) for vs in zip(*(st.encoder["v"] for st in group), strict=True)],
+            "k": [list(ks) for ks in zip(*(st.encoder["k"] for st in group), strict=True)],
+            "v": [list(vs) for vs in zip(*(st.encoder["v"] for st in group), strict=True)],
             "index": [int(st.encoder["index"]) for st in group],
         }
         mel = torch.cat([st.mel[:, :, :size] for st in group])
@@ -1072,17 +1320,18 @@ def _row_bias(lengths: list[int], longest: int, dtype: torch.dtype, device: Any)
     return additive_mask(allowed[:, None, None], dtype)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def step_batch(
     streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """多個各自前進的 `Streamer`（批次 1、位置與快取長度各不相同，例如不同時間開始的會話）
     一次前進一幀，結果與逐一 `Streamer.step` 相同。
 
-    `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。各列的 LLM 快取
-    補齊到最長者、以每列的鍵遮罩遮掉補齊處，RoPE 位置每列各自；voila 的深度 Transformer 一次產生
-    N 列的語音碼；cosyvoice2 的 talker 快取同樣補齊、每列自己的遮罩與位置，一次前進 N 列。之後把
-    每列的新快取拆回各自的 `Streamer`（再依長對話方案截斷）。
+    `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。批次 1 的 `Streamer`
+    的 LLM（與 cosyvoice2 的 talker）快取是常駐批次快取（`SlotCache`）的一列：各列的新鍵值就地寫入
+    自己的位置、以每列的有效長度遮罩，RoPE 位置每列各自，不複製、不拆開。voila 的深度 Transformer
+    一次產生 N 列的語音碼；cosyvoice2 的 talker 同樣一次前進 N 列。不是常駐快取的列（自己建的
+    `DynamicCache`）則補齊到最長者疊成一批、以鍵遮罩遮掉補齊處，之後拆回（再依長對話方案截斷）。
     """
     model = streamers[0].model
     if any(st.model is not model or st.batch != 1 for st in streamers):
@@ -1092,44 +1341,65 @@ def step_batch(
         raise ValueError(f"user_t 有 {user_t.shape[0]} 列，Streamer 有 {n} 個")
     cosy = model.is_cosyvoice2
     dev, dt = model.device, model.dtype
-    zero = torch.zeros((1, model.cfg.llm_hidden), dtype=dt, device=dev)
-    cond = torch.cat([zero if st.cond is None else model.embed(st.cond).to(dt) for st in streamers])
+    cond = None
+    if any(st.cond is not None for st in streamers):
+        zero = torch.zeros((1, model.cfg.llm_hidden), dtype=dt, device=dev)
+        cond = torch.cat(
+            [zero if st.cond is None else model.embed(st.cond).to(dt) for st in streamers]
+        )
     x = model.frame_inputs(
         user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
     )
     llm_caches = [st.cache.llm if cosy else st.cache for st in streamers]
-    cache, lengths, longest = _pad_caches(llm_caches, model.llm.config, dev)
-    bias = _row_bias(lengths, longest, x.dtype, dev)
     pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
-    res = model.llm.model(
-        inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
-    )
-    hidden = res.last_hidden_state
+    resident = _same_pool(llm_caches)
+    if resident:
+        # 常駐批次快取：各列就地寫入、以每列的長度遮罩，不必疊合與拆開。
+        hidden = llm_caches[0].pool.step(model.llm.model, x, pos, [c.slot for c in llm_caches])
+    else:
+        cache, lengths, longest = _pad_caches(llm_caches, model.llm.config, dev)
+        bias = _row_bias(lengths, longest, x.dtype, dev)
+        res = model.llm.model(
+            inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
+        )
+        hidden = res.last_hidden_state
     out = {
         "text": model.llm.lm_head(hidden).float(),
         "turn": model.heads.turn_head(hidden).float(),
     }
     talker_res = None
+    t_caches = [st.cache.talker for st in streamers] if cosy else []
+    t_resident = cosy and _same_pool(t_caches)
     if cosy:
         tk = model.talker
-        t_caches = [st.cache.talker for st in streamers]
-        t_cache, t_lengths, t_longest = _pad_caches(t_caches, tk.llm.model.config, dev)
-        text_out = torch.argmax(out["text"], dim=-1)
+        text_out = greedy(out["text"])
         tx = tk.frame_inputs(hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"])
-        t_res = tk.llm.model.model(
-            inputs_embeds=tx,
-            attention_mask=_row_bias(t_lengths, t_longest, tx.dtype, dev),
-            position_ids=pos,
-            cache=t_cache,
-            use_cache=True,
-        )
-        out["code_ids"] = tk.greedy_codes(tk.decode(t_res.last_hidden_state))[..., None]
-        talker_res = (t_res.cache, t_lengths, t_longest, tk.llm.model.config)
+        if t_resident:
+            t_hidden = t_caches[0].pool.step(
+                tk.llm.model.model, tx, pos, [c.slot for c in t_caches]
+            )
+        else:
+            t_cache, t_lengths, t_longest = _pad_caches(t_caches, tk.llm.model.config, dev)
+            t_res = tk.llm.model.model(
+                inputs_embeds=tx,
+                attention_mask=_row_bias(t_lengths, t_longest, tx.dtype, dev),
+                position_ids=pos,
+                cache=t_cache,
+                use_cache=True,
+            )
+            t_hidden = t_res.last_hidden_state
+            talker_res = (t_res.cache, t_lengths, t_longest, tk.llm.model.config)
+        out["code_ids"] = tk.greedy_codes(tk.decode(t_hidden))[..., None]
     else:
         out["code_ids"] = model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1)
-    for r, (st, m) in enumerate(zip(streamers, lengths)):
-        own = model._trim(_row_cache(res.cache, r, m, longest, model.llm.config))
-        if talker_res is not None:
+    for r, st in enumerate(streamers):
+        if resident:
+            own = llm_caches[r]
+        else:
+            own = model._trim(_row_cache(res.cache, r, lengths[r], longest, model.llm.config))
+        if t_resident:
+            st.cache = DuplexCache(own, t_caches[r])
+        elif talker_res is not None:
             t_cache, t_lengths, t_longest, t_cfg = talker_res
             talker = model._trim(_row_cache(t_cache, r, t_lengths[r], t_longest, t_cfg))
             st.cache = DuplexCache(own, talker)
@@ -1137,6 +1407,14 @@ def step_batch(
             st.cache = own
         st.position += 1
     return out
+
+
+def _same_pool(caches: list[Any]) -> bool:
+    """各列都是同一個常駐批次快取的列（`SlotRef`）。"""
+    first = caches[0] if caches else None
+    return isinstance(first, SlotRef) and all(
+        isinstance(c, SlotRef) and c.pool is first.pool for c in caches
+    )
 
 
 def load_heads_config(path: str | Path) -> HeadsConfig:

@@ -124,3 +124,65 @@ def test_step_batch_equals_separate_steps(assets) -> None:
     separate, batched = advanced_streamers(model, (0, 37, 230), prev_row)
     assert separate[2].cache_sizes()["llm"] == SINKS + WINDOW - 1
     assert_batch_steps_equal(model, separate, batched, prev_row)
+
+
+def test_resident_cache_rows_leave_and_join(assets) -> None:
+    """常駐批次快取（`SlotCache`）的列：六個串流超過起始的四列時列數加倍；會話結束（`Streamer`
+    被回收）時那一列歸還，新會話借到它時從空的開始（舊的 230 幀鍵值被遮掉、不會被看到）；之後
+    有列離開、有列加入的批次前進仍與逐一前進相同（含已超過視窗、環狀覆寫的列）。"""
+    import gc
+
+    from export.torch_model import load_exported
+    from tests.stream_batch_check import advanced_streamers, assert_batch_steps_equal, prev_rows
+
+    model = load_exported(assets[0])
+    pool = model.slot_cache()
+    prev_row = prev_rows(model, model.cfg.num_codebooks, codebook_size=2048)
+    separate, batched = advanced_streamers(model, (5, 230, 12), prev_row)
+    assert pool.rows >= 6 and len({st.cache.slot for st in separate + batched}) == 6
+    leaving = batched.pop(1)
+    separate.pop(1)
+    slot = leaving.cache.slot
+    del leaving
+    gc.collect()
+    assert slot in pool.free
+    sep_new, bat_new = advanced_streamers(model, (3,), prev_row)
+    assert slot in {sep_new[0].cache.slot, bat_new[0].cache.slot}
+    assert sep_new[0].cache_sizes()["llm"] == bat_new[0].cache_sizes()["llm"] == 3
+    assert_batch_steps_equal(model, separate + sep_new, batched + bat_new, prev_row, steps=4)
+
+
+def test_slot_cache_without_window_grows_and_steps_subsets(assets) -> None:
+    """沒有視窗的舊匯出：常駐快取的容量不夠就加倍、列不夠也加倍；每步只前進一部分的列（長度
+    各不相同）時，每列的隱狀態與各自用 transformers `DynamicCache` 逐步前進相同。"""
+    import torch
+    from transformers import DynamicCache
+
+    from export.torch_model import SlotCache, load_exported
+
+    model = load_exported(assets[0])
+    cfg, d = model.llm.config, model.cfg.llm_hidden
+    pool = SlotCache(cfg, None, model.device, model.dtype, rows=1, length=4)
+    refs = [pool.acquire() for _ in range(3)]
+    caches = [DynamicCache(config=cfg) for _ in refs]
+    steps = [0, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for t in range(10):
+            rows = [0, 1, 2] if t % 3 else [0, 2]
+            x = 0.1 * torch.randn((len(rows), 1, d), generator=g)
+            pos = torch.tensor([[steps[r]] for r in rows])
+            got = pool.step(model.llm.model, x, pos, [refs[r].slot for r in rows])
+            for i, r in enumerate(rows):
+                bias = torch.zeros((1, 1, 1, steps[r] + 1))
+                ref = model.llm.model(
+                    inputs_embeds=x[i : i + 1],
+                    attention_mask=bias,
+                    position_ids=pos[i : i + 1],
+                    cache=caches[r],
+                    use_cache=True,
+                ).last_hidden_state
+                torch.testing.assert_close(got[i : i + 1], ref, atol=1e-5, rtol=0)
+                steps[r] += 1
+    assert pool.rows == 4 and pool.cap == 16
+    assert [r.get_seq_length() for r in refs] == steps == [10, 6, 10]

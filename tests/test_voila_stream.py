@@ -139,6 +139,23 @@ def test_batched_rows_join_leave_and_reset(models) -> None:
     assert all(torch.equal(again.tensors[n], state.tensors[n]) for n in state.tensors)
 
 
+def test_weight_norm_cache_follows_weight_changes() -> None:
+    """解碼器記下 weight norm 算好的卷積權重；原始參數改變（例如載入新權重）時重算，與新建的
+    解碼器相同，而不是沿用舊權重。"""
+    model = _random_model()
+    dec = VoilaStreamDecoder(model)
+    codes = np.random.default_rng(5).integers(0, 64, (1, 2, 4))
+    before = dec.decode(dec.new_state(1), codes)
+    with torch.no_grad():
+        for conv in model.decoder.modules():
+            if hasattr(conv, "parametrizations"):
+                conv.parametrizations.weight.original0.mul_(1.5)
+    after = dec.decode(dec.new_state(1), codes)
+    fresh = VoilaStreamDecoder(model)
+    assert np.abs(after - fresh.decode(fresh.new_state(1), codes)).max() <= TOL
+    assert np.abs(after - before).max() > 1e-3
+
+
 def test_rejects_bad_codes(models) -> None:
     model, q = models["demo"]
     dec = VoilaStreamDecoder(model)

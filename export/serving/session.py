@@ -67,6 +67,7 @@ from export.torch_model import (
     Streamer,
     TorchSpeakLLM,
     encode_batch,
+    greedy,
     load_exported,
     step_batch,
 )
@@ -668,7 +669,7 @@ class DuplexSession:
         """模型一步之後、解碼之前的輪替：策略、這一幀說不說、語音碼與要解碼的視窗。"""
         eng = self.engine
         job = _StepJob(f, t0, enc_time)
-        job.tok = int(torch.argmax(res["text"][0, 0]))
+        job.tok = int(greedy(res["text"][0, 0]))
         if self.turn is None and self.decider.speaking:
             self.decider.stop()  # 這一輪已由快速路徑（打斷）結束
         # 不在使用者有聲的幀上開口（快速路徑最近 BACKCHANNEL_GAP_FRAMES 幀內有語音）：否則輪替頭
