@@ -50,6 +50,7 @@ from export.serving.session import (  # noqa: E402
     load_engine,
     step_sessions,
 )
+from speakllm_jax.audio.constants import SAMPLE_RATE  # noqa: E402
 from speakllm_jax.audio.features import IncrementalLogMel  # noqa: E402
 from speakllm_jax.cpu_simulation import configure_cpu_simulation  # noqa: E402
 from speakllm_jax.data.demo_corpus import synth  # noqa: E402
@@ -144,7 +145,7 @@ def tick(sessions: list[DuplexSession], frames: list[np.ndarray | None]) -> int:
 def run_scenario(
     engine: Any, scenario: str, n: int, ticks: int, timer: StageTimer, prof: Any
 ) -> dict[str, Any]:
-    speech = synth("你好，請幫我查一下天氣。", "cmn")[:16000]
+    speech = synth("你好，請幫我查一下天氣。", "cmn")[:SAMPLE_RATE]
     silence = np.zeros(FRAME_SAMPLES, np.float32)
     chunk = int(get_config().chunk_frames)
     sessions = make_sessions(engine, n, max_reply_seconds=60.0)
