@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import threading
 import weakref
+from collections import deque
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -275,6 +276,7 @@ class SlotCache:
         self.v = [self._zeros(rows, self.cap) for _ in range(self.num_layers)]
         self.count = [0] * rows  # 每列寫過的詞數
         self.free = list(range(rows - 1, -1, -1))
+        self.returned: deque[int] = deque()  # 回收時歸還、還沒收回 `free` 的列
         self.lock = threading.RLock()
 
     def _zeros(self, rows: int, length: int) -> torch.Tensor:
@@ -288,6 +290,7 @@ class SlotCache:
     def acquire(self) -> SlotRef:
         """借一列（沒有空列時列數加倍）。"""
         with self.lock:
+            self._reclaim()
             if not self.free:
                 old = self.rows
                 self.k = [torch.cat([k, self._zeros(old, self.cap)]) for k in self.k]
@@ -299,9 +302,19 @@ class SlotCache:
             return SlotRef(self, slot)
 
     def release(self, slot: int) -> None:
+        """歸還一列。由 `weakref.finalize` 在任何執行緒、任何配置點呼叫（也可能在別的鎖裡），
+        所以不取鎖、不等待：只放進 `returned`（deque 的 append 是原子的），下一次借列時在鎖內收回。"""
+        self.returned.append(slot)
+
+    def _reclaim(self) -> None:
+        while self.returned:
+            self.free.append(self.returned.popleft())
+
+    def free_slots(self) -> set[int]:
+        """目前空著的列（含剛歸還的）。"""
         with self.lock:
-            self.count[slot] = 0
-            self.free.append(slot)
+            self._reclaim()
+            return set(self.free)
 
     def stored(self, slot: int) -> int:
         c = self.count[slot]

@@ -145,7 +145,7 @@ def test_resident_cache_rows_leave_and_join(assets) -> None:
     slot = leaving.cache.slot
     del leaving
     gc.collect()
-    assert slot in pool.free
+    assert slot in pool.free_slots()
     sep_new, bat_new = advanced_streamers(model, (3,), prev_row)
     assert slot in {sep_new[0].cache.slot, bat_new[0].cache.slot}
     assert sep_new[0].cache_sizes()["llm"] == bat_new[0].cache_sizes()["llm"] == 3
