@@ -38,6 +38,29 @@ configure_cpu_simulation()
 
 import pytest  # noqa: E402
 
+# 預設以 pytest-xdist 的兩個 worker 執行（pyproject 的 `-n 2 --dist loadfile`：每個檔案整個交給一個
+# worker，模組層級的 fixture 不重做）。檔案依收集順序分派，所以最久的幾個檔案排在最前面，兩個 worker
+# 才會差不多同時結束；單一程序執行（`-n 0`）時順序不影響結果。
+HEAVY_FIRST = (
+    "test_training.py",
+    "test_export.py",
+    "test_turn_recipe.py",
+    "test_streaming_jax.py",
+    "test_serving_batch.py",
+    "test_long_session.py",
+    "test_whisper.py",
+    "test_plan.py",
+    "test_talker_generate.py",
+    "test_web.py",
+    "test_cli_errors.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """把 `HEAVY_FIRST` 的檔案依序排到最前面（穩定排序，其餘維持原順序）。"""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory):

@@ -403,7 +403,8 @@ def test_shutdown_sends_session_ended_with_reason(assets, engine) -> None:
 
 
 def test_graceful_shutdown_drains_sessions(assets, engine) -> None:
-    cfg = make_cfg(assets, shutdown_grace_s=10.0)
+    # 寬限期遠長於測試需要的時間：機器忙時（例如兩個 pytest worker）會話照樣在寬限期內收尾。
+    cfg = make_cfg(assets, shutdown_grace_s=60.0)
     st = ServerThread(cfg, engine).__enter__()
     try:
         h = HeldStream(st.target, chunks=5)
@@ -416,7 +417,7 @@ def test_graceful_shutdown_drains_sessions(assets, engine) -> None:
         assert stopper.is_alive()
         code, rest = h.finish()
         assert code == grpc.StatusCode.OK and rest[-1].event.kind == pb.Event.SESSION_ENDED
-        stopper.join(15)
+        stopper.join(60)
         assert not stopper.is_alive()
     finally:
         st.stop(0)

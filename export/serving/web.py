@@ -55,6 +55,8 @@ CLOSE_OK = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_STATUS_BASE = 4000  # 關閉碼 = 4000 + gRPC 狀態碼
 _STATUS_WAIT_S = 5.0  # 讀取迴圈出錯後等伺服器最終狀態的上限（秒）
+# 關機時等還在執行的連線處理常式的上限（秒；aiohttp 預設 60），之後取消它們。
+_SHUTDOWN_S = 10.0
 MAX_CLOSE_REASON_BYTES = 123  # WebSocket 關閉原因的上限（RFC 6455）
 AUDIO_HEADER = struct.Struct("<iI")  # 送給瀏覽器的音訊：seq、sample_rate，其後 PCM16
 
@@ -185,7 +187,7 @@ class WebBridge:
                 ("grpc.max_receive_message_length", max(n, 4 * 1024 * 1024)),
             ],
         )
-        self.runner = web.AppRunner(self.app(), access_log=None)
+        self.runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=_SHUTDOWN_S)
         await self.runner.setup()
         site = web.TCPSite(self.runner, str(self.cfg.host), int(self.cfg.web_port))
         await site.start()
