@@ -955,7 +955,7 @@ class TorchSpeakLLM(nn.Module):
         if isinstance(cache, SlotRef):
             if b != 1:
                 raise ValueError(f"常駐快取的一列只能前進批次 1，收到 {b}")
-            hidden = cache.pool.step(self.llm.model, x, pos, [cache.slot])
+            hidden = self._llm_rows(x, pos, [cache])
             llm_cache = cache
         else:
             past = cache.get_seq_length()
@@ -965,6 +965,48 @@ class TorchSpeakLLM(nn.Module):
             )
             hidden = res.last_hidden_state
             llm_cache = self._trim(res.cache)
+
+        def talker_step(h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            nonlocal talker_cache
+            if isinstance(talker_cache, SlotRef):
+                return self._talker_rows(h, text, prev, pos, [talker_cache])
+            logits, talker_cache = self.talker.step(
+                talker_cache, h, text, prev["codes"][..., 0], prev["codes_valid"], position
+            )
+            return logits
+
+        out = self._frame_outputs(hidden, talker_step, codes_target, text_out)
+        if self.is_cosyvoice2:
+            return DuplexCache(llm_cache, self._trim(talker_cache)), out
+        return llm_cache, out
+
+    def _llm_rows(self, x: torch.Tensor, pos: torch.Tensor, rows: list[SlotRef]) -> torch.Tensor:
+        """思考者以常駐批次快取的這幾列前進一幀（各列就地寫入、以自己的長度遮罩）。"""
+        return rows[0].pool.step(self.llm.model, x, pos, [r.slot for r in rows])
+
+    def _talker_rows(
+        self,
+        hidden: torch.Tensor,
+        text: torch.Tensor,
+        prev: dict[str, torch.Tensor],
+        pos: torch.Tensor,
+        rows: list[SlotRef],
+    ) -> torch.Tensor:
+        """cosyvoice2 的 talker 以常駐批次快取的這幾列前進一幀，回傳語音碼 logits。"""
+        tk = self.talker
+        tx = tk.frame_inputs(hidden, text, prev["codes"][..., 0], prev["codes_valid"])
+        return tk.decode(rows[0].pool.step(tk.llm.model.model, tx, pos, [r.slot for r in rows]))
+
+    def _frame_outputs(
+        self,
+        hidden: torch.Tensor,
+        talker_step: Any,
+        codes_target: torch.Tensor | None = None,
+        text_out: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """LLM 這一幀的隱狀態 `[B, 1, H]` → 文字與輪替 logits、語音碼（`frame_step` 與
+        `step_batch` 共用）。cosyvoice2 以 `talker_step(隱狀態, 這一幀文字)` 取語音碼 logits，
+        文字在自由執行時為這一幀貪婪選出者；voila 由深度 Transformer 產生（或教師強制的 logits）。"""
         out = {
             "text": self.llm.lm_head(hidden).float(),
             "turn": self.heads.turn_head(hidden).float(),
@@ -972,34 +1014,19 @@ class TorchSpeakLLM(nn.Module):
         if self.is_cosyvoice2:
             if codes_target is None:
                 text_out = greedy(out["text"])
-            if isinstance(talker_cache, SlotRef):
-                tk = self.talker
-                tx = tk.frame_inputs(
-                    hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"]
-                )
-                pool = talker_cache.pool
-                logits = tk.decode(pool.step(tk.llm.model.model, tx, pos, [talker_cache.slot]))
-            else:
-                logits, talker_cache = self.talker.step(
-                    talker_cache,
-                    hidden,
-                    text_out.long(),
-                    prev["codes"][..., 0],
-                    prev["codes_valid"],
-                    position,
-                )
+            logits = talker_step(hidden, text_out.long())
             if codes_target is not None:
                 out["codes"] = logits[:, :, None]
                 out["code_ids"] = codes_target
             else:
                 out["code_ids"] = self.talker.greedy_codes(logits)[..., None]
-            return DuplexCache(llm_cache, self._trim(talker_cache)), out
-        if codes_target is not None:
+        elif codes_target is not None:
             out["codes"] = self.depth_logits(hidden, codes_target)
             out["code_ids"] = codes_target
         else:
+            b = hidden.shape[0]
             out["code_ids"] = self.depth_generate(hidden.reshape(b, -1)).reshape(b, 1, -1)
-        return llm_cache, out
+        return out
 
     def _trim(self, cache: Any) -> Any:
         window = self.llm_window
@@ -1287,52 +1314,6 @@ def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
     return [torch.cat(got, dim=1) if got else empty for got in out]
 
 
-def _pad_caches(caches: list[Any], config: Any, device: Any) -> tuple[Any, list[int], int]:
-    """各列的 `DynamicCache`（批次 1、長度各不相同）補齊到最長者疊成一批；回傳（批次快取, 各列長度,
-    最長者）。補齊處由呼叫端以每列的鍵遮罩遮掉。"""
-    # 延後匯入：transformers 很重，只在載入或生成時需要
-    from transformers import DynamicCache
-
-    lengths = [int(c.get_seq_length()) for c in caches]
-    longest = max(lengths)
-    n = len(caches)
-    cache = DynamicCache(config=config)
-    if longest:
-        for i in range(len(next(c for c, m in zip(caches, lengths) if m).layers)):
-            ref = next(c.layers[i].keys for c, m in zip(caches, lengths) if m)
-            shape = (n, ref.shape[1], longest, ref.shape[3])
-            keys = torch.zeros(shape, dtype=ref.dtype, device=device)
-            values = torch.zeros(shape, dtype=ref.dtype, device=device)
-            for r, (c, m) in enumerate(zip(caches, lengths)):
-                if m:
-                    keys[r, :, :m] = c.layers[i].keys[0]
-                    values[r, :, :m] = c.layers[i].values[0]
-            cache.update(keys, values, i)
-    return cache, lengths, longest
-
-
-def _row_cache(cache: Any, r: int, length: int, longest: int, config: Any) -> Any:
-    """從批次快取拆回第 r 列：它自己的 `length` 個舊詞加上這一步新寫入的詞（去掉補齊處）。"""
-    # 延後匯入：transformers 很重，只在載入或生成時需要
-    from transformers import DynamicCache
-
-    own = DynamicCache(config=config)
-    for i, layer in enumerate(cache.layers):
-        keys = torch.cat([layer.keys[r : r + 1, :, :length], layer.keys[r : r + 1, :, longest:]], 2)
-        vals = torch.cat(
-            [layer.values[r : r + 1, :, :length], layer.values[r : r + 1, :, longest:]], 2
-        )
-        own.update(keys, vals, i)
-    return own
-
-
-def _row_bias(lengths: list[int], longest: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    """每列只看自己的舊詞與這一步的新詞：`[N, 1, 1, longest + 1]` 加性遮罩。"""
-    slot = torch.arange(longest + 1, device=device)
-    allowed = (slot[None] < torch.tensor(lengths, device=device)[:, None]) | (slot[None] == longest)
-    return additive_mask(allowed[:, None, None], dtype)
-
-
 @torch.inference_mode()
 def step_batch(
     streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
@@ -1343,8 +1324,7 @@ def step_batch(
     `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。批次 1 的 `Streamer`
     的 LLM（與 cosyvoice2 的 talker）快取是常駐批次快取（`SlotCache`）的一列：各列的新鍵值就地寫入
     自己的位置、以每列的有效長度遮罩，RoPE 位置每列各自，不複製、不拆開。voila 的深度 Transformer
-    一次產生 N 列的語音碼；cosyvoice2 的 talker 同樣一次前進 N 列。不是常駐快取的列（自己建的
-    `DynamicCache`）則補齊到最長者疊成一批、以鍵遮罩遮掉補齊處，之後拆回（再依長對話方案截斷）。
+    一次產生 N 列的語音碼；cosyvoice2 的 talker 同樣一次前進 N 列。
     """
     model = streamers[0].model
     if any(st.model is not model or st.batch != 1 for st in streamers):
@@ -1353,6 +1333,12 @@ def step_batch(
     if user_t.shape[0] != n:
         raise ValueError(f"user_t 有 {user_t.shape[0]} 列，Streamer 有 {n} 個")
     cosy = model.is_cosyvoice2
+    rows = [st.cache.llm if cosy else st.cache for st in streamers]
+    t_rows = [st.cache.talker for st in streamers] if cosy else []
+    if not _same_pool(rows) or (cosy and not _same_pool(t_rows)):
+        raise ValueError(
+            "step_batch 的 Streamer 必須都是同一個常駐批次快取的列（模型 to() 之後請重建 Streamer）"
+        )
     dev, dt = model.device, model.dtype
     cond = None
     if any(st.cond is not None for st in streamers):
@@ -1363,61 +1349,12 @@ def step_batch(
     x = model.frame_inputs(
         user_t, prev["text"], prev["tones"], prev["codes"], prev["codes_valid"], cond
     )
-    llm_caches = [st.cache.llm if cosy else st.cache for st in streamers]
     pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
-    resident = _same_pool(llm_caches)
-    if resident:
-        # 常駐批次快取：各列就地寫入、以每列的長度遮罩，不必疊合與拆開。
-        hidden = llm_caches[0].pool.step(model.llm.model, x, pos, [c.slot for c in llm_caches])
-    else:
-        cache, lengths, longest = _pad_caches(llm_caches, model.llm.config, dev)
-        bias = _row_bias(lengths, longest, x.dtype, dev)
-        res = model.llm.model(
-            inputs_embeds=x, attention_mask=bias, position_ids=pos, cache=cache, use_cache=True
-        )
-        hidden = res.last_hidden_state
-    out = {
-        "text": model.llm.lm_head(hidden).float(),
-        "turn": model.heads.turn_head(hidden).float(),
-    }
-    talker_res = None
-    t_caches = [st.cache.talker for st in streamers] if cosy else []
-    t_resident = cosy and _same_pool(t_caches)
-    if cosy:
-        tk = model.talker
-        text_out = greedy(out["text"])
-        tx = tk.frame_inputs(hidden, text_out.long(), prev["codes"][..., 0], prev["codes_valid"])
-        if t_resident:
-            t_hidden = t_caches[0].pool.step(
-                tk.llm.model.model, tx, pos, [c.slot for c in t_caches]
-            )
-        else:
-            t_cache, t_lengths, t_longest = _pad_caches(t_caches, tk.llm.model.config, dev)
-            t_res = tk.llm.model.model(
-                inputs_embeds=tx,
-                attention_mask=_row_bias(t_lengths, t_longest, tx.dtype, dev),
-                position_ids=pos,
-                cache=t_cache,
-                use_cache=True,
-            )
-            t_hidden = t_res.last_hidden_state
-            talker_res = (t_res.cache, t_lengths, t_longest, tk.llm.model.config)
-        out["code_ids"] = tk.greedy_codes(tk.decode(t_hidden))[..., None]
-    else:
-        out["code_ids"] = model.depth_generate(hidden.reshape(n, -1)).reshape(n, 1, -1)
-    for r, st in enumerate(streamers):
-        if resident:
-            own = llm_caches[r]
-        else:
-            own = model._trim(_row_cache(res.cache, r, lengths[r], longest, model.llm.config))
-        if t_resident:
-            st.cache = DuplexCache(own, t_caches[r])
-        elif talker_res is not None:
-            t_cache, t_lengths, t_longest, t_cfg = talker_res
-            talker = model._trim(_row_cache(t_cache, r, t_lengths[r], t_longest, t_cfg))
-            st.cache = DuplexCache(own, talker)
-        else:
-            st.cache = own
+    hidden = model._llm_rows(x, pos, rows)
+    out = model._frame_outputs(
+        hidden, lambda h, text: model._talker_rows(h, text, prev, pos, t_rows)
+    )
+    for st in streamers:
         st.position += 1
     return out
 

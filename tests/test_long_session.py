@@ -126,6 +126,31 @@ def test_step_batch_equals_separate_steps(assets) -> None:
     assert_batch_steps_equal(model, separate, batched, prev_row)
 
 
+def test_step_batch_refuses_rows_of_another_cache(assets) -> None:
+    """`to()` 之後模型的常駐快取重建：之前建的 `Streamer` 與新的不能一批前進（一行錯誤，不靜默算錯）；
+    重建後的 `Streamer` 照常一批前進。"""
+    import torch
+
+    from export.torch_model import Streamer, load_exported, step_batch
+    from tests.stream_batch_check import prev_rows
+
+    model = load_exported(assets[0])
+    prev_row = prev_rows(model, model.cfg.num_codebooks, codebook_size=2048)
+    g = torch.Generator().manual_seed(0)
+    old = Streamer(model, 2)
+    model.to(torch.float32)
+    new = [Streamer(model, 2) for _ in range(2)]
+    user = torch.zeros((2, 1, model.cfg.llm_hidden))
+    prevs = [prev_row(r, g) for r in range(2)]
+    prev = {key: torch.cat([p[key] for p in prevs]) for key in prevs[0]}
+    with pytest.raises(ValueError, match="同一個常駐批次快取"):
+        step_batch([old, new[0]], user, prev)
+    assert old.position == new[0].position == 0
+    out = step_batch(new, user, prev)
+    assert out["code_ids"].shape == (2, 1, model.cfg.num_codebooks)
+    assert [st.position for st in new] == [1, 1]
+
+
 def test_resident_cache_rows_leave_and_join(assets) -> None:
     """常駐批次快取（`SlotCache`）的列：六個串流超過起始的四列時列數加倍；會話結束（`Streamer`
     被回收）時那一列歸還，新會話借到它時從空的開始（舊的 230 幀鍵值被遮掉、不會被看到）；之後
