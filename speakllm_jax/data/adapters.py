@@ -338,6 +338,31 @@ def _libri_split(subset: str) -> str:
     return subset
 
 
+def _libri_lines(
+    root: str | os.PathLike,
+    top: str,
+    suffix: str,
+    skips: SkipCounter,
+    splits: Any,
+    subsets: Any,
+) -> Iterator[tuple[Path, str, str, int, str]]:
+    """LibriSpeech／LibriTTS 的目錄格式 {subset}/{spk}/{chapter}/*{suffix}：依子集與切分篩選後，
+    逐行給（轉寫檔, 子集, 切分, 行號, 該行）。"""
+    root = Path(root)
+    if (root / top).is_dir():
+        root = root / top
+    files = sorted(root.glob(f"*/*/*/*{suffix}"))
+    if not files:
+        raise UserFileError(f"{root}: 找不到 */*/*/*{suffix}（{top} 目錄格式）")
+    for tf in files:
+        subset = tf.parents[2].name
+        split = _libri_split(subset)
+        if (subsets and subset not in subsets) or not _want(split, splits):
+            continue
+        for lineno, line in _read_lines(tf, skips):
+            yield tf, subset, split, lineno, line
+
+
 @register_adapter("librispeech")
 def librispeech(
     root: str | os.PathLike,
@@ -349,38 +374,28 @@ def librispeech(
     **_: Any,
 ) -> Iterator[dict]:
     """LibriSpeech（openslr 12）：{subset}/{spk}/{chapter}/{spk}-{chapter}.trans.txt 與 .flac。"""
-    root = Path(root)
-    if (root / "LibriSpeech").is_dir():
-        root = root / "LibriSpeech"
-    trans_files = sorted(root.glob("*/*/*/*.trans.txt"))
-    if not trans_files:
-        raise UserFileError(f"{root}: 找不到 */*/*/*.trans.txt（LibriSpeech 目錄格式）")
     probe = _Prober(skips, expected_sr)
-    for tf in trans_files:
-        subset = tf.parents[2].name
-        split = _libri_split(subset)
-        if (subsets and subset not in subsets) or not _want(split, splits):
+    lines = _libri_lines(root, "LibriSpeech", ".trans.txt", skips, splits, subsets)
+    for tf, subset, split, lineno, line in lines:
+        uid, _, text = line.partition(" ")
+        if not text.strip():
+            skips.add(f"{tf}:{lineno}", "empty_text", uid)
             continue
-        for lineno, line in _read_lines(tf, skips):
-            uid, _, text = line.partition(" ")
-            if not text.strip():
-                skips.add(f"{tf}:{lineno}", "empty_text", uid)
-                continue
-            flac = tf.parent / f"{uid}.flac"
-            info = probe(flac, str(flac))
-            if info is None:
-                continue
-            yield _row(
-                uid,
-                flac,
-                info,
-                text.strip(),
-                uid.split("-")[0],
-                corpus,
-                split,
-                language="en",
-                source_subset=subset,
-            )
+        flac = tf.parent / f"{uid}.flac"
+        info = probe(flac, str(flac))
+        if info is None:
+            continue
+        yield _row(
+            uid,
+            flac,
+            info,
+            text.strip(),
+            uid.split("-")[0],
+            corpus,
+            split,
+            language="en",
+            source_subset=subset,
+        )
 
 
 WENET_SPLITS = {"DEV": "dev", "TEST_NET": "test", "TEST_MEETING": "test"}
@@ -658,41 +673,32 @@ def libritts(
     **_: Any,
 ) -> Iterator[dict]:
     """LibriTTS（openslr 60）：{subset}/{spk}/{chapter}/{spk}_{chapter}.trans.tsv（id、原文、正規化文）。"""
-    root = Path(root)
-    if (root / "LibriTTS").is_dir():
-        root = root / "LibriTTS"
-    files = sorted(root.glob("*/*/*/*.trans.tsv"))
-    if not files:
-        raise UserFileError(f"{root}: 找不到 */*/*/*.trans.tsv（LibriTTS 目錄格式）")
     probe = _Prober(skips, expected_sr)
-    for tf in files:
-        subset = tf.parents[2].name
-        split = _libri_split(subset)
-        if (subsets and subset not in subsets) or not _want(split, splits):
+    for tf, subset, split, lineno, line in _libri_lines(
+        root, "LibriTTS", ".trans.tsv", skips, splits, subsets
+    ):
+        cols = line.split("\t")
+        if len(cols) < 2:
+            skips.add(f"{tf}:{lineno}", "bad_line", line[:80])
             continue
-        for lineno, line in _read_lines(tf, skips):
-            cols = line.split("\t")
-            if len(cols) < 2:
-                skips.add(f"{tf}:{lineno}", "bad_line", line[:80])
-                continue
-            uid, original = cols[0], cols[1]
-            normalized = cols[2] if len(cols) > 2 else original
-            wav = tf.parent / f"{uid}.wav"
-            info = probe(wav, str(wav))
-            if info is None:
-                continue
-            yield _row(
-                uid,
-                wav,
-                info,
-                normalized,
-                uid.split("_")[0],
-                corpus,
-                split,
-                language="en",
-                text_raw=original,
-                source_subset=subset,
-            )
+        uid, original = cols[0], cols[1]
+        normalized = cols[2] if len(cols) > 2 else original
+        wav = tf.parent / f"{uid}.wav"
+        info = probe(wav, str(wav))
+        if info is None:
+            continue
+        yield _row(
+            uid,
+            wav,
+            info,
+            normalized,
+            uid.split("_")[0],
+            corpus,
+            split,
+            language="en",
+            text_raw=original,
+            source_subset=subset,
+        )
 
 
 @register_adapter("kaldi")
