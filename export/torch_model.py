@@ -230,6 +230,9 @@ def decoder_layers(
     return qwen.norm(x)
 
 
+_SLOT_CACHE_LOCK = threading.Lock()  # 建立模型的常駐快取（每個模型每個部分一次）
+
+
 class SlotRef:
     """一個串流在常駐批次快取（`SlotCache`）裡的一列；物件被回收時歸還那一列。"""
 
@@ -895,10 +898,15 @@ class TorchSpeakLLM(nn.Module):
     def slot_cache(self, part: str = "llm") -> SlotCache:
         """常駐批次快取（第一次呼叫時建立；批次 1 的 `Streamer` 各借一列）：`part="llm"` 為思考者，
         `"talker"` 為 cosyvoice2 的 talker（同一個長對話方案）。"""
-        pools = self.__dict__.setdefault("_slots", {})
-        if part not in pools:
-            config = self.llm.config if part == "llm" else self.talker.llm.model.config
-            pools[part] = SlotCache(config, self.llm_window, self.device, self.dtype)
+        pools = self.__dict__.get("_slots")
+        if pools is None or part not in pools:
+            # 伺服器在多個執行緒同時建立會話：不加鎖時兩個執行緒可能各建一個，先建的那個被蓋掉，
+            # 借到它的列與其他會話不在同一個快取裡，批次前進只能退回逐會話。
+            with _SLOT_CACHE_LOCK:
+                pools = self.__dict__.setdefault("_slots", {})
+                if part not in pools:
+                    config = self.llm.config if part == "llm" else self.talker.llm.model.config
+                    pools[part] = SlotCache(config, self.llm_window, self.device, self.dtype)
         return pools[part]
 
     def new_cache(self, resident: bool = False) -> Any:

@@ -126,6 +126,41 @@ def test_step_batch_equals_separate_steps(assets) -> None:
     assert_batch_steps_equal(model, separate, batched, prev_row)
 
 
+def test_resident_cache_is_one_under_concurrent_sessions(assets) -> None:
+    """伺服器在多個執行緒同時建立會話：32 個執行緒同時建 `Streamer`，都借到同一個常駐快取的列
+    （以前各執行緒可能各建一個，批次前進因此退回逐會話），之後一批前進。"""
+    import threading
+
+    import torch
+
+    from export.torch_model import Streamer, load_exported, step_batch
+    from tests.stream_batch_check import prev_rows
+
+    model = load_exported(assets[0])
+    n = 32
+    barrier = threading.Barrier(n)
+    made: list[Streamer] = []
+
+    def make() -> None:
+        barrier.wait()
+        made.append(Streamer(model, 2))
+
+    threads = [threading.Thread(target=make) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(made) == n
+    assert {id(st.cache.pool) for st in made} == {id(model.slot_cache())}
+    assert len({st.cache.slot for st in made}) == n
+    prev_row = prev_rows(model, model.cfg.num_codebooks, codebook_size=2048)
+    g = torch.Generator().manual_seed(0)
+    prevs = [prev_row(r, g) for r in range(n)]
+    prev = {key: torch.cat([p[key] for p in prevs]) for key in prevs[0]}
+    out = step_batch(made, torch.zeros((n, 1, model.cfg.llm_hidden)), prev)
+    assert out["code_ids"].shape == (n, 1, model.cfg.num_codebooks)
+
+
 def test_step_batch_refuses_rows_of_another_cache(assets) -> None:
     """`to()` 之後模型的常駐快取重建：之前建的 `Streamer` 與新的不能一批前進（一行錯誤，不靜默算錯）；
     重建後的 `Streamer` 照常一批前進。"""
