@@ -115,6 +115,31 @@ def test_batched_sessions_equal_each_alone(engine, clips) -> None:
         assert_same(a, b)
 
 
+def test_batch_failure_falls_back_per_session_with_a_warning(engine, clips, caplog) -> None:
+    """批次前進失敗（這裡：一個會話的快取不是常駐快取的列）時逐會話重跑：兩個會話都照常說話、
+    沒有錯誤，並記一行警告與次數（不會悄悄變慢）。"""
+    from export.serving import session as session_mod
+
+    sessions = [DuplexSession(engine, settings()) for _ in range(2)]
+    sessions[1].streamer.cache = engine.model.new_cache()  # transformers 的 DynamicCache
+    got: list[list[pb.ServerMessage]] = [s.start_messages() for s in sessions]
+    before = session_mod.FALLBACKS.get("step_batch", 0)
+    per = [frames_of(c)[:60] for c in clips[:2]]
+    with caplog.at_level("WARNING", logger="export.serving"):
+        for k in range(60):
+            for i, s in enumerate(sessions):
+                got[i] += s.feed(per[i][k], 0.0, defer=True)
+            msgs, errors = step_sessions(sessions)
+            assert not errors
+            for i, s in enumerate(sessions):
+                got[i] += msgs.get(id(s), [])
+    assert session_mod.FALLBACKS["step_batch"] > before
+    assert any("step_batch 批次失敗" in r.getMessage() for r in caplog.records)
+    assert [s.frame for s in sessions] == [60, 60]
+    for msgs in got:
+        assert sum(m.WhichOneof("payload") == "audio" for m in msgs) > 0
+
+
 def test_window_decode_mode_keeps_frames_and_events(engine, clips) -> None:
     # 舊的視窗重解（decode_mode="window"）與預設的串流解碼：事件、文字、幀號相同，只有波形不同
     # （視窗截斷了 LSTM 與卷積的歷史）。

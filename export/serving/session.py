@@ -48,6 +48,7 @@ Voila 的逐幀解碼（`decode_mode`）：Voila-Tokenizer（EncodecModel）的�
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,6 +86,16 @@ VOICED_FLOOR_RMS = 1e-3
 VOICED_TAIL_DB = 30.0
 HISTORY_TURNS = 8
 BACKCHANNEL_GAP_FRAMES = 2  # 助理說話時，短語音之後靜音幾幀就判定為附和
+# 批次失敗退回逐會話時記一行警告（結果仍對，但慢很多，不該悄悄發生）。
+_LOG = logging.getLogger("export.serving")
+FALLBACKS: dict[str, int] = {}  # 各批次步驟退回逐會話的次數（本程序累計）
+
+
+def _warn_fallback(step: str, e: BaseException) -> None:
+    """記下一次退回：第 1 次與之後每 1000 次各一行警告，不讓每個 tick 都洗版。"""
+    n = FALLBACKS[step] = FALLBACKS.get(step, 0) + 1
+    if n == 1 or n % 1000 == 0:
+        _LOG.warning("%s 批次失敗（第 %d 次），逐會話重跑：%s: %s", step, n, type(e).__name__, e)
 
 
 class SessionError(Exception):
@@ -846,7 +857,8 @@ def step_sessions(
         t0 = time.perf_counter()
         try:
             users = encode_batch([s.streamer for s in live])
-        except Exception:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+        except Exception as e:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+            _warn_fallback("encode_batch", e)
             users = []
             for s in live:
                 try:
@@ -870,7 +882,8 @@ def step_sessions(
             try:
                 res = step_batch([s.streamer for s in ready], user, prev)
                 results = [{k: v[r : r + 1] for k, v in res.items()} for r in range(len(ready))]
-            except Exception:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+            except Exception as e:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+                _warn_fallback("step_batch", e)
                 results = []
         if not results:
             for s in ready:
