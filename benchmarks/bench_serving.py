@@ -632,6 +632,7 @@ def print_sched(rows: list[dict[str, Any]]) -> None:
                 t.get("p50_ms", float("nan")),
                 t.get("p90_ms", float("nan")),
                 t.get("frame_ms", float("nan")),
+                t.get("batch_fallbacks", float("nan")),
                 pct(r["stream_rtf"])[1],
                 r["load_average"][0],
             ]
@@ -639,7 +640,8 @@ def print_sched(rows: list[dict[str, Any]]) -> None:
     print_table(
         "Scheduler (tiny demo model, CPU, real time; client-side first audio after user end ms; "
         "x1 = p90 / same scheduler+decode's 1 session; vs old = batched p90 / per_session p90; "
-        "leak = assistant audio frames after barge-in onset; tick = server compute per tick)",
+        "leak = assistant audio frames after barge-in onset; tick = server compute per tick; "
+        "fallback = batched steps that fell back to per-session, should be 0)",
         [
             "scheduler",
             "rt",
@@ -654,6 +656,7 @@ def print_sched(rows: list[dict[str, Any]]) -> None:
             "tick p50",
             "tick p90",
             "ms/frame",
+            "fallback",
             "RTF p90",
             "load",
         ],

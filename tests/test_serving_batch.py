@@ -174,6 +174,7 @@ def test_concurrent_sessions_over_loopback_equal_each_alone(assets, engine, clip
     with ServerThread(cfg, engine) as st:
         alone = [stream_audio(st.target, c, fast=True) for c in clips]
         st.server.servicer.ticks.clear()
+        fallbacks = st.server.servicer.tick_summary()["batch_fallbacks"]
         got: list = [None] * len(clips)
 
         def one(i: int) -> None:
@@ -185,6 +186,8 @@ def test_concurrent_sessions_over_loopback_equal_each_alone(assets, engine, clip
         for t in threads:
             t.join(120)
         multi = max(n for n, _ in st.server.servicer.ticks)
+        # 同時的會話真的一批前進，沒有退回逐會話。
+        assert st.server.servicer.tick_summary()["batch_fallbacks"] == fallbacks
     assert multi > 1
     for a, b in zip(alone, got, strict=True):
         assert a.status == b.status == grpc.StatusCode.OK, (a.detail, b.detail)

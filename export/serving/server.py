@@ -51,6 +51,7 @@ from export.serving import duplex_pb2 as pb
 from export.serving import duplex_pb2_grpc as pb_grpc
 from export.serving.session import (
     DECODE_MODES,
+    FALLBACKS,
     FRAME_SAMPLES,
     FRAME_SECONDS,
     SAMPLE_RATE,
@@ -215,9 +216,14 @@ class DuplexServicer(pb_grpc.DuplexSpeechServicer):
         return sum(t for _, t in self.costs) / n if n else 0.0
 
     def tick_summary(self) -> dict[str, float]:
-        """最近量到的每幀計算毫秒；批次排程另有最近 `COST_WINDOW` 個有幀的 tick 的計算毫秒
-        p50／p90／p99 與平均每 tick 的會話幀數。"""
-        out: dict[str, float] = {"ticks": len(self.ticks), "frame_ms": self.frame_cost * 1000.0}
+        """最近量到的每幀計算毫秒與批次退回逐會話的次數；批次排程另有最近 `COST_WINDOW` 個有幀的
+        tick 的計算毫秒 p50／p90／p99 與平均每 tick 的會話幀數。"""
+        out: dict[str, float] = {
+            "ticks": len(self.ticks),
+            "frame_ms": self.frame_cost * 1000.0,
+            # 批次編碼或前進失敗、退回逐會話的次數（本程序累計；應為 0）
+            "batch_fallbacks": sum(FALLBACKS.values()),
+        }
         if self.ticks:
             ms = np.array([t for _, t in self.ticks]) * 1000.0
             p50, p90, p99 = np.percentile(ms, [50, 90, 99])
