@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_rate = SAMPLE_RATE
     c.sample_rate_policy = "resample"
     c.chunk_frames = 2  # 每幾幀跑一次串流 Whisper 編碼（區塊因果遮罩的區塊大小）
+    # 區塊的模型步攤開：每收到一幀跑一個模型步（落後超過 chunk_frames − 1 步才補跑），而不是區塊
+    # 湊滿時把它的幀一次跑完。批次排程每 tick 一輪、所有會話一起，而不是區塊 tick 兩輪、下一個 tick
+    # 沒有；代價是區塊裡後面的幀晚至多 (chunk_frames − 1) × 40 ms。False 為舊的一次跑完。
+    c.spread_steps = True
     # Voila 的逐幀解碼："stream"（預設）：有狀態的串流解碼器，每個說話幀只解這一幀、保留卷積與
     # LSTM 的狀態（`export.tokenizers.voila_stream`）；"window"：每幀重解最近 decode_window_frames
     # 幀的語音碼、取最後一幀（舊的近似，基準比較用）。

@@ -1013,15 +1013,17 @@ class TorchSpeakLLM(nn.Module):
         text_out: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """LLM 這一幀的隱狀態 `[B, 1, H]` → 文字與輪替 logits、語音碼（`frame_step` 與
-        `step_batch` 共用）。cosyvoice2 以 `talker_step(隱狀態, 這一幀文字)` 取語音碼 logits，
-        文字在自由執行時為這一幀貪婪選出者；voila 由深度 Transformer 產生（或教師強制的 logits）。"""
+        `step_batch` 共用）；自由執行時另有每列的貪婪文字 `text_ids [B, 1]`。cosyvoice2 以
+        `talker_step(隱狀態, 這一幀文字)` 取語音碼 logits，文字在自由執行時為這一幀貪婪選出者；voila 由深度 Transformer 產生（或教師強制的 logits）。"""
         out = {
             "text": self.llm.lm_head(hidden).float(),
             "turn": self.heads.turn_head(hidden).float(),
         }
+        if codes_target is None:
+            out["text_ids"] = greedy(out["text"])  # 自由執行：每列的貪婪文字一次取
         if self.is_cosyvoice2:
             if codes_target is None:
-                text_out = greedy(out["text"])
+                text_out = out["text_ids"]
             logits = talker_step(hidden, text_out.long())
             if codes_target is not None:
                 out["codes"] = logits[:, :, None]

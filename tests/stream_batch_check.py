@@ -68,5 +68,6 @@ def assert_batch_steps_equal(
             torch.testing.assert_close(got["text"][r : r + 1], one["text"], atol=1e-4, rtol=0)
             torch.testing.assert_close(got["turn"][r : r + 1], one["turn"], atol=1e-4, rtol=0)
             assert torch.equal(got["code_ids"][r : r + 1], one["code_ids"])
+            assert torch.equal(got["text_ids"][r : r + 1], one["text_ids"])
         assert [st.cache_sizes() for st in batched] == [st.cache_sizes() for st in separate]
         assert [st.position for st in batched] == [st.position for st in separate]

@@ -42,8 +42,10 @@ def clips() -> list[np.ndarray]:
     ]
 
 
-def settings() -> SessionSettings:
-    return SessionSettings.from_config(get_config())
+def settings(**over) -> SessionSettings:
+    cfg = get_config()
+    cfg.update(over)
+    return SessionSettings.from_config(cfg)
 
 
 def frames_of(x: np.ndarray) -> list[np.ndarray]:
@@ -78,10 +80,11 @@ def assert_same(a: list[pb.ServerMessage], b: list[pb.ServerMessage]) -> None:
     assert max(int(np.abs(x - y).max()) for x, y in zip(pa, pb_, strict=True)) <= 1
 
 
-def test_batched_sessions_equal_each_alone(engine, clips) -> None:
+@pytest.mark.parametrize("spread", [True, False])
+def test_batched_sessions_equal_each_alone(engine, clips, spread) -> None:
     alone = []
     for clip in clips:
-        s = DuplexSession(engine, settings())
+        s = DuplexSession(engine, settings(spread_steps=spread))
         msgs = s.start_messages()
         for fr in frames_of(clip):
             msgs += s.feed(fr, 0.0)
@@ -90,7 +93,7 @@ def test_batched_sessions_equal_each_alone(engine, clips) -> None:
     # 同樣的輸入經批次排程：不同時間開始（位置、快取長度、說話的時機都不同），每個 tick 每個
     # 會話一幀，模型一批前進。
     offsets = [0, 3, 7]
-    sessions = [DuplexSession(engine, settings()) for _ in clips]
+    sessions = [DuplexSession(engine, settings(spread_steps=spread)) for _ in clips]
     got = [s.start_messages() for s in sessions]
     per = [frames_of(c) for c in clips]
     ticks = max(o + len(p) for o, p in zip(offsets, per, strict=True))
@@ -113,6 +116,74 @@ def test_batched_sessions_equal_each_alone(engine, clips) -> None:
     assert batched_rounds > 10  # 真的有多個會話合成一批
     for a, b in zip(alone, got, strict=True):
         assert_same(a, b)
+
+
+def tick_advances(engine, clips, spread: bool) -> tuple[list[list[int]], list[int], list[int]]:
+    """四個錯開一幀開始的會話經批次排程跑 60 個 tick：（每 tick 每個會話前進的模型步數,
+    每 tick 的 step_batch 次數, 每 tick 之後最多的待跑模型步數）。"""
+    from export.serving import session as session_mod
+
+    calls = [0]
+    real = session_mod.step_batch
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    sessions = [DuplexSession(engine, settings(spread_steps=spread)) for _ in range(4)]
+    per = [frames_of(clips[i % 2]) for i in range(4)]
+    adv, rounds, pending = [], [], []
+    session_mod.step_batch = counted
+    try:
+        for k in range(61):
+            active = []
+            for i, s in enumerate(sessions):
+                if 0 <= k - i % 2 < 60:
+                    s.feed(per[i][k - i % 2], 0.0, defer=True)
+                    active.append(s)
+            before = [s.model_frame for s in sessions]
+            calls[0] = 0
+            _, errors = step_sessions(active)
+            assert not errors
+            adv.append([s.model_frame - b for s, b in zip(sessions, before, strict=True)])
+            rounds.append(calls[0])
+            pending.append(max(s.pending_steps for s in sessions))
+    finally:
+        session_mod.step_batch = real
+    return adv, rounds, pending
+
+
+def test_spread_steps_run_one_round_per_tick(engine, clips) -> None:
+    """`spread_steps`：錯開開始的會話每 tick 各前進至多一步、一批一輪（區塊的第二幀到下一個 tick），
+    待跑的步數至多 chunk_frames − 1；關掉時區塊湊滿的 tick 前進兩步、兩輪，下一個 tick 沒有。"""
+    chunk = settings().chunk_frames
+    assert chunk == 2
+    adv, rounds, pending = tick_advances(engine, clips, spread=True)
+    steady = range(10, 58)
+    assert all(max(adv[k]) == 1 and rounds[k] == 1 for k in steady)
+    assert max(pending) <= chunk - 1
+    old_adv, old_rounds, old_pending = tick_advances(engine, clips, spread=False)
+    assert any(max(old_adv[k]) == 2 for k in steady)
+    assert any(old_rounds[k] == 2 for k in steady)
+    assert max(old_pending) == 0
+    # 步數不少：已跑的加上還待跑的（每個會話至多落後 chunk_frames − 1 步）等於一次跑完的。
+    late = [sum(a) for a in zip(*adv, strict=True)]
+    done = [sum(a) for a in zip(*old_adv, strict=True)]
+    assert all(0 <= d - g <= chunk - 1 for d, g in zip(done, late, strict=True))
+
+
+def test_spread_steps_keep_frames_and_events(engine, clips) -> None:
+    """攤開模型步只改時機：同一段輸入的事件、文字與音訊的幀號、輪次量測與一次跑完區塊時相同。"""
+
+    def run(spread: bool) -> list[bytes]:
+        s = DuplexSession(engine, settings(spread_steps=spread))
+        msgs = s.start_messages()
+        for fr in frames_of(clips[0]):
+            msgs += s.feed(fr, 0.0)
+        msgs += s.finish()
+        return sorted(canonical(msgs)[0])
+
+    assert run(True) == run(False)
 
 
 def test_batch_failure_falls_back_per_session_with_a_warning(engine, clips, caplog) -> None:

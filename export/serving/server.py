@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import sys
@@ -739,8 +740,20 @@ class ServerThread(LoopThread):
         return f"{self.server.cfg.host}:{self.port}"
 
 
+def freeze_loaded_objects() -> int:
+    """模型、分詞器載入之後呼叫：先回收一次，再把現有的物件移出循環 GC 的追蹤（`gc.freeze`）。
+
+    載入後有約 40 萬個一直活著的 Python 物件，否則之後每次完整回收都要掃過它們（這台 CPU 上一次
+    約 0.2 秒，所有會話的 tick 同時停住那麼久）；凍結後完整回收只看新物件。凍結的物件仍由參照
+    計數釋放。只在伺服器行程的進入點呼叫（測試在同一行程裡建很多伺服器，不凍結）。回傳凍結的物件數。"""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def _serve(cfg: Any) -> None:
     server = DuplexServer(cfg)
+    freeze_loaded_objects()
     port = await server.start()
     print(f"listening on {cfg.host}:{port}", flush=True)
     await wait_for_stop_signal()

@@ -68,7 +68,6 @@ from export.torch_model import (
     Streamer,
     TorchSpeakLLM,
     encode_batch,
-    greedy,
     load_exported,
     step_batch,
 )
@@ -225,6 +224,7 @@ class SessionSettings:
 
     policy: str = _SERVING.policy
     chunk_frames: int = _SERVING.chunk_frames
+    spread_steps: bool = _SERVING.spread_steps
     decode_mode: str = _SERVING.decode_mode
     decode_window_frames: int = _SERVING.decode_window_frames
     vad_aggressiveness: int = _SERVING.vad_aggressiveness
@@ -362,6 +362,10 @@ class DuplexSession:
         self.pending = np.zeros(0, np.float32)  # 不足一幀的樣本
         # 已編好、還沒跑模型的幀：（幀號, 使用者串流 [1, 1, d], 分攤的編碼秒數）。
         self.steps: deque[tuple[int, torch.Tensor, float]] = deque()
+        # 攤開模型步（`spread_steps`）：每收到一幀跑一步，待跑的步數超過 lag 才補跑；
+        # allow 為這一輪收到、還沒用掉的幀數（批次排程在 step_sessions 裡用掉）。
+        self.lag = settings.chunk_frames - 1 if settings.spread_steps else 0
+        self.allow = 0
         self.frame = 0  # 已收到的完整幀數
         self.model_frame = 0  # 已跑過模型的幀數
         # 還沒跑模型的幀的抵達時間（第 arrival_base 幀起）。
@@ -409,18 +413,20 @@ class DuplexSession:
     ) -> list[pb.ServerMessage]:
         """餵 16 kHz float32 音訊（任意長度）；回傳要送給客戶端的訊息（依時間順序）。
 
-        `defer=True`（批次排程）：只做快速路徑與編碼，這一幀之後的模型步留在 `pending_steps`，
-        由 `step_sessions` 與其他會話一批前進；此時一次至多完成一幀，且上一幀的模型步須已做完。"""
+        每一幀之後跑該跑的模型步（`spread_steps` 時一步、落後超過 `chunk_frames − 1` 步時補到不超過；
+        否則全部）。`defer=True`（批次排程）：只做快速路徑，模型步留給 `step_sessions` 與其他會話
+        一批前進；此時待跑的模型步須已不超過上面的落後量。"""
         now = time.perf_counter() if arrival is None else arrival
         self.pending = np.concatenate([self.pending, np.asarray(samples, np.float32)])
         out: list[pb.ServerMessage] = []
         while len(self.pending) >= FRAME_SAMPLES:
-            if defer and self.steps:
+            if defer and len(self.steps) > self.lag:
                 raise RuntimeError("defer=True 時上一幀的模型步還沒做完（先呼叫 step_sessions）")
             frame, self.pending = self.pending[:FRAME_SAMPLES], self.pending[FRAME_SAMPLES:]
             out += self._on_frame(frame, now, defer)
+            self.allow += 1
             if not defer:
-                out += self.run_steps()
+                out += self.run_steps(due_only=True)
         return out
 
     @property
@@ -428,15 +434,21 @@ class DuplexSession:
         """已編好、還沒跑模型的幀數。"""
         return len(self.steps)
 
-    def run_steps(self) -> list[pb.ServerMessage]:
-        """逐一跑完待跑的模型步（單一會話的路徑）。"""
+    def due(self) -> bool:
+        """現在該跑下一個模型步：這一輪還有收到的幀沒用掉，或待跑的步數超過落後量。"""
+        return bool(self.steps) and (self.allow > 0 or len(self.steps) > self.lag)
+
+    def run_steps(self, due_only: bool = False) -> list[pb.ServerMessage]:
+        """逐一跑待跑的模型步（單一會話的路徑）：全部，或 `due_only` 時只跑該跑的（見 `due`）。"""
         out: list[pb.ServerMessage] = []
-        while self.steps:
+        while self.due() if due_only else self.steps:
+            self.allow = max(0, self.allow - 1)
             f, user_t, enc_time = self.steps[0]
             t0 = time.perf_counter()
             res = self.streamer.step(user_t, self.prev)
             job = self.after_step(f, res, t0, enc_time)
             out += self.finish_step(job, self.decode([job])[0])
+        self.allow = 0  # 收到的幀只在它那一輪用（沒有待跑的步時不累積）
         return out
 
     def interrupt(self) -> list[pb.ServerMessage]:
@@ -680,7 +692,7 @@ class DuplexSession:
         """模型一步之後、解碼之前的輪替：策略、這一幀說不說、語音碼與要解碼的視窗。"""
         eng = self.engine
         job = _StepJob(f, t0, enc_time)
-        job.tok = int(greedy(res["text"][0, 0]))
+        job.tok = int(res["text_ids"][0, 0])
         if self.turn is None and self.decider.speaking:
             self.decider.stop()  # 這一輪已由快速路徑（打斷）結束
         # 不在使用者有聲的幀上開口（快速路徑最近 BACKCHANNEL_GAP_FRAMES 幀內有語音）：否則輪替頭
@@ -842,11 +854,12 @@ def step_sessions(
     """批次排程的一步：把各會話待跑的模型步一批前進，輪替策略仍在各會話裡。
 
     先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
-    每個還有待跑模型步的會話的下一幀，以 `step_batch` 一次前進（各自的 LLM／talker 快取與
-    RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話判定，所有說話會話的
-    Voila 這一幀一批解碼（`DuplexSession.decode`），再各自送出。
-    一個區塊的兩幀在連續兩輪前進（第二幀的輸入是第一幀的輸出）。每個會話的結果與單獨
-    `run_steps` 相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
+    每個該跑模型步的會話（`DuplexSession.due`）的下一幀，以 `step_batch` 一次前進（各自的
+    LLM／talker 快取與 RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話
+    判定，所有說話會話的 Voila 這一幀一批解碼（`DuplexSession.decode`），再各自送出。
+    `spread_steps`（預設）時每個會話這一輪收到一幀就跑一步，區塊的兩幀分在相鄰的兩個 tick，
+    所有會話每 tick 一輪；否則區塊的兩幀在同一 tick 的連續兩輪（第二幀的輸入是第一幀的輸出）。
+    每個會話的結果與單獨 `feed` 逐幀相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
     例外只結束該會話，其他會話照常。
     """
     out: dict[int, list[pb.ServerMessage]] = {id(s): [] for s in sessions}
@@ -871,9 +884,11 @@ def step_sessions(
             if user is not None:
                 s._queue_steps(user, share)
     while True:
-        ready = [s for s in live if s.steps and id(s) not in errors]
+        ready = [s for s in live if s.due() and id(s) not in errors]
         if not ready:
             break
+        for s in ready:
+            s.allow = max(0, s.allow - 1)
         t0 = time.perf_counter()
         results: list[dict[str, torch.Tensor] | None] = []
         if len(ready) > 1:
@@ -910,4 +925,6 @@ def step_sessions(
                 out[id(s)] += s.finish_step(job, wave)
             except Exception as e:
                 errors[id(s)] = e
+    for s in live:
+        s.allow = 0  # 同 run_steps：收到的幀只在這一輪用
     return out, errors

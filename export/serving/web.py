@@ -42,6 +42,7 @@ from export.serving.server import (
     DuplexServer,
     LoopThread,
     check_model_paths,
+    freeze_loaded_objects,
     serving_args,
     use_demo_assets,
     wait_for_stop_signal,
@@ -407,6 +408,7 @@ class WebThread(LoopThread):
 
 async def _serve(cfg: Any) -> None:
     server = WebServer(cfg)
+    freeze_loaded_objects()
     try:
         await server.start()
     except OSError as e:
