@@ -4,7 +4,8 @@
 'use strict';
 
 const FRAME_S = 0.04; // 一幀 40 ms（使用者與助理共用的時間軸）
-const LEAD_S = 0.1; // 抖動緩衝：一輪開頭或排空後，第一個片段排在現在之後這麼久
+const LEAD_S = 0.1; // 抖動緩衝的預設：一輪開頭或排空後，第一個片段排在現在之後這麼久
+let leadS = LEAD_S; // 網址參數 lead=秒（0.02–2）可調：網路抖動大時加深
 const STARVED_S = 0.01; // 排程尾端離現在不到這麼久就算排空
 const AUDIO_HEADER = 8; // 伺服器音訊訊息：int32 seq、uint32 sample_rate，其後 PCM16
 const TIMELINE_S = 12; // 時間軸顯示最近幾秒
@@ -103,6 +104,8 @@ async function loadConfig() {
   if (params.has('token')) $('token').value = params.get('token');
   if (params.has('policy')) policy.value = params.get('policy');
   if (params.get('aec') === '0') $('aec').checked = false;
+  const lead = parseFloat(params.get('lead'));
+  if (lead >= 0.02 && lead <= 2) leadS = lead;
 }
 
 function resetSession() {
@@ -334,7 +337,7 @@ function onAudio(buf) {
   if (start < t + STARVED_S) {
     // 排空了（一輪開頭、伺服器停住後恢復、或伺服器落後）：重新緩衝，不丟任何片段。
     if (turn.firstAudio !== null) S.rebuffers.push({ turn: currentTurn, seq, at: t });
-    start = t + LEAD_S;
+    start = t + leadS;
   }
   const src = ctx.createBufferSource();
   src.buffer = audio;
