@@ -1014,7 +1014,8 @@ class TorchSpeakLLM(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """LLM 這一幀的隱狀態 `[B, 1, H]` → 文字與輪替 logits、語音碼（`frame_step` 與
         `step_batch` 共用）；自由執行時另有每列的貪婪文字 `text_ids [B, 1]`。cosyvoice2 以
-        `talker_step(隱狀態, 這一幀文字)` 取語音碼 logits，文字在自由執行時為這一幀貪婪選出者；voila 由深度 Transformer 產生（或教師強制的 logits）。"""
+        `talker_step(隱狀態, 這一幀文字)` 取語音碼 logits，文字在自由執行時為這一幀貪婪選出者；
+        voila 由深度 Transformer 產生（或教師強制的 logits）。"""
         out = {
             "text": self.llm.lm_head(hidden).float(),
             "turn": self.heads.turn_head(hidden).float(),

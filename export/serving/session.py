@@ -438,11 +438,17 @@ class DuplexSession:
         """現在該跑下一個模型步：這一輪還有收到的幀沒用掉，或待跑的步數超過落後量。"""
         return bool(self.steps) and (self.allow > 0 or len(self.steps) > self.lag)
 
+    def claim_step(self) -> bool:
+        """`due` 時用掉這一輪收到的一幀（單一會話的 `run_steps` 與批次的 `step_sessions` 共用）。"""
+        if not self.due():
+            return False
+        self.allow = max(0, self.allow - 1)
+        return True
+
     def run_steps(self, due_only: bool = False) -> list[pb.ServerMessage]:
         """逐一跑待跑的模型步（單一會話的路徑）：全部，或 `due_only` 時只跑該跑的（見 `due`）。"""
         out: list[pb.ServerMessage] = []
-        while self.due() if due_only else self.steps:
-            self.allow = max(0, self.allow - 1)
+        while self.claim_step() if due_only else self.steps:
             f, user_t, enc_time = self.steps[0]
             t0 = time.perf_counter()
             res = self.streamer.step(user_t, self.prev)
@@ -854,13 +860,13 @@ def step_sessions(
     """批次排程的一步：把各會話待跑的模型步一批前進，輪替策略仍在各會話裡。
 
     先把各會話已湊滿的編碼器區塊以 `encode_batch` 一批編碼（每列自己的框號）；之後每一輪取
-    每個該跑模型步的會話（`DuplexSession.due`）的下一幀，以 `step_batch` 一次前進（各自的
+    每個該跑模型步的會話（`DuplexSession.claim_step`）的下一幀，以 `step_batch` 一次前進（各自的
     LLM／talker 快取與 RoPE 位置；只有一個會話時直接 `Streamer.step`）；之後各會話做策略與說話
     判定，所有說話會話的 Voila 這一幀一批解碼（`DuplexSession.decode`），再各自送出。
     `spread_steps`（預設）時每個會話這一輪收到一幀就跑一步，區塊的兩幀分在相鄰的兩個 tick，
     所有會話每 tick 一輪；否則區塊的兩幀在同一 tick 的連續兩輪（第二幀的輸入是第一幀的輸出）。
-    每個會話的結果與單獨 `feed` 逐幀相同（`tests/test_serving_batch.py`）。回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：
-    例外只結束該會話，其他會話照常。
+    每個會話的結果與單獨 `feed` 逐幀相同（`tests/test_serving_batch.py`）。
+    回傳（`id(會話)` → 訊息, `id(會話)` → 例外）：例外只結束該會話，其他會話照常。
     """
     out: dict[int, list[pb.ServerMessage]] = {id(s): [] for s in sessions}
     errors: dict[int, BaseException] = {}
@@ -884,11 +890,9 @@ def step_sessions(
             if user is not None:
                 s._queue_steps(user, share)
     while True:
-        ready = [s for s in live if s.due() and id(s) not in errors]
+        ready = [s for s in live if id(s) not in errors and s.claim_step()]
         if not ready:
             break
-        for s in ready:
-            s.allow = max(0, s.allow - 1)
         t0 = time.perf_counter()
         results: list[dict[str, torch.Tensor] | None] = []
         if len(ready) > 1:
