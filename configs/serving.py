@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.port = 50051
     c.auth_token = ""  # 非空時要求 metadata `authorization: Bearer <token>`
     c.max_sessions = 32
+    # 開服前以 max_sessions 個靜音會話先跑一次批次路徑：常駐 KV 快取先長到這麼多列（服務中不必
+    # 倍增複製），第一批會話也不付第一次配置的成本。只在命令列入口（伺服器、網頁橋接）做。
+    c.warmup = True
     c.max_message_bytes = 256 * 1024
     c.max_session_seconds = 0.0  # 使用者音訊總長上限（秒）；0 表示不限
     c.idle_timeout_s = 10.0  # 這麼久沒有音訊（空片段不算）就結束會話

@@ -20,10 +20,13 @@ from export.serving import duplex_pb2 as pb
 from export.serving.client import stream_audio
 from export.serving.server import ServerThread
 from export.serving.session import (
+    FALLBACKS,
     FRAME_SAMPLES,
     DuplexSession,
     SessionSettings,
+    load_engine,
     step_sessions,
+    warm_up,
 )
 from speakllm_jax.data.demo_corpus import synth
 
@@ -184,6 +187,32 @@ def test_spread_steps_keep_frames_and_events(engine, clips) -> None:
         return sorted(canonical(msgs)[0])
 
     assert run(True) == run(False)
+
+
+def test_warm_up_presizes_the_cache_and_changes_no_output(assets, clips) -> None:
+    """暖機：常駐快取長到暖機的會話數、列全部歸還、沒有退回逐會話；之後的會話與暖機前逐位元組相同。"""
+    engine = load_engine(*assets)  # 自己的引擎：要看快取列數從預設長起
+
+    def run() -> list[pb.ServerMessage]:
+        s = DuplexSession(engine, settings())
+        msgs = s.start_messages()
+        for fr in frames_of(clips[1]):
+            msgs += s.feed(fr, 0.0)
+        return msgs + s.finish()
+
+    before = run()
+    pool = engine.model.slot_cache()
+    rows = pool.rows
+    fallbacks = dict(FALLBACKS)
+    info = warm_up(engine, settings(), 2 * rows + 1)
+    assert info["sessions"] == 2 * rows + 1
+    assert pool.rows == info["rows"] >= 2 * rows + 1 > rows
+    assert pool.free_slots() == set(range(pool.rows))  # 暖機會話的列都還回來了
+    assert FALLBACKS == fallbacks
+    assert warm_up(engine, settings(), 0)["sessions"] == 0
+    (ma, pa), (mb, pb_) = canonical(before), canonical(run())
+    assert mb == ma and len(pb_) == len(pa) > 20
+    assert all(np.array_equal(x, y) for x, y in zip(pa, pb_, strict=True))
 
 
 def test_batch_failure_falls_back_per_session_with_a_warning(engine, clips, caplog) -> None:

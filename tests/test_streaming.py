@@ -99,12 +99,15 @@ def test_cli_server_and_client(assets, utterance, tmp_path: Path, capsys) -> Non
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
-        line = ""
+        line, before = "", []
         deadline = time.time() + 120
         while "listening on" not in line and time.time() < deadline:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "伺服器提早結束"
+            before.append(line)
         target = line.split("listening on")[1].strip()
+        # 開始監聽前已以 max_sessions（預設 32）個會話暖機，常駐快取長到 32 列。
+        assert any(x.startswith("warm-up: 32 sessions, 32 cache rows") for x in before), before
         out = tmp_path / "reply.wav"
         rc = client_main(
             ["stream", "--audio", str(wav), "--out", str(out), "--fast", "--target", target]

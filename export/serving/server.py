@@ -62,6 +62,7 @@ from export.serving.session import (
     SessionSettings,
     load_engine,
     step_sessions,
+    warm_up,
 )
 from speakllm_jax.cli import ArgumentParser, UserFileError, UserValueError
 from speakllm_jax.config import load_config
@@ -678,6 +679,12 @@ class DuplexServer:
         await self.server.start()
         return self.port
 
+    def warm_up(self) -> dict[str, float]:
+        """設定 `warmup` 時以 `max_sessions` 個靜音會話先跑一次批次路徑（`session.warm_up`）：
+        常駐快取先長到這麼多列，第一批真正的會話不付第一次配置的成本。入口在開始監聽前呼叫。"""
+        n = int(self.cfg.max_sessions) if bool(self.cfg.warmup) else 0
+        return warm_up(self.engine, SessionSettings.from_config(self.cfg), n)
+
     @property
     def active_sessions(self) -> int:
         return 0 if self.servicer is None else self.servicer.active
@@ -751,8 +758,19 @@ def freeze_loaded_objects() -> int:
     return gc.get_freeze_count()
 
 
+def report_warm_up(info: dict[str, float]) -> None:
+    """印出暖機的結果（沒有暖機時不印）。"""
+    if info["sessions"]:
+        print(
+            f"warm-up: {int(info['sessions'])} sessions, {int(info['rows'])} cache rows, "
+            f"{info['seconds']:.2f} s",
+            flush=True,
+        )
+
+
 async def _serve(cfg: Any) -> None:
     server = DuplexServer(cfg)
+    report_warm_up(server.warm_up())
     freeze_loaded_objects()
     port = await server.start()
     print(f"listening on {cfg.host}:{port}", flush=True)
