@@ -934,6 +934,7 @@ class TorchSpeakLLM(nn.Module):
         codes_target: torch.Tensor | None = None,
         cond_ids: torch.Tensor | None = None,
         text_out: torch.Tensor | None = None,
+        codes: bool = True,
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """一幀：組輸入 → LLM 一步（KV 快取，位置 `position`）→ 文字、輪替與語音碼。
 
@@ -942,7 +943,8 @@ class TorchSpeakLLM(nn.Module):
         否則貪婪產生語音碼：voila 由深度 Transformer 產生 Q 個碼；cosyvoice2 由 talker 以自己的
         KV 快取前進一幀，輸入為 fusion(這一幀隱狀態, 這一幀文字) + 上一幀語音碼嵌入，只在
         一般語音碼（< 6561）中取最大者。cosyvoice2 教師強制時 `text_out [B,1]` 為這一幀的文字
-        目標（自由執行用這一幀貪婪選出的文字）。回傳（更新後的快取, 輸出字典）。
+        目標（自由執行用這一幀貪婪選出的文字）。voila 的 `codes=False` 見 `_frame_outputs`。
+        回傳（更新後的快取, 輸出字典）。
         """
         self._require_speech()
         talker_cache = None
@@ -983,7 +985,7 @@ class TorchSpeakLLM(nn.Module):
             )
             return logits
 
-        out = self._frame_outputs(hidden, talker_step, codes_target, text_out)
+        out = self._frame_outputs(hidden, talker_step, codes_target, text_out, codes)
         if self.is_cosyvoice2:
             return DuplexCache(llm_cache, self._trim(talker_cache)), out
         return llm_cache, out
@@ -1011,11 +1013,14 @@ class TorchSpeakLLM(nn.Module):
         talker_step: Any,
         codes_target: torch.Tensor | None = None,
         text_out: torch.Tensor | None = None,
+        codes: bool = True,
     ) -> dict[str, torch.Tensor]:
         """LLM 這一幀的隱狀態 `[B, 1, H]` → 文字與輪替 logits、語音碼（`frame_step` 與
         `step_batch` 共用）；自由執行時另有每列的貪婪文字 `text_ids [B, 1]`。cosyvoice2 以
         `talker_step(隱狀態, 這一幀文字)` 取語音碼 logits，文字在自由執行時為這一幀貪婪選出者；
-        voila 由深度 Transformer 產生（或教師強制的 logits）。"""
+        voila 由深度 Transformer 產生（或教師強制的 logits）。voila 自由執行且 `codes=False` 時不跑
+        深度 Transformer，改回傳 `hidden`，之後只替要說話的列以 `frame_codes` 產生（不說話的幀的
+        語音碼在下一幀的輸入裡被 `codes_valid` 遮成 0，不必算）。"""
         out = {
             "text": self.llm.lm_head(hidden).float(),
             "turn": self.heads.turn_head(hidden).float(),
@@ -1034,10 +1039,17 @@ class TorchSpeakLLM(nn.Module):
         elif codes_target is not None:
             out["codes"] = self.depth_logits(hidden, codes_target)
             out["code_ids"] = codes_target
+        elif codes:
+            out["code_ids"] = self.frame_codes(hidden)
         else:
-            b = hidden.shape[0]
-            out["code_ids"] = self.depth_generate(hidden.reshape(b, -1)).reshape(b, 1, -1)
+            out["hidden"] = hidden
         return out
+
+    @torch.inference_mode()
+    def frame_codes(self, hidden: torch.Tensor) -> torch.Tensor:
+        """voila：這一幀的隱狀態 `[B, 1, H]` → 深度 Transformer 貪婪產生的語音碼 `[B, 1, Q]`。"""
+        b = hidden.shape[0]
+        return self.depth_generate(hidden.reshape(b, -1)).reshape(b, 1, -1)
 
     def _trim(self, cache: Any) -> Any:
         window = self.llm_window
@@ -1260,10 +1272,11 @@ class Streamer:
         prev: dict[str, torch.Tensor],
         codes_target: torch.Tensor | None = None,
         text_out: torch.Tensor | None = None,
+        codes: bool = True,
     ) -> dict[str, torch.Tensor]:
         """一幀（同 `TorchSpeakLLM.frame_step`）；位置自動遞增，LLM 快取依長對話方案截斷。"""
         self.cache, out = self.model.frame_step(
-            self.cache, self.position, user_t, prev, codes_target, self.cond, text_out
+            self.cache, self.position, user_t, prev, codes_target, self.cond, text_out, codes
         )
         self.position += 1
         return out
@@ -1327,7 +1340,10 @@ def encode_batch(streamers: list[Streamer]) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def step_batch(
-    streamers: list[Streamer], user_t: torch.Tensor, prev: dict[str, torch.Tensor]
+    streamers: list[Streamer],
+    user_t: torch.Tensor,
+    prev: dict[str, torch.Tensor],
+    codes: bool = True,
 ) -> dict[str, torch.Tensor]:
     """多個各自前進的 `Streamer`（批次 1、位置與快取長度各不相同，例如不同時間開始的會話）
     一次前進一幀，結果與逐一 `Streamer.step` 相同。
@@ -1335,7 +1351,8 @@ def step_batch(
     `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。批次 1 的 `Streamer`
     的 LLM（與 cosyvoice2 的 talker）快取是常駐批次快取（`SlotCache`）的一列：各列的新鍵值就地寫入
     自己的位置、以每列的有效長度遮罩，RoPE 位置每列各自，不複製、不拆開。voila 的深度 Transformer
-    一次產生 N 列的語音碼；cosyvoice2 的 talker 同樣一次前進 N 列。
+    一次產生 N 列的語音碼（`codes=False` 時不產生，見 `_frame_outputs`）；cosyvoice2 的 talker
+    同樣一次前進 N 列。
     """
     model = streamers[0].model
     if any(st.model is not model or st.batch != 1 for st in streamers):
@@ -1363,7 +1380,7 @@ def step_batch(
     pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
     hidden = model._llm_rows(x, pos, rows)
     out = model._frame_outputs(
-        hidden, lambda h, text: model._talker_rows(h, text, prev, pos, t_rows)
+        hidden, lambda h, text: model._talker_rows(h, text, prev, pos, t_rows), codes=codes
     )
     for st in streamers:
         st.position += 1

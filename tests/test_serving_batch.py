@@ -215,6 +215,36 @@ def test_warm_up_presizes_the_cache_and_changes_no_output(assets, clips) -> None
     assert all(np.array_equal(x, y) for x, y in zip(pa, pb_, strict=True))
 
 
+def test_codes_only_for_speaking_frames_change_nothing(engine, clips, monkeypatch) -> None:
+    """voila 只替說話的幀跑深度 Transformer：與每幀都跑（舊做法）的事件、文字、音訊逐位元組相同，
+    而深度 Transformer 只算了說話的幀（送出的音訊封包，加上插話時停住、沒送出的幾幀）。"""
+    rows: list[int] = []
+    depth = engine.model.depth_generate
+
+    def counted(hidden: torch.Tensor) -> torch.Tensor:
+        rows.append(hidden.shape[0])
+        return depth(hidden)
+
+    monkeypatch.setattr(engine.model, "depth_generate", counted)
+
+    def run() -> list[pb.ServerMessage]:
+        s = DuplexSession(engine, settings())
+        msgs = s.start_messages()
+        for fr in frames_of(clips[0]):
+            msgs += s.feed(fr, 0.0)
+        return msgs + s.finish()
+
+    lazy = run()
+    lazy_rows, rows[:] = sum(rows), []
+    with monkeypatch.context() as m:
+        m.setattr(DuplexSession, "eager_codes", property(lambda self: True))
+        eager = run()
+    (ma, pa), (mb, pb_) = canonical(lazy), canonical(eager)
+    assert ma == mb and len(pa) == len(pb_) > 20
+    assert all(np.array_equal(x, y) for x, y in zip(pa, pb_, strict=True))
+    assert len(pa) <= lazy_rows < len(pa) + 10 < sum(rows) == len(frames_of(clips[0]))
+
+
 def test_batch_failure_falls_back_per_session_with_a_warning(engine, clips, caplog) -> None:
     """批次前進失敗（這裡：一個會話的快取不是常駐快取的列）時逐會話重跑：兩個會話都照常說話、
     沒有錯誤，並記一行警告與次數（不會悄悄變慢）。"""

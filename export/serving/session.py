@@ -322,6 +322,8 @@ class _StepJob:
     enc_time: float
     tok: int = 0
     codes: Any = None
+    # 還沒產生語音碼的這一幀隱狀態 [1, 1, H]（voila：只替說話的幀以 `fill_codes` 一批產生）
+    hidden: torch.Tensor | None = None
     speaking: bool = False
     # 要解碼的 Voila 語音碼 [Q, T]：串流解碼為這一幀（T = 1），視窗解碼為最近的視窗；
     # 不說話或 cosyvoice2 為 None。
@@ -452,8 +454,9 @@ class DuplexSession:
         while self.claim_step() if due_only else self.steps:
             f, user_t, enc_time = self.steps[0]
             t0 = time.perf_counter()
-            res = self.streamer.step(user_t, self.prev)
+            res = self.streamer.step(user_t, self.prev, codes=self.eager_codes)
             job = self.after_step(f, res, t0, enc_time)
+            fill_codes([(self, job)])
             out += self.finish_step(job, self.decode([job])[0])
         self.allow = 0  # 收到的幀只在它那一輪用（沒有待跑的步時不累積）
         return out
@@ -696,8 +699,8 @@ class DuplexSession:
     def after_step(
         self, f: int, res: dict[str, torch.Tensor], t0: float, enc_time: float
     ) -> _StepJob:
-        """模型一步之後、解碼之前的輪替：策略、這一幀說不說、語音碼與要解碼的視窗。"""
-        eng = self.engine
+        """模型一步之後、解碼之前的輪替：策略、這一幀說不說；語音碼已產生時也排好要解碼的視窗
+        （voila 說話的幀之後由 `fill_codes` 補上）。"""
         job = _StepJob(f, t0, enc_time)
         job.tok = int(res["text_ids"][0, 0])
         if self.turn is None and self.decider.speaking:
@@ -712,7 +715,6 @@ class DuplexSession:
             allow_start=not self.yield_lock and quiet,
             overlap=self.holding,
         )
-        job.codes = res["code_ids"][0, 0].to(torch.long)
         if self.s.policy == "model":
             job.out += self._model_policy(f, act)
         job.speaking = (
@@ -720,6 +722,27 @@ class DuplexSession:
             and not self.turn.done
             and (self.s.policy == "model" or self.plan.get(f) == self.turn.index)
         )
+        if "code_ids" in res:
+            self.attach_codes(job, res["code_ids"][0, 0])
+        elif job.speaking:
+            job.hidden = res["hidden"]
+        else:
+            # 不說話：語音碼在下一幀的輸入裡被 codes_valid=False 遮成 0，填 0 即可
+            self.attach_codes(job, torch.zeros_like(self.prev["codes"][0, 0]))
+        return job
+
+    @property
+    def eager_codes(self) -> bool:
+        """模型步是否當場產生語音碼：cosyvoice2 的 talker 每幀都要前進，所以是；voila 否（只替
+        說話的幀產生，見 `fill_codes`）。"""
+        return self.engine.token2wav is not None
+
+    def attach_codes(self, job: _StepJob, codes: torch.Tensor) -> None:
+        """這一幀的語音碼 `[Q]` 到了：說話的幀記進輪次，排好要解碼的東西。"""
+        eng = self.engine
+        job.codes = codes.to(torch.long)
+        job.hidden = None
+        f = job.f
         if job.speaking:
             turn = self.turn
             turn.codes.append(job.codes.cpu().numpy())
@@ -729,7 +752,6 @@ class DuplexSession:
                 job.window, job.turn = turn.codes[-1][:, None], turn
             else:
                 job.window = np.stack(turn.codes[-self.s.decode_window_frames :], axis=1)
-        return job
 
     def decode(self, jobs: list[_StepJob]) -> list[np.ndarray | None]:
         """Voila 解碼（各工作可來自不同會話）。串流解碼的工作一批解這一幀、各自的輪次狀態合成一批
@@ -855,6 +877,17 @@ class DuplexSession:
         return out
 
 
+def fill_codes(jobs: list[tuple[DuplexSession, _StepJob]]) -> None:
+    """還沒有語音碼的工作（voila 說話的幀）以深度 Transformer 一批產生，交回各自的會話。"""
+    need = [(s, job) for s, job in jobs if job.hidden is not None]
+    if not need:
+        return
+    model = need[0][0].engine.model
+    codes = model.frame_codes(torch.cat([job.hidden for _, job in need]))
+    for r, (s, job) in enumerate(need):
+        s.attach_codes(job, codes[r, 0])
+
+
 def step_sessions(
     sessions: list[DuplexSession],
 ) -> tuple[dict[int, list[pb.ServerMessage]], dict[int, BaseException]]:
@@ -900,7 +933,7 @@ def step_sessions(
             user = torch.cat([s.steps[0][1] for s in ready])
             prev = {k: torch.cat([s.prev[k] for s in ready]) for k in ready[0].prev}
             try:
-                res = step_batch([s.streamer for s in ready], user, prev)
+                res = step_batch([s.streamer for s in ready], user, prev, ready[0].eager_codes)
                 results = [{k: v[r : r + 1] for k, v in res.items()} for r in range(len(ready))]
             except Exception as e:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
                 _warn_fallback("step_batch", e)
@@ -908,7 +941,7 @@ def step_sessions(
         if not results:
             for s in ready:
                 try:
-                    results.append(s.streamer.step(s.steps[0][1], s.prev))
+                    results.append(s.streamer.step(s.steps[0][1], s.prev, codes=s.eager_codes))
                 except Exception as e:
                     errors[id(s)] = e
                     results.append(None)
@@ -924,6 +957,18 @@ def step_sessions(
                 errors[id(s)] = e
         if not jobs:
             continue
+        try:
+            fill_codes(jobs)
+        except Exception as e:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
+            _warn_fallback("fill_codes", e)
+            for s, job in jobs:
+                try:
+                    fill_codes([(s, job)])
+                except Exception as e:
+                    errors[id(s)] = e
+            jobs = [(s, job) for s, job in jobs if id(s) not in errors]
+            if not jobs:
+                continue
         waves = jobs[0][0].decode([j for _, j in jobs])
         for (s, job), wave in zip(jobs, waves, strict=True):
             try:
