@@ -83,16 +83,25 @@ def assert_same(a: list[pb.ServerMessage], b: list[pb.ServerMessage]) -> None:
     assert max(int(np.abs(x - y).max()) for x, y in zip(pa, pb_, strict=True)) <= 1
 
 
+def run_alone(engine, clip: np.ndarray, **over) -> list[pb.ServerMessage]:
+    """一個會話單獨逐幀跑完一段輸入的所有訊息。"""
+    s = DuplexSession(engine, settings(**over))
+    msgs = s.start_messages()
+    for fr in frames_of(clip):
+        msgs += s.feed(fr, 0.0)
+    return msgs + s.finish()
+
+
+def assert_identical(a: list[pb.ServerMessage], b: list[pb.ServerMessage]) -> None:
+    """事件、文字、幀號、輪次量測與音訊樣本都逐位元組相同（同一條路徑、同樣的批次）。"""
+    (ma, pa), (mb, pb_) = canonical(a), canonical(b)
+    assert mb == ma and len(pb_) == len(pa) > 20
+    assert all(np.array_equal(x, y) for x, y in zip(pa, pb_, strict=True))
+
+
 @pytest.mark.parametrize("spread", [True, False])
 def test_batched_sessions_equal_each_alone(engine, clips, spread) -> None:
-    alone = []
-    for clip in clips:
-        s = DuplexSession(engine, settings(spread_steps=spread))
-        msgs = s.start_messages()
-        for fr in frames_of(clip):
-            msgs += s.feed(fr, 0.0)
-        msgs += s.finish()
-        alone.append(msgs)
+    alone = [run_alone(engine, clip, spread_steps=spread) for clip in clips]
     # 同樣的輸入經批次排程：不同時間開始（位置、快取長度、說話的時機都不同），每個 tick 每個
     # 會話一幀，模型一批前進。
     offsets = [0, 3, 7]
@@ -192,15 +201,7 @@ def test_spread_steps_keep_frames_and_events(engine, clips) -> None:
 def test_warm_up_presizes_the_cache_and_changes_no_output(assets, clips) -> None:
     """暖機：常駐快取長到暖機的會話數、列全部歸還、沒有退回逐會話；之後的會話與暖機前逐位元組相同。"""
     engine = load_engine(*assets)  # 自己的引擎：要看快取列數從預設長起
-
-    def run() -> list[pb.ServerMessage]:
-        s = DuplexSession(engine, settings())
-        msgs = s.start_messages()
-        for fr in frames_of(clips[1]):
-            msgs += s.feed(fr, 0.0)
-        return msgs + s.finish()
-
-    before = run()
+    before = run_alone(engine, clips[1])
     pool = engine.model.slot_cache()
     rows = pool.rows
     fallbacks = dict(FALLBACKS)
@@ -210,9 +211,7 @@ def test_warm_up_presizes_the_cache_and_changes_no_output(assets, clips) -> None
     assert pool.free_slots() == set(range(pool.rows))  # 暖機會話的列都還回來了
     assert FALLBACKS == fallbacks
     assert warm_up(engine, settings(), 0)["sessions"] == 0
-    (ma, pa), (mb, pb_) = canonical(before), canonical(run())
-    assert mb == ma and len(pb_) == len(pa) > 20
-    assert all(np.array_equal(x, y) for x, y in zip(pa, pb_, strict=True))
+    assert_identical(before, run_alone(engine, clips[1]))
 
 
 def test_codes_only_for_speaking_frames_change_nothing(engine, clips, monkeypatch) -> None:
@@ -226,23 +225,14 @@ def test_codes_only_for_speaking_frames_change_nothing(engine, clips, monkeypatc
         return depth(hidden)
 
     monkeypatch.setattr(engine.model, "depth_generate", counted)
-
-    def run() -> list[pb.ServerMessage]:
-        s = DuplexSession(engine, settings())
-        msgs = s.start_messages()
-        for fr in frames_of(clips[0]):
-            msgs += s.feed(fr, 0.0)
-        return msgs + s.finish()
-
-    lazy = run()
+    lazy = run_alone(engine, clips[0])
     lazy_rows, rows[:] = sum(rows), []
     with monkeypatch.context() as m:
         m.setattr(DuplexSession, "eager_codes", property(lambda self: True))
-        eager = run()
-    (ma, pa), (mb, pb_) = canonical(lazy), canonical(eager)
-    assert ma == mb and len(pa) == len(pb_) > 20
-    assert all(np.array_equal(x, y) for x, y in zip(pa, pb_, strict=True))
-    assert len(pa) <= lazy_rows < len(pa) + 10 < sum(rows) == len(frames_of(clips[0]))
+        eager = run_alone(engine, clips[0])
+    assert_identical(lazy, eager)
+    sent = len(canonical(lazy)[1])  # 送出的音訊封包
+    assert sent <= lazy_rows < sent + 10 < sum(rows) == len(frames_of(clips[0]))
 
 
 def test_batch_failure_falls_back_per_session_with_a_warning(engine, clips, caplog) -> None:
