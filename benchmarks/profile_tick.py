@@ -11,7 +11,8 @@
 會話的開始時間錯開（第 i 個會話晚 i mod `chunk_frames` 個 tick 開始），編碼器區塊不會全部落在同一個
 tick。每個階段以 process_time 包住對應的函式（不改程式本身）：快速路徑（`DuplexSession.feed`，
 其中 VAD `_voiced` 與增量梅爾 `IncrementalLogMel.push`）、編碼器（`encode_batch`）、LLM 幀步
-（`step_batch`，其中 LLM 本體、`lm_head`、深度 Transformer）、Voila 解碼（`DuplexSession.decode`）；
+（`step_batch`，其中 LLM 本體、`lm_head`）、深度 Transformer（`depth_generate`：voila 只替說話的幀、
+在模型步之後；在 `step_batch` 裡面跑的那部分算進幀步）、Voila 解碼（`DuplexSession.decode`）；
 其餘（輪替策略、送出訊息）歸「其他」。印出每個階段每 tick 的 p50／p90（ms）與 load average。
 
 用法：`python benchmarks/profile_tick.py [--sessions 32] [--ticks 40] [--scenario both]
@@ -65,8 +66,8 @@ STAGES = {
     "step": "LLM 幀步（step_batch）",
     "llm": "  LLM 本體",
     "lm_head": "  lm_head",
-    "depth": "  深度 Transformer",
     "step_rest": "  其餘（輸入、快取、輪替頭）",
+    "depth": "深度 Transformer（只替說話的幀，`fill_codes`）",
     "decode": "Voila 解碼",
     "other": "其他（策略、訊息）",
 }
@@ -79,6 +80,7 @@ class StageTimer:
         self.now: dict[str, float] = defaultdict(float)
         self.depth: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
+        self.in_step: dict[str, float] = defaultdict(float)  # 在 step_batch 裡面花的時間
         self.ticks: list[dict[str, float]] = []
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,7 +93,10 @@ class StageTimer:
             finally:
                 self.depth[name] -= 1
                 if not self.depth[name]:
-                    self.now[name] += time.process_time() - t0
+                    spent = time.process_time() - t0
+                    self.now[name] += spent
+                    if name != "step" and self.depth["step"]:
+                        self.in_step[name] += spent
 
         return timed
 
@@ -99,12 +104,16 @@ class StageTimer:
         d = dict(self.now)
         d["tick"] = total
         d["rounds"] = self.calls.get("step", 0)
-        inner = sum(d.get(k, 0.0) for k in ("llm", "lm_head", "depth"))
+        # 深度 Transformer 平常在 step_batch 之後（只替說話的幀）；舊版或 cosyvoice2 在裡面。
+        inner = sum(d.get(k, 0.0) for k in ("llm", "lm_head")) + self.in_step["depth"]
         d["step_rest"] = d.get("step", 0.0) - inner
-        d["other"] = total - sum(d.get(k, 0.0) for k in ("fast", "encode", "step", "decode"))
+        outside = d.get("depth", 0.0) - self.in_step["depth"]
+        top = sum(d.get(k, 0.0) for k in ("fast", "encode", "step", "decode"))
+        d["other"] = total - top - outside
         self.ticks.append(d)
         self.now.clear()
         self.calls.clear()
+        self.in_step.clear()
 
 
 def instrument(engine: Any, timer: StageTimer) -> None:
