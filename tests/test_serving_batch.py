@@ -28,6 +28,7 @@ from export.serving.session import (
     step_sessions,
     warm_up,
 )
+from export.torch_model import Streamer
 from speakllm_jax.data.demo_corpus import synth
 
 
@@ -227,8 +228,13 @@ def test_codes_only_for_speaking_frames_change_nothing(engine, clips, monkeypatc
     monkeypatch.setattr(engine.model, "depth_generate", counted)
     lazy = run_alone(engine, clips[0])
     lazy_rows, rows[:] = sum(rows), []
+    step = Streamer.step
+
+    def eager_step(self, *args, **kwargs):  # 舊做法：每個模型步都當場產生語音碼
+        return step(self, *args, **{**kwargs, "codes": True})
+
     with monkeypatch.context() as m:
-        m.setattr(DuplexSession, "eager_codes", property(lambda self: True))
+        m.setattr(Streamer, "step", eager_step)
         eager = run_alone(engine, clips[0])
     assert_identical(lazy, eager)
     sent = len(canonical(lazy)[1])  # 送出的音訊封包

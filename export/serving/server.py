@@ -680,10 +680,17 @@ class DuplexServer:
         return self.port
 
     def warm_up(self) -> dict[str, float]:
-        """設定 `warmup` 時以 `max_sessions` 個靜音會話先跑一次批次路徑（`session.warm_up`）：
-        常駐快取先長到這麼多列，第一批真正的會話不付第一次配置的成本。入口在開始監聽前呼叫。"""
+        """設定 `warmup` 時以 `max_sessions` 個靜音會話先跑一次批次路徑（`session.warm_up`）並印出
+        結果：常駐快取先長到這麼多列，第一批真正的會話不付第一次配置的成本。入口在開始監聽前呼叫。"""
         n = int(self.cfg.max_sessions) if bool(self.cfg.warmup) else 0
-        return warm_up(self.engine, SessionSettings.from_config(self.cfg), n)
+        info = warm_up(self.engine, SessionSettings.from_config(self.cfg), n)
+        if info["sessions"]:
+            print(
+                f"warm-up: {int(info['sessions'])} sessions, {int(info['rows'])} cache rows, "
+                f"{info['seconds']:.2f} s",
+                flush=True,
+            )
+        return info
 
     @property
     def active_sessions(self) -> int:
@@ -758,19 +765,9 @@ def freeze_loaded_objects() -> int:
     return gc.get_freeze_count()
 
 
-def report_warm_up(info: dict[str, float]) -> None:
-    """印出暖機的結果（沒有暖機時不印）。"""
-    if info["sessions"]:
-        print(
-            f"warm-up: {int(info['sessions'])} sessions, {int(info['rows'])} cache rows, "
-            f"{info['seconds']:.2f} s",
-            flush=True,
-        )
-
-
 async def _serve(cfg: Any) -> None:
     server = DuplexServer(cfg)
-    report_warm_up(server.warm_up())
+    server.warm_up()
     freeze_loaded_objects()
     port = await server.start()
     print(f"listening on {cfg.host}:{port}", flush=True)

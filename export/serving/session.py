@@ -454,7 +454,7 @@ class DuplexSession:
         while self.claim_step() if due_only else self.steps:
             f, user_t, enc_time = self.steps[0]
             t0 = time.perf_counter()
-            res = self.streamer.step(user_t, self.prev, codes=self.eager_codes)
+            res = self.streamer.step(user_t, self.prev, codes=False)
             job = self.after_step(f, res, t0, enc_time)
             fill_codes([(self, job)])
             out += self.finish_step(job, self.decode([job])[0])
@@ -722,7 +722,7 @@ class DuplexSession:
             and not self.turn.done
             and (self.s.policy == "model" or self.plan.get(f) == self.turn.index)
         )
-        if "code_ids" in res:
+        if "code_ids" in res:  # cosyvoice2：talker 每幀都要前進，模型步當場產生語音碼
             self.attach_codes(job, res["code_ids"][0, 0])
         elif job.speaking:
             job.hidden = res["hidden"]
@@ -730,12 +730,6 @@ class DuplexSession:
             # 不說話：語音碼在下一幀的輸入裡被 codes_valid=False 遮成 0，填 0 即可
             self.attach_codes(job, torch.zeros_like(self.prev["codes"][0, 0]))
         return job
-
-    @property
-    def eager_codes(self) -> bool:
-        """模型步是否當場產生語音碼：cosyvoice2 的 talker 每幀都要前進，所以是；voila 否（只替
-        說話的幀產生，見 `fill_codes`）。"""
-        return self.engine.token2wav is not None
 
     def attach_codes(self, job: _StepJob, codes: torch.Tensor) -> None:
         """這一幀的語音碼 `[Q]` 到了：說話的幀記進輪次，排好要解碼的東西。"""
@@ -933,7 +927,7 @@ def step_sessions(
             user = torch.cat([s.steps[0][1] for s in ready])
             prev = {k: torch.cat([s.prev[k] for s in ready]) for k in ready[0].prev}
             try:
-                res = step_batch([s.streamer for s in ready], user, prev, ready[0].eager_codes)
+                res = step_batch([s.streamer for s in ready], user, prev, codes=False)
                 results = [{k: v[r : r + 1] for k, v in res.items()} for r in range(len(ready))]
             except Exception as e:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
                 _warn_fallback("step_batch", e)
@@ -941,7 +935,7 @@ def step_sessions(
         if not results:
             for s in ready:
                 try:
-                    results.append(s.streamer.step(s.steps[0][1], s.prev, codes=s.eager_codes))
+                    results.append(s.streamer.step(s.steps[0][1], s.prev, codes=False))
                 except Exception as e:
                     errors[id(s)] = e
                     results.append(None)

@@ -43,7 +43,6 @@ from export.serving.server import (
     LoopThread,
     check_model_paths,
     freeze_loaded_objects,
-    report_warm_up,
     serving_args,
     use_demo_assets,
     wait_for_stop_signal,
@@ -410,7 +409,7 @@ class WebThread(LoopThread):
 async def _serve(cfg: Any) -> None:
     server = WebServer(cfg)
     if server.grpc_server is not None:
-        report_warm_up(server.grpc_server.warm_up())
+        server.grpc_server.warm_up()
     freeze_loaded_objects()
     try:
         await server.start()
