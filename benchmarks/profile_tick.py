@@ -130,6 +130,9 @@ def instrument(engine: Any, timer: StageTimer) -> None:
     if pool is not None:
         pool.step = timer.wrap("llm", pool.step)
     model.llm.lm_head.forward = timer.wrap("lm_head", model.llm.lm_head.forward)
+    screened = getattr(torch_model, "ScreenedArgmax", None)  # 服務路徑的文字 argmax（舊版沒有）
+    if screened is not None:
+        screened.__call__ = timer.wrap("lm_head", screened.__call__)
     model.depth_generate = timer.wrap("depth", model.depth_generate)
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from export.text_argmax import ScreenedArgmax, greedy
 from speakllm_jax.audio.features import IncrementalLogMel
 from speakllm_jax.cli import UserFileError
 from speakllm_jax.labels import NUM_TONES, NUM_TURN_ACTIONS
@@ -160,17 +161,6 @@ def positions_from_mask(mask: torch.Tensor, start: torch.Tensor | int = 0) -> to
 def encoder_positions(start: int, length: int, period: int, device: Any = None) -> torch.Tensor:
     """與 JAX `whisper.encoder_positions` 相同：框號對 `period`（`max_source_positions`）取模。"""
     return (torch.arange(length, device=device) + int(start)) % int(period)
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """最後一維的 argmax（同 `torch.argmax(logits, dim=-1)`，並列時取第一個）。
-
-    CPU 上改用 numpy 的 argmax：torch 的 CPU argmax 對 15 萬詞的詞表慢一個數量級（一列約 0.27 ms，
-    numpy 約 0.02 ms），批次排程每一步每個會話都要取一次。"""
-    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
-        return torch.argmax(logits, dim=-1)
-    x = logits.detach()
-    return torch.from_numpy(np.ascontiguousarray(x.numpy().argmax(axis=-1)))
 
 
 def trim_window(cache: Any, sinks: int, window: int) -> Any:
@@ -489,7 +479,16 @@ class TorchSpeakLLM(nn.Module):
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> TorchSpeakLLM:
         self.__dict__.pop("_placed", None)
         self.__dict__.pop("_slots", None)
+        self.__dict__.pop("_text_argmax", None)
         return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def text_argmax(self) -> ScreenedArgmax:
+        """文字頭的貪婪 argmax（不產生 fp32 logits；服務路徑用，見 `export.text_argmax`）。"""
+        got = self.__dict__.get("_text_argmax")
+        if got is None:
+            got = self.__dict__["_text_argmax"] = ScreenedArgmax(self.llm.lm_head)
+        return got
 
     @property
     def dtype(self) -> torch.dtype:
@@ -935,6 +934,7 @@ class TorchSpeakLLM(nn.Module):
         cond_ids: torch.Tensor | None = None,
         text_out: torch.Tensor | None = None,
         codes: bool = True,
+        logits: bool = True,
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """一幀：組輸入 → LLM 一步（KV 快取，位置 `position`）→ 文字、輪替與語音碼。
 
@@ -943,7 +943,8 @@ class TorchSpeakLLM(nn.Module):
         否則貪婪產生語音碼：voila 由深度 Transformer 產生 Q 個碼；cosyvoice2 由 talker 以自己的
         KV 快取前進一幀，輸入為 fusion(這一幀隱狀態, 這一幀文字) + 上一幀語音碼嵌入，只在
         一般語音碼（< 6561）中取最大者。cosyvoice2 教師強制時 `text_out [B,1]` 為這一幀的文字
-        目標（自由執行用這一幀貪婪選出的文字）。voila 的 `codes=False` 見 `_frame_outputs`。
+        目標（自由執行用這一幀貪婪選出的文字）。voila 的 `codes=False` 與 `logits=False` 見
+        `_frame_outputs`。
         回傳（更新後的快取, 輸出字典）。
         """
         self._require_speech()
@@ -985,7 +986,7 @@ class TorchSpeakLLM(nn.Module):
             )
             return logits
 
-        out = self._frame_outputs(hidden, talker_step, codes_target, text_out, codes)
+        out = self._frame_outputs(hidden, talker_step, codes_target, text_out, codes, logits)
         if self.is_cosyvoice2:
             return DuplexCache(llm_cache, self._trim(talker_cache)), out
         return llm_cache, out
@@ -1014,18 +1015,21 @@ class TorchSpeakLLM(nn.Module):
         codes_target: torch.Tensor | None = None,
         text_out: torch.Tensor | None = None,
         codes: bool = True,
+        logits: bool = True,
     ) -> dict[str, torch.Tensor]:
         """LLM 這一幀的隱狀態 `[B, 1, H]` → 文字與輪替 logits、語音碼（`frame_step` 與
         `step_batch` 共用）；自由執行時另有每列的貪婪文字 `text_ids [B, 1]`。cosyvoice2 以
         `talker_step(隱狀態, 這一幀文字)` 取語音碼 logits，文字在自由執行時為這一幀貪婪選出者；
         voila 由深度 Transformer 產生（或教師強制的 logits）。voila 自由執行且 `codes=False` 時不跑
         深度 Transformer，改回傳 `hidden`，之後只替要說話的列以 `frame_codes` 產生（不說話的幀的
-        語音碼在下一幀的輸入裡被 `codes_valid` 遮成 0，不必算）。"""
-        out = {
-            "text": self.llm.lm_head(hidden).float(),
-            "turn": self.heads.turn_head(hidden).float(),
-        }
-        if codes_target is None:
+        語音碼在下一幀的輸入裡被 `codes_valid` 遮成 0，不必算）。自由執行且 `logits=False` 時不回傳
+        文字 logits，貪婪文字由 `text_argmax`（`ScreenedArgmax`：bf16 篩選、候選精確重算）取得。"""
+        out = {"turn": self.heads.turn_head(hidden).float()}
+        if codes_target is None and not logits:
+            out["text_ids"] = self.text_argmax(hidden)
+        else:
+            out["text"] = self.llm.lm_head(hidden).float()
+        if codes_target is None and logits:
             out["text_ids"] = greedy(out["text"])  # 自由執行：每列的貪婪文字一次取
         if self.is_cosyvoice2:
             if codes_target is None:
@@ -1273,10 +1277,19 @@ class Streamer:
         codes_target: torch.Tensor | None = None,
         text_out: torch.Tensor | None = None,
         codes: bool = True,
+        logits: bool = True,
     ) -> dict[str, torch.Tensor]:
         """一幀（同 `TorchSpeakLLM.frame_step`）；位置自動遞增，LLM 快取依長對話方案截斷。"""
         self.cache, out = self.model.frame_step(
-            self.cache, self.position, user_t, prev, codes_target, self.cond, text_out, codes
+            self.cache,
+            self.position,
+            user_t,
+            prev,
+            codes_target,
+            self.cond,
+            text_out,
+            codes,
+            logits,
         )
         self.position += 1
         return out
@@ -1344,6 +1357,7 @@ def step_batch(
     user_t: torch.Tensor,
     prev: dict[str, torch.Tensor],
     codes: bool = True,
+    logits: bool = True,
 ) -> dict[str, torch.Tensor]:
     """多個各自前進的 `Streamer`（批次 1、位置與快取長度各不相同，例如不同時間開始的會話）
     一次前進一幀，結果與逐一 `Streamer.step` 相同。
@@ -1351,8 +1365,8 @@ def step_batch(
     `user_t [N, 1, d]` 與 `prev`（各鍵 `[N, 1, …]`）的第 n 列屬於 `streamers[n]`。批次 1 的 `Streamer`
     的 LLM（與 cosyvoice2 的 talker）快取是常駐批次快取（`SlotCache`）的一列：各列的新鍵值就地寫入
     自己的位置、以每列的有效長度遮罩，RoPE 位置每列各自，不複製、不拆開。voila 的深度 Transformer
-    一次產生 N 列的語音碼（`codes=False` 時不產生，見 `_frame_outputs`）；cosyvoice2 的 talker
-    同樣一次前進 N 列。
+    一次產生 N 列的語音碼（`codes=False` 時不產生；`logits=False` 時只回傳貪婪文字，見
+    `_frame_outputs`）；cosyvoice2 的 talker 同樣一次前進 N 列。
     """
     model = streamers[0].model
     if any(st.model is not model or st.batch != 1 for st in streamers):
@@ -1380,7 +1394,10 @@ def step_batch(
     pos = torch.tensor([[st.position] for st in streamers], dtype=torch.long, device=dev)
     hidden = model._llm_rows(x, pos, rows)
     out = model._frame_outputs(
-        hidden, lambda h, text: model._talker_rows(h, text, prev, pos, t_rows), codes=codes
+        hidden,
+        lambda h, text: model._talker_rows(h, text, prev, pos, t_rows),
+        codes=codes,
+        logits=logits,
     )
     for st in streamers:
         st.position += 1

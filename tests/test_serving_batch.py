@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from configs.serving import get_config
+from export import text_argmax
 from export.serving import duplex_pb2 as pb
 from export.serving.client import stream_audio
 from export.serving.server import ServerThread
@@ -28,6 +29,7 @@ from export.serving.session import (
     step_sessions,
     warm_up,
 )
+from export.text_argmax import ScreenedArgmax
 from export.torch_model import Streamer
 from speakllm_jax.data.demo_corpus import synth
 
@@ -100,13 +102,11 @@ def assert_identical(a: list[pb.ServerMessage], b: list[pb.ServerMessage]) -> No
     assert all(np.array_equal(x, y) for x, y in zip(pa, pb_, strict=True))
 
 
-@pytest.mark.parametrize("spread", [True, False])
-def test_batched_sessions_equal_each_alone(engine, clips, spread) -> None:
-    alone = [run_alone(engine, clip, spread_steps=spread) for clip in clips]
-    # 同樣的輸入經批次排程：不同時間開始（位置、快取長度、說話的時機都不同），每個 tick 每個
-    # 會話一幀，模型一批前進。
+def run_batched(engine, clips, **over) -> tuple[list[list[pb.ServerMessage]], int]:
+    """同樣的輸入經批次排程：不同時間開始（位置、快取長度、說話的時機都不同），每個 tick 每個
+    會話一幀，模型一批前進。回傳（每個會話的訊息, 多個會話合成一批的 tick 數）。"""
     offsets = [0, 3, 7]
-    sessions = [DuplexSession(engine, settings(spread_steps=spread)) for _ in clips]
+    sessions = [DuplexSession(engine, settings(**over)) for _ in clips]
     got = [s.start_messages() for s in sessions]
     per = [frames_of(c) for c in clips]
     ticks = max(o + len(p) for o, p in zip(offsets, per, strict=True))
@@ -126,6 +126,13 @@ def test_batched_sessions_equal_each_alone(engine, clips, spread) -> None:
         assert not errors
         for i, s in enumerate(sessions):
             got[i] += msgs.get(id(s), [])
+    return got, batched_rounds
+
+
+@pytest.mark.parametrize("spread", [True, False])
+def test_batched_sessions_equal_each_alone(engine, clips, spread) -> None:
+    alone = [run_alone(engine, clip, spread_steps=spread) for clip in clips]
+    got, batched_rounds = run_batched(engine, clips, spread_steps=spread)
     assert batched_rounds > 10  # 真的有多個會話合成一批
     for a, b in zip(alone, got, strict=True):
         assert_same(a, b)
@@ -239,6 +246,32 @@ def test_codes_only_for_speaking_frames_change_nothing(engine, clips, monkeypatc
     assert_identical(lazy, eager)
     sent = len(canonical(lazy)[1])  # 送出的音訊封包
     assert sent <= lazy_rows < sent + 10 < sum(rows) == len(frames_of(clips[0]))
+
+
+def test_screened_text_argmax_changes_nothing(engine, clips, monkeypatch) -> None:
+    """多個會話一批時，文字 argmax 以 bf16 篩選、候選精確重算（`ScreenedArgmax`）：與 fp32 全算
+    logits 再取 argmax 的事件、文字、音訊逐位元組相同，而多列的模型步都走了篩選（單列照舊全算）。"""
+    monkeypatch.setattr(text_argmax, "bf16_supported", lambda: True)
+    calls: list[tuple[int, int]] = []
+    screened = ScreenedArgmax.__call__
+
+    def counted(self, hidden):
+        got = screened(self, hidden)
+        applied = self.applies(hidden.reshape(-1, hidden.shape[-1]))
+        calls.append((hidden.shape[0], self.candidates if applied else -1))
+        return got
+
+    with monkeypatch.context() as m:
+        m.setattr(ScreenedArgmax, "__call__", counted)
+        fast, _ = run_batched(engine, clips)
+    multi = [c for n, c in calls if n > 1]
+    assert len(multi) > 10 and min(multi) >= 1
+    assert all(c == -1 for n, c in calls if n == 1)
+    with monkeypatch.context() as m:
+        m.setattr(ScreenedArgmax, "applies", lambda self, hidden: False)
+        full, _ = run_batched(engine, clips)
+    for a, b in zip(fast, full, strict=True):
+        assert_identical(a, b)
 
 
 def test_batch_failure_falls_back_per_session_with_a_warning(engine, clips, caplog) -> None:

@@ -454,7 +454,7 @@ class DuplexSession:
         while self.claim_step() if due_only else self.steps:
             f, user_t, enc_time = self.steps[0]
             t0 = time.perf_counter()
-            res = self.streamer.step(user_t, self.prev, codes=False)
+            res = self.streamer.step(user_t, self.prev, codes=False, logits=False)
             job = self.after_step(f, res, t0, enc_time)
             fill_codes([(self, job)])
             out += self.finish_step(job, self.decode([job])[0])
@@ -927,7 +927,7 @@ def step_sessions(
             user = torch.cat([s.steps[0][1] for s in ready])
             prev = {k: torch.cat([s.prev[k] for s in ready]) for k in ready[0].prev}
             try:
-                res = step_batch([s.streamer for s in ready], user, prev, codes=False)
+                res = step_batch([s.streamer for s in ready], user, prev, codes=False, logits=False)
                 results = [{k: v[r : r + 1] for k, v in res.items()} for r in range(len(ready))]
             except Exception as e:  # 批次失敗：逐會話重跑，讓出錯的只有該會話
                 _warn_fallback("step_batch", e)
@@ -935,7 +935,9 @@ def step_sessions(
         if not results:
             for s in ready:
                 try:
-                    results.append(s.streamer.step(s.steps[0][1], s.prev, codes=False))
+                    results.append(
+                        s.streamer.step(s.steps[0][1], s.prev, codes=False, logits=False)
+                    )
                 except Exception as e:
                     errors[id(s)] = e
                     results.append(None)
