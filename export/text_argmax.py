@@ -76,7 +76,11 @@ class ScreenedArgmax:
     def _weights(self) -> tuple[torch.Tensor, float, np.ndarray]:
         """bf16 權重、最大的列範數、fp32 權重的 numpy 檢視；權重改變（載入、就地更新）時重算。"""
         w = self.linear.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))
+        try:
+            version = w._version
+        except RuntimeError:  # inference_mode 裡建的張量沒有版本計數（也不能在模式外就地修改）
+            version = -1
+        key = (w.data_ptr(), version, tuple(w.shape))
         with self._lock:
             if self._key != key or self._state is None:
                 with torch.no_grad():

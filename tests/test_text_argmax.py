@@ -107,3 +107,12 @@ def test_unsupported_cases_compute_full_fp32(head, monkeypatch) -> None:
     monkeypatch.setattr(ta, "bf16_supported", lambda: False)
     assert not ScreenedArgmax(head).applies(h)
     assert np.array_equal(ScreenedArgmax(head)(h).numpy(), greedy(head(h).detach()).numpy())
+
+
+def test_weights_made_under_inference_mode(monkeypatch) -> None:
+    """在 `torch.inference_mode()` 裡建的模型（權重沒有版本計數）也能篩選。"""
+    monkeypatch.setattr(ta, "bf16_supported", lambda: True)
+    with torch.inference_mode():
+        lin = nn.Linear(HIDDEN, VOCAB, bias=False)
+        h = torch.randn(4, HIDDEN)
+        assert torch.equal(ScreenedArgmax(lin)(h), greedy(lin(h)))
