@@ -11,16 +11,17 @@ float64 重算 fp32 權重與隱狀態的內積（乘積在 float64 中是精確
 `ε`：bf16 的單位捨入 `u = 2⁻⁸`，權重與隱狀態各捨入一次（`2u + u²`）、fp32 累加 H 項
 （`γ_H = H·2⁻²⁴ / (1 − H·2⁻²⁴)`，與相加順序無關）、輸出再捨入成 bf16 一次（`u`），都乘上
 `Σ|w_i h_i| ≤ max_v ‖w_v‖ · ‖h‖`；另加一個絕對項涵蓋次正規數被清為 0（DAZ／FTZ）。任一列的
-隱狀態或 bf16 logits 不是有限值、或候選超過 `max_candidates` 時，那一列改以 fp32 全算（與
-`torch.argmax` 相同的語意）。
+隱狀態或 bf16 logits 不是有限值、門檻不為正、可能溢位、或候選超過 `max_candidates` 時，那一列改以
+fp32 全算（與 `torch.argmax` 相同的語意）。
 
 結果是 fp32 權重與隱狀態的精確 argmax；與 fp32 `F.linear` 再 argmax 的差別只在兩個 logits 的差距
 小於 fp32 的捨入時（fp32 本身的結果在那時也隨批次大小而變）。只在 CPU、fp32、無偏置、支援 bf16
-矩陣乘法時使用，其餘情形就是 fp32 全算。
+矩陣乘法、至少 `min_rows` 列時使用，其餘情形就是 fp32 全算。
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -37,8 +38,9 @@ def bound_factor(hidden: int) -> float:
     return ((2 * _U + _U * _U) + gamma * (1 + _U) ** 2 + _U * (1 + gamma) * (1 + _U) ** 2) * 1.01
 
 
+@functools.cache
 def bf16_supported() -> bool:
-    """這台機器的 CPU 支援 bf16 的矩陣乘法（oneDNN，fp32 累加）。"""
+    """這台機器的 CPU 支援 bf16 的矩陣乘法（oneDNN，fp32 累加）；每幀都問，只查一次。"""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(check()) if check is not None else False
@@ -98,7 +100,7 @@ class ScreenedArgmax:
         shape = hidden.shape[:-1]
         h = hidden.detach().reshape(-1, hidden.shape[-1])
         if not self.applies(h):
-            return _full_argmax(self.linear, h).reshape(shape)
+            return greedy(self.linear(h).float()).reshape(shape)
         wb, wmax, w_np = self._weights()
         n, dim = h.shape
         # 算成 `[V, n]`（權重在左：oneDNN 在這個形狀快一倍）。bf16 的位元當成 int16：正數的大小順序
@@ -135,7 +137,7 @@ class ScreenedArgmax:
             out[r[first]] = c[first]
         fallback = np.flatnonzero(bad)
         for i in fallback:
-            out[i] = int(_full_argmax(self.linear, h[i : i + 1])[0])
+            out[i] = int(greedy(self.linear(h[i : i + 1]).float())[0])
         self.candidates = int(rows.size)
         self.fallback_rows = int(fallback.size)
         return torch.from_numpy(out).reshape(shape)
@@ -150,8 +152,3 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
         return torch.argmax(logits, dim=-1)
     x = logits.detach()
     return torch.from_numpy(np.ascontiguousarray(x.numpy().argmax(axis=-1)))
-
-
-def _full_argmax(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """fp32 全算 logits 再取 argmax。"""
-    return greedy(linear(h).float())

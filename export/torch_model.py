@@ -1029,8 +1029,8 @@ class TorchSpeakLLM(nn.Module):
             out["text_ids"] = self.text_argmax(hidden)
         else:
             out["text"] = self.llm.lm_head(hidden).float()
-        if codes_target is None and logits:
-            out["text_ids"] = greedy(out["text"])  # 自由執行：每列的貪婪文字一次取
+            if codes_target is None:
+                out["text_ids"] = greedy(out["text"])  # 自由執行：每列的貪婪文字一次取
         if self.is_cosyvoice2:
             if codes_target is None:
                 text_out = out["text_ids"]
