@@ -93,7 +93,7 @@ def test_follows_weight_updates(head) -> None:
 
 
 def test_unsupported_cases_compute_full_fp32(head, monkeypatch) -> None:
-    """有偏置、bf16 權重、只有一列、或這台 CPU 不支援 bf16 時不篩選，結果同 fp32 全算。"""
+    """有偏置、bf16 權重、少於 `min_rows` 列、或這台 CPU 不支援 bf16 時不篩選，結果同 fp32 全算。"""
     h = torch.randn(4, HIDDEN)
     biased = nn.Linear(HIDDEN, VOCAB)
     for lin, x in [(biased, h), (head.bfloat16(), h.bfloat16())]:
@@ -101,8 +101,8 @@ def test_unsupported_cases_compute_full_fp32(head, monkeypatch) -> None:
         assert not sa.applies(x)
         assert torch.equal(sa(x), greedy(lin(x).float().detach()))
     head.float()
-    one = ScreenedArgmax(head)
-    assert not one.applies(h[:1]) and one.applies(h)
+    one = ScreenedArgmax(head, min_rows=2)
+    assert not one.applies(h[:1]) and one.applies(h) and ScreenedArgmax(head).applies(h[:1])
     assert torch.equal(one(h[:1]), greedy(head(h[:1]).float().detach()))
     monkeypatch.setattr(ta, "bf16_supported", lambda: False)
     assert not ScreenedArgmax(head).applies(h)
@@ -116,3 +116,21 @@ def test_weights_made_under_inference_mode(monkeypatch) -> None:
         lin = nn.Linear(HIDDEN, VOCAB, bias=False)
         h = torch.randn(4, HIDDEN)
         assert torch.equal(ScreenedArgmax(lin)(h), greedy(lin(h)))
+
+
+@pytest.mark.parametrize("vocab", [4736, 4099, 1031 * 2])
+def test_planted_maximum_found_in_any_block_or_tail(vocab, monkeypatch) -> None:
+    """篩選先比每塊（16 個寬列）的最大值，湊不滿一塊的尾端直接比較：最大者放在第一個詞、最後一個
+    詞（尾端）與中間的塊，都要找到。詞表大小涵蓋寬列數不是塊的倍數、質數（不能加寬）與不滿一塊。"""
+    monkeypatch.setattr(ta, "bf16_supported", lambda: True)
+    torch.manual_seed(vocab)
+    lin = nn.Linear(HIDDEN, vocab, bias=False)
+    h = torch.randn(3, HIDDEN)
+    planted = [0, vocab - 1, vocab // 2 + 7]
+    with torch.no_grad():
+        for r, v in enumerate(planted):
+            lin.weight[v] = 3 * h[r] / h[r].norm()
+    sa = ScreenedArgmax(lin)
+    got = sa(h)
+    assert got.tolist() == planted and sa.fallback_rows == 0
+    assert torch.equal(got, greedy(lin(h).float()))
