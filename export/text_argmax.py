@@ -115,7 +115,7 @@ class ScreenedArgmax:
         eps = bound_factor(dim) * wmax * hnorm + dim * 2.0**-120 * (1 + habs) * (1 + wmax)
         # 把 `[V, n]` 看成較寬的 `[V / k, k·n]`（同一塊記憶體）：numpy 沿第 0 維的 int16 歸約與比較
         # 在寬列上才向量化得好。整個陣列只掃一次：每 `_BLOCK` 個寬列取一次最大值，之後只在最大值
-        # 過門檻的塊裡找候選（隨機模型與訓練過的模型都只有少數幾塊）。
+        # 過門檻的塊裡找候選（隨機 tiny 模型每列只有一兩塊）。
         k = next(k for k in (128, 64, 32, 16, 8, 4, 2, 1) if bits.shape[0] % k == 0)
         wide = bits.reshape(-1, k * n)
         nb = wide.shape[0] // _BLOCK
