@@ -1183,7 +1183,6 @@ class Streamer:
         # 才一次轉成張量接上（每幀各接一次的 `torch.cat` 在 32 個會話時每 tick 約 1–2 ms）。
         self._mel = torch.zeros((self.batch, n_mels, 0), dtype=model.dtype, device=model.device)
         self._pending: list[np.ndarray] = []
-        self._pending_frames = 0
         # 舊匯出（encoder_left_chunks = 0）退回切窗編碼：`mel` 存目前編碼窗（≤ 30 秒）的梅爾，
         # 每區塊以區塊因果遮罩重編窗內前綴，窗滿就換新窗（同 JAX `encode_user_stream`）。
         self.windowed = model.cfg.encoder_left_chunks <= 0
@@ -1207,12 +1206,9 @@ class Streamer:
     def mel(self) -> torch.Tensor:
         """待編碼的梅爾 `[B, n_mels, f]`（先把 `push_audio` 暫存的框接上）。"""
         if self._pending:
-            parts = (
-                self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, 2)
-            )
-            self._mel = torch.cat([self._mel, self.model._in(parts, self.model.dtype)], dim=2)
+            parts = self.model._in(np.concatenate(self._pending, axis=2), self.model.dtype)
+            self._mel = torch.cat([self._mel, parts], dim=2)
             self._pending = []
-            self._pending_frames = 0
         return self._mel
 
     @mel.setter
@@ -1224,7 +1220,7 @@ class Streamer:
     @property
     def mel_frames(self) -> int:
         """待編碼的梅爾框數（不必先把暫存的框接上）。"""
-        return int(self._mel.shape[2]) + self._pending_frames
+        return int(self._mel.shape[2]) + sum(m.shape[2] for m in self._pending)
 
     def _encode_windowed(self, final: bool) -> list[torch.Tensor]:
         """切窗編碼：湊滿一個區塊（加一框前瞻；窗的最後一區塊不跨窗前瞻）就重編窗內前綴。"""
@@ -1284,7 +1280,6 @@ class Streamer:
             return self.push_mel(mel)
         if mel.shape[2]:
             self._pending.append(mel)
-            self._pending_frames += mel.shape[2]
         d = self.model.cfg.llm_hidden
         return torch.zeros((1, 0, d), dtype=self.model.dtype, device=self.model.device)
 
